@@ -1,0 +1,1 @@
+"""memforge: build, train and ablate memory-augmented sequence models from plugins."""

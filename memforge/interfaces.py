@@ -1,0 +1,224 @@
+"""The contracts every memforge component meets, one Protocol per kind.
+
+A *kind* is a slot in a model: the parametric memory network, the surprise rule that measures
+how badly the memory predicts a value, the forgetting rule that decays old memory, the retrieval
+rule that reads it, the projection that turns hidden states into queries/keys/values, the short-term
+attention, the feed-forward layer, and the integration strategy that joins them into a block.
+
+Components are plain ``torch.nn.Module`` objects that satisfy these Protocols structurally: a plugin
+never subclasses anything from memforge (torchtune's "no implementation inheritance"). Factories
+receive their frozen config and a :class:`BuildContext` and return a module; modules themselves take
+plain constructor arguments and never see a config object.
+
+Shape conventions used below:
+
+* ``B`` batch, ``T`` time, ``D`` model width, ``H`` heads, ``d`` per-head width.
+* ``N = B * H``: the memory kernels flatten batch and heads, because every sequence and every head
+  owns an independent fast-weight memory.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple, Protocol, Sequence, runtime_checkable
+
+import attrs
+from torch import Tensor, nn
+
+#: Every kind a :class:`~memforge.spec.ModelSpec` can choose a component for, in build order.
+KINDS: tuple[str, ...] = (
+    "memory",
+    "surprise",
+    "forgetting",
+    "retrieval",
+    "projection",
+    "attention",
+    "feedforward",
+    "integration",
+)
+
+#: Kinds that only memory-bearing integrations use; a pure attention model may leave them unset.
+MEMORY_KINDS: tuple[str, ...] = ("memory", "surprise", "forgetting", "retrieval", "projection")
+
+#: A ``linear(i, h)`` callback: apply the network's ``i``-th weight matrix to ``h`` of shape
+#: ``[N, t, d_in_i]`` and return ``[N, t, d_out_i]``. The memory kernels supply it, so a memory
+#: network never needs to know which (chunk-start, per-token exact, transposed) weights it reads.
+LinearFn = Callable[[int, Tensor], Tensor]
+
+
+@attrs.frozen(kw_only=True)
+class BuildContext:
+    """What a component factory learns about the place it is built for.
+
+    Attributes:
+        dim: model width ``D``.
+        heads: number of heads ``H`` (attention and memory share it).
+        head_dim: per-head width ``d = D // H``.
+        layer_index: index of the block being built (0-based).
+        num_layers: number of blocks in the model.
+        vocab_size: vocabulary size of the model.
+        build: ``build(kind) -> nn.Module`` builds the spec's chosen component of another kind for
+            the same layer; integration factories call it for the parts they need.
+    """
+
+    dim: int
+    heads: int
+    head_dim: int
+    layer_index: int
+    num_layers: int
+    vocab_size: int
+    build: Callable[[str], nn.Module] = attrs.field(eq=False, repr=False)
+
+
+@runtime_checkable
+class MemoryNetwork(Protocol):
+    """Kind ``memory``: the parametric long-term memory ``M``, used functionally.
+
+    The network's *initial* weights are outer (learned) parameters; the memory kernels copy them
+    per sequence and then update the copies at test time. All of the network's fast weights are
+    matrices applied through the ``linear`` callback, so a per-token gradient of weight ``i`` is the
+    outer product ``inputs_i[t]^T @ grads_i[t]`` and a chunk of such gradients is one batched matmul.
+    Element-wise parts (activations, residuals, parameter-free norms) live in :meth:`forward` and
+    :meth:`backward`.
+    """
+
+    def initial_weights(self) -> Sequence[Tensor]:
+        """The learned initial fast weights, one ``[H, d_in_i, d_out_i]`` tensor per matrix."""
+        ...
+
+    def forward(self, x: Tensor, linear: LinearFn) -> tuple[Tensor, Any]:
+        """Run ``M`` on ``x`` ``[N, t, d_key]`` and return ``(y [N, t, d_value], tape)``.
+
+        ``tape`` is whatever :meth:`backward` needs (pre-activations, inputs of each matrix).
+        """
+        ...
+
+    def backward(
+        self, tape: Any, grad_output: Tensor, linear_transposed: LinearFn
+    ) -> list[tuple[Tensor, Tensor]]:
+        """Back-propagate ``grad_output`` ``[N, t, d_value]`` through the forward that made ``tape``.
+
+        ``linear_transposed(i, g)`` applies weight ``i`` transposed. Returns, for each weight ``i``,
+        ``(inputs_i [N, t, d_in_i], grads_i [N, t, d_out_i])`` such that the gradient of token
+        ``t``'s loss with respect to weight ``i`` is ``inputs_i[:, t, :, None] * grads_i[:, t, None, :]``.
+        """
+        ...
+
+
+class SurpriseGates(NamedTuple):
+    """Per-token gates of a surprise rule, each ``[B, T, H]``.
+
+    Attributes:
+        lr: step size ``theta_t >= 0`` on the momentary surprise.
+        momentum: ``eta_t`` in ``[0, 1]``, how much past surprise is carried; ``None`` means no
+            momentum (plain gradient descent, exactly ``eta = 0``).
+    """
+
+    lr: Tensor
+    momentum: Tensor | None
+
+
+@runtime_checkable
+class SurpriseRule(Protocol):
+    """Kind ``surprise``: the inner (associative) loss and how surprise accumulates.
+
+    The momentary surprise is the gradient of :meth:`loss` with respect to the memory's weights;
+    :meth:`loss_grad` returns that loss's gradient with respect to the memory's *output*, which the
+    memory network back-propagates. ``forward`` computes the data-dependent gates from the layer
+    input.
+    """
+
+    def loss(self, prediction: Tensor, target: Tensor) -> Tensor:
+        """Per-token loss ``[..., t]`` of ``prediction`` against ``target`` (both ``[..., t, d]``)."""
+        ...
+
+    def loss_grad(self, prediction: Tensor, target: Tensor) -> Tensor:
+        """``d loss / d prediction`` for every token, shaped like ``prediction``."""
+        ...
+
+    def forward(self, x: Tensor) -> SurpriseGates:
+        """Gates for the layer input ``x`` ``[B, T, D]``."""
+        ...
+
+
+@runtime_checkable
+class ForgettingRule(Protocol):
+    """Kind ``forgetting``: how old memory is retained or decayed.
+
+    ``M_t = (1 - alpha_t) M_{t-1} + S_t``; ``forward`` returns ``alpha`` ``[B, T, H]`` in ``[0, 1]``,
+    or ``None`` for no forgetting (exactly ``alpha = 0``).
+    """
+
+    def forward(self, x: Tensor) -> Tensor | None:
+        """Decay gate for the layer input ``x`` ``[B, T, D]``."""
+        ...
+
+
+@runtime_checkable
+class ChunkReader(Protocol):
+    """What a memory kernel offers a retrieval rule for one chunk of queries ``[N, t, d]``.
+
+    Every method is a pure read: none of them changes any weight, momentum or cache.
+    """
+
+    def at_chunk_start(self, queries: Tensor) -> Tensor:
+        """Read every query with the weights at the start of its chunk."""
+        ...
+
+    def before_write(self, queries: Tensor) -> Tensor:
+        """Read query ``t`` with the exact weights ``M_{t-1}`` (before token ``t`` writes)."""
+        ...
+
+    def after_write(self, queries: Tensor) -> Tensor:
+        """Read query ``t`` with the exact weights ``M_t`` (after token ``t`` writes)."""
+        ...
+
+
+@runtime_checkable
+class RetrievalRule(Protocol):
+    """Kind ``retrieval``: which weights a token reads. Never writes the memory."""
+
+    def forward(self, reader: ChunkReader, queries: Tensor) -> Tensor:
+        """Return the read-out ``[N, t, d_value]`` for ``queries`` ``[N, t, d_key]``."""
+        ...
+
+
+@runtime_checkable
+class Projection(Protocol):
+    """Kind ``projection``: turns hidden states into per-head queries, keys and values.
+
+    ``forward(x, cache)`` takes ``x`` ``[B, T, D]`` and the cache returned by the previous call for
+    the same sequences (``None`` at the start) and returns ``(q, k, v, cache)`` with ``q, k, v`` shaped
+    ``[B, H, T, d]``. Causal: output ``t`` depends on inputs ``<= t`` only.
+    """
+
+    def forward(self, x: Tensor, cache: Any | None) -> tuple[Tensor, Tensor, Tensor, Any]: ...
+
+
+@runtime_checkable
+class Attention(Protocol):
+    """Kind ``attention``: short-term causal self-attention with an incremental cache.
+
+    ``forward(x, cache)`` maps ``[B, T, D]`` to ``[B, T, D]``; ``cache`` is ``None`` at the start of a
+    sequence and is returned updated, holding only what later tokens can still see.
+    """
+
+    def forward(self, x: Tensor, cache: Any | None) -> tuple[Tensor, Any]: ...
+
+
+@runtime_checkable
+class FeedForward(Protocol):
+    """Kind ``feedforward``: the position-wise MLP of a block, ``[B, T, D] -> [B, T, D]``."""
+
+    def forward(self, x: Tensor) -> Tensor: ...
+
+
+@runtime_checkable
+class Block(Protocol):
+    """Kind ``integration``: one residual block of the model (memory and/or attention, FFN).
+
+    ``forward(hidden, state)`` maps ``[B, T, D]`` to ``[B, T, D]``. ``state`` is ``None`` at the
+    start of a sequence; the block returns its new state (a tuple/NamedTuple of tensors) so that
+    feeding a sequence in pieces with the state carried equals feeding it whole.
+    """
+
+    def forward(self, hidden: Tensor, state: Any | None) -> tuple[Tensor, Any]: ...
