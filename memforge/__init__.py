@@ -1,1 +1,89 @@
-"""memforge: build, train and ablate memory-augmented sequence models from plugins."""
+"""memforge: build, train and ablate memory-augmented sequence models from plugins.
+
+The public API (pinned by ``tests/test_public_api.py``)::
+
+    spec = memforge.preset("titans.mac_tiny", dim=64)           # a ModelSpec, not a module
+    spec = memforge.override(spec, ["memory.depth=3"])          # dotted overrides, validated
+    model = memforge.build_model(spec)                          # a plain torch.nn.Module
+    out = model(tokens)                                         # out.logits, out.state
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pluggy
+
+from memforge.builder import build_model
+from memforge.config import option
+from memforge.errors import InputError, MemforgeError, PluginError, SpecError, UnknownNameError
+from memforge.interfaces import KINDS, BuildContext
+from memforge.io import load_spec, save_spec
+from memforge.model import ModelOutput, ModelState
+from memforge.plugins import configure_plugins, default_registry
+from memforge.registry import ComponentSpec, PresetSpec
+from memforge.spec import ComponentChoice, ModelSpec, apply_overrides, override, spec_id
+
+__version__ = "0.1.0"
+
+#: Marks a plugin's hook implementations: ``@memforge.hookimpl def memforge_register_components()``.
+hookimpl = pluggy.HookimplMarker("memforge")
+
+
+def preset(name: str, **overrides: Any) -> ModelSpec:
+    """The spec of preset ``name``, with optional overrides.
+
+    Keyword overrides are top-level fields (``dim=64``), component switches
+    (``surprise="titans.gradient"``) or a kind's field table (``memory={"depth": 3}``); dotted
+    paths work through a dict: ``preset(name, **{"memory.depth": 3})``.
+    """
+    spec = default_registry().preset(name).build()
+    flat: dict[str, Any] = {}
+    for key, value in overrides.items():
+        if isinstance(value, dict):
+            flat.update({f"{key}.{field}": v for field, v in value.items()})
+        else:
+            flat[key] = value
+    return apply_overrides(spec, flat) if flat else spec
+
+
+def presets() -> list[str]:
+    """Names of every registered preset, sorted."""
+    return default_registry().preset_names()
+
+
+def available(kind: str | None = None) -> list[str] | dict[str, list[str]]:
+    """Registered component names: of one ``kind`` as a list, or all as ``{kind: [names]}``."""
+    registry = default_registry()
+    if kind is not None:
+        return registry.names(kind)
+    return {k: registry.names(k) for k in KINDS}
+
+
+__all__ = [
+    "BuildContext",
+    "ComponentChoice",
+    "ComponentSpec",
+    "InputError",
+    "KINDS",
+    "MemforgeError",
+    "ModelOutput",
+    "ModelSpec",
+    "ModelState",
+    "PluginError",
+    "PresetSpec",
+    "SpecError",
+    "UnknownNameError",
+    "apply_overrides",
+    "available",
+    "build_model",
+    "configure_plugins",
+    "hookimpl",
+    "load_spec",
+    "option",
+    "override",
+    "preset",
+    "presets",
+    "save_spec",
+    "spec_id",
+]

@@ -19,7 +19,8 @@ Shape conventions used below:
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple, Protocol, Sequence, runtime_checkable
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple, Protocol, runtime_checkable
 
 import attrs
 from torch import Tensor, nn

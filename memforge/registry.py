@@ -1,0 +1,184 @@
+"""The name registry: which components and presets exist, and which plugin provides each.
+
+Assembled from the plugins' hook results (see :mod:`memforge.plugins`); look-ups by name give
+errors with close matches. Its contents are sorted by name, so they never depend on the order in
+which plugins were registered.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Callable, Iterable, Mapping
+from typing import TYPE_CHECKING, Any
+
+import attrs
+import pluggy
+
+from memforge.errors import PluginError, UnknownNameError, unknown_name_message
+from memforge.interfaces import KINDS
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from memforge.interfaces import BuildContext
+    from memforge.spec import ModelSpec
+
+
+def _check_kind(instance: Any, attribute: attrs.Attribute, value: str) -> None:
+    if value not in KINDS:
+        raise PluginError(unknown_name_message("component kind", value, KINDS))
+
+
+@attrs.frozen(kw_only=True)
+class ComponentSpec:
+    """A component a plugin offers for one kind.
+
+    Attributes:
+        kind: one of :data:`memforge.interfaces.KINDS`.
+        name: ``<plugin>.<impl>``, lower_snake; the prefix must be the providing plugin's name.
+        config_cls: a frozen attrs class whose fields all have defaults (see :func:`memforge.option`).
+        factory: ``factory(config, ctx: BuildContext) -> nn.Module``; turns the config into flat
+            constructor arguments of a module (modules never see config objects).
+        summary: one line for ``memforge list``.
+        requires: for integrations, the other kinds the factory builds through ``ctx.build``;
+            the spec must choose a component for each of them.
+        paper: optional citation.
+    """
+
+    kind: str = attrs.field(validator=_check_kind)
+    name: str
+    config_cls: type
+    factory: Callable[[Any, BuildContext], nn.Module] = attrs.field(eq=False)
+    summary: str
+    requires: tuple[str, ...] = attrs.field(default=(), converter=tuple)
+    paper: str = ""
+
+    @property
+    def plugin(self) -> str:
+        """The namespace (plugin name) part of :attr:`name`."""
+        return self.name.split(".", 1)[0]
+
+
+@attrs.frozen(kw_only=True)
+class PresetSpec:
+    """A named model spec: ``build()`` returns a fresh :class:`~memforge.ModelSpec`."""
+
+    name: str
+    summary: str
+    build: Callable[[], ModelSpec] = attrs.field(eq=False)
+
+    @property
+    def plugin(self) -> str:
+        """The namespace (plugin name) part of :attr:`name`."""
+        return self.name.split(".", 1)[0]
+
+
+def _check_names(plugin: str, items: Iterable[ComponentSpec | PresetSpec], what: str) -> None:
+    for item in items:
+        prefix, dot, rest = item.name.partition(".")
+        if not dot or not rest or prefix != plugin:
+            raise PluginError(
+                f"plugin {plugin!r} registers {what} {item.name!r}, but names must be "
+                f"'{plugin}.<name>' (namespaced by the plugin's name); rename it"
+            )
+
+
+def _merge(
+    contributions: Mapping[str, Iterable[Any]], what: str, origins: Mapping[str, str]
+) -> dict[str, Any]:
+    """Merge per-plugin lists into one name -> item dict; a duplicate name names both plugins."""
+    merged: dict[str, Any] = {}
+    owner: dict[str, str] = {}
+    for plugin in sorted(contributions):
+        for item in contributions[plugin]:
+            if item.name in merged:
+                first, second = owner[item.name], plugin
+                raise PluginError(
+                    f"{what} {item.name!r} is registered twice: by plugin {first!r}"
+                    f"{origins.get(first, '')} and by plugin {second!r}{origins.get(second, '')}; "
+                    f"block one of them (MEMFORGE_BLOCK={second} or "
+                    f"memforge.configure_plugins(block=[{second!r}]))"
+                )
+            merged[item.name] = item
+            owner[item.name] = plugin
+    return dict(sorted(merged.items()))
+
+
+class ComponentRegistry:
+    """Components and presets by name, built from each plugin's hook results.
+
+    Args:
+        components: ``{plugin_name: [ComponentSpec, ...]}``.
+        presets: ``{plugin_name: [PresetSpec, ...]}``.
+        origins: ``{plugin_name: " (from distribution X 1.0)"}``, used in collision messages.
+        pm: the plugin manager the registry came from, whose ``memforge_validate_spec`` and
+            ``memforge_model_built`` hooks specs and models built against it go through.
+    """
+
+    def __init__(
+        self,
+        components: Mapping[str, Iterable[ComponentSpec]],
+        presets: Mapping[str, Iterable[PresetSpec]],
+        origins: Mapping[str, str] | None = None,
+        pm: pluggy.PluginManager | None = None,
+    ) -> None:
+        self.pm = pm
+        origins = origins or {}
+        components = {p: list(items) for p, items in components.items()}
+        presets = {p: list(items) for p, items in presets.items()}
+        for plugin, items in components.items():
+            _check_names(plugin, items, "component")
+        for plugin, items in presets.items():
+            _check_names(plugin, items, "preset")
+        # Build everything first and assign last: a conflict leaves no half-filled registry.
+        merged_components = _merge(components, "component", origins)
+        merged_presets = _merge(presets, "preset", origins)
+        self._components: dict[str, ComponentSpec] = merged_components
+        self._presets: dict[str, PresetSpec] = merged_presets
+        self.plugins: tuple[str, ...] = tuple(sorted(set(components) | set(presets)))
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, ComponentRegistry):
+            return NotImplemented
+        return self._components == other._components and self._presets == other._presets
+
+    def names(self, kind: str | None = None, pattern: str = "*") -> list[str]:
+        """Sorted component names, optionally of one kind and matching an fnmatch ``pattern``."""
+        if kind is not None and kind not in KINDS:
+            raise UnknownNameError(unknown_name_message("component kind", kind, KINDS))
+        return [
+            name
+            for name, spec in self._components.items()
+            if (kind is None or spec.kind == kind) and fnmatch.fnmatchcase(name, pattern)
+        ]
+
+    def component(self, kind: str, name: str) -> ComponentSpec:
+        """The component ``name`` of ``kind``; an unknown name lists close matches."""
+        spec = self._components.get(name)
+        if spec is None or spec.kind != kind:
+            if spec is not None:
+                raise UnknownNameError(
+                    f"{name!r} is a {spec.kind} component, not a {kind} component; "
+                    f"available {kind} components: {', '.join(self.names(kind))}"
+                )
+            raise UnknownNameError(unknown_name_message(f"{kind} component", name, self.names(kind)))
+        return spec
+
+    def components(self) -> list[ComponentSpec]:
+        """Every registered component, sorted by name."""
+        return list(self._components.values())
+
+    def preset_names(self, pattern: str = "*") -> list[str]:
+        """Sorted preset names matching an fnmatch ``pattern``."""
+        return [name for name in self._presets if fnmatch.fnmatchcase(name, pattern)]
+
+    def preset(self, name: str) -> PresetSpec:
+        """The preset ``name``; an unknown name lists close matches."""
+        try:
+            return self._presets[name]
+        except KeyError:
+            raise UnknownNameError(unknown_name_message("preset", name, self._presets)) from None
+
+    def presets(self) -> list[PresetSpec]:
+        """Every registered preset, sorted by name."""
+        return list(self._presets.values())
