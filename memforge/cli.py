@@ -7,6 +7,7 @@ no traceback.
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -17,14 +18,18 @@ from rich.table import Table
 from memforge.errors import MemforgeError
 
 Command = Callable[[argparse.Namespace, Console], int]
-_COMMANDS: dict[str, Command] = {}
+Configure = Callable[[argparse.ArgumentParser], None]
+_COMMANDS: dict[str, tuple[str, Configure, Command]] = {}
+
+#: Modules whose import registers more sub-commands (the jobs), imported when the parser is made.
+COMMAND_MODULES = ("memforge.training.commands",)
 
 
-def command(name: str) -> Callable[[Command], Command]:
-    """Register ``function`` as the handler of sub-command ``name``."""
+def command(name: str, help: str, configure: Configure) -> Callable[[Command], Command]:
+    """Register ``function`` as sub-command ``name``; ``configure`` adds its arguments."""
 
     def register(function: Command) -> Command:
-        _COMMANDS[name] = function
+        _COMMANDS[name] = (help, configure, function)
         return function
 
     return register
@@ -42,7 +47,11 @@ def resolve_spec(name_or_file: str, assignments: Sequence[str] = ()):
     return memforge.override(spec, assignments) if assignments else spec
 
 
-@command("list")
+def _configure_list(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--kind", help="only this kind of component")
+
+
+@command("list", "components by kind, and presets", _configure_list)
 def _list(args: argparse.Namespace, console: Console) -> int:
     from memforge.interfaces import KINDS
     from memforge.plugins import default_registry
@@ -68,7 +77,19 @@ def _list(args: argparse.Namespace, console: Console) -> int:
     return 0
 
 
-@command("show")
+def _configure_show(p: argparse.ArgumentParser) -> None:
+    p.add_argument("spec", metavar="NAME|FILE", help="preset name or .toml/.json spec file")
+    add_set_argument(p)
+    p.add_argument("--format", choices=("toml", "json"), default="toml")
+
+
+def add_set_argument(p: argparse.ArgumentParser) -> None:
+    """The repeatable ``--set KEY=VALUE`` spec override option."""
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a spec field, e.g. memory.depth=3 (repeatable)")
+
+
+@command("show", "a preset or spec file: resolved spec, parameters, layout", _configure_show)
 def _show(args: argparse.Namespace, console: Console) -> int:
     from memforge.builder import build_model, layer_layout, parameter_count
     from memforge.io import dumps_spec
@@ -93,15 +114,10 @@ def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="memforge", description="Build, train and ablate memory-augmented sequence models.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    p = sub.add_parser("list", help="components by kind, and presets")
-    p.add_argument("--kind", help="only this kind of component")
-
-    p = sub.add_parser("show", help="a preset or spec file: resolved spec, parameters, layout")
-    p.add_argument("spec", metavar="NAME|FILE", help="preset name or .toml/.json spec file")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a spec field, e.g. memory.depth=3 (repeatable)")
-    p.add_argument("--format", choices=("toml", "json"), default="toml")
+    for module in COMMAND_MODULES:
+        importlib.import_module(module)
+    for name, (help_text, configure, _) in _COMMANDS.items():
+        configure(sub.add_parser(name, help=help_text, description=help_text))
     return parser
 
 
@@ -111,7 +127,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     console = Console(soft_wrap=True)
     try:
-        return _COMMANDS[args.command](args, console)
+        return _COMMANDS[args.command][2](args, console)
     except MemforgeError as exc:
         print(f"memforge: error: {exc}", file=sys.stderr)
         return 2

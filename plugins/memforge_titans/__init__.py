@@ -1,0 +1,153 @@
+"""The built-in plugin ``titans``: the neural long-term memory and its integrations.
+
+Components (each an ablation axis of Titans Table 5):
+
+* memory: ``titans.mlp`` (deep MLP), ``titans.linear`` (matrix memory);
+* surprise: ``titans.momentum``, ``titans.gradient`` (no momentum);
+* forgetting: ``titans.adaptive_decay``, ``titans.constant_decay``, ``titans.no_forgetting``;
+* retrieval: ``titans.chunk_start``, ``titans.before_write``, ``titans.after_write``;
+* projection: ``titans.conv_qkv``, ``titans.plain_qkv`` (without convolution);
+* integration: ``titans.lmm`` (memory alone), ``titans.mac``, ``titans.mag``, ``titans.mal``.
+
+With ``titans.linear``, ``titans.gradient``, ``titans.no_forgetting`` and chunk size 1 the layer
+is exactly the delta rule (DeltaNet). This plugin can be blocked (``MEMFORGE_BLOCK=titans``) to
+run a spec set against the baselines only. Heavy imports stay inside the factories.
+"""
+
+from __future__ import annotations
+
+from memforge import hookimpl
+from memforge.interfaces import MEMORY_KINDS, BuildContext
+from memforge.registry import ComponentSpec
+from memforge_titans import configs as c
+from memforge_titans.lmm import LMMIntegrationConfig
+
+
+def _mlp(config: c.MLPMemoryConfig, ctx: BuildContext):
+    from memforge_titans.fast_weights import MLPMemory
+
+    return MLPMemory(ctx.heads, ctx.head_dim, config.depth, expansion=config.expansion,
+                     activation=config.activation, residual=config.residual, norm=config.norm)
+
+
+def _linear(config: c.LinearMemoryConfig, ctx: BuildContext):
+    from memforge_titans.fast_weights import MLPMemory
+
+    return MLPMemory(ctx.heads, ctx.head_dim, 1, residual=False, norm=False)
+
+
+def _momentum(config: c.MomentumSurpriseConfig, ctx: BuildContext):
+    from memforge_titans.rules import L2Surprise
+
+    return L2Surprise(ctx.dim, ctx.heads, max_lr=config.max_lr, lr_init=config.lr_init,
+                      momentum=True, momentum_init=config.momentum_init)
+
+
+def _gradient(config: c.GradientSurpriseConfig, ctx: BuildContext):
+    from memforge_titans.rules import L2Surprise
+
+    return L2Surprise(ctx.dim, ctx.heads, max_lr=config.max_lr, lr_init=config.lr_init,
+                      momentum=False, momentum_init=0.5)
+
+
+def _adaptive(config: c.AdaptiveDecayConfig, ctx: BuildContext):
+    from memforge_titans.rules import AdaptiveDecay
+
+    return AdaptiveDecay(ctx.dim, ctx.heads, init=config.init, max_decay=config.max_decay)
+
+
+def _constant(config: c.ConstantDecayConfig, ctx: BuildContext):
+    from memforge_titans.rules import ConstantDecay
+
+    return ConstantDecay(ctx.heads, alpha=config.alpha)
+
+
+def _no_forgetting(config: c.NoForgettingConfig, ctx: BuildContext):
+    from memforge_titans.rules import NoForgetting
+
+    return NoForgetting()
+
+
+def _reader(name: str):
+    def factory(config: c.RetrievalConfig, ctx: BuildContext):
+        from memforge_titans import rules
+
+        return getattr(rules, name)()
+
+    return factory
+
+
+def _conv_qkv(config: c.ConvProjectionConfig, ctx: BuildContext):
+    from memforge_titans.rules import QKVProjection
+
+    return QKVProjection(ctx.dim, ctx.heads, ctx.head_dim, conv_kernel=config.conv_kernel)
+
+
+def _plain_qkv(config: c.PlainProjectionConfig, ctx: BuildContext):
+    from memforge_titans.rules import QKVProjection
+
+    return QKVProjection(ctx.dim, ctx.heads, ctx.head_dim, conv_kernel=0)
+
+
+def build_memory_layer(ctx: BuildContext, chunk_size: int):
+    """The spec's memory layer for this block: projection, memory, rules, chunked kernel."""
+    from memforge_titans.layer import NeuralMemoryLayer
+
+    return NeuralMemoryLayer(
+        ctx.dim, ctx.heads, projection=ctx.build("projection"), memory=ctx.build("memory"),
+        surprise=ctx.build("surprise"), forgetting=ctx.build("forgetting"),
+        retrieval=ctx.build("retrieval"), chunk_size=chunk_size,
+    )
+
+
+def _lmm(config: LMMIntegrationConfig, ctx: BuildContext):
+    from memforge_titans.lmm import MemoryBlock
+
+    return MemoryBlock(ctx.dim, build_memory_layer(ctx, config.chunk_size), ctx.build("feedforward"),
+                       persistent_tokens=config.persistent_tokens)
+
+
+TITANS = "Behrouz, Zhong, Mirrokni 2025, Titans: Learning to Memorize at Test Time"
+
+
+@hookimpl
+def memforge_register_components():
+    def spec(kind, name, config_cls, factory, summary, requires=()):
+        return ComponentSpec(kind=kind, name=name, config_cls=config_cls, factory=factory,
+                             summary=summary, requires=requires, paper=TITANS)
+
+    return [
+        spec("memory", "titans.mlp", c.MLPMemoryConfig, _mlp, "deep MLP memory (L_M >= 1)"),
+        spec("memory", "titans.linear", c.LinearMemoryConfig, _linear,
+             "linear matrix memory (delta-rule state)"),
+        spec("surprise", "titans.momentum", c.MomentumSurpriseConfig, _momentum,
+             "l2 associative loss, data-dependent step size and momentum"),
+        spec("surprise", "titans.gradient", c.GradientSurpriseConfig, _gradient,
+             "l2 associative loss, plain gradient step (no momentum)"),
+        spec("forgetting", "titans.adaptive_decay", c.AdaptiveDecayConfig, _adaptive,
+             "data-dependent forgetting gate alpha_t"),
+        spec("forgetting", "titans.constant_decay", c.ConstantDecayConfig, _constant,
+             "the same alpha for every token"),
+        spec("forgetting", "titans.no_forgetting", c.NoForgettingConfig, _no_forgetting,
+             "no decay (alpha = 0)"),
+        spec("retrieval", "titans.chunk_start", c.RetrievalConfig, _reader("ReadAtChunkStart"),
+             "read with the chunk-start weights (fastest)"),
+        spec("retrieval", "titans.before_write", c.RetrievalConfig, _reader("ReadBeforeWrite"),
+             "read M_{t-1} exactly, before the token's own write"),
+        spec("retrieval", "titans.after_write", c.RetrievalConfig, _reader("ReadAfterWrite"),
+             "read M_t exactly, after the token's own write (TTT order)"),
+        spec("projection", "titans.conv_qkv", c.ConvProjectionConfig, _conv_qkv,
+             "q/k/v: linear, causal depthwise conv, SiLU, l2-norm q/k"),
+        spec("projection", "titans.plain_qkv", c.PlainProjectionConfig, _plain_qkv,
+             "q/k/v: linear, SiLU, l2-norm q/k (no convolution)"),
+        spec("integration", "titans.lmm", LMMIntegrationConfig, _lmm,
+             "memory as the token mixer, no attention (Titans LMM)",
+             requires=(*MEMORY_KINDS, "feedforward")),
+    ]
+
+
+@hookimpl
+def memforge_register_presets():
+    from memforge_titans.presets import PRESETS
+
+    return PRESETS

@@ -1,0 +1,1 @@
+"""Sub-commands of the training jobs (``train``, ``eval``, ``ablate``); registered on import."""

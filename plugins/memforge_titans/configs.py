@@ -1,0 +1,91 @@
+"""Config classes of the ``titans`` plugin's components (frozen attrs; every field defaulted)."""
+
+from __future__ import annotations
+
+import attrs
+
+from memforge import option
+
+ACTIVATIONS = ("gelu", "silu", "relu")
+
+
+@attrs.frozen(kw_only=True)
+class MLPMemoryConfig:
+    """Deep MLP memory (``titans.mlp``)."""
+
+    depth: int = option(2, ge=1, help="weight matrices in the memory MLP (L_M; 1 = linear)")
+    expansion: float = option(4.0, gt=0, help="hidden width as a multiple of the head width")
+    activation: str = option("gelu", choices=ACTIVATIONS, help="hidden non-linearity")
+    residual: bool = option(True, help="output x + f(x)")
+    norm: bool = option(False, help="layer-norm f(x) before the residual (TTT/MIRAS form)")
+
+
+@attrs.frozen(kw_only=True)
+class LinearMemoryConfig:
+    """Linear (matrix) memory (``titans.linear``): ``M(k) = k W``, the delta-rule state."""
+
+
+@attrs.frozen(kw_only=True)
+class MomentumSurpriseConfig:
+    """l2 surprise with momentum (``titans.momentum``), Titans Eqs. 9-14."""
+
+    max_lr: float = option(0.1, gt=0, help="upper bound of the step size theta")
+    lr_init: float = option(0.02, gt=0, help="initial step size theta")
+    momentum_init: float = option(0.9, gt=0, lt=1, help="initial momentum eta")
+
+    def __attrs_post_init__(self) -> None:
+        if self.lr_init >= self.max_lr:
+            raise ValueError(f"'lr_init'={self.lr_init} must be < 'max_lr'={self.max_lr}")
+
+
+@attrs.frozen(kw_only=True)
+class GradientSurpriseConfig:
+    """l2 surprise without momentum (``titans.gradient``): plain gradient descent."""
+
+    max_lr: float = option(0.1, gt=0, help="upper bound of the step size theta")
+    lr_init: float = option(0.02, gt=0, help="initial step size theta")
+
+    def __attrs_post_init__(self) -> None:
+        if self.lr_init >= self.max_lr:
+            raise ValueError(f"'lr_init'={self.lr_init} must be < 'max_lr'={self.max_lr}")
+
+
+@attrs.frozen(kw_only=True)
+class AdaptiveDecayConfig:
+    """Data-dependent forgetting gate (``titans.adaptive_decay``)."""
+
+    init: float = option(0.02, gt=0, lt=1, help="initial alpha")
+    max_decay: float = option(1.0, gt=0, le=1, help="upper bound of alpha")
+
+    def __attrs_post_init__(self) -> None:
+        if self.init >= self.max_decay:
+            raise ValueError(f"'init'={self.init} must be < 'max_decay'={self.max_decay}")
+
+
+@attrs.frozen(kw_only=True)
+class ConstantDecayConfig:
+    """The same forgetting for every token (``titans.constant_decay``)."""
+
+    alpha: float = option(0.02, ge=0, le=1, help="alpha for every token and head")
+
+
+@attrs.frozen(kw_only=True)
+class NoForgettingConfig:
+    """No forgetting (``titans.no_forgetting``)."""
+
+
+@attrs.frozen(kw_only=True)
+class RetrievalConfig:
+    """Read orders have no settings (``titans.chunk_start``, ``before_write``, ``after_write``)."""
+
+
+@attrs.frozen(kw_only=True)
+class ConvProjectionConfig:
+    """q/k/v with a causal depthwise convolution (``titans.conv_qkv``)."""
+
+    conv_kernel: int = option(4, ge=1, help="depthwise convolution width")
+
+
+@attrs.frozen(kw_only=True)
+class PlainProjectionConfig:
+    """q/k/v without convolution (``titans.plain_qkv``): the "w/o convolution" ablation."""

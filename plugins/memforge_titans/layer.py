@@ -1,0 +1,133 @@
+"""The Titans neural long-term memory as a sequence layer (spec §1, §2).
+
+``x -> q, k, v`` (projection), per-token gates (surprise and forgetting rules), the chunk-parallel
+test-time update and read (:func:`memforge_titans.chunked.memory_scan`), then a per-head RMS norm,
+a SiLU output gate from ``x`` and the output projection (spec §1.1, after Gated State Spaces / GDN).
+
+Every sequence in the batch owns its memory: the learned initial weights are copied per sequence
+at the start and updated while the layer reads. The layer's state carries them (plus momentum,
+the convolution cache and the unfinished chunk), so feeding a sequence in pieces equals feeding it
+whole at any split point.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from memforge.errors import InputError
+from memforge.interfaces import ForgettingRule, MemoryNetwork, Projection, RetrievalRule, SurpriseRule
+from memforge_titans.chunked import FastWeightState, initial_state, memory_scan
+
+
+class MemoryLayerState(NamedTuple):
+    """State of a :class:`NeuralMemoryLayer` between calls on the same sequences.
+
+    Attributes:
+        fast: fast weights and momentum at the current chunk start, plus the unfinished chunk.
+        projection: the projection's cache (``None`` when it keeps none).
+    """
+
+    fast: FastWeightState
+    projection: Any
+
+
+class NeuralMemoryLayer(nn.Module):
+    """Neural long-term memory (LMM): ``forward(x [B, T, D], state) -> (y [B, T, D], state)``.
+
+    Args:
+        dim: model width ``D``.
+        heads: memory heads ``H``; each has its own memory of width ``d = D // H``.
+        projection: makes ``q, k, v`` ``[B, H, T, d]`` from ``x`` (kind ``projection``).
+        memory: the memory network ``M`` (kind ``memory``).
+        surprise: inner loss and step-size/momentum gates (kind ``surprise``).
+        forgetting: decay gate (kind ``forgetting``).
+        retrieval: which weights a token reads (kind ``retrieval``).
+        chunk_size: tokens whose surprise is taken at the same (chunk-start) weights.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        heads: int,
+        *,
+        projection: Projection,
+        memory: MemoryNetwork,
+        surprise: SurpriseRule,
+        forgetting: ForgettingRule,
+        retrieval: RetrievalRule,
+        chunk_size: int,
+    ) -> None:
+        super().__init__()
+        if dim % heads:
+            raise ValueError(f"heads={heads} must divide dim={dim}")
+        if chunk_size < 1:
+            raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+        self.dim, self.heads, self.head_dim, self.chunk_size = dim, heads, dim // heads, chunk_size
+        self.projection = projection
+        self.memory = memory
+        self.surprise = surprise
+        self.forgetting = forgetting
+        self.retrieval = retrieval
+        self.out_norm = nn.RMSNorm(self.head_dim)
+        self.out_gate = nn.Linear(dim, dim, bias=False)
+        self.out_proj = nn.Linear(dim, dim, bias=False)
+
+    # -- input checks --------------------------------------------------------------------------
+    def _check_input(self, x: Any) -> None:
+        if not isinstance(x, Tensor) or x.ndim != 3 or x.shape[-1] != self.dim:
+            shape = list(x.shape) if isinstance(x, Tensor) else type(x).__name__
+            raise InputError(f"memory layer expects hidden states [batch, time, {self.dim}], "
+                             f"got {shape}")
+        if not x.dtype.is_floating_point:
+            raise InputError(f"memory layer expects floating-point hidden states, got {x.dtype}")
+        if not torch.compiler.is_compiling() and not bool(torch.isfinite(x).all()):
+            raise InputError("memory layer got non-finite hidden states (NaN or inf); check the "
+                             "inputs and the learning rate")
+
+    def _check_state(self, state: Any, batch: int) -> MemoryLayerState:
+        if not isinstance(state, MemoryLayerState):
+            raise InputError(f"memory layer state must be the MemoryLayerState it returned, got "
+                             f"{type(state).__name__}")
+        weights = state.fast.weights
+        expected = [(batch * self.heads, *w.shape[1:]) for w in self.memory.initial_weights()]
+        got = [tuple(w.shape) for w in weights]
+        if got != expected:
+            raise InputError(f"memory state does not fit this layer and batch {batch}: fast "
+                             f"weights {got}, expected {expected}; pass the state returned for "
+                             f"these same sequences by this layer")
+        return state
+
+    # -- the layer -----------------------------------------------------------------------------
+    def _heads_first(self, gate: Tensor | None) -> Tensor | None:
+        # [B, T, H] -> [B * H, T], matching the kernel's sequence-major, head-minor order.
+        return None if gate is None else gate.permute(0, 2, 1).flatten(0, 1)
+
+    def forward(self, x: Tensor, state: MemoryLayerState | None = None
+                ) -> tuple[Tensor, MemoryLayerState]:
+        """Write ``x`` into the memory and read it; returns the layer output and the new state."""
+        self._check_input(x)
+        batch, steps, _ = x.shape
+        gates = self.surprise(x)
+        decay = self.forgetting(x)
+        if state is None:
+            # Whether momentum/decay state exists follows from the rules' gates (None = off).
+            fast = initial_state(self.memory, batch, momentum_enabled=gates.momentum is not None,
+                                 decay_enabled=decay is not None)
+            state = MemoryLayerState(fast, None)
+        else:
+            state = self._check_state(state, batch)
+        q, k, v, projection_cache = self.projection(x, state.projection)
+        flat = [t.flatten(0, 1) for t in (q, k, v)]  # [B * H, T, d]
+        read, fast = memory_scan(
+            self.memory, self.surprise, self.retrieval, state.fast, *flat,
+            lr=self._heads_first(gates.lr), momentum=self._heads_first(gates.momentum),
+            decay=self._heads_first(decay), chunk_size=self.chunk_size,
+        )
+        y = self.out_norm(read.unflatten(0, (batch, self.heads)))   # [B, H, T, d]
+        y = y.transpose(1, 2).reshape(batch, steps, self.dim)
+        y = self.out_proj(y * F.silu(self.out_gate(x)))
+        return y, MemoryLayerState(fast, projection_cache)

@@ -1,0 +1,56 @@
+"""``titans.lmm``: the neural memory alone as a block's token mixer (spec §3.4), no attention.
+
+``h = x + LMM(norm(x)); y = h + FFN(norm(h))``. Optional persistent tokens ``P`` (learned,
+input-independent, spec §1.6) are written into the memory at the start of every sequence, before
+its first token, and their outputs are discarded: with zero tokens the block is exactly the
+variant without them.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import attrs
+import torch
+from torch import Tensor, nn
+
+from memforge import option
+from memforge_titans.layer import NeuralMemoryLayer
+
+
+@attrs.frozen(kw_only=True)
+class LMMIntegrationConfig:
+    """Memory-only block (``titans.lmm``)."""
+
+    chunk_size: int = option(64, ge=1, help="tokens whose surprise uses the same chunk-start weights")
+    persistent_tokens: int = option(0, ge=0, help="learned tokens written first into every memory")
+
+
+class MemoryBlock(nn.Module):
+    """Pre-norm residual block with the memory layer as mixer: ``forward(x, state)``.
+
+    Args:
+        dim: model width.
+        memory: the memory layer.
+        feedforward: the position-wise MLP.
+        persistent_tokens: number of learned tokens written at each sequence start.
+    """
+
+    def __init__(self, dim: int, memory: NeuralMemoryLayer, feedforward: nn.Module,
+                 persistent_tokens: int = 0) -> None:
+        super().__init__()
+        self.memory = memory
+        self.feedforward = feedforward
+        self.mixer_norm = nn.RMSNorm(dim)
+        self.ffn_norm = nn.RMSNorm(dim)
+        self.persistent = (nn.Parameter(torch.randn(persistent_tokens, dim) * 0.02)
+                           if persistent_tokens else None)
+
+    def forward(self, hidden: Tensor, state: Any | None = None) -> tuple[Tensor, Any]:
+        """``[B, T, D] -> [B, T, D]`` continuing from ``state`` (``None``: a new sequence)."""
+        if state is None and self.persistent is not None:
+            prefix = self.persistent.expand(hidden.shape[0], -1, -1).to(hidden.dtype)
+            _, state = self.memory(self.mixer_norm(prefix), None)
+        mixed, state = self.memory(self.mixer_norm(hidden), state)
+        hidden = hidden + mixed
+        return hidden + self.feedforward(self.ffn_norm(hidden)), state
