@@ -1,0 +1,369 @@
+"""Causal self-attention with an optional sliding window, persistent tokens and an incremental cache.
+
+This is the short-term half of the Titans models (spec §3): MAG and MAL use sliding-window
+attention whose persistent prefix ``P`` is always visible ("SW attention with prefix", Fig. 3b);
+plain attention is the ``window=None, persistent_tokens=0`` case.
+
+Pieces are public so that other integrations can compose them: MAC attends over
+``[persistent | retrieved | segment]`` with its own mask, so it can call
+:meth:`CausalSelfAttention.project_qkv`, :meth:`CausalSelfAttention.persistent_kv`,
+:func:`attend` and :meth:`CausalSelfAttention.output` directly.
+
+Conventions: ``B`` batch, ``T`` time, ``D`` model width, ``H`` heads, ``d = D // H``. A boolean
+attention mask is ``True`` where a query may attend to a key.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .layers import RotaryEmbedding
+
+__all__ = [
+    "AttentionCache",
+    "CausalSelfAttention",
+    "attend",
+    "causal_mask",
+    "dense_masked_attention",
+    "reference_attention",
+]
+
+
+class AttentionCache(NamedTuple):
+    """What :class:`CausalSelfAttention` carries between calls on the same sequences.
+
+    Attributes:
+        keys: ``[B, H, t, d]`` keys of the most recent ``t`` tokens, already rotated (RoPE at their
+            absolute positions). Only keys a later token can still see are kept: everything for
+            full attention, the last ``min(position, window - 1)`` tokens for a window (so ``t`` is
+            0 for ``window=1``). Persistent keys are never cached; they are recomputed from the
+            parameters each call.
+        values: ``[B, H, t, d]`` values matching ``keys``.
+        position: 0-dim ``int64`` tensor on the keys' device, the number of tokens seen so far
+            (the absolute position of the next token). A tensor rather than a Python int so the
+            cache is a pytree of tensors (the ``Block`` state contract) and ``torch.compile`` does
+            not specialise, and recompile, on every decoding step.
+
+    Cached tensors are not detached: carrying a cache across calls back-propagates through it, so
+    feeding a sequence in pieces equals feeding it whole, gradients included. Detach explicitly
+    (truncated back-propagation) if that is not wanted.
+    """
+
+    keys: Tensor
+    values: Tensor
+    position: Tensor
+
+
+def causal_mask(
+    q_len: int,
+    k_len: int,
+    *,
+    window: int | None = None,
+    prefix: int = 0,
+    device: torch.device | str | None = None,
+) -> Tensor:
+    """Boolean mask ``[q_len, prefix + k_len]`` for queries that are the last ``q_len`` of ``k_len``.
+
+    Query ``i`` sits at key index ``k_len - q_len + i`` and sees key ``j`` iff ``j`` is not after it
+    and, for a ``window``, fewer than ``window`` steps before it. The first ``prefix`` columns (the
+    persistent keys, placed before the sequence keys) are visible to every query.
+    """
+    rel = torch.arange(k_len - q_len, k_len, device=device)[:, None] - torch.arange(k_len, device=device)
+    mask = rel >= 0
+    if window is not None:
+        mask = mask & (rel < window)
+    if prefix:
+        mask = torch.cat([mask.new_ones(q_len, prefix), mask], dim=1)
+    return mask
+
+
+def attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None) -> Tensor:
+    """Softmax attention ``softmax(q k^T / sqrt(d) + mask) v`` through ``scaled_dot_product_attention``.
+
+    Args:
+        q: ``[..., Tq, d]`` queries.
+        k: ``[..., Tk, d]`` keys.
+        v: ``[..., Tk, d_v]`` values.
+        mask: boolean, broadcastable to ``[..., Tq, Tk]``, ``True`` = may attend; ``None`` = all
+            visible. Give every query at least one visible key (a fully masked row is undefined).
+
+    Returns:
+        ``[..., Tq, d_v]``.
+    """
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
+class CausalSelfAttention(nn.Module):
+    """Multi-head causal self-attention: full or sliding-window, with optional persistent tokens.
+
+    Queries and keys get rotary embeddings at their absolute positions. With ``window=w`` the query
+    at position ``i`` sees the keys at positions ``i - w + 1 .. i``; with ``window=None`` it sees
+    ``0 .. i``. The ``persistent_tokens`` learnable vectors ``[P, D]`` (Titans' persistent memory)
+    go through the same key/value projections and are visible to every query whatever the window.
+    They get **no** rotary embedding: they are input-independent, position-free memory, so a query
+    scores them by content alone (its own rotation still applies). With ``P = 0`` there is no
+    parameter and no prefix: the module is exactly plain attention.
+
+    Satisfies the ``Attention`` protocol.
+
+    Cost: with a window, a call of ``T`` tokens costs ``O(T * (window + P))`` time and memory,
+    whatever ``T``: queries are split into blocks of ``window`` tokens, and each block attends to
+    its own block and the previous one (plus the persistent keys), all blocks in one batched
+    attention call. Full attention costs ``O(T * (t + T))`` with ``t`` cached tokens.
+
+    Args:
+        dim: model width ``D``.
+        heads: number of heads ``H``; must divide ``dim``, and ``dim // heads`` must be even (RoPE).
+        window: sliding-window size ``w >= 1`` (``1`` = each token sees only itself and ``P``), or
+            ``None`` for full causal attention.
+        persistent_tokens: number ``P >= 0`` of persistent tokens, initialised from
+            ``N(0, 0.02**2)``.
+        rope_base: rotary frequency base.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        heads: int,
+        *,
+        window: int | None = None,
+        persistent_tokens: int = 0,
+        rope_base: float = 10000.0,
+    ) -> None:
+        super().__init__()
+        if heads < 1 or dim < 1 or dim % heads:
+            raise ValueError(
+                f"heads must divide dim, got dim={dim}, heads={heads}; "
+                "choose heads among the divisors of dim (or change dim)"
+            )
+        if window is not None and window < 1:
+            raise ValueError(f"window must be >= 1 (or None for full attention), got window={window}")
+        if persistent_tokens < 0:
+            raise ValueError(f"persistent_tokens must be >= 0, got {persistent_tokens}")
+        self.dim = dim
+        self.heads = heads
+        self.head_dim = dim // heads
+        self.window = window
+        self.persistent_tokens = persistent_tokens
+        self.rotary = RotaryEmbedding(self.head_dim, rope_base)
+        self.q_proj = nn.Linear(dim, dim, bias=False)
+        self.k_proj = nn.Linear(dim, dim, bias=False)
+        self.v_proj = nn.Linear(dim, dim, bias=False)
+        self.o_proj = nn.Linear(dim, dim, bias=False)
+        self.persistent = (
+            nn.Parameter(torch.randn(persistent_tokens, dim) * 0.02) if persistent_tokens else None
+        )
+
+    def extra_repr(self) -> str:
+        return (
+            f"dim={self.dim}, heads={self.heads}, window={self.window}, "
+            f"persistent_tokens={self.persistent_tokens}"
+        )
+
+    def _split_heads(self, x: Tensor) -> Tensor:
+        # [..., T, D] -> [..., H, T, d]
+        return x.unflatten(-1, (self.heads, self.head_dim)).transpose(-3, -2)
+
+    def project_qkv(self, x: Tensor, positions: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Project ``x`` ``[B, T, D]`` to per-head ``q, k, v`` ``[B, H, T, d]``.
+
+        ``q`` and ``k`` are rotated at the absolute ``positions`` ``[T]``; ``v`` is not.
+        """
+        q = self.rotary(self._split_heads(self.q_proj(x)), positions)
+        k = self.rotary(self._split_heads(self.k_proj(x)), positions)
+        return q, k, self._split_heads(self.v_proj(x))
+
+    def persistent_kv(self) -> tuple[Tensor, Tensor] | None:
+        """Keys and values of the persistent tokens, each ``[1, H, P, d]`` (no rotary), or ``None``.
+
+        The leading axis is 1 so callers can ``expand`` it over the batch.
+        """
+        if self.persistent is None:
+            return None
+        k = self._split_heads(self.k_proj(self.persistent))
+        v = self._split_heads(self.v_proj(self.persistent))
+        return k[None], v[None]
+
+    def output(self, o: Tensor) -> Tensor:
+        """Merge heads of ``o`` ``[B, H, T, d]`` and apply the output projection: ``[B, T, D]``."""
+        return self.o_proj(o.transpose(-3, -2).flatten(-2))
+
+    def forward(self, x: Tensor, cache: AttentionCache | None = None) -> tuple[Tensor, AttentionCache]:
+        """Attend causally over ``x`` ``[B, T, D]``, continuing from ``cache``.
+
+        Args:
+            x: the next ``T >= 1`` tokens of each sequence.
+            cache: returned by the previous call on the same sequences, or ``None`` when ``x``
+                starts at position 0.
+
+        Returns:
+            ``(y [B, T, D], cache)``; the new cache covers every token up to the end of ``x``, so
+            calling on a sequence in pieces equals calling on it whole.
+        """
+        if x.dim() != 3 or x.shape[-1] != self.dim or x.shape[1] < 1:
+            raise ValueError(f"expected x of shape [B, T, {self.dim}] with T >= 1, got {tuple(x.shape)}")
+        T = x.shape[1]
+        steps = torch.arange(T, device=x.device)
+        if cache is None:
+            cache_k = cache_v = None
+            position = torch.zeros((), dtype=torch.long, device=x.device)
+            positions = steps
+        else:
+            cache_k, cache_v, position = cache
+            if self.window is not None and cache_k.shape[2] >= self.window:
+                raise ValueError(
+                    f"a window-{self.window} cache holds at most {self.window - 1} tokens, got "
+                    f"keys of shape {tuple(cache_k.shape)}; pass the cache this module returned"
+                )
+            positions = position + steps
+        q, k, v = self.project_qkv(x, positions)
+        prefix = self.persistent_kv()
+        if self.window is not None and T > self.window:
+            o = self._blockwise(q, k, v, cache_k, cache_v, prefix)
+        else:
+            o = self._dense(q, k, v, cache_k, cache_v, prefix)
+        new_cache = AttentionCache(
+            self._visible_tail(cache_k, k), self._visible_tail(cache_v, v), position + T
+        )
+        return self.output(o), new_cache
+
+    def _visible_tail(self, old: Tensor | None, new: Tensor) -> Tensor:
+        """The cached and new entries that later tokens can still see (see :class:`AttentionCache`)."""
+        if self.window is None:
+            return new if old is None else torch.cat([old, new], dim=2)
+        keep = self.window - 1
+        if old is not None and new.shape[2] < keep:
+            new = torch.cat([old, new], dim=2)
+        # Explicit start index: a negative slice start of -0 would keep everything.
+        return new[:, :, max(new.shape[2] - keep, 0) :]
+
+    def _dense(
+        self,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        cache_k: Tensor | None,
+        cache_v: Tensor | None,
+        prefix: tuple[Tensor, Tensor] | None,
+    ) -> Tensor:
+        """Queries attend to ``[persistent | cache | new]`` under one ``[T, P + t + T]`` mask."""
+        B, T = q.shape[0], q.shape[2]
+        cached = 0
+        if cache_k is not None:
+            cached = cache_k.shape[2]
+            k, v = torch.cat([cache_k, k], dim=2), torch.cat([cache_v, v], dim=2)
+        if prefix is None and cached == 0:
+            # Plain causal attention (T <= window here): SDPA's own causal flag enables the
+            # fused flash kernels on GPU.
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        P = 0
+        if prefix is not None:
+            pk, pv = prefix
+            P = pk.shape[2]
+            k = torch.cat([pk.expand(B, -1, -1, -1), k], dim=2)
+            v = torch.cat([pv.expand(B, -1, -1, -1), v], dim=2)
+        mask = causal_mask(T, cached + T, window=self.window, prefix=P, device=q.device)
+        return attend(q, k, v, mask)
+
+    def _blockwise(
+        self,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        cache_k: Tensor | None,
+        cache_v: Tensor | None,
+        prefix: tuple[Tensor, Tensor] | None,
+    ) -> Tensor:
+        """Sliding-window attention in ``O(T * (w + P))``: blocks of ``w`` queries, one SDPA call.
+
+        Keys are laid out as ``[lead | new | right pad]``, cut into blocks of ``w``. The lead block
+        is the cache left-padded with zeros to exactly ``w`` keys, so query block ``b`` always
+        attends to key blocks ``b`` (the one before it: the lead block for ``b = 0``) and ``b + 1``
+        (its own). Within that ``2w`` span query ``r`` sees keys ``r + 1 .. r + w``, i.e. its own
+        position and the ``w - 1`` before it. The left padding is masked out; the right padding
+        needs no mask for real queries (it is in their future) and gives padded queries a
+        visible key, so no row is ever fully masked. Padded query rows are dropped at the end.
+        """
+        B, H, T, d = q.shape
+        w = self.window
+        nb = -(-T // w)
+        pad = nb * w - T
+        cached = 0 if cache_k is None else cache_k.shape[2]
+
+        def layout(new: Tensor, old: Tensor | None) -> Tensor:
+            # [B, H, T, d] -> [B, H, nb, 2w, d]: for each query block, its previous and own keys.
+            lead = new.new_zeros(B, H, w - cached, d)
+            parts = [lead, new] if old is None else [lead, old, new]
+            blocks = F.pad(torch.cat(parts, dim=2), (0, 0, 0, pad)).unflatten(2, (nb + 1, w))
+            return torch.cat([blocks[:, :, :-1], blocks[:, :, 1:]], dim=3)
+
+        kb, vb = layout(k, cache_k), layout(v, cache_v)
+        r = torch.arange(w, device=q.device)[:, None]
+        s = torch.arange(2 * w, device=q.device)[None, :]
+        mask = ((s > r) & (s <= r + w)).expand(nb, w, 2 * w).clone()
+        mask[0, :, : w - cached] = False  # lead-block padding: no token there
+        if prefix is not None:
+            pk, pv = prefix
+            P = pk.shape[2]
+            kb = torch.cat([pk[:, :, None].expand(B, H, nb, P, d), kb], dim=3)
+            vb = torch.cat([pv[:, :, None].expand(B, H, nb, P, d), vb], dim=3)
+            mask = torch.cat([mask.new_ones(nb, w, P), mask], dim=2)
+        # Fold blocks into the head axis: 4-D inputs keep SDPA's fused (memory-efficient) kernels
+        # eligible on GPU. Index h * nb + b of the folded axis is head h, block b.
+        qb = F.pad(q, (0, 0, 0, pad)).reshape(B, H * nb, w, d)
+        o = attend(
+            qb,
+            kb.flatten(1, 2),
+            vb.flatten(1, 2),
+            mask.repeat(H, 1, 1),
+        )
+        return o.reshape(B, H, nb * w, d)[:, :, :T]
+
+
+def dense_masked_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    window: int | None,
+    prefix_k: Tensor | None = None,
+    prefix_v: Tensor | None = None,
+) -> Tensor:
+    """Slow, obviously correct attention with an explicit full mask: the test oracle.
+
+    Queries ``q`` ``[B, H, T, d]`` are the last ``T`` positions of the keys ``k``/values ``v``
+    ``[B, H, S, d]`` (``S >= T``; the first ``S - T`` are earlier tokens). The mask is built entry
+    by entry in Python and the softmax is written out (no SDPA), so it shares no code with
+    :class:`CausalSelfAttention`'s fast paths. ``prefix_k``/``prefix_v`` ``[B or 1, H, P, d]`` are
+    visible to every query.
+    """
+    T, S = q.shape[2], k.shape[2]
+    allowed = torch.zeros(T, S, dtype=torch.bool)
+    for i in range(T):
+        query_pos = S - T + i
+        for key_pos in range(S):
+            in_window = window is None or query_pos - key_pos < window
+            allowed[i, key_pos] = key_pos <= query_pos and in_window
+    if prefix_k is not None:
+        shape = (q.shape[0], q.shape[1], *prefix_k.shape[2:])
+        k = torch.cat([prefix_k.expand(shape), k], dim=2)
+        v = torch.cat([prefix_v.expand(shape), v], dim=2)
+        allowed = torch.cat([torch.ones(T, prefix_k.shape[2], dtype=torch.bool), allowed], dim=1)
+    scores = q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5
+    scores = scores.masked_fill(~allowed.to(q.device), float("-inf"))
+    return scores.softmax(dim=-1) @ v
+
+
+def reference_attention(module: CausalSelfAttention, x: Tensor) -> Tensor:
+    """``module``'s output on whole sequences ``x`` ``[B, T, D]`` (from position 0), the slow way.
+
+    Uses the module's projections, rotary and persistent tokens, but attention through
+    :func:`dense_masked_attention` instead of the blocked / masked SDPA paths.
+    """
+    q, k, v = module.project_qkv(x, torch.arange(x.shape[1], device=x.device))
+    prefix = module.persistent_kv()
+    pk, pv = prefix if prefix is not None else (None, None)
+    return module.output(dense_masked_attention(q, k, v, module.window, pk, pv))

@@ -1,0 +1,136 @@
+"""Small Llama-style building blocks: RMSNorm, the SwiGLU feed-forward, and rotary embeddings.
+
+These are plain ``nn.Module`` objects with plain constructor arguments; the attention and block
+modules of this plugin (and the memory integrations) compose them.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = ["RMSNorm", "RotaryEmbedding", "SwiGLU", "apply_rotary"]
+
+
+def _check_width(x: Tensor, dim: int, owner: str) -> None:
+    if x.dim() < 1 or x.shape[-1] != dim:
+        raise ValueError(f"{owner} expected an input of shape [..., {dim}], got {tuple(x.shape)}")
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square normalisation with a learnable per-channel scale (no bias, no centring).
+
+    ``y = x / sqrt(mean(x**2, -1) + eps) * weight``; ``weight`` starts at ones. Half-precision inputs
+    are normalised in float32 and cast back, as in Llama, so the statistics don't underflow.
+
+    Args:
+        dim: width of the last axis.
+        eps: added to the mean square before the square root.
+    """
+
+    def __init__(self, dim: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        if dim < 1:
+            raise ValueError(f"RMSNorm needs dim >= 1, got dim={dim}")
+        self.dim = dim
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Normalise ``x`` ``[..., dim]`` over its last axis; returns the same shape and dtype."""
+        _check_width(x, self.dim, "RMSNorm")
+        h = x.to(torch.promote_types(x.dtype, torch.float32))
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return h.to(x.dtype) * self.weight
+
+    def extra_repr(self) -> str:
+        return f"{self.dim}, eps={self.eps}"
+
+
+class SwiGLU(nn.Module):
+    """Llama's gated feed-forward layer: ``down(silu(gate(x)) * up(x))``, no biases.
+
+    ``gate`` and ``up`` are fused into one ``[dim -> 2 * hidden]`` linear layer (one matmul instead
+    of two); its first ``hidden`` outputs are the gate. Satisfies the ``FeedForward`` protocol.
+
+    Args:
+        dim: model width ``D`` (input and output).
+        hidden: inner width (Llama uses about ``8 / 3 * D``, rounded up).
+    """
+
+    def __init__(self, dim: int, hidden: int) -> None:
+        super().__init__()
+        if dim < 1 or hidden < 1:
+            raise ValueError(f"SwiGLU needs dim >= 1 and hidden >= 1, got dim={dim}, hidden={hidden}")
+        self.dim = dim
+        self.hidden = hidden
+        self.gate_up = nn.Linear(dim, 2 * hidden, bias=False)
+        self.down = nn.Linear(hidden, dim, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Map ``x`` ``[..., dim]`` to ``[..., dim]`` position-wise."""
+        _check_width(x, self.dim, "SwiGLU")
+        gate, up = self.gate_up(x).chunk(2, dim=-1)
+        return self.down(F.silu(gate) * up)
+
+
+def apply_rotary(x: Tensor, positions: Tensor, base: float = 10000.0) -> Tensor:
+    """Rotate ``x`` ``[..., T, d]`` by rotary position embeddings at absolute ``positions`` ``[T]``.
+
+    Uses the "rotate half" layout of GPT-NeoX / Hugging Face Llama: channel ``i`` is paired with
+    channel ``i + d/2`` and the pair is rotated by ``positions * base ** (-2i / d)``. Because each
+    pair is rotated by an angle linear in the position, ``<rot(q, m), rot(k, n)>`` depends only on
+    ``m - n`` -- which is why a cache can store keys already rotated.
+
+    Angles are computed in float32 (float64 for float64 inputs) and cast to ``x.dtype``.
+
+    Args:
+        x: tensor whose last axis ``d`` (even) is rotated and whose second-to-last axis is time.
+        positions: integer (or float) positions, one per time step.
+        base: the RoPE frequency base.
+    """
+    d = x.shape[-1]
+    if d % 2:
+        raise ValueError(f"rotary embeddings need an even last axis, got shape {tuple(x.shape)}")
+    if positions.shape != (x.shape[-2],):
+        raise ValueError(
+            f"positions must have shape [T] = [{x.shape[-2]}] for x of shape {tuple(x.shape)}, "
+            f"got {tuple(positions.shape)}"
+        )
+    dtype = torch.promote_types(x.dtype, torch.float32)
+    inv_freq = base ** (-torch.arange(0, d, 2, device=x.device, dtype=dtype) / d)
+    angles = positions.to(device=x.device, dtype=dtype)[:, None] * inv_freq  # [T, d/2]
+    cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
+
+
+class RotaryEmbedding(nn.Module):
+    """Rotary position embedding for heads of width ``head_dim``; see :func:`apply_rotary`.
+
+    Holds no parameters or buffers: the frequencies are recomputed per call (``d / 2`` numbers),
+    so casting the model to bfloat16 can never degrade them.
+
+    Args:
+        head_dim: per-head width ``d`` (must be even).
+        base: the RoPE frequency base.
+    """
+
+    def __init__(self, head_dim: int, base: float = 10000.0) -> None:
+        super().__init__()
+        if head_dim < 2 or head_dim % 2:
+            raise ValueError(
+                f"rotary embeddings need an even head_dim >= 2, got {head_dim}; "
+                "pick dim and heads so that dim // heads is even"
+            )
+        self.head_dim = head_dim
+        self.base = base
+
+    def forward(self, x: Tensor, positions: Tensor) -> Tensor:
+        """Rotate ``x`` ``[B, H, T, head_dim]`` at absolute ``positions`` ``[T]``."""
+        _check_width(x, self.head_dim, "RotaryEmbedding")
+        return apply_rotary(x, positions, self.base)
+
+    def extra_repr(self) -> str:
+        return f"head_dim={self.head_dim}, base={self.base}"
