@@ -57,6 +57,8 @@ def _list(args: argparse.Namespace, console: Console) -> int:
     from memforge.plugins import default_registry
 
     registry = default_registry()
+    if args.kind:
+        registry.names(args.kind)  # an unknown kind fails here, with close matches
     table = Table(title="components", title_justify="left")
     for column in ("kind", "name", "plugin", "summary"):
         table.add_column(column)

@@ -67,7 +67,7 @@ def option(
         default=default,
         validator=validators,
         converter=_to_float if kind is float else None,
-        metadata={"help": help},
+        metadata={"help": help, "ge": ge, "gt": gt, "le": le, "lt": lt, "choices": choices},
     )
 
 

@@ -146,8 +146,14 @@ def build_plugin_manager(
 
     if autoload:
         for ep in _entry_points():
-            if ep.name in blocked or pm.has_plugin(ep.name):
+            if ep.name in blocked:
                 continue
+            if pm.has_plugin(ep.name):
+                # Two distributions claiming one plugin name would claim the same component names.
+                raise PluginError(
+                    f"plugin name {ep.name!r} is claimed twice: {origins[ep.name].strip()} and "
+                    f"{_origin(ep).strip()}; uninstall one of them"
+                )
             try:
                 plugin = ep.load()
             except Exception as exc:  # a broken third-party plugin must not take memforge down

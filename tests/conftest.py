@@ -1,0 +1,49 @@
+"""Shared test set-up: hypothesis profiles and an isolated plugin environment.
+
+Profiles: ``dev`` (default, quick), ``ci`` (derandomised, for reproducible CI runs) and ``nightly``
+(many examples); pick one with ``HYPOTHESIS_PROFILE``. Every profile has ``deadline=None``: torch's
+first calls are slow and would trip hypothesis' per-example deadline.
+
+Installed third-party plugins must not leak into core tests, so entry-point autoload is off for
+the test process (tests of real discovery run memforge in a subprocess).
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+from hypothesis import HealthCheck, settings
+
+os.environ["MEMFORGE_DISABLE_PLUGIN_AUTOLOAD"] = "1"
+os.environ.pop("MEMFORGE_BLOCK", None)
+os.environ.pop("MEMFORGE_PLUGINS", None)
+os.environ.pop("MEMFORGE_STRICT_PLUGINS", None)
+
+_common = {"deadline": None, "suppress_health_check": [HealthCheck.too_slow]}
+settings.register_profile("dev", max_examples=20, **_common)
+settings.register_profile("ci", max_examples=20, derandomize=True, **_common)
+settings.register_profile("nightly", max_examples=300, **_common)
+settings.load_profile(os.getenv("HYPOTHESIS_PROFILE", "dev"))
+
+
+@pytest.fixture(autouse=True)
+def _fresh_plugins():
+    """Every test starts from the default built-in plugin set."""
+    from memforge.plugins import reset_plugins
+
+    reset_plugins()
+    yield
+    reset_plugins()
+
+
+def pytest_collection_modifyitems(config, items):
+    """Skip tests marked ``gpu`` when CUDA is not available."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs CUDA")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

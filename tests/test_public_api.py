@@ -1,0 +1,50 @@
+"""The public surface of ``memforge`` is pinned: changing it must be a deliberate act."""
+
+import memforge
+
+PINNED = [
+    "BuildContext",
+    "ComponentChoice",
+    "ComponentSpec",
+    "InputError",
+    "KINDS",
+    "MemforgeError",
+    "ModelOutput",
+    "ModelSpec",
+    "ModelState",
+    "PluginError",
+    "PresetSpec",
+    "SpecError",
+    "UnknownNameError",
+    "apply_overrides",
+    "available",
+    "build_model",
+    "configure_plugins",
+    "hookimpl",
+    "load_spec",
+    "option",
+    "override",
+    "preset",
+    "presets",
+    "save_spec",
+    "spec_id",
+]
+
+
+def test_all_is_pinned():
+    assert sorted(memforge.__all__) == sorted(PINNED)
+
+
+def test_every_public_name_exists():
+    missing = [name for name in memforge.__all__ if not hasattr(memforge, name)]
+    assert missing == []
+
+
+def test_issue_api_signatures():
+    """The calls the README documents work as documented."""
+    spec = memforge.preset("baseline.transformer_tiny", dim=48)
+    assert spec.dim == 48
+    assert "baseline.transformer_tiny" in memforge.presets()
+    assert "baseline.causal" in memforge.available("attention")
+    assert set(memforge.available()) == set(memforge.KINDS)
+    assert memforge.override(spec, ["num_layers=3"]).num_layers == 3

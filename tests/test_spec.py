@@ -1,0 +1,144 @@
+"""Specs: round trips through dict/TOML/JSON, overrides, spec_id, and clear errors."""
+
+import json
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+import memforge
+from memforge.errors import SpecError
+from memforge.io import dumps_spec, read_spec_dict
+from memforge.plugins import load_plugins
+from memforge.spec import from_dict, spec_id, to_dict
+from memforge.testing.strategies import model_specs
+
+REGISTRY = load_plugins(autoload=False)
+
+
+@given(model_specs(REGISTRY))
+def test_dict_round_trip(spec):
+    assert from_dict(to_dict(spec), REGISTRY) == spec
+
+
+@given(model_specs(REGISTRY), st.sampled_from(["toml", "json"]))
+def test_file_round_trip(tmp_path_factory, spec, fmt):
+    path = tmp_path_factory.mktemp("spec") / f"model.{fmt}"
+    memforge.save_spec(spec, path)
+    assert memforge.load_spec(path, REGISTRY) == spec
+    assert spec_id(memforge.load_spec(path, REGISTRY)) == spec_id(spec)
+
+
+@given(model_specs(REGISTRY))
+def test_empty_override_is_identity(spec):
+    assert memforge.override(spec, [], REGISTRY) == spec
+
+
+def test_every_preset_round_trips_and_builds():
+    for name in memforge.presets():
+        spec = memforge.preset(name)
+        assert from_dict(json.loads(dumps_spec(spec, "json"))) == spec
+        if name.endswith("_tiny"):
+            memforge.build_model(spec)
+
+
+def test_override_sets_field_and_switches_component():
+    spec = memforge.preset("titans.lmm_tiny")
+    deeper = memforge.override(spec, ["memory.depth=3"])
+    assert deeper.memory.config.depth == 3 and deeper != spec
+    switched = memforge.override(spec, ["surprise=titans.gradient", "surprise.max_lr=0.05"])
+    assert switched.surprise.impl == "titans.gradient"
+    assert switched.surprise.config.max_lr == 0.05
+    layers = memforge.override(spec, ["memory_layers=[1]"])
+    assert layers.memory_layers == (1,)
+
+
+def test_switching_component_resets_its_settings():
+    spec = memforge.override(memforge.preset("titans.lmm_tiny"), ["memory.depth=4"])
+    switched = memforge.override(spec, ["memory=titans.linear"])
+    assert switched.memory.impl == "titans.linear"
+    back = memforge.override(switched, ["memory=titans.mlp"])
+    assert back.memory.config.depth == 2  # defaults again, not the old depth
+
+
+def test_spec_id_is_stable_and_sensitive():
+    spec = memforge.preset("titans.lmm_tiny")
+    assert spec_id(spec) == spec_id(memforge.preset("titans.lmm_tiny"))
+    assert len(spec_id(spec)) == 10
+    assert spec_id(memforge.override(spec, ["memory.depth=3"])) != spec_id(spec)
+
+
+@pytest.mark.parametrize(
+    ("assignment", "message"),
+    [
+        ("memory.dept=3", r"unknown key memory\.'dept'; did you mean 'depth'\?"),
+        ("memory.depth=0", r"memory: 'depth' must be >= 1: 0"),
+        ("memory.depth=two", r"'depth' must be int, got 'two'"),
+        ("memmory.depth=3", r"did you mean 'memory'"),
+        ("surprise=titans.momentun", r"did you mean 'titans.momentum'"),
+        ("heads=5", r"'heads'=5 must divide 'dim'=32"),
+        ("memory_layers=[7]", r"out of range for num_layers=2"),
+        ("nonsense", r"must look like 'key=value'"),
+    ],
+)
+def test_bad_overrides_name_the_problem(assignment, message):
+    with pytest.raises(SpecError, match=message):
+        memforge.override(memforge.preset("titans.lmm_tiny"), [assignment])
+
+
+def test_missing_required_kind_is_reported():
+    data = to_dict(memforge.preset("titans.lmm_tiny"))
+    del data["memory"]
+    with pytest.raises(SpecError, match="integration 'titans.lmm' needs a memory component"):
+        from_dict(data)
+
+
+def test_memory_layers_without_memory_integration_is_reported():
+    with pytest.raises(SpecError, match="carries no memory"):
+        memforge.override(memforge.preset("baseline.transformer_tiny"), ["memory_layers=[0]"])
+
+
+def test_newer_schema_version_is_refused(tmp_path):
+    path = tmp_path / "future.toml"
+    text = dumps_spec(memforge.preset("titans.lmm_tiny")).replace("schema_version = 1", "schema_version = 9")
+    path.write_text(text)
+    with pytest.raises(SpecError, match=r"future.toml: spec has schema_version 9.*upgrade memforge"):
+        memforge.load_spec(path)
+
+
+def test_unknown_top_level_key_is_refused(tmp_path):
+    path = tmp_path / "typo.json"
+    data = to_dict(memforge.preset("titans.lmm_tiny"))
+    data["num_layer"] = 2
+    path.write_text(json.dumps(data))
+    with pytest.raises(SpecError, match=r"typo.json: unknown key 'num_layer'; did you mean 'num_layers'"):
+        memforge.load_spec(path)
+
+
+def test_syntax_error_names_the_file(tmp_path):
+    path = tmp_path / "broken.toml"
+    path.write_text("dim = = 3\n")
+    with pytest.raises(SpecError, match=r"broken.toml: not valid TOML"):
+        read_spec_dict(path)
+
+
+def test_unknown_suffix_and_missing_file(tmp_path):
+    with pytest.raises(SpecError, match="use a .toml or .json file"):
+        memforge.load_spec(tmp_path / "model.yaml")
+    with pytest.raises(SpecError, match="no such spec file"):
+        memforge.load_spec(tmp_path / "absent.toml")
+
+
+def test_save_is_atomic_and_leaves_no_temporary_files(tmp_path):
+    spec = memforge.preset("titans.lmm_tiny")
+    path = memforge.save_spec(spec, tmp_path / "model.toml")
+    assert [p.name for p in tmp_path.iterdir()] == ["model.toml"]
+    assert memforge.load_spec(path) == spec
+
+
+def test_preset_keyword_overrides():
+    spec = memforge.preset("titans.lmm_tiny", memory={"depth": 3}, surprise="titans.gradient",
+                           **{"integration.chunk_size": 4})
+    assert spec.memory.config.depth == 3
+    assert spec.surprise.impl == "titans.gradient"
+    assert spec.integration.config.chunk_size == 4
