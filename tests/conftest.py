@@ -1,7 +1,7 @@
 """Shared test set-up: hypothesis profiles and an isolated plugin environment.
 
 Profiles: ``dev`` (default, quick), ``ci`` (derandomised, for reproducible CI runs) and ``nightly``
-(many examples); pick one with ``HYPOTHESIS_PROFILE``. Every profile has ``deadline=None``: torch's
+(many examples); pick one with ``HYPOTHESIS_PROFILE`` (``ci`` is the default when ``CI`` is set). Every profile has ``deadline=None``: torch's
 first calls are slow and would trip hypothesis' per-example deadline.
 
 Installed third-party plugins must not leak into core tests, so entry-point autoload is off for
@@ -24,7 +24,8 @@ _common = {"deadline": None, "suppress_health_check": [HealthCheck.too_slow]}
 settings.register_profile("dev", max_examples=20, **_common)
 settings.register_profile("ci", max_examples=20, derandomize=True, **_common)
 settings.register_profile("nightly", max_examples=300, **_common)
-settings.load_profile(os.getenv("HYPOTHESIS_PROFILE", "dev"))
+# CI runs are derandomised so a red run can be reproduced exactly.
+settings.load_profile(os.getenv("HYPOTHESIS_PROFILE", "ci" if os.getenv("CI") else "dev"))
 
 
 @pytest.fixture(autouse=True)
