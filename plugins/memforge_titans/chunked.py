@@ -1,0 +1,556 @@
+"""The exact chunk-parallel Titans memory kernel (spec ``titans.md`` §2 and §8).
+
+Semantics, per sequence and head (``N = B * H`` of them), for token ``t`` in the chunk that starts
+at ``t'`` (chunks are ``[0, b), [b, 2b), ...`` counted from the start of the sequence)::
+
+    u_t = grad_W loss(M_{t'}(k_t), v_t)          # surprise, at the chunk-start weights
+    S_t = eta_t * S_{t-1} - theta_t * u_t        # momentum (eta = 0 when it is off)
+    M_t = (1 - alpha_t) * M_{t-1} + S_t          # forgetting (alpha = 0 when it is off)
+
+applied to every fast-weight matrix separately. Inside a chunk the recurrences are linear, so with
+``E_l = prod_{j<=l} eta_j``, ``A_l = prod_{j<=l} (1 - alpha_j)``, ``Q[i, j] = E_i / E_j`` and
+``P[l, i] = A_l / A_i`` (both causal) the state after chunk position ``l`` is::
+
+    M_l = A_l M_0 + c_l S_0 - sum_j W[l, j] u_j,   c = P @ E,   W = (P @ Q) * theta[None, :]
+    S_l = E_l S_0 - sum_j theta_j Q[l, j] u_j
+
+Every ``u_j`` is an outer product ``x_j^T g_j`` (matrix input times back-propagated error), so each
+weighted sum is one batched matmul ``X^T @ (w * G)``; no per-token weight copy is ever built. The
+products come from segment sums in log space (no ``-inf - -inf``). Exact per-token reads use the
+same coefficients in the TTT dual form (see :class:`_ChunkReader`).
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple, Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from memforge.interfaces import ChunkReader, LinearFn, MemoryNetwork
+
+
+class PendingChunk(NamedTuple):
+    """The ``r`` tokens already seen of the current, unfinished chunk (``r`` may be 0).
+
+    Their writes are recomputed in the next call, from the same chunk-start weights, so that
+    feeding a sequence in pieces equals feeding it whole.
+
+    Attributes:
+        keys: ``[N, r, d_key]``.
+        values: ``[N, r, d_value]``.
+        lr: step sizes ``theta`` ``[N, r]``.
+        momentum: ``eta`` ``[N, r]``, or ``None`` when momentum is off.
+        decay: ``alpha`` ``[N, r]``, or ``None`` when forgetting is off.
+    """
+
+    keys: Tensor
+    values: Tensor
+    lr: Tensor
+    momentum: Tensor | None
+    decay: Tensor | None
+
+
+class FastWeightState(NamedTuple):
+    """Memory state between calls of :func:`memory_scan`.
+
+    Attributes:
+        weights: ``M`` at the start of the current (possibly partial) chunk, one
+            ``[N, d_in_i, d_out_i]`` tensor per matrix of the network.
+        momentum: ``S`` at the start of the current chunk, same shapes; ``()`` when momentum is
+            off (``S`` is then always zero).
+        pending: the tokens of the current chunk seen so far.
+    """
+
+    weights: tuple[Tensor, ...]
+    momentum: tuple[Tensor, ...]
+    pending: PendingChunk
+
+
+class SurpriseLoss(Protocol):
+    """The part of a surprise rule the kernel needs: the gradient of the inner loss."""
+
+    def loss_grad(self, prediction: Tensor, target: Tensor) -> Tensor:
+        """``d loss / d prediction`` per token, shaped like ``prediction``."""
+        ...
+
+
+class Retrieval(Protocol):
+    """A retrieval rule: ``retrieval(reader, queries [N, b, d_key]) -> [N, b, d_value]``."""
+
+    def __call__(self, reader: ChunkReader, queries: Tensor) -> Tensor: ...
+
+
+def initial_state(
+    network: MemoryNetwork, batch: int, *, momentum_enabled: bool, decay_enabled: bool
+) -> FastWeightState:
+    """The state at the start of ``batch`` sequences: ``M_0`` per sequence, ``S_0 = 0``, no pending.
+
+    The weights are the network's initial weights repeated to ``[batch * H, d_in, d_out]``
+    (sequence-major, head-minor, i.e. ``n = b * H + h``) and stay connected to the parameters, so
+    outer gradients reach them. ``momentum_enabled`` / ``decay_enabled`` fix whether later calls
+    pass ``momentum`` / ``decay`` gates.
+    """
+    if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
+        raise ValueError(f"batch must be an int >= 1, got {batch!r}")
+    initial = tuple(network.initial_weights())
+    weights = tuple(w.repeat(batch, 1, 1) for w in initial)
+    momentum = tuple(torch.zeros_like(w) for w in weights) if momentum_enabled else ()
+    n, d_key, d_value = weights[0].shape[0], weights[0].shape[1], weights[-1].shape[2]
+    empty = weights[0].new_zeros(n, 0)
+    pending = PendingChunk(
+        keys=weights[0].new_zeros(n, 0, d_key),
+        values=weights[0].new_zeros(n, 0, d_value),
+        lr=empty,
+        momentum=empty if momentum_enabled else None,
+        decay=empty if decay_enabled else None,
+    )
+    return FastWeightState(weights, momentum, pending)
+
+
+def memory_scan(
+    network: MemoryNetwork,
+    surprise: SurpriseLoss,
+    retrieval: Retrieval,
+    state: FastWeightState,
+    queries: Tensor,
+    keys: Tensor,
+    values: Tensor,
+    lr: Tensor,
+    momentum: Tensor | None,
+    decay: Tensor | None,
+    *,
+    chunk_size: int,
+) -> tuple[Tensor, FastWeightState]:
+    """Write ``T`` tokens into the memory and read ``T`` queries, chunk-parallel and exact.
+
+    Args:
+        network: the memory network (its ``forward`` / ``backward`` give the surprise).
+        surprise: gives ``loss_grad(prediction, target)``, the inner loss's gradient.
+        retrieval: called once per chunk as ``retrieval(reader, chunk_queries)``; ``reader`` offers
+            ``at_chunk_start`` / ``before_write`` / ``after_write`` (a ``ChunkReader``). It always
+            sees whole chunks of ``chunk_size`` queries: rows for tokens of an earlier call
+            (pending) or past the end are zero queries whose outputs are dropped.
+        state: from :func:`initial_state` or a previous call with the same ``chunk_size``.
+        queries: ``[N, T, d_key]``.
+        keys: ``[N, T, d_key]``.
+        values: ``[N, T, d_value]``.
+        lr: ``theta >= 0`` ``[N, T]``.
+        momentum: ``eta`` in ``[0, 1]`` ``[N, T]``, or ``None`` for none (exactly ``eta = 0``).
+        decay: ``alpha`` in ``[0, 1]`` ``[N, T]``, or ``None`` for none (exactly ``alpha = 0``).
+        chunk_size: ``b >= 1``; chunk boundaries are multiples of ``b`` from the sequence start.
+
+    Returns:
+        ``(outputs [N, T, d_value], new_state)``. Calls may end mid-chunk: the partial chunk's
+        tokens are visible to exact reads and :func:`current_weights`, and stay pending.
+
+    Gates are clamped to ``>= tiny`` (of the dtype) before taking logs, so ``eta = 0`` and
+    ``alpha = 1`` are exact up to that tiny number and give finite gradients (zero at the clamp).
+    """
+    _check_scan_inputs(network, state, queries, keys, values, lr, momentum, decay, chunk_size)
+    n, steps = keys.shape[0], keys.shape[1]
+    if steps == 0:
+        return queries.new_zeros(n, 0, state.pending.values.shape[2]), state
+    pending = state.pending
+    done = pending.keys.shape[1]
+    total = done + steps
+    chunks = -(-total // chunk_size)
+    pad = chunks * chunk_size - total
+    stream = PendingChunk(
+        keys=torch.cat((pending.keys, keys), 1) if done else keys,
+        values=torch.cat((pending.values, values), 1) if done else values,
+        lr=torch.cat((pending.lr, lr), 1) if done else lr,
+        momentum=_join_gate(pending.momentum, momentum),
+        decay=_join_gate(pending.decay, decay),
+    )
+    bank = _CoefficientBank(
+        lr=_chunked_gate(stream.lr, pad, 0.0, chunk_size),
+        log_eta=_log_gate(stream.momentum, pad, chunk_size),
+        log_keep=_log_gate(None if decay is None else 1.0 - stream.decay, pad, chunk_size),
+    )
+    key_chunks = _split_chunks(stream.keys, 0, pad, chunk_size)
+    value_chunks = _split_chunks(stream.values, 0, pad, chunk_size)
+    query_chunks = _split_chunks(queries, done, pad, chunk_size)
+    weights, moments = state.weights, state.momentum
+    outputs: list[Tensor] = []
+    for index in range(chunks):
+        pairs = _surprise_pairs(network, surprise, weights, key_chunks[index], value_chunks[index])
+        reader = _ChunkReader(network, weights, moments, pairs, bank, index)
+        outputs.append(retrieval(reader, query_chunks[index]))
+        if index < chunks - 1 or pad == 0:
+            weights, moments = _advance(weights, moments, pairs, bank.end(index))
+    output = torch.cat(outputs, 1)[:, done : done + steps]
+    keep = total % chunk_size
+    new_pending = PendingChunk(*(_tail(x, keep) for x in stream))
+    return output, FastWeightState(weights, moments, new_pending)
+
+
+def current_weights(
+    network: MemoryNetwork, surprise: SurpriseLoss, state: FastWeightState
+) -> tuple[Tensor, ...]:
+    """Materialise ``M`` at the current position, i.e. after the pending tokens have written.
+
+    Equals ``state.weights`` when no token is pending. Useful to read "the memory so far"; costs
+    one surprise computation over the pending tokens.
+    """
+    pending = state.pending
+    done = pending.keys.shape[1]
+    if done == 0:
+        return state.weights
+    bank = _CoefficientBank(
+        lr=pending.lr[:, None],
+        log_eta=_log_gate(pending.momentum, 0, done),
+        log_keep=_log_gate(None if pending.decay is None else 1.0 - pending.decay, 0, done),
+    )
+    pairs = _surprise_pairs(network, surprise, state.weights, pending.keys, pending.values)
+    return _advance(state.weights, state.momentum, pairs, bank.end(0))[0]
+
+
+# --------------------------------------------------------------------------------------------
+# Coefficients
+
+
+class _EndCoefficients(NamedTuple):
+    """How one chunk moves the state from its start to its end (``[N]`` / ``[N, b]`` each).
+
+    ``M_b = keep * M_0 + carry * S_0 + X^T (gain * G)``,
+    ``S_b = momentum_keep * S_0 + X^T (momentum_gain * G)``; ``None`` factors are 1 (no decay)
+    or absent (no momentum). Gains carry the minus sign of the descent step (``gain = -W[b]``),
+    so the matmuls need no ``alpha=-1`` (whose backward costs a full-size multiply per operand).
+    """
+
+    keep: Tensor | None
+    carry: Tensor | None
+    gain: Tensor
+    momentum_keep: Tensor | None
+    momentum_gain: Tensor | None
+
+
+class _ReadCoefficients(NamedTuple):
+    """Per-token state ``M_l = keep_l M_0 + carry_l S_0 + sum_j gain[l, j] u_j`` (``[N, b(, b)]``)."""
+
+    keep: Tensor | None
+    carry: Tensor | None
+    gain: Tensor
+
+
+class _CoefficientBank:
+    """All chunks' coefficients, computed vectorised over chunks and unbound once.
+
+    The end-of-chunk coefficients (cheap, always needed) are built eagerly; the ``b x b``
+    per-token ones only when a retrieval rule first asks for an exact read.
+
+    Args:
+        lr: ``theta`` ``[N, C, b]``; the bank keeps ``-theta``, the sign of a descent step.
+        log_eta: ``log eta`` ``[N, C, b]`` or ``None`` (no momentum).
+        log_keep: ``log (1 - alpha)`` ``[N, C, b]`` or ``None`` (no decay).
+    """
+
+    def __init__(self, lr: Tensor, log_eta: Tensor | None, log_keep: Tensor | None) -> None:
+        self.step, self.log_eta, self.log_keep = -lr, log_eta, log_keep
+        # Q is needed both for the update and for exact reads.
+        self.eta_matrix = None if log_eta is None else _decay_matrix(log_eta)
+        self._end = _unbind_fields(self._end_coefficients(), lr.shape[1])
+        self._read: _ReadCoefficients | None = None
+        self._after: list[_ReadCoefficients] | None = None
+        self._before: list[_ReadCoefficients] | None = None
+
+    def end(self, index: int) -> _EndCoefficients:
+        """The chunk-end coefficients of chunk ``index``."""
+        return self._end[index]
+
+    def after_write(self, index: int) -> _ReadCoefficients:
+        """Coefficients of ``M_l`` (after token ``l`` writes) for chunk ``index``."""
+        if self._after is None:
+            self._after = _unbind_fields(self._read_coefficients(), self.step.shape[1])
+        return self._after[index]
+
+    def before_write(self, index: int) -> _ReadCoefficients:
+        """Coefficients of ``M_{l-1}`` (before token ``l`` writes) for chunk ``index``."""
+        if self._before is None:
+            keep, carry, gain = self._read_coefficients()
+            shifted = _ReadCoefficients(
+                keep=None if keep is None else F.pad(keep[..., :-1], (1, 0), value=1.0),
+                carry=None if carry is None else F.pad(carry[..., :-1], (1, 0)),
+                gain=F.pad(gain[..., :-1, :], (0, 0, 1, 0)),
+            )
+            self._before = _unbind_fields(shifted, self.step.shape[1])
+        return self._before[index]
+
+    def _end_coefficients(self) -> _EndCoefficients:
+        """Last rows of the read coefficients, without any ``b x b`` matrix product."""
+        step, log_eta, log_keep, eta_matrix = self.step, self.log_eta, self.log_keep, self.eta_matrix
+        keep = None if log_keep is None else log_keep.sum(-1).exp()
+        # tail[i] = A_b / A_i, the decay a write at position i still suffers by the chunk end.
+        tail = None if log_keep is None else _suffix_products(log_keep)
+        if eta_matrix is None:
+            gain = step if tail is None else step * tail
+            return _EndCoefficients(keep, None, gain, None, None)
+        if tail is None:
+            spread = eta_matrix.sum(-2)
+            carry = log_eta.cumsum(-1).exp().sum(-1)
+        else:
+            spread = (tail[..., :, None] * eta_matrix).sum(-2)
+            carry = (tail * log_eta.cumsum(-1).exp()).sum(-1)
+        momentum_keep = log_eta.sum(-1).exp()
+        momentum_gain = step * eta_matrix[..., -1, :]
+        return _EndCoefficients(keep, carry, step * spread, momentum_keep, momentum_gain)
+
+    def _read_coefficients(self) -> _ReadCoefficients:
+        """Per-token (after-write) coefficients for every chunk, ``[N, C, b(, b)]``, built once."""
+        if self._read is None:
+            self._read = self._build_read_coefficients()
+        return self._read
+
+    def _build_read_coefficients(self) -> _ReadCoefficients:
+        """See :meth:`_read_coefficients`."""
+        step, log_eta, log_keep, eta_matrix = self.step, self.log_eta, self.log_keep, self.eta_matrix
+        keep = None if log_keep is None else log_keep.cumsum(-1).exp()
+        decay_matrix = None if log_keep is None else _decay_matrix(log_keep)
+        carry = None
+        if eta_matrix is None:
+            mix = _causal_ones(step) if decay_matrix is None else decay_matrix
+        elif decay_matrix is None:
+            mix = eta_matrix.cumsum(-2)
+            carry = log_eta.cumsum(-1).exp().cumsum(-1)
+        else:
+            mix = decay_matrix @ eta_matrix
+            carry = (decay_matrix @ log_eta.cumsum(-1).exp()[..., None]).squeeze(-1)
+        return _ReadCoefficients(keep, carry, mix * step[..., None, :])
+
+
+def _decay_matrix(log_gate: Tensor) -> Tensor:
+    """``exp(segsum)``: ``[..., b] -> [..., b, b]``, entry ``[i, j] = prod_{j<m<=i} gate_m`` (0 above).
+
+    A masked cumsum (Mamba2's ``segsum``), so no entry is a difference of two cumulative sums.
+    """
+    size = log_gate.shape[-1]
+    causal = torch.ones(size, size, dtype=torch.bool, device=log_gate.device).tril()
+    strict = causal.tril(-1)
+    # spread[m, j] = log gate_m for m > j; its cumsum over m is the wanted segment sum.
+    spread = log_gate[..., :, None].expand(*log_gate.shape, size).masked_fill(~strict, 0.0)
+    return spread.cumsum(-2).exp().masked_fill(~causal, 0.0)
+
+
+def _suffix_products(log_gate: Tensor) -> Tensor:
+    """``[..., b] -> [..., b]``: entry ``i`` is ``prod_{m > i} gate_m`` (an exclusive suffix product)."""
+    reversed_sums = log_gate.flip(-1)[..., :-1].cumsum(-1)
+    return F.pad(reversed_sums, (1, 0)).flip(-1).exp()
+
+
+def _causal_ones(like: Tensor) -> Tensor:
+    """The ``[b, b]`` lower-triangular all-ones matrix, in ``like``'s dtype and device."""
+    size = like.shape[-1]
+    return torch.ones(size, size, dtype=like.dtype, device=like.device).tril()
+
+
+def _log_gate(gate: Tensor | None, pad: int, chunk_size: int) -> Tensor | None:
+    """``log(gate)`` clamped at the dtype's tiny, padded with ``log 1 = 0``, as ``[N, C, b]``."""
+    if gate is None:
+        return None
+    logs = gate.clamp_min(torch.finfo(gate.dtype).tiny).log()
+    return _chunked_gate(logs, pad, 0.0, chunk_size)
+
+
+def _chunked_gate(gate: Tensor, pad: int, value: float, chunk_size: int) -> Tensor:
+    """``[N, L] -> [N, C, b]`` after padding ``pad`` entries of ``value`` at the end."""
+    if pad:
+        gate = F.pad(gate, (0, pad), value=value)
+    return gate.unflatten(1, (-1, chunk_size))
+
+
+def _unbind_fields(fields: tuple, chunks: int) -> list[Any]:
+    """Split every ``[N, C, ...]`` field of a NamedTuple into ``C`` per-chunk NamedTuples."""
+    parts = [(None,) * chunks if f is None else f.unbind(1) for f in fields]
+    return [type(fields)(*row) for row in zip(*parts, strict=True)]
+
+
+# --------------------------------------------------------------------------------------------
+# Per-chunk work
+
+
+def _surprise_pairs(
+    network: MemoryNetwork,
+    surprise: SurpriseLoss,
+    weights: tuple[Tensor, ...],
+    keys: Tensor,
+    values: Tensor,
+) -> list[tuple[Tensor, Tensor]]:
+    """Per-token gradients at the chunk-start weights, as ``(inputs_i, grads_i)`` per matrix."""
+    prediction, tape = network.forward(keys, lambda i, h: h @ weights[i])
+    error = surprise.loss_grad(prediction, values)
+    return network.backward(tape, error, lambda i, g: g @ weights[i].mT)
+
+
+def _advance(
+    weights: tuple[Tensor, ...],
+    moments: tuple[Tensor, ...],
+    pairs: list[tuple[Tensor, Tensor]],
+    coef: _EndCoefficients,
+) -> tuple[tuple[Tensor, ...], tuple[Tensor, ...]]:
+    """``(M_0, S_0) -> (M_b, S_b)`` for one chunk: one weighted ``X^T @ G`` matmul per matrix."""
+    new_weights = []
+    for i, (w, (x, g)) in enumerate(zip(weights, pairs, strict=True)):
+        base = w if coef.keep is None else w * coef.keep[:, None, None]
+        if coef.carry is not None:
+            # Not addcmul: its backward multiplies both gradients by value=1, two full-size passes.
+            base = base + moments[i] * coef.carry[:, None, None]
+        new_weights.append(_add_weighted_outer(base, x, g, coef.gain))
+    if coef.momentum_keep is None:
+        return tuple(new_weights), moments
+    new_moments = tuple(
+        _add_weighted_outer(s * coef.momentum_keep[:, None, None], x, g, coef.momentum_gain)
+        for s, (x, g) in zip(moments, pairs, strict=True)
+    )
+    return tuple(new_weights), new_moments
+
+
+def _add_weighted_outer(base: Tensor, x: Tensor, g: Tensor, gain: Tensor) -> Tensor:
+    """``base + sum_j gain_j x_j^T g_j`` as one matmul, scaling the narrower of ``x`` and ``g``."""
+    if x.shape[-1] <= g.shape[-1]:
+        return torch.baddbmm(base, (x * gain[..., None]).mT, g)
+    return torch.baddbmm(base, x.mT, g * gain[..., None])
+
+
+class _ChunkReader:
+    """The :class:`memforge.interfaces.ChunkReader` of one chunk; every method is a pure read.
+
+    Exact reads apply, layer by layer, the per-token weights ``M_l`` in the TTT dual form:
+    ``h_l @ M_l = keep_l (h_l @ M_0) + carry_l (h_l @ S_0) + sum_j gain[l, j] (h_l . x_j) g_j``,
+    i.e. ``keep * (h @ M_0) + carry * (h @ S_0) + ((h @ X^T) * gain) @ G`` with a causal ``gain``
+    (``gain = -W``, see the module docstring).
+    """
+
+    def __init__(
+        self,
+        network: MemoryNetwork,
+        weights: tuple[Tensor, ...],
+        moments: tuple[Tensor, ...],
+        pairs: list[tuple[Tensor, Tensor]],
+        bank: _CoefficientBank,
+        index: int,
+    ) -> None:
+        self._network, self._weights, self._moments = network, weights, moments
+        self._pairs, self._bank, self._index = pairs, bank, index
+
+    def at_chunk_start(self, queries: Tensor) -> Tensor:
+        """Read every query with the weights at the start of the chunk."""
+        return self._network.forward(queries, lambda i, h: h @ self._weights[i])[0]
+
+    def before_write(self, queries: Tensor) -> Tensor:
+        """Read query ``l`` with ``M_{l-1}``."""
+        return self._network.forward(queries, self._exact(self._bank.before_write(self._index)))[0]
+
+    def after_write(self, queries: Tensor) -> Tensor:
+        """Read query ``l`` with ``M_l``."""
+        return self._network.forward(queries, self._exact(self._bank.after_write(self._index)))[0]
+
+    def _exact(self, coef: _ReadCoefficients) -> LinearFn:
+        """A ``linear`` callback applying the per-token weights described by ``coef``."""
+
+        def linear(i: int, h: Tensor) -> Tensor:
+            x, g = self._pairs[i]
+            out = _scaled_rows_matmul(h, self._weights[i], coef.keep)
+            if coef.carry is not None:
+                out = out + _scaled_rows_matmul(h, self._moments[i], coef.carry)
+            return torch.baddbmm(out, (h @ x.mT) * coef.gain, g)
+
+        return linear
+
+
+def _scaled_rows_matmul(h: Tensor, w: Tensor, scale: Tensor | None) -> Tensor:
+    """``diag(scale) @ h @ w``, scaling whichever of ``h`` and the product is narrower."""
+    if scale is None:
+        return h @ w
+    if h.shape[-1] <= w.shape[-1]:
+        return (h * scale[..., None]) @ w
+    return (h @ w) * scale[..., None]
+
+
+# --------------------------------------------------------------------------------------------
+# Plumbing
+
+
+def _split_chunks(x: Tensor, before: int, after: int, chunk_size: int) -> tuple[Tensor, ...]:
+    """Zero-pad ``[N, L, d]`` by ``before``/``after`` steps and split into ``C x [N, b, d]``.
+
+    Unbound once: slicing a chunk per loop step makes backward traffic quadratic (spec §8).
+    """
+    if before or after:
+        x = F.pad(x, (0, 0, before, after))
+    return x.unflatten(1, (-1, chunk_size)).unbind(1)
+
+
+def _join_gate(pending: Tensor | None, gate: Tensor | None) -> Tensor | None:
+    """The pending tokens' gate followed by this call's (``None`` stays ``None``)."""
+    if gate is None:
+        return None
+    return torch.cat((pending, gate), 1) if pending.shape[1] else gate
+
+
+def _tail(x: Tensor | None, count: int) -> Tensor | None:
+    """A copy of the last ``count`` steps of ``x`` along dim 1 (``count`` may be 0).
+
+    A copy, not a view: a carried state must not keep the whole call's inputs alive.
+    """
+    if x is None:
+        return None
+    return x[:, x.shape[1] - count :].clone()
+
+
+def _check_scan_inputs(
+    network: MemoryNetwork,
+    state: FastWeightState,
+    queries: Tensor,
+    keys: Tensor,
+    values: Tensor,
+    lr: Tensor,
+    momentum: Tensor | None,
+    decay: Tensor | None,
+    chunk_size: int,
+) -> None:
+    """Raise a ValueError naming the first input whose shape or kind is not what is expected."""
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be an int >= 1, got {chunk_size!r}")
+    for name, x in (("queries", queries), ("keys", keys), ("values", values)):
+        if x.dim() != 3:
+            raise ValueError(f"{name} must be [N, T, d], got shape {tuple(x.shape)}")
+    n, steps = keys.shape[0], keys.shape[1]
+    for name, x in (("queries", queries), ("values", values)):
+        if x.shape[:2] != keys.shape[:2]:
+            raise ValueError(
+                f"{name} must share [N, T] = {(n, steps)} with keys, got {tuple(x.shape[:2])}"
+            )
+    for name, x in (("lr", lr), ("momentum", momentum), ("decay", decay)):
+        if x is not None and tuple(x.shape) != (n, steps):
+            raise ValueError(f"{name} must be [N, T] = {(n, steps)}, got {tuple(x.shape)}")
+    pending = state.pending
+    if state.weights[0].shape[0] != n:
+        raise ValueError(f"state holds N = {state.weights[0].shape[0]} memories, inputs have {n}")
+    d_key, d_value = state.weights[0].shape[1], state.weights[-1].shape[2]
+    if keys.shape[2] != d_key or queries.shape[2] != d_key:
+        raise ValueError(
+            f"queries and keys must have d_key = {d_key} features, got "
+            f"{queries.shape[2]} and {keys.shape[2]}"
+        )
+    if values.shape[2] != d_value:
+        raise ValueError(f"values must have d_value = {d_value} features, got {values.shape[2]}")
+    if (momentum is None) != (pending.momentum is None) or (momentum is None) == bool(
+        state.momentum
+    ):
+        raise ValueError(
+            "momentum must be given exactly when the state was made with momentum_enabled=True"
+        )
+    if (decay is None) != (pending.decay is None):
+        raise ValueError("decay must be given exactly when the state was made with decay_enabled=True")
+    if pending.keys.shape[1] >= chunk_size:
+        raise ValueError(
+            f"the state has {pending.keys.shape[1]} pending tokens, so chunk_size must be larger "
+            f"(got {chunk_size}); a state must be continued with the chunk_size that made it"
+        )
+    if len(network.initial_weights()) != len(state.weights):
+        raise ValueError(
+            f"state has {len(state.weights)} weight matrices, the network "
+            f"{len(network.initial_weights())}"
+        )
