@@ -77,7 +77,7 @@ class SurpriseLoss(Protocol):
 
 
 class Retrieval(Protocol):
-    """A retrieval rule: ``retrieval(reader, queries [N, b, d_key]) -> [N, b, d_value]``."""
+    """A retrieval rule: ``retrieval(reader, queries [N, t, d_key]) -> [N, t, d_value]``, ``t <= b``."""
 
     def __call__(self, reader: ChunkReader, queries: Tensor) -> Tensor: ...
 
@@ -129,9 +129,10 @@ def memory_scan(
         network: the memory network (its ``forward`` / ``backward`` give the surprise).
         surprise: gives ``loss_grad(prediction, target)``, the inner loss's gradient.
         retrieval: called once per chunk as ``retrieval(reader, chunk_queries)``; ``reader`` offers
-            ``at_chunk_start`` / ``before_write`` / ``after_write`` (a ``ChunkReader``). It always
-            sees whole chunks of ``chunk_size`` queries: rows for tokens of an earlier call
-            (pending) or past the end are zero queries whose outputs are dropped.
+            ``at_chunk_start`` / ``before_write`` / ``after_write`` (a ``ChunkReader``). It sees
+            this call's queries of that chunk only (``<= chunk_size`` rows; the first chunk's
+            rows start after the pending tokens), and the reader aligns them with their
+            positions in the chunk.
         state: from :func:`initial_state` or a previous call with the same ``chunk_size``.
         queries: ``[N, T, d_key]``.
         keys: ``[N, T, d_key]``.
@@ -169,18 +170,25 @@ def memory_scan(
         log_eta=_log_gate(stream.momentum, pad, chunk_size),
         log_keep=_log_gate(None if decay is None else 1.0 - stream.decay, pad, chunk_size),
     )
-    key_chunks = _split_chunks(stream.keys, 0, pad, chunk_size)
-    value_chunks = _split_chunks(stream.values, 0, pad, chunk_size)
-    query_chunks = _split_chunks(queries, done, pad, chunk_size)
+    key_chunks = _split_chunks(stream.keys, pad, chunk_size)
+    value_chunks = _split_chunks(stream.values, pad, chunk_size)
+    # This call's queries per chunk, unpadded: the first chunk starts `done` rows in, the last
+    # may end early. Padding them to whole chunks would multiply the read cost of decoding by b.
+    first = min(chunk_size - done, steps)
+    rest = [chunk_size] * ((steps - first) // chunk_size)
+    sizes = [first, *rest] + ([steps - first - sum(rest)] if steps - first - sum(rest) else [])
+    query_chunks = queries.split(sizes, dim=1)
     weights, moments = state.weights, state.momentum
     outputs: list[Tensor] = []
     for index in range(chunks):
-        pairs = _surprise_pairs(network, surprise, weights, key_chunks[index], value_chunks[index])
-        reader = _ChunkReader(network, weights, moments, pairs, bank, index)
+        pairs = _LazyPairs(network, surprise, weights, key_chunks[index], value_chunks[index])
+        offset = done if index == 0 else 0
+        rows = slice(offset, offset + query_chunks[index].shape[1])
+        reader = _ChunkReader(network, weights, moments, pairs, bank, index, rows)
         outputs.append(retrieval(reader, query_chunks[index]))
         if index < chunks - 1 or pad == 0:
-            weights, moments = _advance(weights, moments, pairs, bank.end(index))
-    output = torch.cat(outputs, 1)[:, done : done + steps]
+            weights, moments = _advance(weights, moments, pairs.get(), bank.end(index))
+    output = torch.cat(outputs, 1)
     keep = total % chunk_size
     new_pending = PendingChunk(*(_tail(x, keep) for x in stream))
     return output, FastWeightState(weights, moments, new_pending)
@@ -238,8 +246,9 @@ class _ReadCoefficients(NamedTuple):
 class _CoefficientBank:
     """All chunks' coefficients, computed vectorised over chunks and unbound once.
 
-    The end-of-chunk coefficients (cheap, always needed) are built eagerly; the ``b x b``
-    per-token ones only when a retrieval rule first asks for an exact read.
+    Everything is built on first use: the end-of-chunk coefficients when a chunk completes, the
+    ``b x b`` per-token ones when a retrieval rule first asks for an exact read. A decoding step
+    that does neither (chunk-start reads inside a chunk) builds nothing.
 
     Args:
         lr: ``theta`` ``[N, C, b]``; the bank keeps ``-theta``, the sign of a descent step.
@@ -249,16 +258,24 @@ class _CoefficientBank:
 
     def __init__(self, lr: Tensor, log_eta: Tensor | None, log_keep: Tensor | None) -> None:
         self.step, self.log_eta, self.log_keep = -lr, log_eta, log_keep
-        # Q is needed both for the update and for exact reads.
-        self.eta_matrix = None if log_eta is None else _decay_matrix(log_eta)
-        self._end = _unbind_fields(self._end_coefficients(), lr.shape[1])
+        self._eta_matrix: Tensor | None = None
+        self._end: list[_EndCoefficients] | None = None
         self._read: _ReadCoefficients | None = None
         self._after: list[_ReadCoefficients] | None = None
         self._before: list[_ReadCoefficients] | None = None
 
     def end(self, index: int) -> _EndCoefficients:
         """The chunk-end coefficients of chunk ``index``."""
+        if self._end is None:
+            self._end = _unbind_fields(self._end_coefficients(), self.step.shape[1])
         return self._end[index]
+
+    @property
+    def eta_matrix(self) -> Tensor | None:
+        """``Q`` (momentum products), shared by the update and exact reads; ``None`` without momentum."""
+        if self._eta_matrix is None and self.log_eta is not None:
+            self._eta_matrix = _decay_matrix(self.log_eta)
+        return self._eta_matrix
 
     def after_write(self, index: int) -> _ReadCoefficients:
         """Coefficients of ``M_l`` (after token ``l`` writes) for chunk ``index``."""
@@ -383,6 +400,25 @@ def _surprise_pairs(
     return network.backward(tape, error, lambda i, g: g @ weights[i].mT)
 
 
+class _LazyPairs:
+    """The surprise pairs of one chunk, computed on first use and then kept.
+
+    A call that neither completes the chunk nor reads it exactly (single-token decoding with
+    chunk-start reads) never needs them, and skips a forward and backward over the chunk.
+    """
+
+    def __init__(self, network: MemoryNetwork, surprise: SurpriseLoss, weights: tuple[Tensor, ...],
+                 keys: Tensor, values: Tensor) -> None:
+        self._args = (network, surprise, weights, keys, values)
+        self._pairs: list[tuple[Tensor, Tensor]] | None = None
+
+    def get(self) -> list[tuple[Tensor, Tensor]]:
+        """``(inputs_i, grads_i)`` per matrix, see :func:`_surprise_pairs`."""
+        if self._pairs is None:
+            self._pairs = _surprise_pairs(*self._args)
+        return self._pairs
+
+
 def _advance(
     weights: tuple[Tensor, ...],
     moments: tuple[Tensor, ...],
@@ -419,7 +455,8 @@ class _ChunkReader:
     Exact reads apply, layer by layer, the per-token weights ``M_l`` in the TTT dual form:
     ``h_l @ M_l = keep_l (h_l @ M_0) + carry_l (h_l @ S_0) + sum_j gain[l, j] (h_l . x_j) g_j``,
     i.e. ``keep * (h @ M_0) + carry * (h @ S_0) + ((h @ X^T) * gain) @ G`` with a causal ``gain``
-    (``gain = -W``, see the module docstring).
+    (``gain = -W``, see the module docstring). ``rows`` are the chunk positions of the queries
+    the reader is given (a call may cover only part of a chunk).
     """
 
     def __init__(
@@ -427,12 +464,13 @@ class _ChunkReader:
         network: MemoryNetwork,
         weights: tuple[Tensor, ...],
         moments: tuple[Tensor, ...],
-        pairs: list[tuple[Tensor, Tensor]],
+        pairs: _LazyPairs,
         bank: _CoefficientBank,
         index: int,
+        rows: slice,
     ) -> None:
         self._network, self._weights, self._moments = network, weights, moments
-        self._pairs, self._bank, self._index = pairs, bank, index
+        self._pairs, self._bank, self._index, self._rows = pairs, bank, index, rows
 
     def at_chunk_start(self, queries: Tensor) -> Tensor:
         """Read every query with the weights at the start of the chunk."""
@@ -449,12 +487,17 @@ class _ChunkReader:
     def _exact(self, coef: _ReadCoefficients) -> LinearFn:
         """A ``linear`` callback applying the per-token weights described by ``coef``."""
 
+        rows = self._rows
+        keep = None if coef.keep is None else coef.keep[:, rows]
+        carry = None if coef.carry is None else coef.carry[:, rows]
+        gain = coef.gain[:, rows]
+
         def linear(i: int, h: Tensor) -> Tensor:
-            x, g = self._pairs[i]
-            out = _scaled_rows_matmul(h, self._weights[i], coef.keep)
-            if coef.carry is not None:
-                out = out + _scaled_rows_matmul(h, self._moments[i], coef.carry)
-            return torch.baddbmm(out, (h @ x.mT) * coef.gain, g)
+            x, g = self._pairs.get()[i]
+            out = _scaled_rows_matmul(h, self._weights[i], keep)
+            if carry is not None:
+                out = out + _scaled_rows_matmul(h, self._moments[i], carry)
+            return torch.baddbmm(out, (h @ x.mT) * gain, g)
 
         return linear
 
@@ -472,13 +515,13 @@ def _scaled_rows_matmul(h: Tensor, w: Tensor, scale: Tensor | None) -> Tensor:
 # Plumbing
 
 
-def _split_chunks(x: Tensor, before: int, after: int, chunk_size: int) -> tuple[Tensor, ...]:
-    """Zero-pad ``[N, L, d]`` by ``before``/``after`` steps and split into ``C x [N, b, d]``.
+def _split_chunks(x: Tensor, pad: int, chunk_size: int) -> tuple[Tensor, ...]:
+    """Zero-pad ``[N, L, d]`` by ``pad`` steps at the end and split into ``C x [N, b, d]``.
 
     Unbound once: slicing a chunk per loop step makes backward traffic quadratic (spec §8).
     """
-    if before or after:
-        x = F.pad(x, (0, 0, before, after))
+    if pad:
+        x = F.pad(x, (0, 0, 0, pad))
     return x.unflatten(1, (-1, chunk_size)).unbind(1)
 
 

@@ -1,0 +1,235 @@
+"""Benchmark: the Titans memory layer, memforge against titans-pytorch, side by side in one run.
+
+Configuration (issue #3): dim 256, 4 heads of 64, 2-layer MLP memory with expansion 4 (residual +
+layer norm around it, the peer's default), chunk 64, batch 2, float32, 2 threads. memforge runs
+without the q/k/v convolution here because the peer has none (equal configurations).
+
+Cases, each timed ``--repeats`` times (median and spread = (max - min) / median):
+
+* forward+backward tokens/s at 1024 and 4096 tokens (and 16384 for memforge with ``--long``);
+* no-grad forward tokens/s at 4096;
+* single-token decode tokens/s after a 64-token prompt;
+* peak memory of one forward+backward (resident set growth, measured in a fresh subprocess).
+
+The peer runs in two settings: ``batch_size=64`` (weights refreshed every chunk: the paper's
+semantics, which memforge computes exactly) and its default ``batch_size=None`` (every surprise
+taken at the initial weights). Its default maximum step size (1.0) diverges to NaN at 4096 tokens
+in the paper setting, so the peer runs with ``max_lr=1e-2`` throughout (stated in the output).
+
+Usage: ``python benchmarks/bench_memory.py [--repeats 5] [--long] [--quick]``. Needs the ``bench``
+extra (``pip install -e ".[bench]"``). Prints a table and one JSON line; report ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.metadata
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+
+import torch
+
+DIM, HEADS, CHUNK, BATCH = 256, 4, 64, 2
+PEER_MAX_LR = 1e-2
+
+
+def memforge_layer(read: str) -> torch.nn.Module:
+    """memforge's memory layer at the benchmark configuration, reading with ``read``."""
+    from memforge_titans import build_memory_layer
+
+    import memforge
+    from memforge.builder import _context
+    from memforge.plugins import default_registry
+
+    spec = memforge.preset(
+        "titans.lmm", dim=DIM, heads=HEADS, retrieval=read, projection="titans.plain_qkv",
+        memory={"depth": 2, "expansion": 4.0, "residual": True, "norm": True},
+    )
+    return build_memory_layer(_context(spec, default_registry(), 0), CHUNK)
+
+
+def peer_layer(paper: bool) -> torch.nn.Module:
+    """titans-pytorch's NeuralMemory at the same configuration."""
+    from titans_pytorch import NeuralMemory
+
+    return NeuralMemory(
+        dim=DIM, chunk_size=CHUNK, batch_size=CHUNK if paper else None, dim_head=DIM // HEADS,
+        heads=HEADS, default_step_transform_max_lr=PEER_MAX_LR,
+        default_model_kwargs=dict(depth=2, expansion_factor=4.0),
+    )
+
+
+def build(impl: str) -> torch.nn.Module:
+    """``memforge-chunk-start``, ``memforge-exact``, ``peer-paper`` or ``peer-default``."""
+    torch.manual_seed(0)
+    return {
+        "memforge-chunk-start": lambda: memforge_layer("titans.chunk_start"),
+        "memforge-exact": lambda: memforge_layer("titans.after_write"),
+        "peer-paper": lambda: peer_layer(True),
+        "peer-default": lambda: peer_layer(False),
+    }[impl]()
+
+
+def call(layer: torch.nn.Module, x: torch.Tensor, state=None):
+    """One call of either implementation: ``(output, state)``."""
+    return layer(x, state=state)
+
+
+def inputs(steps: int, seed: int = 0) -> torch.Tensor:
+    return torch.randn(BATCH, steps, DIM, generator=torch.Generator().manual_seed(seed))
+
+
+def time_train(layer, steps: int) -> float:
+    x = inputs(steps).requires_grad_()
+    start = time.perf_counter()
+    out, _ = call(layer, x)
+    out.float().square().mean().backward()
+    return time.perf_counter() - start
+
+
+def time_forward(layer, steps: int) -> float:
+    x = inputs(steps)
+    with torch.no_grad():
+        start = time.perf_counter()
+        call(layer, x)
+        return time.perf_counter() - start
+
+
+def time_decode(layer, steps: int = 64, prompt: int = 64) -> float:
+    x = inputs(prompt + steps)
+    with torch.no_grad():
+        _, state = call(layer, x[:, :prompt])
+        start = time.perf_counter()
+        for t in range(prompt, prompt + steps):
+            _, state = call(layer, x[:, t : t + 1], state)
+        return time.perf_counter() - start
+
+
+def measure_peak(impl: str, steps: int, threads: int) -> float:
+    """GiB of resident-set growth during one forward+backward, in a fresh process."""
+    command = [sys.executable, os.path.abspath(__file__), "--peak-child", impl, str(steps),
+               "--threads", str(threads)]
+    out = subprocess.run(command, capture_output=True, text=True, check=True)
+    return float(out.stdout.strip().splitlines()[-1])
+
+
+def peak_child(impl: str, steps: int) -> None:
+    """Run in the fresh process of :func:`measure_peak`: print the resident-set growth in GiB."""
+    layer = build(impl)
+    time_train(layer, 64)  # allocator and lazy initialisation out of the way
+    page = os.sysconf("SC_PAGE_SIZE")
+    with open("/proc/self/statm") as statm:
+        resident = int(statm.read().split()[1]) * page
+    time_train(layer, steps)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+    print((peak - resident) / 2**30)
+
+
+def summarise(times: list[float], tokens: int) -> dict:
+    rates = [tokens / t for t in times]
+    median = statistics.median(rates)
+    return {"tokens_per_s": median, "spread": (max(rates) - min(rates)) / median, "runs": len(rates)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--long", action="store_true", help="also memforge at 16384 tokens")
+    parser.add_argument("--quick", action="store_true", help="1 repeat, no memory (smoke run)")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--peak-child", nargs=2, metavar=("IMPL", "STEPS"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    if args.peak_child:
+        peak_child(args.peak_child[0], int(args.peak_child[1]))
+        return
+    repeats = 1 if args.quick else args.repeats
+    impls = ["memforge-chunk-start", "memforge-exact", "peer-paper", "peer-default"]
+    layers = {impl: build(impl) for impl in impls}
+    cases: list[tuple[str, int, Callable]] = [
+        ("train", 1024, time_train), ("train", 4096, time_train), ("forward", 4096, time_forward),
+        ("decode", 64, time_decode),
+    ]
+    if args.long:
+        cases.append(("train", 16384, time_train))
+    results: dict[str, dict] = {}
+    for case, steps, timer in cases:
+        chosen = [i for i in impls if not (steps > 4096 and i.startswith("peer"))]
+        for impl in chosen:  # warm-up, then interleave implementations to spread machine noise
+            timer(layers[impl], min(steps, 256))
+        times: dict[str, list[float]] = {impl: [] for impl in chosen}
+        for _ in range(repeats):
+            for impl in chosen:
+                times[impl].append(timer(layers[impl], steps))
+        for impl in chosen:
+            results[f"{impl}/{case}@{steps}"] = summarise(times[impl], BATCH * steps)
+    if not args.quick:
+        for impl in impls:
+            for steps in (1024, 4096):
+                results[f"{impl}/peak_gib@{steps}"] = {"gib": measure_peak(impl, steps, args.threads)}
+
+    def rate(key: str) -> float:
+        return results[key]["tokens_per_s"]
+
+    ratios = {
+        "chunk_start_vs_peer_paper_train@1024": rate("memforge-chunk-start/train@1024")
+        / rate("peer-paper/train@1024"),
+        "chunk_start_vs_peer_paper_train@4096": rate("memforge-chunk-start/train@4096")
+        / rate("peer-paper/train@4096"),
+        "chunk_start_vs_peer_default_train@1024": rate("memforge-chunk-start/train@1024")
+        / rate("peer-default/train@1024"),
+        "chunk_start_vs_peer_default_train@4096": rate("memforge-chunk-start/train@4096")
+        / rate("peer-default/train@4096"),
+        "chunk_start_flatness_4096_vs_1024": rate("memforge-chunk-start/train@4096")
+        / rate("memforge-chunk-start/train@1024"),
+        "exact_vs_peer_paper_train@1024": rate("memforge-exact/train@1024") / rate("peer-paper/train@1024"),
+        "chunk_start_vs_peer_default_forward@4096": rate("memforge-chunk-start/forward@4096")
+        / rate("peer-default/forward@4096"),
+        "chunk_start_vs_peer_default_decode": rate("memforge-chunk-start/decode@64")
+        / rate("peer-default/decode@64"),
+    }
+    if args.long:
+        ratios["chunk_start_flatness_16384_vs_1024"] = rate("memforge-chunk-start/train@16384") / rate(
+            "memforge-chunk-start/train@1024"
+        )
+    if not args.quick:
+        peak = {impl: results[f"{impl}/peak_gib@4096"]["gib"] for impl in impls}
+        ratios["chunk_start_vs_peer_default_peak@4096"] = peak["memforge-chunk-start"] / peak["peer-default"]
+    print_table(results, ratios)
+    versions = {name: importlib.metadata.version(name) for name in ("memforge", "titans-pytorch", "torch")}
+    print(json.dumps({"bench": "memory", "versions": versions, "threads": args.threads,
+                      "peer_max_lr": PEER_MAX_LR, "repeats": repeats, "results": results,
+                      "ratios": ratios}))
+
+
+def print_table(results: dict, ratios: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"memory layer: dim {DIM}, {HEADS} heads, chunk {CHUNK}, batch {BATCH}, fp32 "
+                  f"(peer max_lr={PEER_MAX_LR})")
+    for column in ("case", "tokens/s (median)", "spread", "peak GiB"):
+        table.add_column(column)
+    for key, value in results.items():
+        if "tokens_per_s" in value:
+            table.add_row(key, f"{value['tokens_per_s']:,.0f}", f"{value['spread']:.0%}", "")
+        else:
+            table.add_row(key, "", "", f"{value['gib']:.2f}")
+    ratio_table = Table(title="ratios (memforge / titans-pytorch unless noted)")
+    ratio_table.add_column("ratio")
+    ratio_table.add_column("value")
+    for key, value in ratios.items():
+        ratio_table.add_row(key, f"{value:.2f}x")
+    console = Console()
+    console.print(table)
+    console.print(ratio_table)
+
+
+if __name__ == "__main__":
+    main()
