@@ -21,6 +21,9 @@ from memforge.interfaces import MEMORY_KINDS, BuildContext
 from memforge.registry import ComponentSpec
 from memforge_titans import configs as c
 from memforge_titans.lmm import LMMIntegrationConfig
+from memforge_titans.mac import MACIntegrationConfig
+from memforge_titans.mag import MAGIntegrationConfig
+from memforge_titans.mal import MALIntegrationConfig
 
 
 def _mlp(config: c.MLPMemoryConfig, ctx: BuildContext):
@@ -107,6 +110,27 @@ def _lmm(config: LMMIntegrationConfig, ctx: BuildContext):
                        persistent_tokens=config.persistent_tokens)
 
 
+def _mac(config: MACIntegrationConfig, ctx: BuildContext):
+    from memforge_titans.mac import MACBlock
+
+    return MACBlock(ctx.dim, ctx.build("attention"), build_memory_layer(ctx, config.chunk_size),
+                    ctx.build("feedforward"), segment_len=config.segment_len)
+
+
+def _mag(config: MAGIntegrationConfig, ctx: BuildContext):
+    from memforge_titans.mag import MAGBlock
+
+    return MAGBlock(ctx.dim, ctx.build("attention"), build_memory_layer(ctx, config.chunk_size),
+                    ctx.build("feedforward"))
+
+
+def _mal(config: MALIntegrationConfig, ctx: BuildContext):
+    from memforge_titans.mal import MALBlock
+
+    return MALBlock(ctx.dim, build_memory_layer(ctx, config.chunk_size), ctx.build("attention"),
+                    ctx.build("feedforward"))
+
+
 TITANS = "Behrouz, Zhong, Mirrokni 2025, Titans: Learning to Memorize at Test Time"
 
 
@@ -143,6 +167,15 @@ def memforge_register_components():
         spec("integration", "titans.lmm", LMMIntegrationConfig, _lmm,
              "memory as the token mixer, no attention (Titans LMM)",
              requires=(*MEMORY_KINDS, "feedforward")),
+        spec("integration", "titans.mac", MACIntegrationConfig, _mac,
+             "memory as context: segment attention over [persistent | retrieved | segment]",
+             requires=(*MEMORY_KINDS, "attention", "feedforward")),
+        spec("integration", "titans.mag", MAGIntegrationConfig, _mag,
+             "memory as a gate on sliding-window attention",
+             requires=(*MEMORY_KINDS, "attention", "feedforward")),
+        spec("integration", "titans.mal", MALIntegrationConfig, _mal,
+             "memory layer, then sliding-window attention",
+             requires=(*MEMORY_KINDS, "attention", "feedforward")),
     ]
 
 

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from memforge.errors import InputError
 from memforge.interfaces import ForgettingRule, MemoryNetwork, Projection, RetrievalRule, SurpriseRule
-from memforge_titans.chunked import FastWeightState, initial_state, memory_scan
+from memforge_titans.chunked import FastWeightState, current_weights, initial_state, memory_scan
 
 
 class MemoryLayerState(NamedTuple):
@@ -131,3 +131,25 @@ class NeuralMemoryLayer(nn.Module):
         y = y.transpose(1, 2).reshape(batch, steps, self.dim)
         y = self.out_proj(y * F.silu(self.out_gate(x)))
         return y, MemoryLayerState(fast, projection_cache)
+
+    # -- read-only access (MAC retrieves from the memory without writing) ------------------------
+    def current_weights(self, state: MemoryLayerState | None, batch: int) -> tuple[Tensor, ...]:
+        """The fast weights after every token written so far; pure (writes nothing).
+
+        ``state=None`` gives the learned initial weights repeated for ``batch`` sequences. Each
+        tensor is ``[batch * H, d_in_i, d_out_i]``, sequence-major as in the kernel.
+        """
+        if state is None:
+            return tuple(w.repeat(batch, 1, 1) for w in self.memory.initial_weights())
+        state = self._check_state(state, batch)
+        return current_weights(self.memory, self.surprise, state.fast)
+
+    def read(self, queries: Tensor, weights: tuple[Tensor, ...]) -> Tensor:
+        """``M(queries)`` with fixed fast ``weights`` (from :meth:`current_weights`); pure.
+
+        ``queries`` ``[B, H, T, d]`` -> raw memory output ``[B, H, T, d]`` (no norm, gate or
+        projection: the caller decides what to do with the read).
+        """
+        flat = queries.flatten(0, 1)
+        out, _ = self.memory.forward(flat, lambda i, h: h @ weights[i])
+        return out.unflatten(0, queries.shape[:2])

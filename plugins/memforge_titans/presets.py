@@ -3,15 +3,25 @@ that trains on a laptop CPU in minutes."""
 
 from __future__ import annotations
 
-from memforge_baselines import CausalAttentionConfig, SwiGLUConfig
+import attrs
+from memforge_baselines import CausalAttentionConfig, SlidingWindowAttentionConfig, SwiGLUConfig
 
 from memforge.registry import PresetSpec
 from memforge.spec import ComponentChoice, ModelSpec
 from memforge_titans import configs as c
 from memforge_titans.lmm import LMMIntegrationConfig
+from memforge_titans.mac import MACIntegrationConfig
+from memforge_titans.mag import MAGIntegrationConfig
+from memforge_titans.mal import MALIntegrationConfig
 
 #: (vocab, dim, layers, heads, chunk) of the two sizes.
 SIZES = {"tiny": (64, 32, 2, 2, 8), "small": (256, 128, 2, 4, 16)}
+#: (MAC segment, sliding window, persistent tokens) of the two sizes.
+ATTENTION_SIZES = {"tiny": (16, 8, 2), "small": (64, 64, 4)}
+#: Step sizes of the integrations' memory: with the default bound (0.1; the loss is summed over
+#: features) the small MAC and MAG memories diverge within a few thousand float32 tokens of random
+#: input; theta <= 0.01 stayed finite up to 8K tokens at head widths 32 and 64, gate at its bound.
+STABLE_SURPRISE = ComponentChoice("titans.momentum", c.MomentumSurpriseConfig(max_lr=0.01, lr_init=0.005))
 
 
 def titans_spec(size: str, integration: ComponentChoice,
@@ -36,8 +46,56 @@ def _lmm(size: str) -> ModelSpec:
     return titans_spec(size, ComponentChoice("titans.lmm", LMMIntegrationConfig(chunk_size=chunk)))
 
 
+def _mac(size: str) -> ModelSpec:
+    chunk = SIZES[size][4]
+    segment, _, persistent = ATTENTION_SIZES[size]
+    spec = titans_spec(
+        size, ComponentChoice("titans.mac", MACIntegrationConfig(segment_len=segment, chunk_size=chunk)),
+        ComponentChoice("baseline.causal", CausalAttentionConfig(persistent_tokens=persistent)))
+    return attrs.evolve(spec, surprise=STABLE_SURPRISE)
+
+
+def _sliding(size: str, integration: str, config: object) -> ModelSpec:
+    _, window, persistent = ATTENTION_SIZES[size]
+    attention = SlidingWindowAttentionConfig(window=window, persistent_tokens=persistent)
+    spec = titans_spec(size, ComponentChoice(integration, config),
+                       ComponentChoice("baseline.sliding_window", attention))
+    return attrs.evolve(spec, surprise=STABLE_SURPRISE)
+
+
+def _mag(size: str) -> ModelSpec:
+    return _sliding(size, "titans.mag", MAGIntegrationConfig(chunk_size=SIZES[size][4]))
+
+
+def _mal(size: str) -> ModelSpec:
+    return _sliding(size, "titans.mal", MALIntegrationConfig(chunk_size=SIZES[size][4]))
+
+
+def _mag_hybrid(size: str) -> ModelSpec:
+    """MAG blocks at odd layers, plain sliding-window blocks at even ones (4 layers small, 2 tiny)."""
+    spec = _mag(size)
+    layers = 2 * spec.num_layers if size == "small" else spec.num_layers
+    return attrs.evolve(spec, num_layers=layers, memory_layers=tuple(range(1, layers, 2)))
+
+
 PRESETS = [
     PresetSpec(name="titans.lmm", summary="Titans LMM (memory only), small", build=lambda: _lmm("small")),
     PresetSpec(name="titans.lmm_tiny", summary="Titans LMM (memory only), tiny",
                build=lambda: _lmm("tiny")),
+    PresetSpec(name="titans.mac", summary="Titans MAC (memory as context, segment 64), small",
+               build=lambda: _mac("small")),
+    PresetSpec(name="titans.mac_tiny", summary="Titans MAC (memory as context, segment 16), tiny",
+               build=lambda: _mac("tiny")),
+    PresetSpec(name="titans.mag", summary="Titans MAG (memory gates SWA, window 64), small",
+               build=lambda: _mag("small")),
+    PresetSpec(name="titans.mag_tiny", summary="Titans MAG (memory gates SWA, window 8), tiny",
+               build=lambda: _mag("tiny")),
+    PresetSpec(name="titans.mal", summary="Titans MAL (memory layer then SWA, window 64), small",
+               build=lambda: _mal("small")),
+    PresetSpec(name="titans.mal_tiny", summary="Titans MAL (memory layer then SWA, window 8), tiny",
+               build=lambda: _mal("tiny")),
+    PresetSpec(name="titans.mag_hybrid", summary="MAG at layers 1, 3; SWA blocks at 0, 2; small",
+               build=lambda: _mag_hybrid("small")),
+    PresetSpec(name="titans.mag_hybrid_tiny", summary="MAG at layer 1, an SWA block at 0; tiny",
+               build=lambda: _mag_hybrid("tiny")),
 ]

@@ -1,0 +1,248 @@
+"""``titans.mac``: Memory as Context (Titans §4.1, spec §3.1).
+
+The sequence is cut into segments of ``segment_len`` tokens ``S`` (counted from the sequence
+start). For each segment, in order::
+
+    h = N(M_prev(q(S)))                   # retrieve: read the memory as the previous segments left
+                                          #   it, with queries from a learned projection; no write
+    y = Attn([P | h | S])                 # full attention inside the window only (rows of S)
+    m = LMM(norm(y))                      # write y into the memory (chunked update) and read it
+                                          #   back causally, per token (the layer's own read order)
+    o = W_o (RMSNorm_a(y) * sigmoid(RMSNorm_b(m)))      # the gate y ⊗ M*(y) (Eq. 25)
+    h' = x + o;   out = h' + FFN(norm(h'))
+
+``q`` is ``l2norm(silu(x W_Q))`` per head, like the memory layer's own queries; the raw read goes
+through a per-head RMS norm ``N`` and becomes ``segment_len`` context tokens (Eq. 21 forces
+``N_l = C``: one retrieved row per segment token). No extra linear map follows the read: the
+attention's key/value projections come right after it, and a linear map before a linear map adds
+parameters but no expressiveness. ``P`` are the attention component's persistent tokens
+(:meth:`CausalSelfAttention.persistent_kv`, no rotary; zero tokens is exactly the variant
+without). Only the segment rows are attention queries, so only they are written. Segments never
+attend to each other: information crosses segment boundaries only through the memory. The gate
+has the same form as ``titans.mag``'s (the paper leaves ``⊗`` open).
+
+**The causality hazard and the choice made here.** The retrieved row ``h_j`` is computed from
+segment token ``j``'s own query, so under a plain causal mask over ``[P | h | S]`` every token of a
+segment would see the retrieval of *later* tokens of its segment: a leak of the future during
+training. This block uses the **diagonal-aligned mask** (spec §3.1 option (a)): segment token ``i``
+sees every persistent token, the retrieved rows ``j <= i`` and the segment tokens ``j <= i``. It
+keeps ``N_l = C`` and the paper's retrieval by the segment's own queries, and makes the block
+exactly causal (tested by perturbing later tokens inside a segment). Rotary positions are counted
+inside the segment and retrieved row ``j`` shares token ``j``'s position, so query ``i`` sees both
+of its partners at the same relative distance ``i - j``.
+
+**State.** A sequence may be split anywhere, mid-segment included. :class:`MACState` carries the
+memory layer's state, the fast weights at the current segment's start (the remaining tokens of the
+segment still retrieve with them), and the attention keys/values of the segment's tokens and of
+their retrieved rows so far. The position inside the segment is the cache length
+(:attr:`MACState.filled`). When a segment completes, the caches are emptied: generation holds at
+most ``segment_len - 1`` cached tokens per layer.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import attrs
+import torch
+import torch.nn.functional as F
+from memforge_baselines.attention import attend, causal_mask
+from torch import Tensor, nn
+
+from memforge import option
+from memforge.errors import InputError
+from memforge_titans.layer import MemoryLayerState, NeuralMemoryLayer
+from memforge_titans.mag import check_hidden, check_state
+
+#: What MAC needs from its attention component (``CausalSelfAttention`` has all three).
+ATTENTION_API = ("project_qkv", "persistent_kv", "output")
+
+
+@attrs.frozen(kw_only=True)
+class MACIntegrationConfig:
+    """Memory as context (``titans.mac``): segment-local attention over retrieved memory."""
+
+    segment_len: int = option(64, ge=1, help="tokens per segment (attention span, retrieval unit)")
+    chunk_size: int = option(16, ge=1, help="memory chunk size; must divide segment_len")
+
+    def __attrs_post_init__(self) -> None:
+        # Chunks must not straddle segments, so a segment starts with no half-written chunk.
+        if self.segment_len % self.chunk_size:
+            divisors = [c for c in range(1, self.segment_len + 1) if self.segment_len % c == 0]
+            raise ValueError(f"'segment_len'={self.segment_len} must be a multiple of "
+                             f"'chunk_size'={self.chunk_size}; choose chunk_size among {divisors}")
+
+
+class MACState(NamedTuple):
+    """State of a :class:`MACBlock` between calls on the same sequences.
+
+    Attributes:
+        memory: the memory layer's state (``None`` before the first token).
+        segment_weights: fast weights ``M`` at the start of the current segment (what its remaining
+            tokens retrieve with); ``()`` at a segment boundary.
+        keys: ``[B, H, r, d]`` attention keys of the ``r`` tokens of the current segment so far.
+        values: ``[B, H, r, d]``, matching ``keys``.
+        retrieved_keys: ``[B, H, r, d]`` keys of those tokens' retrieved rows.
+        retrieved_values: ``[B, H, r, d]``, matching ``retrieved_keys``.
+    """
+
+    memory: MemoryLayerState | None
+    segment_weights: tuple[Tensor, ...]
+    keys: Tensor
+    values: Tensor
+    retrieved_keys: Tensor
+    retrieved_values: Tensor
+
+    @property
+    def filled(self) -> int:
+        """Tokens of the current segment already read (the position inside the segment)."""
+        return self.keys.shape[2]
+
+
+def mac_mask(queries: int, filled: int, persistent: int, device: torch.device | None = None) -> Tensor:
+    """The diagonal-aligned MAC mask ``[queries, persistent + 2 * (filled + queries)]``.
+
+    Columns are ``[persistent | retrieved rows | segment tokens]`` of the segment so far; query
+    ``i`` (segment position ``filled + i``) sees every persistent column and the retrieved rows and
+    tokens at positions ``<= filled + i``. ``True`` = may attend.
+    """
+    within = causal_mask(queries, filled + queries, device=device)
+    return torch.cat([within.new_ones(queries, persistent), within, within], dim=1)
+
+
+class MACBlock(nn.Module):
+    """Memory-as-Context block: ``forward(hidden [B, T, D], state) -> (hidden, MACState)``.
+
+    Args:
+        dim: model width ``D``.
+        attention: full-attention component exposing ``project_qkv``, ``persistent_kv`` and
+            ``output`` (e.g. ``baseline.causal``); MAC applies its own segment mask.
+        memory: the Titans memory layer.
+        feedforward: the position-wise MLP.
+        segment_len: tokens per segment ``C``; the memory's chunk size must divide it.
+    """
+
+    def __init__(self, dim: int, attention: nn.Module, memory: NeuralMemoryLayer,
+                 feedforward: nn.Module, *, segment_len: int) -> None:
+        super().__init__()
+        missing = [name for name in ATTENTION_API if not callable(getattr(attention, name, None))]
+        if missing:
+            raise ValueError(f"titans.mac needs an attention component with {', '.join(ATTENTION_API)} "
+                             f"(e.g. baseline.causal); {type(attention).__name__} lacks "
+                             f"{', '.join(missing)}")
+        if getattr(attention, "window", None) is not None:
+            raise ValueError("titans.mac attends inside each segment (segment_len bounds the span); "
+                             "use full attention (baseline.causal), not a sliding window")
+        if segment_len < 1 or segment_len % memory.chunk_size:
+            raise ValueError(f"segment_len={segment_len} must be a positive multiple of the memory "
+                             f"chunk_size={memory.chunk_size}")
+        self.dim, self.segment_len = dim, segment_len
+        self.heads, self.head_dim = memory.heads, memory.head_dim
+        self.attention = attention
+        self.memory = memory
+        self.feedforward = feedforward
+        self.mixer_norm = nn.RMSNorm(dim)
+        self.query_proj = nn.Linear(dim, dim, bias=False)
+        self.retrieved_norm = nn.RMSNorm(self.head_dim)
+        self.write_norm = nn.RMSNorm(dim)
+        self.attention_out_norm = nn.RMSNorm(dim)
+        self.memory_out_norm = nn.RMSNorm(dim)
+        self.out_proj = nn.Linear(dim, dim, bias=False)
+        self.ffn_norm = nn.RMSNorm(dim)
+
+    def extra_repr(self) -> str:
+        return f"dim={self.dim}, segment_len={self.segment_len}"
+
+    def forward(self, hidden: Tensor, state: MACState | None = None) -> tuple[Tensor, MACState]:
+        """``[B, T, D] -> [B, T, D]`` continuing from ``state`` (``None``: new sequences)."""
+        check_hidden(hidden, self.dim, "titans.mac")
+        batch, steps, _ = hidden.shape
+        state = self._empty_state(hidden) if state is None else self._check_state(state, batch)
+        x = self.mixer_norm(hidden)
+        queries = F.normalize(F.silu(self._split_heads(self.query_proj(x))), dim=-1)
+        prefix = self.attention.persistent_kv()
+        sizes = _piece_sizes(state.filled, steps, self.segment_len)
+        attended, read = [], []
+        # split (not slicing in the loop): one concatenating backward instead of one per piece.
+        for piece in zip(x.split(sizes, dim=1), queries.split(sizes, dim=2), strict=True):
+            y, m, state = self._segment_piece(*piece, prefix, state)
+            attended.append(y)
+            read.append(m)
+        y, m = torch.cat(attended, 1), torch.cat(read, 1)
+        gated = self.attention_out_norm(y) * torch.sigmoid(self.memory_out_norm(m))
+        hidden = hidden + self.out_proj(gated)
+        return hidden + self.feedforward(self.ffn_norm(hidden)), state
+
+    def _segment_piece(self, x: Tensor, queries: Tensor, prefix: tuple[Tensor, Tensor] | None,
+                       state: MACState) -> tuple[Tensor, Tensor, MACState]:
+        """Read ``x`` ``[B, n, D]`` lying inside one segment; returns ``(y, M*(y), state)``, ``[B, n, D]``."""
+        (batch, n, _), filled = x.shape, state.filled
+        weights = (state.segment_weights if filled
+                   else self.memory.current_weights(state.memory, batch))
+        retrieved = self._retrieve(queries, weights)
+        # Token j and its retrieved row share position j: one projection call for both.
+        q, k, v = self.attention.project_qkv(torch.cat((x, retrieved)),
+                                             torch.arange(filled, filled + n, device=x.device))
+        q = q[:batch]
+        (k, retrieved_k), (v, retrieved_v) = k.split(batch), v.split(batch)
+        keys, values = _append(state.keys, k), _append(state.values, v)
+        retrieved_keys = _append(state.retrieved_keys, retrieved_k)
+        retrieved_values = _append(state.retrieved_values, retrieved_v)
+        all_k, all_v, persistent = [retrieved_keys, keys], [retrieved_values, values], 0
+        if prefix is not None:
+            persistent = prefix[0].shape[2]
+            all_k.insert(0, prefix[0].expand(batch, -1, -1, -1))
+            all_v.insert(0, prefix[1].expand(batch, -1, -1, -1))
+        # A lone query is the newest token: it sees everything, so it needs no mask (decoding).
+        mask = None if n == 1 else mac_mask(n, filled, persistent, device=x.device)
+        o = attend(q, torch.cat(all_k, 2), torch.cat(all_v, 2), mask)
+        y = self.attention.output(o)
+        m, memory = self.memory(self.write_norm(y), state.memory)
+        if filled + n == self.segment_len:  # segment done: later tokens see none of it
+            empty = keys.new_zeros(batch, self.heads, 0, self.head_dim)
+            return y, m, MACState(memory, (), empty, empty, empty, empty)
+        return y, m, MACState(memory, weights, keys, values, retrieved_keys, retrieved_values)
+
+    def _retrieve(self, queries: Tensor, weights: tuple[Tensor, ...]) -> Tensor:
+        """Context tokens ``[B, n, D]`` read from the memory ``weights`` with ``queries`` ``[B, H, n, d]``."""
+        read = self.retrieved_norm(self.memory.read(queries, weights))
+        return read.transpose(1, 2).flatten(2)
+
+    def _split_heads(self, x: Tensor) -> Tensor:
+        # [B, T, D] -> [B, H, T, d]
+        return x.unflatten(-1, (self.heads, self.head_dim)).transpose(1, 2)
+
+    def _empty_state(self, hidden: Tensor) -> MACState:
+        empty = hidden.new_zeros(hidden.shape[0], self.heads, 0, self.head_dim)
+        return MACState(None, (), empty, empty, empty, empty)
+
+    def _check_state(self, state: MACState, batch: int) -> MACState:
+        state = check_state(state, MACState, "titans.mac")
+        expected = (batch, self.heads, state.filled, self.head_dim)
+        for name in ("keys", "values", "retrieved_keys", "retrieved_values"):
+            cache = getattr(state, name)
+            if not isinstance(cache, Tensor) or tuple(cache.shape) != expected:
+                got = list(cache.shape) if isinstance(cache, Tensor) else type(cache).__name__
+                raise InputError(f"titans.mac state {name} {got} does not fit this block and batch "
+                                 f"{batch} (expected {list(expected)}); pass the state returned "
+                                 f"for these same sequences")
+        if state.filled >= self.segment_len or bool(state.segment_weights) != bool(state.filled) \
+                or (state.filled and state.memory is None):
+            raise InputError(f"titans.mac state is inconsistent (position {state.filled} in a "
+                             f"segment of {self.segment_len}); pass the state this block returned")
+        return state
+
+
+def _piece_sizes(filled: int, steps: int, segment_len: int) -> list[int]:
+    """Split ``steps`` tokens that start ``filled`` tokens into a segment at segment boundaries."""
+    sizes, room = [], segment_len - filled
+    while steps:
+        sizes.append(min(room, steps))
+        steps -= sizes[-1]
+        room = segment_len
+    return sizes
+
+
+def _append(cache: Tensor, new: Tensor) -> Tensor:
+    """``cache`` ``[B, H, r, d]`` followed by ``new`` along time."""
+    return torch.cat((cache, new), 2) if cache.shape[2] else new

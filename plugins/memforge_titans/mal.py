@@ -1,0 +1,79 @@
+"""``titans.mal``: Memory as a Layer (Titans §4.3, spec §3.3).
+
+The memory layer and the (sliding-window) attention are stacked inside one block, H3-style, each
+as a pre-norm residual sub-layer, followed by the feed-forward layer::
+
+    h1 = x  + LMM(norm_1(x))
+    h2 = h1 + SWA(norm_2(h1))
+    out = h2 + FFN(norm_3(h2))
+
+Persistent tokens are the attention component's: always visible to the attention, and written into
+the memory at the start of every sequence (``x̃ = P || x``, Eq. 29; see
+:func:`memforge_titans.mag.start_memory`). Zero persistent tokens is exactly the variant without.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import attrs
+from torch import Tensor, nn
+
+from memforge import option
+from memforge_titans.layer import MemoryLayerState, NeuralMemoryLayer
+from memforge_titans.mag import check_hidden, check_state, start_memory
+
+
+@attrs.frozen(kw_only=True)
+class MALIntegrationConfig:
+    """Memory layer followed by sliding-window attention (``titans.mal``)."""
+
+    chunk_size: int = option(64, ge=1, help="tokens whose surprise uses the same chunk-start weights")
+
+
+class MALState(NamedTuple):
+    """State of a :class:`MALBlock` between calls on the same sequences.
+
+    Attributes:
+        memory: the memory layer's state.
+        attention: the attention's cache (bounded by the window for sliding-window attention).
+    """
+
+    memory: MemoryLayerState
+    attention: Any
+
+
+class MALBlock(nn.Module):
+    """Memory-as-a-Layer block: ``forward(hidden [B, T, D], state) -> (hidden, MALState)``.
+
+    Args:
+        dim: model width ``D``.
+        memory: the Titans memory layer (first sub-layer).
+        attention: the attention (second sub-layer), ``forward(x, cache) -> (y, cache)``.
+        feedforward: the position-wise MLP.
+    """
+
+    def __init__(self, dim: int, memory: NeuralMemoryLayer, attention: nn.Module,
+                 feedforward: nn.Module) -> None:
+        super().__init__()
+        self.dim = dim
+        self.memory = memory
+        self.attention = attention
+        self.feedforward = feedforward
+        self.memory_norm = nn.RMSNorm(dim)
+        self.attention_norm = nn.RMSNorm(dim)
+        self.ffn_norm = nn.RMSNorm(dim)
+
+    def forward(self, hidden: Tensor, state: MALState | None = None) -> tuple[Tensor, MALState]:
+        """``[B, T, D] -> [B, T, D]`` continuing from ``state`` (``None``: new sequences)."""
+        check_hidden(hidden, self.dim, "titans.mal")
+        if state is None:
+            memory_state, cache = start_memory(self.memory, self.attention, hidden), None
+        else:
+            state = check_state(state, MALState, "titans.mal")
+            memory_state, cache = state.memory, state.attention
+        mixed, memory_state = self.memory(self.memory_norm(hidden), memory_state)
+        hidden = hidden + mixed
+        attended, cache = self.attention(self.attention_norm(hidden), cache)
+        hidden = hidden + attended
+        return hidden + self.feedforward(self.ffn_norm(hidden)), MALState(memory_state, cache)
