@@ -1,0 +1,240 @@
+"""What a training run is: :class:`TrainConfig`, and resolving its spec and task up front.
+
+Everything a run needs is validated here, before any file is written, so a mistake never leaves a
+half-made run directory behind.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import attrs
+import torch
+
+from memforge.errors import MemforgeError, unknown_name_message
+from memforge.spec import ModelSpec, spec_id
+
+#: The preset ``memforge train`` uses when given none.
+DEFAULT_PRESET = "titans.lmm"
+#: The task ``memforge train`` uses when given none.
+DEFAULT_TASK = "mqar"
+#: Task options used unless given (``vocab_size`` otherwise defaults to the model's). MQAR with a
+#: small vocabulary and few pairs: a small model learns the recall itself (well past the 1/4 of
+#: guessing a value seen in context) within the default steps on a CPU.
+DEFAULT_TASK_OPTIONS: dict[str, dict[str, Any]] = {
+    "mqar": {"vocab_size": 64, "seq_len": 64, "num_pairs": 4},
+}
+#: Where run directories go unless ``out`` names one.
+DEFAULT_RUNS_ROOT = "runs"
+DEVICES = ("auto", "cpu", "cuda")
+
+
+class TrainingError(MemforgeError, ValueError):
+    """A training or evaluation setting, run directory or checkpoint that cannot be used."""
+
+
+Validator = Callable[[Any, "attrs.Attribute[Any]", Any], None]
+
+
+def _at_least(low: float, kind: type = int) -> Validator:
+    def validate(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
+        if isinstance(value, bool) or not isinstance(value, (kind, int)) or value < low:
+            noun = "an integer" if kind is int else "a number"
+            raise TrainingError(f"{attribute.name} must be {noun} >= {low}, got {value!r}")
+
+    return validate
+
+
+def _optional(validator: Validator) -> Validator:
+    def validate(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
+        if value is not None:
+            validator(instance, attribute, value)
+
+    return validate
+
+
+def _positive_float(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise TrainingError(f"{attribute.name} must be a number > 0, got {value!r}")
+
+
+def _unit_interval(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
+        raise TrainingError(f"{attribute.name} must be a number in [0, 1], got {value!r}")
+
+
+def validate_device(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
+    """attrs validator: ``value`` is one of :data:`DEVICES`."""
+    if value not in DEVICES:
+        raise TrainingError(unknown_name_message("device", str(value), DEVICES))
+
+
+def _model(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
+    if not isinstance(value, (str, os.PathLike, ModelSpec)):
+        raise TrainingError(f"model must be a preset name, a spec file path or a ModelSpec, "
+                            f"got {type(value).__name__}")
+
+
+@attrs.frozen(kw_only=True)
+class TrainConfig:
+    """Everything that defines a training run (the CLI's ``memforge train`` flags).
+
+    Attributes:
+        model: a preset name, a ``.toml``/``.json`` spec file, or a :class:`ModelSpec`.
+        overrides: ``"key=value"`` spec overrides (``--set``).
+        task: task name (see :data:`memforge.tasks.TASKS`).
+        task_options: the task's options; ``vocab_size`` defaults to the model's.
+        steps: optimiser steps; the cosine schedule decays over them. The only setting a resumed
+            run may change (extending a run re-stretches the decay over the new count).
+        batch_size: sequences per step, summed over all processes.
+        lr: peak learning rate, reached after ``warmup_steps`` of linear warmup.
+        warmup_steps: linear warmup length (capped at a fifth of ``steps``).
+        min_lr_ratio: the cosine decay ends at ``lr * min_lr_ratio``.
+        weight_decay: AdamW decay, applied to matrices only (not norms or biases).
+        betas: AdamW betas.
+        grad_clip: maximum global gradient norm.
+        seed: model initialisation and data; batch ``step`` is a pure function of (seed, step).
+        eval_every: validation every this many steps (and at the last step).
+        eval_batches: validation batches (of ``batch_size``) per evaluation.
+        checkpoint_every: checkpoint every this many steps (and at the end); default ``eval_every``.
+        keep_checkpoints: how many of the newest checkpoints to keep.
+        device: ``"auto"`` (CUDA when available), ``"cpu"`` or ``"cuda"``.
+        compile: run the training forward through ``torch.compile``.
+        out: run directory; default ``runs/<name>-<spec_id>-<task>``.
+        resume: continue the run in the run directory from its latest checkpoint.
+        stop_after: stop (with a checkpoint) after this step, though the schedule runs to
+            ``steps``; continue later with ``resume``.
+        progress: show a progress bar (rank 0 only).
+    """
+
+    model: str | os.PathLike[str] | ModelSpec = attrs.field(default=DEFAULT_PRESET, validator=_model)
+    overrides: tuple[str, ...] = attrs.field(default=(), converter=tuple)
+    task: str = DEFAULT_TASK
+    task_options: Mapping[str, Any] = attrs.field(factory=dict, converter=dict, hash=False)
+    steps: int = attrs.field(default=1200, validator=_at_least(1))
+    batch_size: int = attrs.field(default=64, validator=_at_least(1))
+    lr: float = attrs.field(default=3e-3, validator=_positive_float)
+    warmup_steps: int = attrs.field(default=50, validator=_at_least(0))
+    min_lr_ratio: float = attrs.field(default=0.1, validator=_unit_interval)
+    weight_decay: float = attrs.field(default=0.1, validator=_at_least(0.0, float))
+    betas: tuple[float, float] = attrs.field(default=(0.9, 0.95), converter=tuple)
+    grad_clip: float = attrs.field(default=1.0, validator=_positive_float)
+    seed: int = attrs.field(default=0, validator=_at_least(0))
+    eval_every: int = attrs.field(default=100, validator=_at_least(1))
+    eval_batches: int = attrs.field(default=4, validator=_at_least(1))
+    checkpoint_every: int | None = attrs.field(default=None, validator=_optional(_at_least(1)))
+    keep_checkpoints: int = attrs.field(default=2, validator=_at_least(1))
+    device: str = attrs.field(default="auto", validator=validate_device)
+    compile: bool = False
+    out: str | os.PathLike[str] | None = None
+    resume: bool = False
+    stop_after: int | None = attrs.field(default=None, validator=_optional(_at_least(1)))
+    progress: bool = False
+
+    @property
+    def checkpoint_interval(self) -> int:
+        """Steps between checkpoints."""
+        return self.checkpoint_every or self.eval_every
+
+    def settings(self, world_size: int) -> dict[str, Any]:
+        """The settings that shape the run's trajectory, as stored in ``run.json``.
+
+        A resumed run must match them all except ``steps``; operational choices (device,
+        compile, checkpoint cadence, progress) are left out because they may change freely.
+        """
+        return {
+            "steps": self.steps,
+            "batch_size": self.batch_size,
+            "lr": self.lr,
+            "warmup_steps": self.warmup_steps,
+            "min_lr_ratio": self.min_lr_ratio,
+            "weight_decay": self.weight_decay,
+            "betas": list(self.betas),
+            "grad_clip": self.grad_clip,
+            "seed": self.seed,
+            "world_size": world_size,
+        }
+
+
+#: Settings in ``run.json`` that a resumed run may change.
+RESUMABLE_CHANGES = frozenset({"steps"})
+
+
+def resolve_spec(model: str | os.PathLike[str] | ModelSpec,
+                 overrides: Sequence[str] = ()) -> tuple[ModelSpec, str]:
+    """The model's validated spec and a short name for run directories."""
+    import memforge
+
+    if isinstance(model, ModelSpec):
+        spec, name = model, "spec"
+    else:
+        path = Path(model)
+        if path.suffix.lower() in (".toml", ".json") or path.exists():
+            spec, name = memforge.load_spec(path), path.stem
+        else:
+            spec, name = memforge.preset(str(model)), str(model)
+    return (memforge.override(spec, overrides) if overrides else spec), name
+
+
+def task_error(exc: Exception) -> TrainingError:
+    """A task's ``ValueError``/``TypeError`` as a :class:`TrainingError` (the CLI prints those)."""
+    return TrainingError(str(exc))
+
+
+def parse_task_options(task: str | None, items: Sequence[str]) -> dict[str, Any]:
+    """``["k=v", ...]`` as typed options of ``task`` (of any task if ``None``), with did-you-means."""
+    from memforge import tasks
+
+    try:
+        return tasks.parse_task_options(items, task=task)
+    except (ValueError, TypeError) as exc:
+        raise task_error(exc) from None
+
+
+def resolve_task(name: str, options: Mapping[str, Any], spec: ModelSpec) -> Any:
+    """Build task ``name`` for a model of ``spec``, checking every token id fits its vocabulary.
+
+    ``vocab_size`` defaults to the model's (where the task has that option). The task's data is
+    touched once (a text corpus is read) so a bad path fails here, before any file is written.
+    """
+    from memforge import tasks
+
+    try:
+        known = tasks.task_options(name)
+        options = {**DEFAULT_TASK_OPTIONS.get(name, {}), **options}
+        if "vocab_size" in known:
+            options.setdefault("vocab_size", spec.vocab_size)
+        task = tasks.make_task(name, **options)
+    except (ValueError, TypeError) as exc:
+        raise task_error(exc) from None
+    if task.vocab_size > spec.vocab_size:
+        fix = ("set the task option vocab_size lower" if "vocab_size" in known
+               else f"build the model with --set vocab_size={task.vocab_size}")
+        raise TrainingError(
+            f"task {name!r} uses token ids up to {task.vocab_size - 1}, out of range for the "
+            f"model's vocab_size={spec.vocab_size}; {fix}")
+    try:
+        task.describe()
+    except (ValueError, TypeError) as exc:
+        raise task_error(exc) from None
+    return task
+
+
+def default_run_dir(name: str, spec: ModelSpec, task: str) -> Path:
+    """``runs/<name>-<spec_id>-<task>``, with path separators in ``name`` made safe."""
+    safe = name.replace(os.sep, "_").replace("/", "_")
+    return Path(DEFAULT_RUNS_ROOT) / f"{safe}-{spec_id(spec)}-{task}"
+
+
+def resolve_device(device: str, local_rank: int = 0) -> torch.device:
+    """The torch device for ``"auto"``, ``"cpu"`` or ``"cuda"`` (one GPU per local rank)."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda":
+        if not torch.cuda.is_available():
+            raise TrainingError("--device cuda but CUDA is not available here; use --device cpu")
+        return torch.device("cuda", local_rank)
+    return torch.device("cpu")

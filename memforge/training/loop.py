@@ -1,0 +1,248 @@
+"""The training loop: :func:`train` turns a :class:`TrainConfig` into a trained run directory.
+
+Batch ``step`` of process ``rank`` is ``task.batch(..., seed=batch_seed(seed, step, rank))``, a
+pure function of its arguments, so resuming needs no data-loader state and a run stopped at any
+checkpoint and resumed follows the very same trajectory (bit for bit on the CPU).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import attrs
+import torch
+import torch.nn.functional as F
+from rich.console import Console
+from torch import nn
+
+import memforge
+from memforge.builder import build_model
+from memforge.spec import ModelSpec, spec_id
+from memforge.tasks import IGNORE_INDEX, TaskBatch
+from memforge.training import rundir
+from memforge.training.checkpoint import (
+    load_checkpoint,
+    load_weights,
+    restore_rng_states,
+    rng_states,
+    save_checkpoint,
+)
+from memforge.training.config import (
+    TrainConfig,
+    TrainingError,
+    default_run_dir,
+    resolve_spec,
+    resolve_task,
+)
+from memforge.training.distributed import Distributed, setup
+from memforge.training.metrics import autocast, score_batches, task_batches
+from memforge.training.optim import lr_at, make_optimizer, set_lr
+from memforge.training.plots import plot_loss
+from memforge.training.progress import TrainProgress
+
+
+@attrs.frozen(kw_only=True)
+class TrainResult:
+    """What :func:`train` returns.
+
+    Attributes:
+        run_dir: the run directory.
+        step: optimiser steps completed (all sessions of the run together).
+        steps: steps the schedule runs to; ``step < steps`` after ``stop_after``.
+        metrics: the latest validation metrics (``loss``, ``accuracy``, ``perplexity``, ...);
+            empty if the run has not been evaluated yet.
+        train_loss: the loss of the last step taken (``None`` if none was).
+        tokens_per_s: training throughput of this session, all processes together.
+        elapsed_s: wall time of this session.
+        model: the trained model (unwrapped, on the training device).
+    """
+
+    run_dir: Path
+    step: int
+    steps: int
+    metrics: dict[str, Any]
+    train_loss: float | None
+    tokens_per_s: float
+    elapsed_s: float
+    model: nn.Module = attrs.field(repr=False, eq=False)
+
+    @property
+    def finished(self) -> bool:
+        """Whether the run has taken all its steps."""
+        return self.step >= self.steps
+
+
+def batch_seed(seed: int, step: int, rank: int) -> int:
+    """The data seed of batch ``step`` (0-based) on process ``rank``: distinct for every triple."""
+    digest = hashlib.sha256(f"memforge.train:{seed}:{step}:{rank}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+def train(config: TrainConfig, *, console: Console | None = None) -> TrainResult:
+    """Train (or, with ``config.resume``, continue) a run; see :class:`TrainConfig`.
+
+    Under ``torchrun`` every process calls this; each trains on its own shard of every batch
+    and rank 0 alone writes files and prints. Everything is validated before the run
+    directory is touched, so a mistake leaves no files behind.
+    """
+    place = setup(config.device)
+    try:
+        return _train(config, place, console)
+    finally:
+        place.close()
+
+
+def _train(config: TrainConfig, place: Distributed, console: Console | None) -> TrainResult:
+    started = time.perf_counter()
+    spec, name = resolve_spec(config.model, config.overrides)
+    task = resolve_task(config.task, config.task_options, spec)
+    if config.batch_size % place.world_size:
+        raise TrainingError(f"batch_size={config.batch_size} must be divisible by the "
+                            f"{place.world_size} processes; pick a multiple of {place.world_size}")
+    task_info = task.describe()
+    validation = task_batches(task, config.batch_size, config.eval_batches, split="validation")
+    settings = config.settings(place.world_size)
+    run_dir = Path(config.out) if config.out is not None else default_run_dir(name, spec, task.name)
+    resume_from = rundir.check_run_dir(run_dir, spec, task_info, settings, resume=config.resume)
+
+    torch.manual_seed(config.seed)
+    model = build_model(spec, place.device)
+    optimizer = make_optimizer(model, config)
+    step = 0
+    if resume_from is not None:
+        checkpoint = load_checkpoint(resume_from)
+        load_weights(model, checkpoint)
+        optimizer.load_state_dict(checkpoint.state["optimizer"])
+        restore_rng_states(checkpoint.state["rng"])
+        step = checkpoint.step
+    # Nobody writes before everyone has validated, so a refusal on any rank leaves no files.
+    place.barrier()
+
+    log = None
+    if place.is_main:
+        run_info = {**settings, "model": name, "spec_id": spec_id(spec), "task": task.name,
+                    "device": place.device.type, "compile": config.compile,
+                    "eval_every": config.eval_every, "eval_batches": config.eval_batches,
+                    "checkpoint_every": config.checkpoint_interval,
+                    "memforge_version": memforge.__version__, "torch_version": torch.__version__}
+        rundir.write_run_files(run_dir, spec, task_info, run_info)
+        log = rundir.MetricsLog(run_dir / rundir.METRICS_FILE,
+                                keep_until=step if resume_from is not None else None)
+    session = _Session(config=config, place=place, spec=spec, task=task, run_dir=run_dir,
+                       model=model, optimizer=optimizer, validation=validation, log=log, step=step)
+    try:
+        return session.run(console, started)
+    finally:
+        if log is not None:
+            log.close()
+
+
+@attrs.define(kw_only=True)
+class _Session:
+    """One process's part in training a run, from ``step`` on."""
+
+    config: TrainConfig
+    place: Distributed
+    spec: ModelSpec
+    task: Any
+    run_dir: Path
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    validation: list[TaskBatch]
+    log: rundir.MetricsLog | None  # rank 0 only
+    step: int
+
+    def run(self, console: Console | None, started: float) -> TrainResult:
+        """Train to the end (or ``stop_after``): log, validate, plot and checkpoint on rank 0."""
+        config, place = self.config, self.place
+        forward = place.wrap(self.model)
+        if config.compile:
+            forward = torch.compile(forward)
+        tokens_per_step = config.batch_size * self.task.seq_len
+        end = min(config.steps, config.stop_after or config.steps)
+        train_time, trained, loss, plotted = 0.0, 0, None, None
+        with TrainProgress(config.steps, self.step, enabled=config.progress and place.is_main,
+                           console=console, description=self.task.name) as progress:
+            while self.step < end:
+                tick = time.perf_counter()
+                loss, lr, grad_norm = self._train_step(forward)
+                train_time += time.perf_counter() - tick
+                trained += 1
+                progress.update(self.step, loss, trained * tokens_per_step / train_time)
+                if self.log is None:
+                    continue
+                self.log.append({"step": self.step, "split": "train", "loss": loss, "lr": lr,
+                                 "grad_norm": grad_norm, "tokens": self.step * tokens_per_step})
+                if self.step % config.eval_every == 0 or self.step == config.steps:
+                    metrics = self._validate()
+                    progress.log(f"step {self.step}: " + ", ".join(
+                        f"{k} {v:.4g}" for k, v in metrics.items() if k != "tokens"))
+                    self._plot()
+                    plotted = self.step
+                if self.step % config.checkpoint_interval == 0 or self.step == end:
+                    self._save(lr)
+        metrics: dict[str, Any] = {}
+        if self.log is not None:
+            if plotted != self.step:
+                self._plot()
+            evaluated = [row for row in self.log.rows if row["split"] == "validation"]
+            if evaluated:
+                metrics = {k: v for k, v in evaluated[-1].items() if k != "split"}
+        return TrainResult(
+            run_dir=self.run_dir, step=self.step, steps=config.steps, metrics=metrics,
+            train_loss=loss, tokens_per_s=trained * tokens_per_step / train_time if trained else 0.0,
+            elapsed_s=time.perf_counter() - started, model=self.model,
+        )
+
+    def _train_step(self, forward: nn.Module) -> tuple[float, float, float]:
+        """One optimiser step on this process's shard; the loss is averaged over processes."""
+        config, place = self.config, self.place
+        lr = lr_at(self.step, config)
+        set_lr(self.optimizer, lr)
+        inputs, targets = self.task.batch(config.batch_size // place.world_size,
+                                          seed=batch_seed(config.seed, self.step, place.rank))
+        inputs, targets = inputs.to(place.device), targets.to(place.device)
+        with autocast(place.device):
+            logits = forward(inputs).logits
+        loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(),
+                               ignore_index=IGNORE_INDEX)
+        mean_loss = place.mean(loss)
+        self._check_finite("loss", mean_loss)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), config.grad_clip))
+        self._check_finite("gradient norm", grad_norm)
+        self.optimizer.step()
+        self.step += 1
+        return mean_loss, lr, grad_norm
+
+    def _check_finite(self, what: str, value: float) -> None:
+        if not math.isfinite(value):
+            # Stop before the update: the weights (and the last checkpoint) are still finite.
+            raise TrainingError(f"the {what} became {value} at step {self.step + 1}; start again "
+                                f"with a lower --lr (now {self.config.lr}) or a more stable spec")
+
+    def _validate(self) -> dict[str, Any]:
+        metrics = score_batches(self.model, self.validation, vocab_size=self.spec.vocab_size,
+                                device=self.place.device, byte_level=self.task.name == "text")
+        self.log.append({"step": self.step, "split": "validation", **metrics})
+        return metrics
+
+    def _plot(self) -> None:
+        plot_loss(self.log.rows, self.run_dir / rundir.LOSS_PLOT,
+                  f"{self.run_dir.name}: {self.task.name}")
+
+    def _save(self, lr: float) -> None:
+        config = self.config
+        save_checkpoint(self.run_dir, self.step, self.model, self.spec, {
+            "optimizer": self.optimizer.state_dict(),
+            "schedule": {"kind": "warmup-cosine", "lr": lr, "steps": config.steps,
+                         "warmup_steps": config.warmup_steps},
+            "rng": rng_states(),
+            "data": {"seed": config.seed, "next_step": self.step,
+                     "world_size": self.place.world_size},
+        }, keep=config.keep_checkpoints)
