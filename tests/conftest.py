@@ -1,7 +1,8 @@
 """Shared test set-up: hypothesis profiles and an isolated plugin environment.
 
 Profiles: ``dev`` (default, quick), ``ci`` (derandomised, for reproducible CI runs) and ``nightly``
-(many examples); pick one with ``HYPOTHESIS_PROFILE`` (``ci`` is the default when ``CI`` is set). Every profile has ``deadline=None``: torch's
+(many examples); pick one with ``HYPOTHESIS_PROFILE`` (``ci`` is the default when ``CI`` is
+set). Every profile has ``deadline=None``: torch's
 first calls are slow and would trip hypothesis' per-example deadline.
 
 Installed third-party plugins must not leak into core tests, so entry-point autoload is off for

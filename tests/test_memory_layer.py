@@ -5,12 +5,12 @@ import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
+from memforge_titans import build_memory_layer
 
 import memforge
 from memforge.builder import _context
 from memforge.errors import InputError
 from memforge.plugins import load_plugins
-from memforge_titans import build_memory_layer
 
 REGISTRY = load_plugins(autoload=False)
 READS = ["titans.chunk_start", "titans.before_write", "titans.after_write"]
