@@ -2,7 +2,7 @@
 
 ::
 
-    from memforge.training import TrainConfig, train
+    from memforge.training import EvalConfig, TrainConfig, evaluate, train
     result = train(TrainConfig(model="baseline.transformer_tiny", task="mqar", steps=200))
     result.metrics["accuracy"], result.run_dir
     report = evaluate(EvalConfig(source=result.run_dir, lengths=(256, 1024)))

@@ -29,8 +29,10 @@ class LinearMemoryConfig:
 class MomentumSurpriseConfig:
     """l2 surprise with momentum (``titans.momentum``), Titans Eqs. 9-14."""
 
-    max_lr: float = option(0.1, gt=0, help="upper bound of the step size theta")
-    lr_init: float = option(0.02, gt=0, help="initial step size theta")
+    # The loss is summed over features: a bound of 0.1 let small MAC/MAG/LMM memories diverge within
+    # a few thousand float32 tokens in training; theta <= 0.01 stayed finite up to 8K tokens.
+    max_lr: float = option(0.01, gt=0, help="upper bound of the step size theta")
+    lr_init: float = option(0.005, gt=0, help="initial step size theta")
     momentum_init: float = option(0.9, gt=0, lt=1, help="initial momentum eta")
 
     def __attrs_post_init__(self) -> None:
@@ -42,8 +44,10 @@ class MomentumSurpriseConfig:
 class GradientSurpriseConfig:
     """l2 surprise without momentum (``titans.gradient``): plain gradient descent."""
 
-    max_lr: float = option(0.1, gt=0, help="upper bound of the step size theta")
-    lr_init: float = option(0.02, gt=0, help="initial step size theta")
+    # The loss is summed over features: a bound of 0.1 let small MAC/MAG/LMM memories diverge within
+    # a few thousand float32 tokens in training; theta <= 0.01 stayed finite up to 8K tokens.
+    max_lr: float = option(0.01, gt=0, help="upper bound of the step size theta")
+    lr_init: float = option(0.005, gt=0, help="initial step size theta")
 
     def __attrs_post_init__(self) -> None:
         if self.lr_init >= self.max_lr:

@@ -18,10 +18,6 @@ from memforge_titans.mal import MALIntegrationConfig
 SIZES = {"tiny": (64, 32, 2, 2, 8), "small": (256, 128, 2, 4, 16)}
 #: (MAC segment, sliding window, persistent tokens) of the two sizes.
 ATTENTION_SIZES = {"tiny": (16, 8, 2), "small": (64, 64, 4)}
-#: Step sizes of the integrations' memory: with the default bound (0.1; the loss is summed over
-#: features) the small MAC and MAG memories diverge within a few thousand float32 tokens of random
-#: input; theta <= 0.01 stayed finite up to 8K tokens at head widths 32 and 64, gate at its bound.
-STABLE_SURPRISE = ComponentChoice("titans.momentum", c.MomentumSurpriseConfig(max_lr=0.01, lr_init=0.005))
 
 
 def titans_spec(size: str, integration: ComponentChoice,
@@ -49,18 +45,16 @@ def _lmm(size: str) -> ModelSpec:
 def _mac(size: str) -> ModelSpec:
     chunk = SIZES[size][4]
     segment, _, persistent = ATTENTION_SIZES[size]
-    spec = titans_spec(
+    return titans_spec(
         size, ComponentChoice("titans.mac", MACIntegrationConfig(segment_len=segment, chunk_size=chunk)),
         ComponentChoice("baseline.causal", CausalAttentionConfig(persistent_tokens=persistent)))
-    return attrs.evolve(spec, surprise=STABLE_SURPRISE)
 
 
 def _sliding(size: str, integration: str, config: object) -> ModelSpec:
     _, window, persistent = ATTENTION_SIZES[size]
     attention = SlidingWindowAttentionConfig(window=window, persistent_tokens=persistent)
-    spec = titans_spec(size, ComponentChoice(integration, config),
+    return titans_spec(size, ComponentChoice(integration, config),
                        ComponentChoice("baseline.sliding_window", attention))
-    return attrs.evolve(spec, surprise=STABLE_SURPRISE)
 
 
 def _mag(size: str) -> ModelSpec:
