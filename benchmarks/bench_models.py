@@ -163,7 +163,8 @@ def worker(job: dict[str, Any]) -> dict[str, Any]:
     total = min(_seconds(lambda: generate(prompt, NEW_TOKENS + 1)) for _ in range(2))
     return {"peak_mb": peak, "prefill_s": prefill,
             "end_to_end_tokens_per_s": BATCH * (NEW_TOKENS + 1) / total,
-            "tokens_per_s": BATCH * NEW_TOKENS / max(total - prefill, 1e-9)}
+            # None when noise made the difference meaningless; the summary skips it.
+            "tokens_per_s": BATCH * NEW_TOKENS / (total - prefill) if total > prefill else None}
 
 
 def _seconds(run: Callable[[], Any]) -> float:
@@ -185,8 +186,9 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
 # The two parts
 
 
-def _summary(values: list[float]) -> dict[str, float]:
-    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
+def _summary(values: list[float | None]) -> dict[str, float]:
+    kept = [v for v in values if v is not None] or [float("nan")]
+    return {"median": statistics.median(kept), "min": min(kept), "max": max(kept)}
 
 
 def head_to_head(reps: int, steps: int, threads: int) -> dict[str, Any]:
@@ -201,7 +203,7 @@ def head_to_head(reps: int, steps: int, threads: int) -> dict[str, Any]:
                     result = run_job(job)
                     raw.setdefault(pairing, {}).setdefault(task, {}).setdefault(library, []).append(result)
                     print(f"  rep {rep + 1}/{reps} {pairing:10s} {task:8s} {library:14s} "
-                          f"{result['tokens_per_s']:9.1f} tok/s", file=sys.stderr, flush=True)
+                          f"{result['tokens_per_s']} tok/s", file=sys.stderr, flush=True)
     summary: dict[str, Any] = {}
     for pairing, tasks in raw.items():
         for task, libraries in tasks.items():
@@ -261,11 +263,12 @@ def _spread(entry: dict[str, float], fmt: str) -> str:
 def print_tables(h2h: dict[str, Any], scale: dict[str, Any], threads: int) -> None:
     """Rich tables: MAC vs titans-pytorch side by side, then cost per token against length."""
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     console = Console(width=120)
     table = Table(title=f"titans.mac vs titans-pytorch MAC (CPU, {threads} threads, batch {BATCH}, "
-                        f"T={SEQ}); median [min-max]")
+                        f"T={SEQ})", caption=escape("median [min-max] over repetitions"))
     for column in ("pairing", "measure", "memforge", "titans-pytorch", "ratio"):
         table.add_column(column, justify="left" if column in ("pairing", "measure") else "right")
     rows = [("train", "tokens_per_s", "train tok/s", ".0f", False),
@@ -285,7 +288,8 @@ def print_tables(h2h: dict[str, Any], scale: dict[str, Any], threads: int) -> No
     if not scale:
         return
     lengths = sorted({length for per in scale.values() for length in per})
-    table = Table(title="memforge forward+backward microseconds per token (flat = linear in length)")
+    table = Table(title="memforge forward+backward microseconds per token (flat = linear in length)",
+                  caption=escape("median [min-max] over repetitions"))
     table.add_column("variant")
     for length in lengths:
         table.add_column(f"T={length}", justify="right")
