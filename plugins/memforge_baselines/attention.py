@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from memforge.errors import InputError
+
 from .layers import RotaryEmbedding
 
 __all__ = [
@@ -204,8 +206,9 @@ class CausalSelfAttention(nn.Module):
             ``(y [B, T, D], cache)``; the new cache covers every token up to the end of ``x``, so
             calling on a sequence in pieces equals calling on it whole.
         """
+        # InputError is a ValueError: a user mistake, reported without a traceback by the CLI.
         if x.dim() != 3 or x.shape[-1] != self.dim or x.shape[1] < 1:
-            raise ValueError(f"expected x of shape [B, T, {self.dim}] with T >= 1, got {tuple(x.shape)}")
+            raise InputError(f"expected x of shape [B, T, {self.dim}] with T >= 1, got {tuple(x.shape)}")
         T = x.shape[1]
         steps = torch.arange(T, device=x.device)
         if cache is None:
@@ -213,9 +216,14 @@ class CausalSelfAttention(nn.Module):
             position = torch.zeros((), dtype=torch.long, device=x.device)
             positions = steps
         else:
+            if not isinstance(cache, AttentionCache) or cache.keys.shape[0] != x.shape[0]:
+                raise InputError(
+                    f"attention cache must be the AttentionCache this module returned for these "
+                    f"{x.shape[0]} sequences, got {type(cache).__name__}"
+                )
             cache_k, cache_v, position = cache
             if self.window is not None and cache_k.shape[2] >= self.window:
-                raise ValueError(
+                raise InputError(
                     f"a window-{self.window} cache holds at most {self.window - 1} tokens, got "
                     f"keys of shape {tuple(cache_k.shape)}; pass the cache this module returned"
                 )
