@@ -26,7 +26,6 @@ import argparse
 import importlib.metadata
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -119,16 +118,23 @@ def measure_peak(impl: str, steps: int, threads: int) -> float:
     return float(out.stdout.strip().splitlines()[-1])
 
 
+def _status_bytes(field: str) -> int:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024  # reported in kB
+    raise RuntimeError(f"no {field} in /proc/self/status")
+
+
 def peak_child(impl: str, steps: int) -> None:
     """Run in the fresh process of :func:`measure_peak`: print the resident-set growth in GiB."""
     layer = build(impl)
     time_train(layer, 64)  # allocator and lazy initialisation out of the way
-    page = os.sysconf("SC_PAGE_SIZE")
-    with open("/proc/self/statm") as statm:
-        resident = int(statm.read().split()[1]) * page
+    with open("/proc/self/clear_refs", "w") as clear:
+        clear.write("5")  # resets the peak (VmHWM) to the current resident set
+    resident = _status_bytes("VmRSS")
     time_train(layer, steps)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
-    print((peak - resident) / 2**30)
+    print((_status_bytes("VmHWM") - resident) / 2**30)
 
 
 def summarise(times: list[float], tokens: int) -> dict:
