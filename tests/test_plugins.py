@@ -94,7 +94,10 @@ def test_block_by_api_and_by_environment(monkeypatch):
 
 def test_blocked_entry_point_is_not_loaded(monkeypatch):
     _patch_entry_points(monkeypatch, [FakeEntryPoint("broken", "broken_mod", _broken)])
-    load_plugins(autoload=True, block=["broken"], strict=True)  # never imported, so no error
+    # Strict mode would raise if the broken plugin were imported; blocked, it never is.
+    registry = load_plugins(autoload=True, block=["broken"], strict=True)
+    assert "broken" not in registry.plugins
+    assert not registry.pm.has_plugin("broken")
 
 
 def test_essential_plugin_cannot_be_blocked():
