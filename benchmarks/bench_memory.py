@@ -16,8 +16,10 @@ semantics, which memforge computes exactly) and its default ``batch_size=None`` 
 taken at the initial weights). Its default maximum step size (1.0) diverges to NaN at 4096 tokens
 in the paper setting, so the peer runs with ``max_lr=1e-2`` throughout (stated in the output).
 
-Usage: ``python benchmarks/bench_memory.py [--repeats 5] [--long] [--quick]``. Needs the ``bench``
-extra (``pip install -e ".[bench]"``). Prints a table and one JSON line; report ratios.
+Usage: ``python benchmarks/bench_memory.py [--repeats 5] [--long] [--quick] [--device cuda]``.
+Needs the ``bench`` extra (``pip install -e ".[bench]"``). Prints a table and one JSON line; report
+ratios. On CUDA every timing ends with a device synchronisation and the peak is the allocator's
+peak (``torch.cuda.max_memory_allocated``) above what was allocated before the step.
 """
 
 from __future__ import annotations
@@ -80,8 +82,18 @@ def call(layer: torch.nn.Module, x: torch.Tensor, state=None):
     return layer(x, state=state)
 
 
+#: Where the benchmark runs (``--device``); inputs are made on the CPU generator and moved there.
+DEVICE = torch.device("cpu")
+
+
 def inputs(steps: int, seed: int = 0) -> torch.Tensor:
-    return torch.randn(BATCH, steps, DIM, generator=torch.Generator().manual_seed(seed))
+    return torch.randn(BATCH, steps, DIM, generator=torch.Generator().manual_seed(seed)).to(DEVICE)
+
+
+def synchronize() -> None:
+    """Wait for queued device work, so a timer measures it (a no-op on the CPU)."""
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize(DEVICE)
 
 
 def time_train(layer, steps: int) -> float:
@@ -89,14 +101,17 @@ def time_train(layer, steps: int) -> float:
     start = time.perf_counter()
     out, _ = call(layer, x)
     out.float().square().mean().backward()
+    synchronize()
     return time.perf_counter() - start
 
 
 def time_forward(layer, steps: int) -> float:
     x = inputs(steps)
     with torch.no_grad():
+        synchronize()
         start = time.perf_counter()
         call(layer, x)
+        synchronize()
         return time.perf_counter() - start
 
 
@@ -104,14 +119,24 @@ def time_decode(layer, steps: int = 64, prompt: int = 64) -> float:
     x = inputs(prompt + steps)
     with torch.no_grad():
         _, state = call(layer, x[:, :prompt])
+        synchronize()
         start = time.perf_counter()
         for t in range(prompt, prompt + steps):
             _, state = call(layer, x[:, t : t + 1], state)
+        synchronize()
         return time.perf_counter() - start
 
 
 def measure_peak(impl: str, steps: int, threads: int) -> float:
-    """GiB of resident-set growth during one forward+backward, in a fresh process."""
+    """GiB of memory growth during one forward+backward: the CUDA allocator's peak on a GPU, else
+    the resident-set growth in a fresh process."""
+    if DEVICE.type == "cuda":
+        layer = build(impl).to(DEVICE)
+        time_train(layer, 64)
+        torch.cuda.reset_peak_memory_stats(DEVICE)
+        before = torch.cuda.memory_allocated(DEVICE)
+        time_train(layer, steps)
+        return (torch.cuda.max_memory_allocated(DEVICE) - before) / 2**30
     command = [sys.executable, os.path.abspath(__file__), "--peak-child", impl, str(steps),
                "--threads", str(threads)]
     out = subprocess.run(command, capture_output=True, text=True, check=True)
@@ -149,15 +174,18 @@ def main() -> None:
     parser.add_argument("--long", action="store_true", help="also memforge at 16384 tokens")
     parser.add_argument("--quick", action="store_true", help="1 repeat, no memory (smoke run)")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--peak-child", nargs=2, metavar=("IMPL", "STEPS"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    global DEVICE
+    DEVICE = torch.device(args.device)
     if args.peak_child:
         peak_child(args.peak_child[0], int(args.peak_child[1]))
         return
     repeats = 1 if args.quick else args.repeats
     impls = ["memforge-chunk-start", "memforge-exact", "peer-paper", "peer-default"]
-    layers = {impl: build(impl) for impl in impls}
+    layers = {impl: build(impl).to(DEVICE) for impl in impls}
     cases: list[tuple[str, int, Callable]] = [
         ("train", 1024, time_train), ("train", 4096, time_train), ("forward", 4096, time_forward),
         ("decode", 64, time_decode),
@@ -209,17 +237,23 @@ def main() -> None:
         ratios["chunk_start_vs_peer_default_peak@4096"] = peak["memforge-chunk-start"] / peak["peer-default"]
     print_table(results, ratios)
     versions = {name: importlib.metadata.version(name) for name in ("memforge", "titans-pytorch", "torch")}
-    print(json.dumps({"bench": "memory", "versions": versions, "threads": args.threads,
+    print(json.dumps({"bench": "memory", "versions": versions, "device": device_name(),
+                      "threads": args.threads,
                       "peer_max_lr": PEER_MAX_LR, "repeats": repeats, "results": results,
                       "ratios": ratios}))
+
+
+def device_name() -> str:
+    """What ran the benchmark: the GPU's name, or ``cpu``."""
+    return torch.cuda.get_device_name(DEVICE) if DEVICE.type == "cuda" else "cpu"
 
 
 def print_table(results: dict, ratios: dict) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=f"memory layer: dim {DIM}, {HEADS} heads, chunk {CHUNK}, batch {BATCH}, fp32 "
-                  f"(peer max_lr={PEER_MAX_LR})")
+    table = Table(title=f"memory layer on {device_name()}: dim {DIM}, {HEADS} heads, chunk {CHUNK}, "
+                  f"batch {BATCH}, fp32 (peer max_lr={PEER_MAX_LR})")
     for column in ("case", "tokens/s (median)", "spread", "peak GiB"):
         table.add_column(column)
     for key, value in results.items():

@@ -167,9 +167,12 @@ def installed_example(tmp_path_factory):
     return target
 
 
-def _memforge(target, *args):
+def _memforge(target, *args, **extra_env: str):
+    """``python -m memforge ARGS`` with ``target`` ahead on the path and only ``extra_env``'s
+    MEMFORGE_ variables set."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("MEMFORGE_")}
     env["PYTHONPATH"] = os.pathsep.join([str(target), env.get("PYTHONPATH", "")])
+    env.update(extra_env)
     return subprocess.run([sys.executable, "-m", "memforge", *args], capture_output=True, text=True,
                           env=env, timeout=120)
 
@@ -185,11 +188,7 @@ def test_installed_plugin_is_discovered_by_entry_point(installed_example):
 
 def test_installed_plugin_can_be_blocked(installed_example):
     listing = _memforge(installed_example, "show", "example.huber_lmm_tiny")
-    assert listing.returncode == 0
-    env_blocked = {k: v for k, v in os.environ.items() if not k.startswith("MEMFORGE_")}
-    env_blocked["PYTHONPATH"] = str(installed_example)
-    env_blocked["MEMFORGE_BLOCK"] = "example"
-    blocked = subprocess.run([sys.executable, "-m", "memforge", "show", "example.huber_lmm_tiny"],
-                             capture_output=True, text=True, env=env_blocked, timeout=120)
+    assert listing.returncode == 0, listing.stderr
+    blocked = _memforge(installed_example, "show", "example.huber_lmm_tiny", MEMFORGE_BLOCK="example")
     assert blocked.returncode == 2
     assert "unknown preset 'example.huber_lmm_tiny'" in blocked.stderr

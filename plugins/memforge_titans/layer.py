@@ -23,6 +23,11 @@ from memforge.interfaces import ForgettingRule, MemoryNetwork, Projection, Retri
 from memforge_titans.chunked import FastWeightState, current_weights, initial_state, memory_scan
 
 
+def _without_autocast(device: torch.device):
+    """Autocast switched off on ``device``'s type (a no-op where it was not on)."""
+    return torch.autocast(device.type, enabled=False)
+
+
 class MemoryLayerState(NamedTuple):
     """State of a :class:`NeuralMemoryLayer` between calls on the same sequences.
 
@@ -102,9 +107,9 @@ class NeuralMemoryLayer(nn.Module):
         return state
 
     # -- the layer -----------------------------------------------------------------------------
-    def _heads_first(self, gate: Tensor | None) -> Tensor | None:
+    def _heads_first(self, gate: Tensor) -> Tensor:
         # [B, T, H] -> [B * H, T], matching the kernel's sequence-major, head-minor order.
-        return None if gate is None else gate.permute(0, 2, 1).flatten(0, 1)
+        return gate.permute(0, 2, 1).flatten(0, 1)
 
     def forward(self, x: Tensor, state: MemoryLayerState | None = None
                 ) -> tuple[Tensor, MemoryLayerState]:
@@ -121,12 +126,19 @@ class NeuralMemoryLayer(nn.Module):
         else:
             state = self._check_state(state, batch)
         q, k, v, projection_cache = self.projection(x, state.projection)
-        flat = [t.flatten(0, 1) for t in (q, k, v)]  # [B * H, T, d]
-        read, fast = memory_scan(
-            self.memory, self.surprise, self.retrieval, state.fast, *flat,
-            lr=self._heads_first(gates.lr), momentum=self._heads_first(gates.momentum),
-            decay=self._heads_first(decay), chunk_size=self.chunk_size,
+        # The test-time update runs at the fast weights' precision even under autocast: momentum
+        # and decay accumulate over thousands of tokens, and bfloat16 steps would drift (the
+        # attention and projections around it still take autocast's low precision).
+        dtype = state.fast.weights[0].dtype
+        flat = [t.flatten(0, 1).to(dtype) for t in (q, k, v)]  # [B * H, T, d]
+        gate_lr, gate_momentum, gate_decay = (
+            None if g is None else self._heads_first(g).to(dtype) for g in (gates.lr, gates.momentum, decay)
         )
+        with _without_autocast(x.device):
+            read, fast = memory_scan(
+                self.memory, self.surprise, self.retrieval, state.fast, *flat,
+                lr=gate_lr, momentum=gate_momentum, decay=gate_decay, chunk_size=self.chunk_size,
+            )
         y = self.out_norm(read.unflatten(0, (batch, self.heads)))   # [B, H, T, d]
         y = y.transpose(1, 2).reshape(batch, steps, self.dim)
         y = self.out_proj(y * F.silu(self.out_gate(x)))
@@ -142,7 +154,8 @@ class NeuralMemoryLayer(nn.Module):
         if state is None:
             return tuple(w.repeat(batch, 1, 1) for w in self.memory.initial_weights())
         state = self._check_state(state, batch)
-        return current_weights(self.memory, self.surprise, state.fast)
+        with _without_autocast(state.fast.weights[0].device):
+            return current_weights(self.memory, self.surprise, state.fast)
 
     def read(self, queries: Tensor, weights: tuple[Tensor, ...]) -> Tensor:
         """``M(queries)`` with fixed fast ``weights`` (from :meth:`current_weights`); pure.
