@@ -175,8 +175,8 @@ class CausalSelfAttention(nn.Module):
 
         ``q`` and ``k`` are rotated at the absolute ``positions`` ``[T]``; ``v`` is not.
         """
-        q = self.rotary(self._split_heads(self.q_proj(x)), positions)
-        k = self.rotary(self._split_heads(self.k_proj(x)), positions)
+        q, k = self.rotary.rotate_pair(self._split_heads(self.q_proj(x)),
+                                       self._split_heads(self.k_proj(x)), positions)
         return q, k, self._split_heads(self.v_proj(x))
 
     def persistent_kv(self) -> tuple[Tensor, Tensor] | None:

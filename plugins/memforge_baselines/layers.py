@@ -98,10 +98,23 @@ def apply_rotary(x: Tensor, positions: Tensor, base: float = 10000.0) -> Tensor:
             f"positions must have shape [T] = [{x.shape[-2]}] for x of shape {tuple(x.shape)}, "
             f"got {tuple(positions.shape)}"
         )
-    dtype = torch.promote_types(x.dtype, torch.float32)
-    inv_freq = base ** (-torch.arange(0, d, 2, device=x.device, dtype=dtype) / d)
-    angles = positions.to(device=x.device, dtype=dtype)[:, None] * inv_freq  # [T, d/2]
-    cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
+    return rotate(x, *rotary_angles(positions, d, base, x.dtype, x.device))
+
+
+def rotary_angles(positions: Tensor, head_dim: int, base: float, dtype: torch.dtype,
+                  device: torch.device) -> tuple[Tensor, Tensor]:
+    """``(cos, sin)`` ``[T, head_dim / 2]`` of the rotary angles at ``positions``, in ``dtype``.
+
+    Computed in float32 (float64 for float64) and then cast, as :func:`apply_rotary` describes.
+    """
+    exact = torch.promote_types(dtype, torch.float32)
+    inv_freq = base ** (-torch.arange(0, head_dim, 2, device=device, dtype=exact) / head_dim)
+    angles = positions.to(device=device, dtype=exact)[:, None] * inv_freq  # [T, d/2]
+    return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate ``x`` ``[..., T, d]`` by precomputed ``cos``/``sin`` ``[T, d / 2]`` (rotate-half layout)."""
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
 
@@ -131,6 +144,16 @@ class RotaryEmbedding(nn.Module):
         """Rotate ``x`` ``[B, H, T, head_dim]`` at absolute ``positions`` ``[T]``."""
         _check_width(x, self.head_dim, "RotaryEmbedding")
         return apply_rotary(x, positions, self.base)
+
+    def rotate_pair(self, q: Tensor, k: Tensor, positions: Tensor) -> tuple[Tensor, Tensor]:
+        """Rotate queries and keys ``[B, H, T, head_dim]`` (same dtype) with one angle computation."""
+        _check_width(q, self.head_dim, "RotaryEmbedding")
+        _check_width(k, self.head_dim, "RotaryEmbedding")
+        if positions.shape != (q.shape[-2],) or k.shape[-2] != q.shape[-2]:
+            raise ValueError(f"positions must have shape [T] for q {tuple(q.shape)} and k "
+                             f"{tuple(k.shape)} of T steps, got {tuple(positions.shape)}")
+        cos, sin = rotary_angles(positions, self.head_dim, self.base, q.dtype, q.device)
+        return rotate(q, cos, sin), rotate(k, cos, sin)
 
     def extra_repr(self) -> str:
         return f"head_dim={self.head_dim}, base={self.base}"

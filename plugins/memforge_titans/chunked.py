@@ -22,6 +22,7 @@ same coefficients in the TTT dual form (see :class:`_ChunkReader`).
 
 from __future__ import annotations
 
+import functools
 from typing import Any, NamedTuple, Protocol
 
 import torch
@@ -165,11 +166,7 @@ def memory_scan(
         momentum=_join_gate(pending.momentum, momentum),
         decay=_join_gate(pending.decay, decay),
     )
-    bank = _CoefficientBank(
-        lr=_chunked_gate(stream.lr, pad, 0.0, chunk_size),
-        log_eta=_log_gate(stream.momentum, pad, chunk_size),
-        log_keep=_log_gate(None if decay is None else 1.0 - stream.decay, pad, chunk_size),
-    )
+    bank = _CoefficientBank(stream, pad, chunk_size)
     key_chunks = _split_chunks(stream.keys, pad, chunk_size)
     value_chunks = _split_chunks(stream.values, pad, chunk_size)
     # This call's queries per chunk, unpadded: the first chunk starts `done` rows in, the last
@@ -206,11 +203,7 @@ def current_weights(
     done = pending.keys.shape[1]
     if done == 0:
         return state.weights
-    bank = _CoefficientBank(
-        lr=pending.lr[:, None],
-        log_eta=_log_gate(pending.momentum, 0, done),
-        log_keep=_log_gate(None if pending.decay is None else 1.0 - pending.decay, 0, done),
-    )
+    bank = _CoefficientBank(pending, 0, done)  # the pending tokens as one chunk of `done`
     pairs = _surprise_pairs(network, surprise, state.weights, pending.keys, pending.values)
     return _advance(state.weights, state.momentum, pairs, bank.end(0))[0]
 
@@ -246,23 +239,41 @@ class _ReadCoefficients(NamedTuple):
 class _CoefficientBank:
     """All chunks' coefficients, computed vectorised over chunks and unbound once.
 
-    Everything is built on first use: the end-of-chunk coefficients when a chunk completes, the
-    ``b x b`` per-token ones when a retrieval rule first asks for an exact read. A decoding step
-    that does neither (chunk-start reads inside a chunk) builds nothing.
+    Everything is built on first use, the gates' logs included: the end-of-chunk coefficients
+    when a chunk completes, the ``b x b`` per-token ones when a retrieval rule first asks for an
+    exact read. A decoding step that does neither (chunk-start reads inside a chunk) builds nothing.
 
     Args:
-        lr: ``theta`` ``[N, C, b]``; the bank keeps ``-theta``, the sign of a descent step.
-        log_eta: ``log eta`` ``[N, C, b]`` or ``None`` (no momentum).
-        log_keep: ``log (1 - alpha)`` ``[N, C, b]`` or ``None`` (no decay).
+        gates: ``theta``, ``eta`` (or ``None``: no momentum) and ``alpha`` (or ``None``: no decay),
+            each ``[N, L]``, as the ``lr``, ``momentum`` and ``decay`` of a :class:`PendingChunk`.
+        pad: steps of padding that make ``L + pad`` whole chunks (``theta = 0`` and gates of 1
+            there, so padding writes nothing).
+        chunk_size: ``b``.
     """
 
-    def __init__(self, lr: Tensor, log_eta: Tensor | None, log_keep: Tensor | None) -> None:
-        self.step, self.log_eta, self.log_keep = -lr, log_eta, log_keep
+    def __init__(self, gates: PendingChunk, pad: int, chunk_size: int) -> None:
+        self._gates, self._pad, self._chunk_size = gates, pad, chunk_size
         self._eta_matrix: Tensor | None = None
         self._end: list[_EndCoefficients] | None = None
         self._read: _ReadCoefficients | None = None
         self._after: list[_ReadCoefficients] | None = None
         self._before: list[_ReadCoefficients] | None = None
+
+    @functools.cached_property
+    def step(self) -> Tensor:
+        """``-theta`` ``[N, C, b]``: the sign of a descent step."""
+        return -_chunked_gate(self._gates.lr, self._pad, 0.0, self._chunk_size)
+
+    @functools.cached_property
+    def log_eta(self) -> Tensor | None:
+        """``log eta`` ``[N, C, b]``, or ``None`` without momentum."""
+        return _log_gate(self._gates.momentum, self._pad, self._chunk_size)
+
+    @functools.cached_property
+    def log_keep(self) -> Tensor | None:
+        """``log (1 - alpha)`` ``[N, C, b]``, or ``None`` without decay."""
+        decay = self._gates.decay
+        return _log_gate(None if decay is None else 1.0 - decay, self._pad, self._chunk_size)
 
     def end(self, index: int) -> _EndCoefficients:
         """The chunk-end coefficients of chunk ``index``."""
