@@ -16,7 +16,14 @@ import pluggy
 
 from memforge.builder import build_model
 from memforge.config import option
-from memforge.errors import InputError, MemforgeError, PluginError, SpecError, UnknownNameError
+from memforge.errors import (
+    InputError,
+    MemforgeError,
+    NonFiniteError,
+    PluginError,
+    SpecError,
+    UnknownNameError,
+)
 from memforge.interfaces import KINDS, BuildContext
 from memforge.io import load_spec, save_spec
 from memforge.model import ModelOutput, ModelState
@@ -67,6 +74,7 @@ __all__ = [
     "InputError",
     "KINDS",
     "MemforgeError",
+    "NonFiniteError",
     "ModelOutput",
     "ModelSpec",
     "ModelState",

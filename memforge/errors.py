@@ -30,6 +30,14 @@ class InputError(MemforgeError, ValueError):
     """Tensors or states handed to a model or layer that do not fit it."""
 
 
+class NonFiniteError(InputError):
+    """Hidden states or logits that hold NaN or infinity.
+
+    Either the inputs held them, or the model's own activations overflowed (for a trained model,
+    typically a memory that diverges on sequences longer than those it was trained on).
+    """
+
+
 def close_matches(name: str, choices: Iterable[str], n: int = 3) -> list[str]:
     """The names in ``choices`` that look most like ``name`` (case-insensitive), best first."""
     choices = list(choices)

@@ -6,6 +6,7 @@ on the CPU, so the whole file stays well under a minute and a half on two cores.
 
 from __future__ import annotations
 
+import importlib
 import json
 import math
 import os
@@ -44,6 +45,9 @@ from memforge.training.evaluate import (
 from memforge.training.metrics import score_batches
 from memforge.training.optim import lr_at, make_optimizer
 from memforge.training.rundir import read_metrics
+
+# The package's ``evaluate`` is the function; the module it lives in is needed for monkeypatching.
+evaluate_module = importlib.import_module("memforge.training.evaluate")
 
 TINY = "baseline.transformer_tiny"
 MQAR_SMALL = {"seq_len": 32, "num_pairs": 4}
@@ -259,6 +263,51 @@ def test_non_finite_loss_or_gradient_stops_before_the_update(
         train(tiny_config(tmp_path / "run"))
     assert read_metrics(tmp_path / "run" / "metrics.jsonl") == []
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_overflow_inside_the_model_stops_training_like_a_nan_loss(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def overflowing_forward(self, tokens, state=None):
+        raise memforge.NonFiniteError("memory layer got non-finite hidden states")
+
+    monkeypatch.setattr(memforge.model.MemforgeModel, "forward", overflowing_forward)
+    with pytest.raises(TrainingError, match="the loss became nan at step 1; start again"):
+        train(tiny_config(tmp_path / "run"))
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_score_batches_names_non_finite_logits() -> None:
+    model = memforge.build_model(memforge.preset(TINY))
+    with torch.no_grad():
+        model.head.weight.fill_(float("inf"))
+    batch = make_task("mqar", vocab_size=64, **MQAR_SMALL).batch(2, seed=0)
+    with pytest.raises(memforge.NonFiniteError, match=r"logits became non-finite within tokens 0\.\.31"):
+        score_batches(model, [batch], vocab_size=64, device=torch.device("cpu"))
+
+
+def test_eval_reports_a_diverged_length_and_keeps_the_others(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    niah = {"seq_len": 48, "value_len": 2}
+    train(tiny_config(tmp_path / "run", task="s-niah", task_options=niah, steps=2, eval_every=2))
+    real = evaluate_module.score_batches
+
+    def diverging_past_64(model, batches, **kwargs):
+        batches = list(batches)
+        if batches[0].inputs.shape[1] > 64:
+            raise memforge.NonFiniteError("the model's logits became non-finite within tokens 64..95")
+        return real(model, batches, **kwargs)
+
+    monkeypatch.setattr(evaluate_module, "score_batches", diverging_past_64)
+    report = evaluate(EvalConfig(source=tmp_path / "run", lengths=(48, 96), depths=(0.0, 1.0),
+                                 batches=1, batch_size=2, device="cpu"))
+    assert [("diverged" in cell) for cell in report.cells] == [False, False, True, True]
+    assert report.value(48, 0.0) is not None and report.value(96, 0.0) is None
+    write_report(report)  # the heatmap leaves the diverged cells blank
+    console = Console(record=True, width=120)
+    console.print(report_table(report))
+    rows = [line.split() for line in console.export_text().splitlines()]
+    assert any(row[:2] == ["│", "0"] and "diverged" in row for row in rows)
+    assert any(row[:2] == ["│", "mean"] and "-" in row for row in rows)
 
 
 def test_schedule_and_weight_decay_groups() -> None:

@@ -24,6 +24,9 @@ DEFAULT_TASK = "mqar"
 #: Task options used unless given (``vocab_size`` otherwise defaults to the model's). MQAR with a
 #: small vocabulary and few pairs: a small model learns the recall itself (well past the 1/4 of
 #: guessing a value seen in context) within the default steps on a CPU.
+#: ``titans.lmm`` reaches about 50% validation accuracy after the default 600 steps (about 3
+#: minutes on 2 CPU threads) and about 63% after 1200; the attention baselines still sit at the
+#: guessing level at 600 steps.
 DEFAULT_TASK_OPTIONS: dict[str, dict[str, Any]] = {
     "mqar": {"vocab_size": 64, "seq_len": 64, "num_pairs": 4},
 }
@@ -114,7 +117,7 @@ class TrainConfig:
     overrides: tuple[str, ...] = attrs.field(default=(), converter=tuple)
     task: str = DEFAULT_TASK
     task_options: Mapping[str, Any] = attrs.field(factory=dict, converter=dict, hash=False)
-    steps: int = attrs.field(default=1200, validator=_at_least(1))
+    steps: int = attrs.field(default=600, validator=_at_least(1))
     batch_size: int = attrs.field(default=64, validator=_at_least(1))
     lr: float = attrs.field(default=3e-3, validator=_positive_float)
     warmup_steps: int = attrs.field(default=50, validator=_at_least(0))

@@ -19,6 +19,7 @@ import attrs
 from rich.table import Table
 
 from memforge.builder import build_model
+from memforge.errors import NonFiniteError
 from memforge.io import load_spec
 from memforge.spec import ModelSpec
 from memforge.training import rundir
@@ -212,8 +213,13 @@ def evaluate(config: EvalConfig) -> EvalReport:
     cells = []
     for length, depth, task in grid:
         batches = task_batches(task, config.batch_size, config.batches, split="test")
-        metrics = score_batches(model, batches, vocab_size=spec.vocab_size, device=device,
-                                piece_size=config.piece_size, byte_level=byte_level)
+        try:
+            metrics = score_batches(model, batches, vocab_size=spec.vocab_size, device=device,
+                                    piece_size=config.piece_size, byte_level=byte_level)
+        except NonFiniteError as exc:
+            # A model that overflows at this length (typically a memory diverging past the
+            # training length) is a result to report, not a reason to lose the other cells.
+            metrics = {"diverged": str(exc)}
         cells.append({"length": length, "depth": depth, **metrics})
     train_length = run_task.get("seq_len") if run_task.get("task") == name else None
     return EvalReport(
@@ -248,6 +254,12 @@ def write_report(report: EvalReport, directory: str | os.PathLike[str] | None = 
     return json_path, png_path
 
 
+def _cell_text(report: EvalReport, length: int, depth: float | None) -> str:
+    """One table cell: the headline metric, or ``diverged`` where the activations overflowed."""
+    cell = next(c for c in report.cells if c["length"] == length and c["depth"] == depth)
+    return "diverged" if "diverged" in cell else _fmt(cell.get(report.metric))
+
+
 def _fmt(value: Any) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "-"
@@ -266,7 +278,7 @@ def report_table(report: EvalReport) -> Table:
         for length in report.lengths:
             table.add_column(_length_label(report, length), justify="right")
         for depth in report.depths:
-            table.add_row(f"{depth:g}", *(_fmt(report.value(n, depth)) for n in report.lengths))
+            table.add_row(f"{depth:g}", *(_cell_text(report, n, depth) for n in report.lengths))
         table.add_row("mean", *(_fmt(_mean([report.value(n, d) for d in report.depths]))
                                 for n in report.lengths))
         return table
@@ -276,11 +288,15 @@ def report_table(report: EvalReport) -> Table:
     for column in columns:
         table.add_column(column, justify="right")
     for cell in report.cells:
-        table.add_row(_length_label(report, cell["length"]), *(_fmt(cell.get(c)) for c in columns))
+        text = ["diverged", *[""] * (len(columns) - 1)] if "diverged" in cell else [
+            _fmt(cell.get(c)) for c in columns]
+        table.add_row(_length_label(report, cell["length"]), *text)
     return table
 
 
 def _mean(values: Sequence[float | None]) -> float | None:
-    present = [v for v in values if v is not None]
-    return sum(present) / len(present) if present else None
+    """The mean, or ``None`` when any value is missing (a diverged cell has no number)."""
+    if not values or any(v is None for v in values):
+        return None
+    return sum(values) / len(values)
 

@@ -21,6 +21,7 @@ from torch import nn
 
 import memforge
 from memforge.builder import build_model
+from memforge.errors import NonFiniteError
 from memforge.spec import ModelSpec, spec_id
 from memforge.tasks import IGNORE_INDEX, TaskBatch
 from memforge.training import rundir
@@ -206,10 +207,16 @@ class _Session:
         inputs, targets = self.task.batch(config.batch_size // place.world_size,
                                           seed=batch_seed(config.seed, self.step, place.rank))
         inputs, targets = inputs.to(place.device), targets.to(place.device)
-        with autocast(place.device):
-            logits = forward(inputs).logits
-        loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(),
-                               ignore_index=IGNORE_INDEX)
+        try:
+            with autocast(place.device):
+                logits = forward(inputs).logits
+        except NonFiniteError:
+            # Activations overflowed inside the model: the same outcome as a non-finite loss, and
+            # a NaN loss keeps every process in step until all of them stop together.
+            loss = torch.tensor(math.nan, device=place.device)
+        else:
+            loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(),
+                                   ignore_index=IGNORE_INDEX)
         mean_loss = place.mean(loss)
         self._check_finite("loss", mean_loss)
         self.optimizer.zero_grad(set_to_none=True)
@@ -227,8 +234,12 @@ class _Session:
                                 f"with a lower --lr (now {self.config.lr}) or a more stable spec")
 
     def _validate(self) -> dict[str, Any]:
-        metrics = score_batches(self.model, self.validation, vocab_size=self.spec.vocab_size,
-                                device=self.place.device, byte_level=self.task.name == "text")
+        try:
+            metrics = score_batches(self.model, self.validation, vocab_size=self.spec.vocab_size,
+                                    device=self.place.device, byte_level=self.task.name == "text")
+        except NonFiniteError as exc:
+            raise TrainingError(f"validation at step {self.step}: {exc}; start again with a lower "
+                                f"--lr (now {self.config.lr}) or a more stable spec") from None
         self.log.append({"step": self.step, "split": "validation", **metrics})
         return metrics
 

@@ -18,6 +18,7 @@ from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 from torchmetrics.text import Perplexity
 
+from memforge.errors import NonFiniteError
 from memforge.tasks import IGNORE_INDEX, TaskBatch
 from memforge.training.config import task_error
 
@@ -109,6 +110,9 @@ def score_batches(
                 end = start + piece_size
                 with autocast(device):
                     logits, state = model(inputs[:, start:end], state)
+                if not bool(torch.isfinite(logits).all()):
+                    raise NonFiniteError(f"the model's logits became non-finite within tokens "
+                                         f"{start}..{start + logits.shape[1] - 1}")
                 all_right &= metrics.update(logits, targets[:, start:end])
             metrics.update_rows(all_right, (targets != IGNORE_INDEX).any(dim=1))
     finally:
