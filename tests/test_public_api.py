@@ -12,6 +12,7 @@ PINNED = [
     "ModelOutput",
     "ModelSpec",
     "ModelState",
+    "NonFiniteError",
     "PluginError",
     "PresetSpec",
     "SpecError",

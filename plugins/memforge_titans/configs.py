@@ -17,7 +17,11 @@ class MLPMemoryConfig:
     expansion: float = option(4.0, gt=0, help="hidden width as a multiple of the head width")
     activation: str = option("gelu", choices=ACTIVATIONS, help="hidden non-linearity")
     residual: bool = option(True, help="output x + f(x)")
-    norm: bool = option(False, help="layer-norm f(x) before the residual (TTT/MIRAS form)")
+    # On by default: without it a trained titans.lmm (S-NIAH at 64 tokens) saw its fast weights
+    # grow from norm 72 to inf within 64 tokens past the training length; with it they stayed
+    # below 100 up to 2048 tokens (32x), and MQAR learned faster (57% vs 48% at 600 steps).
+    norm: bool = option(True, help="layer-norm f(x) before the residual (TTT/MIRAS form, the "
+                                   "peer's default); bounds the inner gradient as weights grow")
 
 
 @attrs.frozen(kw_only=True)

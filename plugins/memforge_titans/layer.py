@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from memforge.errors import InputError
+from memforge.errors import InputError, NonFiniteError
 from memforge.interfaces import ForgettingRule, MemoryNetwork, Projection, RetrievalRule, SurpriseRule
 from memforge_titans.chunked import FastWeightState, current_weights, initial_state, memory_scan
 
@@ -90,8 +90,9 @@ class NeuralMemoryLayer(nn.Module):
         if not x.dtype.is_floating_point:
             raise InputError(f"memory layer expects floating-point hidden states, got {x.dtype}")
         if not torch.compiler.is_compiling() and not bool(torch.isfinite(x).all()):
-            raise InputError("memory layer got non-finite hidden states (NaN or inf); check the "
-                             "inputs and the learning rate")
+            raise NonFiniteError("memory layer got non-finite hidden states (NaN or inf): either the "
+                                 "inputs hold them or the model's activations overflowed before "
+                                 "this layer; check the inputs and the learning rate")
 
     def _check_state(self, state: Any, batch: int) -> MemoryLayerState:
         if not isinstance(state, MemoryLayerState):
