@@ -9,14 +9,18 @@ Cases, each timed ``--repeats`` times (median and spread = (max - min) / median)
 * forward+backward tokens/s at 1024 and 4096 tokens (and 16384 for memforge with ``--long``);
 * no-grad forward tokens/s at 4096;
 * single-token decode tokens/s after a 64-token prompt;
-* peak memory of one forward+backward (resident set growth, measured in a fresh subprocess).
+* peak memory of one forward+backward (resident set growth, measured in a fresh subprocess);
+* matmul FLOPs per token of forward+backward (counted by ``torch.utils.flop_counter``), the
+  machine's measured fp32 matmul rate (a 1024^3 product), and the fraction of it each train case
+  reaches.
 
 The peer runs in two settings: ``batch_size=64`` (weights refreshed every chunk: the paper's
 semantics, which memforge computes exactly) and its default ``batch_size=None`` (every surprise
 taken at the initial weights). Its default maximum step size (1.0) diverges to NaN at 4096 tokens
 in the paper setting, so the peer runs with ``max_lr=1e-2`` throughout (stated in the output).
 
-Usage: ``python benchmarks/bench_memory.py [--repeats 5] [--long] [--quick] [--device cuda]``.
+Usage: ``python benchmarks/bench_memory.py [--repeats 5] [--long] [--quick] [--device cuda]``
+(``--profile``: only the op-level profile of memforge's forward+backward).
 Needs the ``bench`` extra (``pip install -e ".[bench]"``). Prints a table and one JSON line; report
 ratios. On CUDA every timing ends with a device synchronisation and the peak is the allocator's
 peak (``torch.cuda.max_memory_allocated``) above what was allocated before the step.
@@ -162,6 +166,46 @@ def peak_child(impl: str, steps: int) -> None:
     print((_status_bytes("VmHWM") - resident) / 2**30)
 
 
+def flops_per_token(impl: str, steps: int = 1024) -> float:
+    """Matmul FLOPs of one forward+backward per token, as ``torch.utils.flop_counter`` counts them."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    layer = build(impl).to(DEVICE)
+    x = inputs(steps).requires_grad_()
+    with FlopCounterMode(display=False) as counter:
+        out, _ = call(layer, x)
+        out.float().square().mean().backward()
+    return counter.get_total_flops() / (BATCH * steps)
+
+
+def matmul_rate(size: int = 1024, repeats: int = 5) -> float:
+    """The machine's fp32 matmul rate in FLOP/s: the median of ``repeats`` ``size^3`` products."""
+    a, b = (torch.randn(size, size, generator=torch.Generator().manual_seed(i)).to(DEVICE) for i in (1, 2))
+    a @ b  # warm-up
+    times = []
+    for _ in range(repeats):
+        synchronize()
+        start = time.perf_counter()
+        a @ b
+        synchronize()
+        times.append(time.perf_counter() - start)
+    return 2 * size**3 / statistics.median(times)
+
+
+def profile(impl: str, steps: int) -> None:
+    """Print the ops that take the most time in one forward+backward (after a warm-up)."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    layer = build(impl).to(DEVICE)
+    time_train(layer, steps)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if DEVICE.type == "cuda" else [])
+    with torch_profile(activities=activities) as prof:
+        time_train(layer, steps)
+    key = "self_cuda_time_total" if DEVICE.type == "cuda" else "self_cpu_time_total"
+    print(prof.key_averages().table(sort_by=key, row_limit=15))
+
+
 def summarise(times: list[float], tokens: int) -> dict:
     rates = [tokens / t for t in times]
     median = statistics.median(rates)
@@ -175,6 +219,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="1 repeat, no memory (smoke run)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--profile", action="store_true",
+                        help="only print where memforge's forward+backward at 1024 tokens spends its time")
     parser.add_argument("--peak-child", nargs=2, metavar=("IMPL", "STEPS"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -182,6 +228,9 @@ def main() -> None:
     DEVICE = torch.device(args.device)
     if args.peak_child:
         peak_child(args.peak_child[0], int(args.peak_child[1]))
+        return
+    if args.profile:
+        profile("memforge-chunk-start", 1024)
         return
     repeats = 1 if args.quick else args.repeats
     impls = ["memforge-chunk-start", "memforge-exact", "peer-paper", "peer-default"]
@@ -211,6 +260,15 @@ def main() -> None:
     def rate(key: str) -> float:
         return results[key]["tokens_per_s"]
 
+    machine_rate = matmul_rate()
+    efficiency = {"matmul_gflops": machine_rate / 1e9}
+    for impl in impls:
+        flops = flops_per_token(impl)
+        efficiency[impl] = {"mflops_per_token": flops / 1e6}
+        for steps in (1024, 4096):
+            efficiency[impl][f"fraction_of_matmul_rate@{steps}"] = (
+                flops * rate(f"{impl}/train@{steps}") / machine_rate)
+
     ratios = {
         "chunk_start_vs_peer_paper_train@1024": rate("memforge-chunk-start/train@1024")
         / rate("peer-paper/train@1024"),
@@ -235,12 +293,12 @@ def main() -> None:
     if not args.quick:
         peak = {impl: results[f"{impl}/peak_gib@4096"]["gib"] for impl in impls}
         ratios["chunk_start_vs_peer_default_peak@4096"] = peak["memforge-chunk-start"] / peak["peer-default"]
-    print_table(results, ratios)
+    print_table(results, ratios, efficiency)
     versions = {name: importlib.metadata.version(name) for name in ("memforge", "titans-pytorch", "torch")}
     print(json.dumps({"bench": "memory", "versions": versions, "device": device_name(),
                       "threads": args.threads,
                       "peer_max_lr": PEER_MAX_LR, "repeats": repeats, "results": results,
-                      "ratios": ratios}))
+                      "ratios": ratios, "efficiency": efficiency}))
 
 
 def device_name() -> str:
@@ -248,7 +306,7 @@ def device_name() -> str:
     return torch.cuda.get_device_name(DEVICE) if DEVICE.type == "cuda" else "cpu"
 
 
-def print_table(results: dict, ratios: dict) -> None:
+def print_table(results: dict, ratios: dict, efficiency: dict) -> None:
     from rich.console import Console
     from rich.table import Table
 
@@ -266,9 +324,18 @@ def print_table(results: dict, ratios: dict) -> None:
     ratio_table.add_column("value")
     for key, value in ratios.items():
         ratio_table.add_row(key, f"{value:.2f}x")
+    flop_table = Table(title=f"matmul FLOPs (machine: {efficiency['matmul_gflops']:.0f} GFLOP/s fp32)")
+    for column in ("implementation", "MFLOP/token (fwd+bwd)", "share of matmul rate @1024", "@4096"):
+        flop_table.add_column(column)
+    for impl, entry in efficiency.items():
+        if isinstance(entry, dict):
+            flop_table.add_row(impl, f"{entry['mflops_per_token']:.2f}",
+                               f"{entry['fraction_of_matmul_rate@1024']:.1%}",
+                               f"{entry['fraction_of_matmul_rate@4096']:.1%}")
     console = Console()
     console.print(table)
     console.print(ratio_table)
+    console.print(flop_table)
 
 
 if __name__ == "__main__":
