@@ -157,8 +157,7 @@ def memory_scan(
     pending = state.pending
     done = pending.keys.shape[1]
     total = done + steps
-    chunks = -(-total // chunk_size)
-    pad = chunks * chunk_size - total
+    full, partial = divmod(total, chunk_size)
     stream = PendingChunk(
         keys=torch.cat((pending.keys, keys), 1) if done else keys,
         values=torch.cat((pending.values, values), 1) if done else values,
@@ -166,9 +165,19 @@ def memory_scan(
         momentum=_join_gate(pending.momentum, momentum),
         decay=_join_gate(pending.decay, decay),
     )
-    bank = _CoefficientBank(stream, pad, chunk_size)
-    key_chunks = _split_chunks(stream.keys, pad, chunk_size)
-    value_chunks = _split_chunks(stream.values, pad, chunk_size)
+    # Complete chunks share one vectorised bank; an unfinished last chunk gets its own, sized to
+    # its tokens. Nothing is padded: a decoding step with r pending tokens costs O(r) surprise
+    # rows and O(r^2) coefficients, not O(b) and O(b^2).
+    pieces: list[tuple[_CoefficientBank, int, Tensor, Tensor]] = []
+    parts = [PendingChunk(*halves) for halves in zip(*(
+        (None, None) if x is None else x.split((full * chunk_size, partial), dim=1) for x in stream
+    ), strict=True)]
+    if full:
+        bank = _CoefficientBank(parts[0], chunk_size)
+        key_chunks, value_chunks = (_split_chunks(x, chunk_size) for x in parts[0][:2])
+        pieces += [(bank, i, key_chunks[i], value_chunks[i]) for i in range(full)]
+    if partial:
+        pieces.append((_CoefficientBank(parts[1], partial), 0, parts[1].keys, parts[1].values))
     # This call's queries per chunk, unpadded: the first chunk starts `done` rows in, the last
     # may end early. Padding them to whole chunks would multiply the read cost of decoding by b.
     first = min(chunk_size - done, steps)
@@ -177,14 +186,14 @@ def memory_scan(
     query_chunks = queries.split(sizes, dim=1)
     weights, moments = state.weights, state.momentum
     outputs: list[Tensor] = []
-    for index in range(chunks):
-        pairs = _LazyPairs(network, surprise, weights, key_chunks[index], value_chunks[index])
+    for index, (bank, local, chunk_keys, chunk_values) in enumerate(pieces):
+        pairs = _LazyPairs(network, surprise, weights, chunk_keys, chunk_values)
         offset = done if index == 0 else 0
         rows = slice(offset, offset + query_chunks[index].shape[1])
-        reader = _ChunkReader(network, weights, moments, pairs, bank, index, rows)
+        reader = _ChunkReader(network, weights, moments, pairs, bank, local, rows)
         outputs.append(retrieval(reader, query_chunks[index]))
-        if index < chunks - 1 or pad == 0:
-            weights, moments = _advance(weights, moments, pairs.get(), bank.end(index))
+        if index < full:  # the unfinished chunk stays pending
+            weights, moments = _advance(weights, moments, pairs.get(), bank.end(local))
     output = torch.cat(outputs, 1)
     keep = total % chunk_size
     new_pending = PendingChunk(*(_tail(x, keep) for x in stream))
@@ -203,7 +212,7 @@ def current_weights(
     done = pending.keys.shape[1]
     if done == 0:
         return state.weights
-    bank = _CoefficientBank(pending, 0, done)  # the pending tokens as one chunk of `done`
+    bank = _CoefficientBank(pending, done)  # the pending tokens as one chunk of `done`
     pairs = _surprise_pairs(network, surprise, state.weights, pending.keys, pending.values)
     return _advance(state.weights, state.momentum, pairs, bank.end(0))[0]
 
@@ -246,13 +255,11 @@ class _CoefficientBank:
     Args:
         gates: ``theta``, ``eta`` (or ``None``: no momentum) and ``alpha`` (or ``None``: no decay),
             each ``[N, L]``, as the ``lr``, ``momentum`` and ``decay`` of a :class:`PendingChunk`.
-        pad: steps of padding that make ``L + pad`` whole chunks (``theta = 0`` and gates of 1
-            there, so padding writes nothing).
-        chunk_size: ``b``.
+        chunk_size: ``b``, a divisor of ``L``.
     """
 
-    def __init__(self, gates: PendingChunk, pad: int, chunk_size: int) -> None:
-        self._gates, self._pad, self._chunk_size = gates, pad, chunk_size
+    def __init__(self, gates: PendingChunk, chunk_size: int) -> None:
+        self._gates, self._chunk_size = gates, chunk_size
         self._eta_matrix: Tensor | None = None
         self._end: list[_EndCoefficients] | None = None
         self._read: _ReadCoefficients | None = None
@@ -262,18 +269,18 @@ class _CoefficientBank:
     @functools.cached_property
     def step(self) -> Tensor:
         """``-theta`` ``[N, C, b]``: the sign of a descent step."""
-        return -_chunked_gate(self._gates.lr, self._pad, 0.0, self._chunk_size)
+        return -self._gates.lr.unflatten(1, (-1, self._chunk_size))
 
     @functools.cached_property
     def log_eta(self) -> Tensor | None:
         """``log eta`` ``[N, C, b]``, or ``None`` without momentum."""
-        return _log_gate(self._gates.momentum, self._pad, self._chunk_size)
+        return _log_gate(self._gates.momentum, self._chunk_size)
 
     @functools.cached_property
     def log_keep(self) -> Tensor | None:
         """``log (1 - alpha)`` ``[N, C, b]``, or ``None`` without decay."""
         decay = self._gates.decay
-        return _log_gate(None if decay is None else 1.0 - decay, self._pad, self._chunk_size)
+        return _log_gate(None if decay is None else 1.0 - decay, self._chunk_size)
 
     def end(self, index: int) -> _EndCoefficients:
         """The chunk-end coefficients of chunk ``index``."""
@@ -373,19 +380,11 @@ def _causal_ones(like: Tensor) -> Tensor:
     return torch.ones(size, size, dtype=like.dtype, device=like.device).tril()
 
 
-def _log_gate(gate: Tensor | None, pad: int, chunk_size: int) -> Tensor | None:
-    """``log(gate)`` clamped at the dtype's tiny, padded with ``log 1 = 0``, as ``[N, C, b]``."""
+def _log_gate(gate: Tensor | None, chunk_size: int) -> Tensor | None:
+    """``log(gate)`` clamped at the dtype's tiny, as ``[N, C, b]`` (``[N, L]`` in, ``b`` divides ``L``)."""
     if gate is None:
         return None
-    logs = gate.clamp_min(torch.finfo(gate.dtype).tiny).log()
-    return _chunked_gate(logs, pad, 0.0, chunk_size)
-
-
-def _chunked_gate(gate: Tensor, pad: int, value: float, chunk_size: int) -> Tensor:
-    """``[N, L] -> [N, C, b]`` after padding ``pad`` entries of ``value`` at the end."""
-    if pad:
-        gate = F.pad(gate, (0, pad), value=value)
-    return gate.unflatten(1, (-1, chunk_size))
+    return gate.clamp_min(torch.finfo(gate.dtype).tiny).log().unflatten(1, (-1, chunk_size))
 
 
 def _unbind_fields(fields: tuple, chunks: int) -> list[Any]:
@@ -526,13 +525,11 @@ def _scaled_rows_matmul(h: Tensor, w: Tensor, scale: Tensor | None) -> Tensor:
 # Plumbing
 
 
-def _split_chunks(x: Tensor, pad: int, chunk_size: int) -> tuple[Tensor, ...]:
-    """Zero-pad ``[N, L, d]`` by ``pad`` steps at the end and split into ``C x [N, b, d]``.
+def _split_chunks(x: Tensor, chunk_size: int) -> tuple[Tensor, ...]:
+    """Split ``[N, C * b, d]`` into ``C x [N, b, d]``.
 
     Unbound once: slicing a chunk per loop step makes backward traffic quadratic (spec §8).
     """
-    if pad:
-        x = F.pad(x, (0, 0, 0, pad))
     return x.unflatten(1, (-1, chunk_size)).unbind(1)
 
 
