@@ -168,16 +168,19 @@ def memory_scan(
     # Complete chunks share one vectorised bank; an unfinished last chunk gets its own, sized to
     # its tokens. Nothing is padded: a decoding step with r pending tokens costs O(r) surprise
     # rows and O(r^2) coefficients, not O(b) and O(b^2).
+    def halves(x: Tensor | None) -> tuple[Tensor | None, Tensor | None]:
+        """``x`` split into its complete chunks and the unfinished rest."""
+        return (None, None) if x is None else x.split((full * chunk_size, partial), dim=1)
+
+    complete, unfinished = (PendingChunk(*fields) for fields in zip(*map(halves, stream), strict=True))
     pieces: list[tuple[_CoefficientBank, int, Tensor, Tensor]] = []
-    parts = [PendingChunk(*halves) for halves in zip(*(
-        (None, None) if x is None else x.split((full * chunk_size, partial), dim=1) for x in stream
-    ), strict=True)]
     if full:
-        bank = _CoefficientBank(parts[0], chunk_size)
-        key_chunks, value_chunks = (_split_chunks(x, chunk_size) for x in parts[0][:2])
+        bank = _CoefficientBank(complete, chunk_size)
+        key_chunks = _split_chunks(complete.keys, chunk_size)
+        value_chunks = _split_chunks(complete.values, chunk_size)
         pieces += [(bank, i, key_chunks[i], value_chunks[i]) for i in range(full)]
     if partial:
-        pieces.append((_CoefficientBank(parts[1], partial), 0, parts[1].keys, parts[1].values))
+        pieces.append((_CoefficientBank(unfinished, partial), 0, unfinished.keys, unfinished.values))
     # This call's queries per chunk, unpadded: the first chunk starts `done` rows in, the last
     # may end early. Padding them to whole chunks would multiply the read cost of decoding by b.
     first = min(chunk_size - done, steps)
@@ -194,10 +197,9 @@ def memory_scan(
         outputs.append(retrieval(reader, query_chunks[index]))
         if index < full:  # the unfinished chunk stays pending
             weights, moments = _advance(weights, moments, pairs.get(), bank.end(local))
-    output = torch.cat(outputs, 1)
-    keep = total % chunk_size
-    new_pending = PendingChunk(*(_tail(x, keep) for x in stream))
-    return output, FastWeightState(weights, moments, new_pending)
+    # A copy, not a view: a carried state must not keep the whole call's inputs alive.
+    new_pending = PendingChunk(*(None if x is None else x.clone() for x in unfinished))
+    return torch.cat(outputs, 1), FastWeightState(weights, moments, new_pending)
 
 
 def current_weights(
@@ -538,16 +540,6 @@ def _join_gate(pending: Tensor | None, gate: Tensor | None) -> Tensor | None:
     if gate is None:
         return None
     return torch.cat((pending, gate), 1) if pending.shape[1] else gate
-
-
-def _tail(x: Tensor | None, count: int) -> Tensor | None:
-    """A copy of the last ``count`` steps of ``x`` along dim 1 (``count`` may be 0).
-
-    A copy, not a view: a carried state must not keep the whole call's inputs alive.
-    """
-    if x is None:
-        return None
-    return x[:, x.shape[1] - count :].clone()
 
 
 def _check_scan_inputs(
