@@ -19,8 +19,12 @@ semantics, which memforge computes exactly) and its default ``batch_size=None`` 
 taken at the initial weights). Its default maximum step size (1.0) diverges to NaN at 4096 tokens
 in the paper setting, so the peer runs with ``max_lr=1e-2`` throughout (stated in the output).
 
-Usage: ``python benchmarks/bench_memory.py [--repeats 5] [--long] [--quick] [--device cuda]``
-(``--profile``: only the op-level profile of memforge's forward+backward).
+``--compile`` adds memforge through ``memforge.compile_model`` (each whole chunk one
+``torch.compile``-d graph, the projections around the scan compiled too); compilation happens in
+the untimed warm-up, and the FLOPs are the eager ones (compiling changes no matmul).
+
+Usage: ``python benchmarks/bench_memory.py [--repeats 5] [--long] [--quick] [--compile]
+[--device cuda]`` (``--profile``: only the op-level profile of memforge's forward+backward).
 Needs the ``bench`` extra (``pip install -e ".[bench]"``). Prints a table and one JSON line; report
 ratios. On CUDA every timing ends with a device synchronisation and the peak is the allocator's
 peak (``torch.cuda.max_memory_allocated``) above what was allocated before the step.
@@ -70,15 +74,24 @@ def peer_layer(paper: bool) -> torch.nn.Module:
     )
 
 
-def build(impl: str) -> torch.nn.Module:
-    """``memforge-chunk-start``, ``memforge-exact``, ``peer-paper`` or ``peer-default``."""
+#: The suffix of a memforge implementation run through ``memforge.compile_model``.
+COMPILED = "+compiled"
+
+
+def build(impl: str):
+    """``memforge-chunk-start``, ``memforge-exact``, ``peer-paper`` or ``peer-default``; a memforge
+    name may end in ``+compiled`` (the layer through ``memforge.compile_model``)."""
+    import memforge
+
     torch.manual_seed(0)
-    return {
+    base = impl.removesuffix(COMPILED)
+    layer = {
         "memforge-chunk-start": lambda: memforge_layer("titans.chunk_start"),
         "memforge-exact": lambda: memforge_layer("titans.after_write"),
         "peer-paper": lambda: peer_layer(True),
         "peer-default": lambda: peer_layer(False),
-    }[impl]()
+    }[base]().to(DEVICE)
+    return memforge.compile_model(layer) if impl.endswith(COMPILED) else layer
 
 
 def call(layer: torch.nn.Module, x: torch.Tensor, state=None):
@@ -135,7 +148,7 @@ def measure_peak(impl: str, steps: int, threads: int) -> float:
     """GiB of memory growth during one forward+backward: the CUDA allocator's peak on a GPU, else
     the resident-set growth in a fresh process."""
     if DEVICE.type == "cuda":
-        layer = build(impl).to(DEVICE)
+        layer = build(impl)
         time_train(layer, 64)
         torch.cuda.reset_peak_memory_stats(DEVICE)
         before = torch.cuda.memory_allocated(DEVICE)
@@ -170,7 +183,7 @@ def flops_per_token(impl: str, steps: int = 1024) -> float:
     """Matmul FLOPs of one forward+backward per token, as ``torch.utils.flop_counter`` counts them."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    layer = build(impl).to(DEVICE)
+    layer = build(impl)
     x = inputs(steps).requires_grad_()
     with FlopCounterMode(display=False) as counter:
         out, _ = call(layer, x)
@@ -197,7 +210,7 @@ def profile(impl: str, steps: int) -> None:
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
-    layer = build(impl).to(DEVICE)
+    layer = build(impl)
     time_train(layer, steps)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if DEVICE.type == "cuda" else [])
     with torch_profile(activities=activities) as prof:
@@ -219,6 +232,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="1 repeat, no memory (smoke run)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--compile", action="store_true",
+                        help="also memforge through memforge.compile_model (compiled chunk steps)")
     parser.add_argument("--profile", action="store_true",
                         help="only print where memforge's forward+backward at 1024 tokens spends its time")
     parser.add_argument("--peak-child", nargs=2, metavar=("IMPL", "STEPS"), help=argparse.SUPPRESS)
@@ -234,7 +249,9 @@ def main() -> None:
         return
     repeats = 1 if args.quick else args.repeats
     impls = ["memforge-chunk-start", "memforge-exact", "peer-paper", "peer-default"]
-    layers = {impl: build(impl).to(DEVICE) for impl in impls}
+    if args.compile:
+        impls[2:2] = ["memforge-chunk-start" + COMPILED, "memforge-exact" + COMPILED]
+    layers = {impl: build(impl) for impl in impls}
     cases: list[tuple[str, int, Callable]] = [
         ("train", 1024, time_train), ("train", 4096, time_train), ("forward", 4096, time_forward),
         ("decode", 64, time_decode),
@@ -245,7 +262,7 @@ def main() -> None:
     for case, steps, timer in cases:
         chosen = [i for i in impls if not (steps > 4096 and i.startswith("peer"))]
         for impl in chosen:  # warm-up, then interleave implementations to spread machine noise
-            timer(layers[impl], min(steps, 256))
+            timer(layers[impl], steps)  # the same length: a compiled layer compiles for it here
         times: dict[str, list[float]] = {impl: [] for impl in chosen}
         for _ in range(repeats):
             for impl in chosen:
@@ -263,7 +280,9 @@ def main() -> None:
     machine_rate = matmul_rate()
     efficiency = {"matmul_gflops": machine_rate / 1e9}
     for impl in impls:
-        flops = flops_per_token(impl)
+        # Compiling changes no matmul, and the counter does not see inside compiled graphs.
+        flops = efficiency[impl.removesuffix(COMPILED)]["mflops_per_token"] * 1e6 if (
+            impl.endswith(COMPILED)) else flops_per_token(impl)
         efficiency[impl] = {"mflops_per_token": flops / 1e6}
         for steps in (1024, 4096):
             efficiency[impl][f"fraction_of_matmul_rate@{steps}"] = (
@@ -286,6 +305,17 @@ def main() -> None:
         "chunk_start_vs_peer_default_decode": rate("memforge-chunk-start/decode@64")
         / rate("peer-default/decode@64"),
     }
+    if args.compile:
+        for read in ("chunk_start", "exact"):
+            compiled = f"memforge-{read.replace('_', '-')}{COMPILED}"
+            for peer, steps in (("paper", 1024), ("paper", 4096), ("default", 1024), ("default", 4096)):
+                ratios[f"compiled_{read}_vs_peer_{peer}_train@{steps}"] = (
+                    rate(f"{compiled}/train@{steps}") / rate(f"peer-{peer}/train@{steps}"))
+            ratios[f"compiled_{read}_vs_peer_default_forward@4096"] = (
+                rate(f"{compiled}/forward@4096") / rate("peer-default/forward@4096"))
+        ratios["compiled_chunk_start_flatness_4096_vs_1024"] = (
+            rate(f"memforge-chunk-start{COMPILED}/train@4096")
+            / rate(f"memforge-chunk-start{COMPILED}/train@1024"))
     if args.long:
         ratios["chunk_start_flatness_16384_vs_1024"] = rate("memforge-chunk-start/train@16384") / rate(
             "memforge-chunk-start/train@1024"

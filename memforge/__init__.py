@@ -15,6 +15,7 @@ from typing import Any
 import pluggy
 
 from memforge.builder import build_model
+from memforge.compiling import compile_model
 from memforge.config import option
 from memforge.errors import (
     InputError,
@@ -85,6 +86,7 @@ __all__ = [
     "apply_overrides",
     "available",
     "build_model",
+    "compile_model",
     "configure_plugins",
     "hookimpl",
     "load_spec",

@@ -223,3 +223,19 @@ class Block(Protocol):
     """
 
     def forward(self, hidden: Tensor, state: Any | None) -> tuple[Tensor, Any]: ...
+
+
+@runtime_checkable
+class CompilesSteps(Protocol):
+    """A module whose forward loops over steps (chunks) and can compile the step, not the loop.
+
+    ``torch.compile`` of such a module as a whole unrolls its Python loop: one large graph per
+    sequence length, compiled for minutes. :func:`memforge.compile_model` instead asks every
+    module that has this method to compile its own step (one graph per step shape, reused by every
+    step) and to hide the loop from the outer compile. Results must agree with eager up to float
+    rounding, and a test should show it.
+    """
+
+    def compile_steps(self, enabled: bool = True) -> None:
+        """Run the step compiled from now on (``enabled=False``: eager again)."""
+        ...

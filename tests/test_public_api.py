@@ -20,6 +20,7 @@ PINNED = [
     "apply_overrides",
     "available",
     "build_model",
+    "compile_model",
     "configure_plugins",
     "hookimpl",
     "load_spec",

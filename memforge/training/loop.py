@@ -21,6 +21,7 @@ from torch import nn
 
 import memforge
 from memforge.builder import build_model
+from memforge.compiling import compile_model
 from memforge.errors import NonFiniteError
 from memforge.spec import ModelSpec, spec_id
 from memforge.tasks import IGNORE_INDEX, TaskBatch
@@ -162,7 +163,7 @@ class _Session:
         config, place = self.config, self.place
         forward = place.wrap(self.model)
         if config.compile:
-            forward = torch.compile(forward)
+            forward = compile_model(forward)
         tokens_per_step = config.batch_size * self.task.seq_len
         end = min(config.steps, config.stop_after or config.steps)
         train_time, trained, loss, plotted = 0.0, 0, None, None

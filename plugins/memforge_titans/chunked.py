@@ -123,6 +123,7 @@ def memory_scan(
     decay: Tensor | None,
     *,
     chunk_size: int,
+    compiled: bool = False,
 ) -> tuple[Tensor, FastWeightState]:
     """Write ``T`` tokens into the memory and read ``T`` queries, chunk-parallel and exact.
 
@@ -142,6 +143,10 @@ def memory_scan(
         momentum: ``eta`` in ``[0, 1]`` ``[N, T]``, or ``None`` for none (exactly ``eta = 0``).
         decay: ``alpha`` in ``[0, 1]`` ``[N, T]``, or ``None`` for none (exactly ``alpha = 0``).
         chunk_size: ``b >= 1``; chunk boundaries are multiples of ``b`` from the sequence start.
+        compiled: run every chunk that this call reads whole through :func:`compiled_chunk_step`
+            (``torch.compile`` of :func:`chunk_step`, one graph per chunk shape, reused by every
+            chunk) instead of the eager, vectorised-over-chunks path. Same results up to float
+            rounding; the first call per shape pays the compilation.
 
     Returns:
         ``(outputs [N, T, d_value], new_state)``. Calls may end mid-chunk: the partial chunk's
@@ -188,8 +193,16 @@ def memory_scan(
     sizes = [first, *rest] + ([steps - first - sum(rest)] if steps - first - sum(rest) else [])
     query_chunks = queries.split(sizes, dim=1)
     weights, moments = state.weights, state.momentum
+    # Per-chunk gates for the compiled step, unbound once (see _split_chunks).
+    step_inputs = _compiled_step_inputs(complete, queries, done, chunk_size) if compiled else None
     outputs: list[Tensor] = []
     for index, (bank, local, chunk_keys, chunk_values) in enumerate(pieces):
+        if step_inputs is not None and index < len(step_inputs):
+            chunk, chunk_queries = step_inputs[index]
+            out, weights, moments = compiled_chunk_step()(
+                network, surprise, retrieval, weights, moments, chunk, chunk_queries)
+            outputs.append(out)
+            continue
         pairs = _LazyPairs(network, surprise, weights, chunk_keys, chunk_values)
         offset = done if index == 0 else 0
         rows = slice(offset, offset + query_chunks[index].shape[1])
@@ -200,6 +213,49 @@ def memory_scan(
     # A copy, not a view: a carried state must not keep the whole call's inputs alive.
     new_pending = PendingChunk(*(None if x is None else x.clone() for x in unfinished))
     return torch.cat(outputs, 1), FastWeightState(weights, moments, new_pending)
+
+
+def chunk_step(
+    network: MemoryNetwork,
+    surprise: SurpriseLoss,
+    retrieval: Retrieval,
+    weights: tuple[Tensor, ...],
+    moments: tuple[Tensor, ...],
+    chunk: PendingChunk,
+    queries: Tensor,
+) -> tuple[Tensor, tuple[Tensor, ...], tuple[Tensor, ...]]:
+    """One whole chunk: read its ``b`` queries, then move ``(M, S)`` from its start to its end.
+
+    ``chunk`` holds the chunk's ``b`` keys, values and gates (``[N, b, .]`` / ``[N, b]``); returns
+    ``(outputs [N, b, d_value], weights, moments)``. The same arithmetic as one step of
+    :func:`memory_scan`'s loop, with the coefficients built for this chunk alone: written for
+    ``torch.compile`` (no Python state that outlives the call), which fuses the element-wise work
+    between the matmuls. :func:`memory_scan` with ``compiled=True`` runs it per chunk.
+    """
+    bank = _CoefficientBank(chunk, queries.shape[1])
+    pairs = _LazyPairs(network, surprise, weights, chunk.keys, chunk.values)
+    reader = _ChunkReader(network, weights, moments, pairs, bank, 0, slice(0, queries.shape[1]))
+    outputs = retrieval(reader, queries)
+    return (outputs, *_advance(weights, moments, pairs.get(), bank.end(0)))
+
+
+@functools.cache
+def compiled_chunk_step() -> Any:
+    """``torch.compile(chunk_step)``, made once per process and shared by every layer.
+
+    ``dynamic=False``: chunks have one shape per configuration, so static shapes cost one
+    compilation per (shape, dtype, device, grad mode) and give the best kernels. Graph breaks in a
+    plugin's network or retrieval are allowed (they only cost speed), hence no ``fullgraph``.
+
+    ``inplace_buffers`` is off for this graph: with it, Inductor (torch 2.13, CPU) wrote a buffer in
+    place that the backward still read, and the queries' gradient of an exact read came out wrong
+    (depth-2 memory with decay; ``tests/test_titans_compiled.py`` caught it, ``aot_eager`` was exact).
+    """
+    return torch.compile(chunk_step, dynamic=False, options=INDUCTOR_OPTIONS)
+
+
+#: Inductor options of :func:`compiled_chunk_step` (see there why).
+INDUCTOR_OPTIONS: dict[str, Any] = {"inplace_buffers": False}
 
 
 def current_weights(
@@ -247,6 +303,25 @@ class _ReadCoefficients(NamedTuple):
     gain: Tensor
 
 
+class _cached:  # noqa: N801 - used as a decorator, like functools.cached_property
+    """``functools.cached_property`` without its lock.
+
+    Python 3.11's version takes an ``RLock`` on every first access, which ``torch.compile``
+    cannot trace; a bank is never shared between threads, so the lock buys nothing here.
+    """
+
+    def __init__(self, compute: Any) -> None:
+        self._compute, self._name = compute, compute.__name__
+        self.__doc__ = compute.__doc__
+
+    def __get__(self, bank: Any, owner: type | None = None) -> Any:
+        if bank is None:
+            return self
+        value = self._compute(bank)
+        bank.__dict__[self._name] = value  # shadows this (non-data) descriptor from now on
+        return value
+
+
 class _CoefficientBank:
     """All chunks' coefficients, computed vectorised over chunks and unbound once.
 
@@ -268,17 +343,17 @@ class _CoefficientBank:
         self._after: list[_ReadCoefficients] | None = None
         self._before: list[_ReadCoefficients] | None = None
 
-    @functools.cached_property
+    @_cached
     def step(self) -> Tensor:
         """``-theta`` ``[N, C, b]``: the sign of a descent step."""
         return -self._gates.lr.unflatten(1, (-1, self._chunk_size))
 
-    @functools.cached_property
+    @_cached
     def log_eta(self) -> Tensor | None:
         """``log eta`` ``[N, C, b]``, or ``None`` without momentum."""
         return _log_gate(self._gates.momentum, self._chunk_size)
 
-    @functools.cached_property
+    @_cached
     def log_keep(self) -> Tensor | None:
         """``log (1 - alpha)`` ``[N, C, b]``, or ``None`` without decay."""
         decay = self._gates.decay
@@ -533,6 +608,31 @@ def _split_chunks(x: Tensor, chunk_size: int) -> tuple[Tensor, ...]:
     Unbound once: slicing a chunk per loop step makes backward traffic quadratic (spec §8).
     """
     return x.unflatten(1, (-1, chunk_size)).unbind(1)
+
+
+def _compiled_step_inputs(
+    complete: PendingChunk, queries: Tensor, done: int, chunk_size: int
+) -> list[tuple[PendingChunk, Tensor]]:
+    """``(chunk, queries)`` for the leading chunks that a call reads whole, for the compiled step.
+
+    None when the call starts mid-chunk (``done > 0``): that chunk's queries are fewer than its
+    tokens, and compiling a graph per decoding position would cost more than it saves; the
+    eager loop takes it and everything after. Each field is made contiguous chunk-major in one
+    copy, so every chunk has the same strides at any sequence length (a compiled graph is
+    specialised on strides; views into the whole sequence would recompile per length).
+    """
+    if done:
+        return []
+    whole = min(complete.keys.shape[1], queries.shape[1]) // chunk_size
+
+    def chunks(x: Tensor | None) -> list[Tensor | None]:
+        if x is None:
+            return [None] * whole
+        x = x[:, : whole * chunk_size].unflatten(1, (whole, chunk_size))
+        return list(x.transpose(0, 1).contiguous().unbind(0))
+
+    fields = [chunks(x) for x in complete]
+    return [(PendingChunk(*row[:5]), q) for *row, q in zip(*fields, chunks(queries), strict=True)]
 
 
 def _join_gate(pending: Tensor | None, gate: Tensor | None) -> Tensor | None:

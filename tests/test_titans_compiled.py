@@ -1,0 +1,133 @@
+"""The compiled chunk step (``memory_scan(..., compiled=True)``) against the eager kernel.
+
+Most cases compile with the ``aot_eager`` backend: it captures the same graphs (Dynamo, then
+AOTAutograd's joint forward/backward) and runs them op by op, in a second or two, so it checks the
+capture itself. One case runs the real Inductor compiler (C++ on the CPU), in float32.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from memforge_titans import chunked
+from memforge_titans.chunked import current_weights, memory_scan
+from torch._dynamo.testing import CompileCounterWithBackend
+
+from tests.test_titans_kernel import (
+    EXACT,
+    Case,
+    L2Surprise,
+    Reading,
+    make_inputs,
+    make_network,
+    start,
+)
+
+
+@pytest.fixture
+def counter(monkeypatch: pytest.MonkeyPatch) -> CompileCounterWithBackend:
+    """Route the kernel's compiled step through ``aot_eager``, counting the graphs it makes."""
+    torch._dynamo.reset()  # compiled code is cached per code object, across torch.compile calls
+    count = CompileCounterWithBackend("aot_eager")
+    step = torch.compile(chunked.chunk_step, backend=count, dynamic=False)
+    monkeypatch.setattr(chunked, "compiled_chunk_step", lambda: step)
+    yield count
+    torch._dynamo.reset()
+
+
+def run(case: Case, inputs: dict, *, compiled: bool, cuts: tuple[int, ...] = ()):
+    """Scan ``inputs`` in pieces cut at ``cuts``; returns outputs, final weights and momentum."""
+    net = make_network(case)
+    state, outs = start(net, case), []
+    bounds = [0, *cuts, case.steps]
+    for lo, hi in zip(bounds[:-1], bounds[1:], strict=True):
+        part = {k: None if v is None else v[:, lo:hi] for k, v in inputs.items()}
+        out, state = memory_scan(net, L2Surprise(), Reading(case.read), state, **part,
+                                 chunk_size=case.chunk, compiled=compiled)
+        outs.append(out)
+    return net, torch.cat(outs, 1), current_weights(net, L2Surprise(), state), state.momentum
+
+
+def grads(case: Case, *, compiled: bool, cuts: tuple[int, ...] = ()) -> list[torch.Tensor]:
+    """Outputs, final weights, and the gradients of a random objective w.r.t. every input."""
+    inputs = make_inputs(case)
+    leaves = [v.requires_grad_() for v in inputs.values() if v is not None]
+    net, out, weights, moments = run(case, inputs, compiled=compiled, cuts=cuts)
+    gen = torch.Generator().manual_seed(case.seed + 7)
+    total = sum((t * torch.randn(t.shape, generator=gen, dtype=t.dtype)).sum()
+                for t in (out, *weights, *moments))
+    return [out, *weights, *torch.autograd.grad(total, leaves + list(net.parameters()))]
+
+
+@pytest.mark.parametrize(
+    ("depth", "momentum", "decay", "read", "norm"),
+    [
+        (2, True, True, "chunk_start", True),
+        (2, True, True, "after_write", False),
+        (2, False, True, "before_write", True),
+        (1, True, False, "after_write", False),
+        (3, False, False, "chunk_start", False),
+    ],
+)
+def test_compiled_steps_equal_the_eager_kernel(counter, depth, momentum, decay, read, norm) -> None:
+    # 3 whole chunks and a partial one; cut once inside a chunk and once on a boundary.
+    case = Case(11, depth, "gelu", True, norm, momentum, decay, 2, 14, 4, read)
+    eager = grads(case, compiled=False, cuts=(5, 8))
+    compiled = grads(case, compiled=True, cuts=(5, 8))
+    for got, want in zip(compiled, eager, strict=True):
+        torch.testing.assert_close(got, want, **EXACT)
+    # The call from 0 reads its one whole chunk compiled, the call from 8 reads [8, 12) compiled,
+    # the call that starts mid-chunk (5) goes eager. The first chunk gets a graph of its own only
+    # where its momentum is the constant zero state (no gradient), unlike every later chunk's.
+    assert counter.frame_count == (2 if momentum else 1)
+
+
+def test_one_graph_serves_every_sequence_length(counter) -> None:
+    case = Case(3, 2, "gelu", True, True, True, True, 1, 16, 4, "chunk_start")
+    frames = []
+    for steps in (8, 16, 13):
+        run(case._replace(steps=steps), make_inputs(case._replace(steps=steps)), compiled=True)
+        frames.append(counter.frame_count)
+    assert frames == [2, 2, 2]  # chunks are copied to fixed strides, so no recompilation
+
+
+def test_inductor_compiled_steps_match_in_float32() -> None:
+    torch._dynamo.reset()
+    case = Case(5, 2, "gelu", True, True, True, True, 1, 10, 4, "after_write")
+    net = make_network(case).float()
+    inputs = {k: None if v is None else v.float() for k, v in make_inputs(case).items()}
+    results = []
+    for compiled in (False, True):
+        leaves = {k: v.detach().requires_grad_() for k, v in inputs.items() if v is not None}
+        out, state = memory_scan(net, L2Surprise(), Reading(case.read), start(net, case),
+                                 **{k: leaves.get(k) for k in inputs}, chunk_size=case.chunk,
+                                 compiled=compiled)
+        loss = out.square().sum() + sum(w.square().sum() for w in state.weights)
+        results.append([out, *state.weights, *torch.autograd.grad(loss, list(leaves.values()))])
+    for got, want in zip(*results, strict=True):
+        # float32 with gradients in the thousands: compare to each tensor's own scale.
+        assert (got - want).norm() <= 1e-4 * want.norm(), (got - want).abs().max()
+
+
+@pytest.mark.parametrize("name", ["titans.lmm_tiny", "titans.mac_tiny"])
+def test_compile_model_matches_eager_with_state(counter, name: str) -> None:
+    import memforge
+
+    spec = memforge.preset(name)
+    torch.manual_seed(0)
+    eager = memforge.build_model(spec).double()
+    compiled_model = memforge.build_model(spec).double()
+    compiled_model.load_state_dict(eager.state_dict())
+    forward = memforge.compile_model(compiled_model, backend="aot_eager")
+    tokens = torch.randint(0, spec.vocab_size, (2, 37), generator=torch.Generator().manual_seed(1))
+
+    def logits_and_grads(call, model) -> list[torch.Tensor]:
+        first = call(tokens[:, :21])  # 21: the split falls inside a memory chunk
+        second = call(tokens[:, 21:], first.state)
+        logits = torch.cat((first.logits, second.logits), 1)
+        return [logits, *torch.autograd.grad(logits.square().mean(), list(model.parameters()))]
+
+    for got, want in zip(logits_and_grads(forward, compiled_model), logits_and_grads(eager, eager),
+                         strict=True):
+        torch.testing.assert_close(got, want, **EXACT)
+    assert counter.frame_count >= 1  # the memory layers did run their compiled step
