@@ -26,11 +26,14 @@ the same machine load:
 * peak memory: the growth of the process's resident set (Linux ``VmHWM`` after resetting it,
   minus ``VmRSS`` before the measured call), for the first training step and for one generation.
 
+With ``--compile``, memforge's MAC also trains through ``memforge.compile_model`` (its first,
+compiling step is run before the peak is measured; generation stays eager).
+
 Part 2, scaling: forward + backward microseconds per token of every memforge variant (lmm, mac,
 mag, mal) at 1K, 2K and 4K tokens (16K with ``--long``), to show the cost is linear in length.
 
 Prints rich tables and, last, one JSON line with everything (package versions included).
-Usage: ``python benchmarks/bench_models.py [--reps N] [--long] [--threads N]``.
+Usage: ``python benchmarks/bench_models.py [--reps N] [--long] [--threads N] [--compile]``.
 """
 
 from __future__ import annotations
@@ -67,6 +70,8 @@ PAIRINGS: dict[str, dict[str, dict[str, Any]]] = {
     },
 }
 LIBRARIES = ("memforge", "titans_pytorch")
+#: memforge's MAC trained through ``memforge.compile_model`` (``--compile``; training only).
+COMPILED = "memforge_compiled"
 
 
 # --------------------------------------------------------------------------------------------
@@ -80,16 +85,18 @@ def memforge_spec(name: str, **overrides: Any):
     return memforge.preset(name, vocab_size=VOCAB, dim=DIM, heads=HEADS, num_layers=DEPTH, **overrides)
 
 
-def build_memforge(pairing: str) -> tuple[torch.nn.Module, Callable, Callable]:
-    """``(model, train_step(tokens), generate(prompt, new))`` for memforge's MAC."""
+def build_memforge(pairing: str, compiled: bool = False) -> tuple[torch.nn.Module, Callable, Callable]:
+    """``(model, train_step(tokens), generate(prompt, new))`` for memforge's MAC; ``compiled``:
+    training goes through ``memforge.compile_model`` (compiled chunk steps and everything around)."""
     import memforge
 
     spec = memforge_spec("titans.mac", attention={"persistent_tokens": PERSISTENT},
                          **PAIRINGS[pairing]["memforge"])
     model = memforge.build_model(spec)
+    forward = memforge.compile_model(model) if compiled else model
 
     def train_step(tokens: torch.Tensor) -> None:
-        logits = model(tokens[:, :-1]).logits
+        logits = forward(tokens[:, :-1]).logits
         torch.nn.functional.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten()).backward()
 
     def generate(prompt: torch.Tensor, new: int) -> torch.Tensor:
@@ -144,11 +151,17 @@ def worker(job: dict[str, Any]) -> dict[str, Any]:
     """Run one ``job`` (library, pairing, task) and return its timings and peak memory."""
     torch.set_num_threads(job["threads"])
     torch.manual_seed(0)
-    build = build_memforge if job["library"] == "memforge" else build_titans_pytorch
-    model, train_step, generate = build(job["pairing"])
+    compiled = job["library"] == COMPILED
+    if job["library"] == "titans_pytorch":
+        model, train_step, generate = build_titans_pytorch(job["pairing"])
+    else:
+        model, train_step, generate = build_memforge(job["pairing"], compiled=compiled)
     tokens = torch.randint(0, VOCAB, (BATCH, SEQ + 1))
     if job["task"] == "train":
-        peak = _peak_growth_mb(lambda: train_step(tokens))  # the first step, allocations included
+        if compiled:  # compile first (the compiler's memory is not the model's); then no
+            train_step(tokens)  # first-step peak comparable with the others is left to measure
+            model.zero_grad(set_to_none=True)
+        peak = None if compiled else _peak_growth_mb(lambda: train_step(tokens))
         seconds = []
         for _ in range(job["steps"]):
             model.zero_grad(set_to_none=True)
@@ -191,13 +204,14 @@ def _summary(values: list[float | None]) -> dict[str, float]:
     return {"median": statistics.median(kept), "min": min(kept), "max": max(kept)}
 
 
-def head_to_head(reps: int, steps: int, threads: int) -> dict[str, Any]:
+def head_to_head(reps: int, steps: int, threads: int, compiled: bool = False) -> dict[str, Any]:
     """Interleaved repetitions of every (pairing, task, library) job; medians and spreads."""
     raw: dict[str, dict[str, dict[str, list[dict]]]] = {}
     for rep in range(reps):
         for pairing in PAIRINGS:
             for task in ("train", "generate"):
-                for library in LIBRARIES if rep % 2 == 0 else LIBRARIES[::-1]:
+                libraries = LIBRARIES + ((COMPILED,) if compiled and task == "train" else ())
+                for library in libraries if rep % 2 == 0 else libraries[::-1]:
                     job = {"library": library, "pairing": pairing, "task": task, "steps": steps,
                            "threads": threads}
                     result = run_job(job)
@@ -277,9 +291,13 @@ def print_tables(h2h: dict[str, Any], scale: dict[str, Any], threads: int) -> No
             ("generate", "end_to_end_tokens_per_s", "generate tok/s, prefill incl.", ".1f", False),
             ("generate", "prefill_s", f"prefill {SEQ} tokens (s)", ".2f", True),
             ("generate", "peak_mb", "generate peak RSS growth (MB)", ".0f", True)]
+    compiled_row = ("train", "tokens_per_s", "train tok/s, memforge compiled", ".0f", False)
     for pairing, tasks in h2h.items():
-        for task, key, label, fmt, lower_is_better in rows:
-            ours, theirs = tasks[task]["memforge"][key], tasks[task]["titans_pytorch"][key]
+        with_compiled = rows[:1] + [compiled_row] + rows[1:] if COMPILED in tasks["train"] else rows
+        for row in with_compiled:
+            task, key, label, fmt, lower_is_better = row
+            ours = tasks[task][COMPILED if row is compiled_row else "memforge"][key]
+            theirs = tasks[task]["titans_pytorch"][key]
             ratio = (theirs["median"] / ours["median"] if lower_is_better
                      else ours["median"] / theirs["median"])
             table.add_row(pairing, label, _spread(ours, fmt), _spread(theirs, fmt), f"{ratio:.2f}x")
@@ -304,13 +322,15 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=2, help="timed training steps per process")
     parser.add_argument("--long", action="store_true", help="also scale to 16K tokens")
     parser.add_argument("--threads", type=int, default=2, help="torch threads (the spec: 2)")
+    parser.add_argument("--compile", action="store_true",
+                        help="also train memforge's MAC through memforge.compile_model")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         print(json.dumps(worker(json.loads(args.worker))))
         return
     load_before = os.getloadavg()
-    h2h = head_to_head(args.reps, args.steps, args.threads)
+    h2h = head_to_head(args.reps, args.steps, args.threads, args.compile)
     scale = scaling([1024, 2048, 4096] + ([16384] if args.long else []), args.reps, args.threads)
     print_tables(h2h, scale, args.threads)
     print(json.dumps({

@@ -212,7 +212,8 @@ def memory_scan(
             weights, moments = _advance(weights, moments, pairs.get(), bank.end(local))
     # A copy, not a view: a carried state must not keep the whole call's inputs alive.
     new_pending = PendingChunk(*(None if x is None else x.clone() for x in unfinished))
-    return torch.cat(outputs, 1), FastWeightState(weights, moments, new_pending)
+    joined = outputs[0] if len(outputs) == 1 else torch.cat(outputs, 1)  # decoding: no copy
+    return joined, FastWeightState(weights, moments, new_pending)
 
 
 def chunk_step(

@@ -168,7 +168,7 @@ class MACBlock(nn.Module):
             y, m, state = self._segment_piece(*piece, prefix, state)
             attended.append(y)
             read.append(m)
-        y, m = torch.cat(attended, 1), torch.cat(read, 1)
+        y, m = _join(attended), _join(read)
         gated = self.attention_out_norm(y) * torch.sigmoid(self.memory_out_norm(m))
         hidden = hidden + self.out_proj(gated)
         return hidden + self.feedforward(self.ffn_norm(hidden)), state
@@ -246,3 +246,8 @@ def _piece_sizes(filled: int, steps: int, segment_len: int) -> list[int]:
 def _append(cache: Tensor, new: Tensor) -> Tensor:
     """``cache`` ``[B, H, r, d]`` followed by ``new`` along time."""
     return torch.cat((cache, new), 2) if cache.shape[2] else new
+
+
+def _join(pieces: list[Tensor]) -> Tensor:
+    """The pieces joined along time; a lone piece as it is (decoding: no copy per token)."""
+    return pieces[0] if len(pieces) == 1 else torch.cat(pieces, 1)
