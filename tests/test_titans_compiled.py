@@ -70,15 +70,17 @@ def grads(case: Case, *, compiled: bool, cuts: tuple[int, ...] = ()) -> list[tor
     ],
 )
 def test_compiled_steps_equal_the_eager_kernel(counter, depth, momentum, decay, read, norm) -> None:
-    # 3 whole chunks and a partial one; cut once inside a chunk and once on a boundary.
+    # 3 whole chunks and a partial one, whole and cut: inside a chunk, then on a boundary (the
+    # call from 5 reads [5, 8), all eager); inside a chunk only (the call from 5 reads [5, 8)
+    # eager and [8, 12) compiled).
     case = Case(11, depth, "gelu", True, norm, momentum, decay, 2, 14, 4, read)
-    eager = grads(case, compiled=False, cuts=(5, 8))
-    compiled = grads(case, compiled=True, cuts=(5, 8))
-    for got, want in zip(compiled, eager, strict=True):
-        torch.testing.assert_close(got, want, **EXACT)
-    # The call from 0 reads its one whole chunk compiled, the call from 8 reads [8, 12) compiled,
-    # the call that starts mid-chunk (5) goes eager. The first chunk gets a graph of its own only
-    # where its momentum is the constant zero state (no gradient), unlike every later chunk's.
+    for cuts in ((), (5, 8), (5,)):
+        eager = grads(case, compiled=False, cuts=cuts)
+        compiled = grads(case, compiled=True, cuts=cuts)
+        for got, want in zip(compiled, eager, strict=True):
+            torch.testing.assert_close(got, want, **EXACT)
+    # The first chunk gets a graph of its own only where its momentum is the constant zero state
+    # (no gradient), unlike every later chunk's.
     assert counter.frame_count == (2 if momentum else 1)
 
 

@@ -194,10 +194,10 @@ def memory_scan(
     query_chunks = queries.split(sizes, dim=1)
     weights, moments = state.weights, state.momentum
     # Per-chunk gates for the compiled step, unbound once (see _split_chunks).
-    step_inputs = _compiled_step_inputs(complete, queries, done, chunk_size) if compiled else None
+    step_inputs = _compiled_step_inputs(complete, queries, done, chunk_size) if compiled else {}
     outputs: list[Tensor] = []
     for index, (bank, local, chunk_keys, chunk_values) in enumerate(pieces):
-        if step_inputs is not None and index < len(step_inputs):
+        if index in step_inputs:
             chunk, chunk_queries = step_inputs[index]
             out, weights, moments = compiled_chunk_step()(
                 network, surprise, retrieval, weights, moments, chunk, chunk_queries)
@@ -613,27 +613,31 @@ def _split_chunks(x: Tensor, chunk_size: int) -> tuple[Tensor, ...]:
 
 def _compiled_step_inputs(
     complete: PendingChunk, queries: Tensor, done: int, chunk_size: int
-) -> list[tuple[PendingChunk, Tensor]]:
-    """``(chunk, queries)`` for the leading chunks that a call reads whole, for the compiled step.
+) -> dict[int, tuple[PendingChunk, Tensor]]:
+    """``{chunk index: (chunk, queries)}`` for the complete chunks a call reads whole.
 
-    None when the call starts mid-chunk (``done > 0``): that chunk's queries are fewer than its
-    tokens, and compiling a graph per decoding position would cost more than it saves; the
-    eager loop takes it and everything after. Each field is made contiguous chunk-major in one
-    copy, so every chunk has the same strides at any sequence length (a compiled graph is
-    specialised on strides; views into the whole sequence would recompile per length).
+    A call that starts ``done > 0`` tokens into a chunk reads fewer queries of that chunk than it
+    has tokens: that chunk stays with the eager loop (a graph per decoding position would cost
+    more than it saves), and every later complete chunk comes here. Each field is made contiguous
+    chunk-major in one copy, so every chunk has the same strides at any sequence length (a
+    compiled graph is specialised on strides; views into the whole sequence would recompile per
+    length).
     """
-    if done:
-        return []
-    whole = min(complete.keys.shape[1], queries.shape[1]) // chunk_size
+    first = 1 if done else 0
+    count = complete.keys.shape[1] // chunk_size - first
+    if count <= 0:
+        return {}
+    offset = chunk_size - done if done else 0  # where this call's queries of chunk `first` start
 
-    def chunks(x: Tensor | None) -> list[Tensor | None]:
+    def chunks(x: Tensor | None, start: int) -> list[Tensor | None]:
         if x is None:
-            return [None] * whole
-        x = x[:, : whole * chunk_size].unflatten(1, (whole, chunk_size))
+            return [None] * count
+        x = x[:, start : start + count * chunk_size].unflatten(1, (count, chunk_size))
         return list(x.transpose(0, 1).contiguous().unbind(0))
 
-    fields = [chunks(x) for x in complete]
-    return [(PendingChunk(*row[:5]), q) for *row, q in zip(*fields, chunks(queries), strict=True)]
+    fields = [chunks(x, first * chunk_size) for x in complete]
+    rows = zip(*fields, chunks(queries, offset), strict=True)
+    return {first + i: (PendingChunk(*row[:5]), row[5]) for i, row in enumerate(rows)}
 
 
 def _join_gate(pending: Tensor | None, gate: Tensor | None) -> Tensor | None:
