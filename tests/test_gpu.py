@@ -16,6 +16,7 @@ import memforge
 from memforge.training import TrainConfig, train
 from memforge.training.checkpoint import load_checkpoint
 from memforge.training.rundir import read_metrics
+from tests.test_titans_compiled import split_logits_and_grads
 
 pytestmark = pytest.mark.gpu
 
@@ -90,13 +91,6 @@ def test_compiled_steps_on_cuda_match_eager(name: str) -> None:
     compiled_model.load_state_dict(eager.state_dict())
     forward = memforge.compile_model(compiled_model)
     tokens = _tokens(spec, (2, 37)).cuda()
-
-    def logits_and_grads(call, model) -> list[torch.Tensor]:
-        first = call(tokens[:, :21])
-        second = call(tokens[:, 21:], first.state)
-        logits = torch.cat((first.logits, second.logits), 1)
-        return [logits, *torch.autograd.grad(logits.square().mean(), list(model.parameters()))]
-
-    for got, want in zip(logits_and_grads(forward, compiled_model), logits_and_grads(eager, eager),
-                         strict=True):
+    for got, want in zip(split_logits_and_grads(forward, compiled_model, tokens),
+                         split_logits_and_grads(eager, eager, tokens), strict=True):
         assert (got - want).norm() <= 1e-4 * want.norm() + 1e-6, (got - want).abs().max()

@@ -111,6 +111,15 @@ def test_inductor_compiled_steps_match_in_float32() -> None:
         assert (got - want).norm() <= 1e-4 * want.norm(), (got - want).abs().max()
 
 
+def split_logits_and_grads(call, model: torch.nn.Module, tokens: torch.Tensor) -> list[torch.Tensor]:
+    """Logits of ``tokens`` read in two calls with the state carried (split at 21, inside a
+    memory chunk), then the gradients of a loss on them w.r.t. every parameter of ``model``."""
+    first = call(tokens[:, :21])
+    second = call(tokens[:, 21:], first.state)
+    logits = torch.cat((first.logits, second.logits), 1)
+    return [logits, *torch.autograd.grad(logits.square().mean(), list(model.parameters()))]
+
+
 @pytest.mark.parametrize("name", ["titans.lmm_tiny", "titans.mac_tiny"])
 def test_compile_model_matches_eager_with_state(counter, name: str) -> None:
     import memforge
@@ -122,14 +131,7 @@ def test_compile_model_matches_eager_with_state(counter, name: str) -> None:
     compiled_model.load_state_dict(eager.state_dict())
     forward = memforge.compile_model(compiled_model, backend="aot_eager")
     tokens = torch.randint(0, spec.vocab_size, (2, 37), generator=torch.Generator().manual_seed(1))
-
-    def logits_and_grads(call, model) -> list[torch.Tensor]:
-        first = call(tokens[:, :21])  # 21: the split falls inside a memory chunk
-        second = call(tokens[:, 21:], first.state)
-        logits = torch.cat((first.logits, second.logits), 1)
-        return [logits, *torch.autograd.grad(logits.square().mean(), list(model.parameters()))]
-
-    for got, want in zip(logits_and_grads(forward, compiled_model), logits_and_grads(eager, eager),
-                         strict=True):
+    for got, want in zip(split_logits_and_grads(forward, compiled_model, tokens),
+                         split_logits_and_grads(eager, eager, tokens), strict=True):
         torch.testing.assert_close(got, want, **EXACT)
     assert counter.frame_count >= 1  # the memory layers did run their compiled step
