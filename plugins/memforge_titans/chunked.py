@@ -193,7 +193,7 @@ def memory_scan(
     sizes = [first, *rest] + ([steps - first - sum(rest)] if steps - first - sum(rest) else [])
     query_chunks = queries.split(sizes, dim=1)
     weights, moments = state.weights, state.momentum
-    # Per-chunk gates for the compiled step, unbound once (see _split_chunks).
+    # The chunks the compiled step takes, copied chunk-major once (see _compiled_step_inputs).
     step_inputs = _compiled_step_inputs(complete, queries, done, chunk_size) if compiled else {}
     outputs: list[Tensor] = []
     for index, (bank, local, chunk_keys, chunk_values) in enumerate(pieces):
