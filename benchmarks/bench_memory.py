@@ -19,12 +19,17 @@ semantics, which memforge computes exactly) and its default ``batch_size=None`` 
 taken at the initial weights). Its default maximum step size (1.0) diverges to NaN at 4096 tokens
 in the paper setting, so the peer runs with ``max_lr=1e-2`` throughout (stated in the output).
 
+``--keep-freed-memory`` makes glibc keep freed memory in the benchmark's processes, as
+``memforge train`` and ``eval`` do (``memforge.training.allocator``): both libraries then run
+without the page faults of re-mapping blocks over 32 MB every step.
+
 ``--compile`` adds memforge through ``memforge.compile_model`` (each whole chunk one
 ``torch.compile``-d graph, the projections around the scan compiled too); compilation happens in
 the untimed warm-up, and the FLOPs are the eager ones (compiling changes no matmul).
 
 Usage: ``python benchmarks/bench_memory.py [--repeats 5] [--long] [--quick] [--compile]
-[--device cuda]`` (``--profile``: only the op-level profile of memforge's forward+backward).
+[--keep-freed-memory] [--device cuda]`` (``--profile``: only the op-level profile of memforge's
+forward+backward).
 Needs the ``bench`` extra (``pip install -e ".[bench]"``). Prints a table and one JSON line; report
 ratios. On CUDA every timing ends with a device synchronisation and the peak is the allocator's
 peak (``torch.cuda.max_memory_allocated``) above what was allocated before the step.
@@ -101,6 +106,8 @@ def call(layer: torch.nn.Module, x: torch.Tensor, state=None):
 
 #: Where the benchmark runs (``--device``); inputs are made on the CPU generator and moved there.
 DEVICE = torch.device("cpu")
+#: Whether glibc keeps freed memory in this process (``--keep-freed-memory``), passed to children.
+KEEP_FREED_MEMORY = False
 
 
 def inputs(steps: int, seed: int = 0) -> torch.Tensor:
@@ -155,7 +162,7 @@ def measure_peak(impl: str, steps: int, threads: int) -> float:
         time_train(layer, steps)
         return (torch.cuda.max_memory_allocated(DEVICE) - before) / 2**30
     command = [sys.executable, os.path.abspath(__file__), "--peak-child", impl, str(steps),
-               "--threads", str(threads)]
+               "--threads", str(threads)] + (["--keep-freed-memory"] if KEEP_FREED_MEMORY else [])
     out = subprocess.run(command, capture_output=True, text=True, check=True)
     return float(out.stdout.strip().splitlines()[-1])
 
@@ -232,6 +239,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="1 repeat, no memory (smoke run)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--keep-freed-memory", action="store_true",
+                        help="glibc keeps freed memory, as memforge train/eval do (both libraries)")
     parser.add_argument("--compile", action="store_true",
                         help="also memforge through memforge.compile_model (compiled chunk steps)")
     parser.add_argument("--profile", action="store_true",
@@ -239,7 +248,11 @@ def main() -> None:
     parser.add_argument("--peak-child", nargs=2, metavar=("IMPL", "STEPS"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    global DEVICE
+    global DEVICE, KEEP_FREED_MEMORY
+    if args.keep_freed_memory:
+        from memforge.training.allocator import keep_freed_memory
+
+        KEEP_FREED_MEMORY = keep_freed_memory()
     DEVICE = torch.device(args.device)
     if args.peak_child:
         peak_child(args.peak_child[0], int(args.peak_child[1]))
@@ -326,6 +339,7 @@ def main() -> None:
     print_table(results, ratios, efficiency)
     versions = {name: importlib.metadata.version(name) for name in ("memforge", "titans-pytorch", "torch")}
     print(json.dumps({"bench": "memory", "versions": versions, "device": device_name(),
+                      "keep_freed_memory": KEEP_FREED_MEMORY,
                       "threads": args.threads,
                       "peer_max_lr": PEER_MAX_LR, "repeats": repeats, "results": results,
                       "ratios": ratios, "efficiency": efficiency}))

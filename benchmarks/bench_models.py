@@ -26,14 +26,17 @@ the same machine load:
 * peak memory: the growth of the process's resident set (Linux ``VmHWM`` after resetting it,
   minus ``VmRSS`` before the measured call), for the first training step and for one generation.
 
-With ``--compile``, memforge's MAC also trains through ``memforge.compile_model`` (its first,
-compiling step is run before the peak is measured; generation stays eager).
+With ``--keep-freed-memory``, glibc keeps freed memory in every process (both libraries), as
+``memforge train`` and ``eval`` do. With ``--compile``, memforge's MAC also trains through
+``memforge.compile_model`` (its first, compiling step is run before the peak is measured;
+generation stays eager).
 
 Part 2, scaling: forward + backward microseconds per token of every memforge variant (lmm, mac,
 mag, mal) at 1K, 2K and 4K tokens (16K with ``--long``), to show the cost is linear in length.
 
 Prints rich tables and, last, one JSON line with everything (package versions included).
-Usage: ``python benchmarks/bench_models.py [--reps N] [--long] [--threads N] [--compile]``.
+Usage: ``python benchmarks/bench_models.py [--reps N] [--long] [--threads N] [--compile]
+[--keep-freed-memory]``.
 """
 
 from __future__ import annotations
@@ -51,6 +54,8 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+
+from memforge.training.allocator import keep_freed_memory
 
 VOCAB, DIM, DEPTH, HEADS, SEGMENT, PERSISTENT = 256, 256, 2, 4, 128, 4
 BATCH, SEQ, NEW_TOKENS = 2, 1024, 128
@@ -150,6 +155,8 @@ def _peak_growth_mb(run: Callable[[], Any]) -> float:
 def worker(job: dict[str, Any]) -> dict[str, Any]:
     """Run one ``job`` (library, pairing, task) and return its timings and peak memory."""
     torch.set_num_threads(job["threads"])
+    if job["keep_freed_memory"]:
+        keep_freed_memory()
     torch.manual_seed(0)
     compiled = job["library"] == COMPILED
     if job["library"] == "titans_pytorch":
@@ -204,7 +211,8 @@ def _summary(values: list[float | None]) -> dict[str, float]:
     return {"median": statistics.median(kept), "min": min(kept), "max": max(kept)}
 
 
-def head_to_head(reps: int, steps: int, threads: int, compiled: bool = False) -> dict[str, Any]:
+def head_to_head(reps: int, steps: int, threads: int, compiled: bool = False,
+                 keep_freed: bool = False) -> dict[str, Any]:
     """Interleaved repetitions of every (pairing, task, library) job; medians and spreads."""
     raw: dict[str, dict[str, dict[str, list[dict]]]] = {}
     for rep in range(reps):
@@ -213,7 +221,7 @@ def head_to_head(reps: int, steps: int, threads: int, compiled: bool = False) ->
                 libraries = LIBRARIES + ((COMPILED,) if compiled and task == "train" else ())
                 for library in libraries if rep % 2 == 0 else libraries[::-1]:
                     job = {"library": library, "pairing": pairing, "task": task, "steps": steps,
-                           "threads": threads}
+                           "threads": threads, "keep_freed_memory": keep_freed}
                     result = run_job(job)
                     raw.setdefault(pairing, {}).setdefault(task, {}).setdefault(library, []).append(result)
                     print(f"  rep {rep + 1}/{reps} {pairing:10s} {task:8s} {library:14s} "
@@ -324,19 +332,24 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2, help="torch threads (the spec: 2)")
     parser.add_argument("--compile", action="store_true",
                         help="also train memforge's MAC through memforge.compile_model")
+    parser.add_argument("--keep-freed-memory", action="store_true",
+                        help="glibc keeps freed memory in every process, as memforge train/eval do")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         print(json.dumps(worker(json.loads(args.worker))))
         return
     load_before = os.getloadavg()
-    h2h = head_to_head(args.reps, args.steps, args.threads, args.compile)
+    h2h = head_to_head(args.reps, args.steps, args.threads, args.compile, args.keep_freed_memory)
+    if args.keep_freed_memory:
+        keep_freed_memory()  # for the scaling part, which runs in this process
     scale = scaling([1024, 2048, 4096] + ([16384] if args.long else []), args.reps, args.threads)
     print_tables(h2h, scale, args.threads)
     print(json.dumps({
         "memforge": importlib.metadata.version("memforge"),
         "titans_pytorch": importlib.metadata.version("titans-pytorch"),
         "torch": torch.__version__, "threads": args.threads,
+        "keep_freed_memory": args.keep_freed_memory,
         "config": {"vocab": VOCAB, "dim": DIM, "depth": DEPTH, "heads": HEADS, "segment": SEGMENT,
                    "persistent": PERSISTENT, "batch": BATCH, "seq": SEQ, "new_tokens": NEW_TOKENS,
                    "pairings": PAIRINGS},

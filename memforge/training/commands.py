@@ -12,6 +12,7 @@ import attrs
 from rich.console import Console
 
 from memforge.cli import add_set_argument, command
+from memforge.training.allocator import keep_freed_memory
 from memforge.training.config import (
     DEFAULT_PRESET,
     DEFAULT_TASK,
@@ -65,7 +66,8 @@ def _configure_train(p: argparse.ArgumentParser) -> None:
                    help="checkpoint every N steps (default: --eval-every)")
     p.add_argument("--device", choices=DEVICES, default=_TRAIN["device"],
                    help="auto: CUDA when available (default: %(default)s)")
-    p.add_argument("--compile", action="store_true", help="torch.compile the training forward")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the training forward (memory layers compile their chunk step)")
     p.add_argument("--out", metavar="DIR", help="run directory (default: runs/<name>-<spec_id>-<task>)")
     p.add_argument("--resume", action="store_true",
                    help="continue the run in the run directory from its latest checkpoint")
@@ -77,6 +79,7 @@ def _configure_train(p: argparse.ArgumentParser) -> None:
 @command("train", "train a model on a task (default: a small model on MQAR, CPU, minutes)",
          _configure_train)
 def _train(args: argparse.Namespace, console: Console) -> int:
+    keep_freed_memory()
     config = TrainConfig(
         model=args.spec or args.preset or DEFAULT_PRESET, overrides=args.set, task=args.task,
         task_options=parse_task_options(args.task, args.task_option), steps=args.steps,
@@ -123,6 +126,7 @@ def _configure_eval(p: argparse.ArgumentParser) -> None:
 
 @command("eval", "evaluate a trained run by context length (and needle depth)", _configure_eval)
 def _eval(args: argparse.Namespace, console: Console) -> int:
+    keep_freed_memory()
     config = EvalConfig(
         source=args.source, task=args.task, task_options=parse_task_options(args.task, args.task_option),
         lengths=parse_lengths(args.lengths) if args.lengths else (),
