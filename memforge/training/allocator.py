@@ -33,6 +33,6 @@ def keep_freed_memory() -> bool:
     if os.environ.get(OPT_OUT, "1") == "0" or platform.libc_ver()[0] != "glibc":
         return False
     libc = ctypes.CDLL(ctypes.util.find_library("c"))
-    # M_MMAP_MAX = 0: no block is mmapped, so none is unmapped on free. The trim threshold is an
-    # int: 2 GiB - 1 of free memory at the heap's top before any goes back.
-    return bool(libc.mallopt(_M_MMAP_MAX, 0)) and bool(libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
+    # M_MMAP_MAX = 0: no block is mmapped, so none is unmapped on free. M_TRIM_THRESHOLD = -1:
+    # the heap's free top is never handed back (mallopt(3): "-1 disables trimming completely").
+    return bool(libc.mallopt(_M_MMAP_MAX, 0)) and bool(libc.mallopt(_M_TRIM_THRESHOLD, -1))
