@@ -3,10 +3,10 @@
 glibc's ``malloc`` serves every block over 32 MB (its largest mmap threshold) with a fresh
 ``mmap`` and hands it back to the system on ``free``. A training step on a long sequence
 allocates and frees many such blocks (a ``[2, 16384, 768]`` projection is 96 MB), so every step
-faults the same memory in again: measured here, one memory-layer step at 16K tokens took 471,000
-page faults and ran 28% slower per token than at 1K. With freed memory kept, the same step took
-17,000 faults and the gap fell to 14%. The jobs (``memforge train`` / ``eval``) are applications,
-so they set this for their own process; a library import never does.
+faults the same memory in again: measured here, one memory-layer step at 16K tokens took 467,000
+page faults and ran 19% slower per token than at 1K. With freed memory kept, the same step took
+2,400 faults and ran 4% slower than at 1K. The jobs (``memforge train`` / ``eval``) are
+applications, so they set this for their own process; a library import never does.
 """
 
 from __future__ import annotations
