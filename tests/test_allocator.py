@@ -22,21 +22,26 @@ def step():  # a training step's pattern: large blocks over glibc's 32 MB mmap l
 for _ in range(3):
     step()
 before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-step()
-print(applied, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+for _ in range(8):
+    step()
+print(applied, (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 8)
 """
 
 
-def _probe(**env: str) -> tuple[bool, int]:
-    """``(applied, page faults of a step after three like it)`` in a fresh interpreter."""
+def _probe(**env: str) -> tuple[bool, float]:
+    """``(applied, mean page faults of 8 steps after 3 like them)`` in a fresh interpreter."""
     out = subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True, check=True,
                          env={**os.environ, **env}).stdout.split()
-    return out[0] == "True", int(out[1])
+    return out[0] == "True", float(out[1])
 
 
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="a glibc malloc setting")
 def test_kept_memory_is_reused_without_page_faults() -> None:
-    applied, faults = _probe()
-    assert applied and faults < 1000  # the pages are already there
-    applied, faults = _probe(MEMFORGE_KEEP_FREED_MEMORY="0")
-    assert not applied and faults > 20_000  # 96 MB mmapped afresh: a fault per 4 KiB page
+    applied, kept = _probe()
+    opted_out, fresh = _probe(MEMFORGE_KEEP_FREED_MEMORY="0")
+    assert applied and not opted_out
+    assert fresh > 20_000  # 96 MB mmapped afresh each step: a fault per 4 KiB page
+    # Kept, the pages are already there (0 faults in a quiet run); now and then a small allocation
+    # splits a freed block and one block comes from fresh memory (8,192 faults were seen once),
+    # hence a mean over steps and a margin.
+    assert kept < fresh / 4
