@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from memforge_titans import chunked
 from memforge_titans.chunked import current_weights, memory_scan
 from torch._dynamo.testing import CompileCounterWithBackend
@@ -18,6 +20,7 @@ from tests.test_titans_kernel import (
     Case,
     L2Surprise,
     Reading,
+    cases,
     make_inputs,
     make_network,
     start,
@@ -82,6 +85,26 @@ def test_compiled_steps_equal_the_eager_kernel(counter, depth, momentum, decay, 
     # The first chunk gets a graph of its own only where its momentum is the constant zero state
     # (no gradient), unlike every later chunk's.
     assert counter.frame_count == (2 if momentum else 1)
+
+
+@settings(deadline=None, max_examples=12)
+@given(cases(max_steps=13), st.integers(0, 13))
+def test_compiled_steps_equal_the_eager_kernel_for_drawn_cases(case: Case, cut: int) -> None:
+    # A fresh compiler per example: past torch's recompile limit the step would silently run
+    # eagerly, and compiled would be compared with eager by eager.
+    torch._dynamo.reset()
+    count = CompileCounterWithBackend("aot_eager")
+    step = torch.compile(chunked.chunk_step, backend=count, dynamic=False)
+    cuts = (min(cut, case.steps),)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(chunked, "compiled_chunk_step", lambda: step)
+        compiled = grads(case, compiled=True, cuts=cuts)
+    eager = grads(case, compiled=False, cuts=cuts)
+    for got, want in zip(compiled, eager, strict=True):
+        torch.testing.assert_close(got, want, **EXACT)
+    if case.steps >= 2 * case.chunk:  # then some call reads a whole chunk, wherever the cut falls
+        assert count.frame_count >= 1
+    torch._dynamo.reset()
 
 
 def test_one_graph_serves_every_sequence_length(counter) -> None:
