@@ -245,8 +245,10 @@ def compiled_chunk_step() -> Any:
     """``torch.compile(chunk_step)``, made once per process and shared by every layer.
 
     ``dynamic=False``: chunks have one shape per configuration, so static shapes cost one
-    compilation per (shape, dtype, device, grad mode) and give the best kernels. Graph breaks in a
-    plugin's network or retrieval are allowed (they only cost speed), hence no ``fullgraph``.
+    compilation per (shape, dtype, device, grad mode) and give the best kernels; layers of the same
+    configuration share their graphs. Past torch's recompile limit (8 by default) further shapes
+    run eagerly, with torch's warning. Graph breaks in a plugin's network or retrieval are allowed
+    (they only cost speed), hence no ``fullgraph``.
 
     ``inplace_buffers`` is off for this graph: with it, Inductor (torch 2.13, CPU) wrote a buffer in
     place that the backward still read, and the queries' gradient of an exact read came out wrong
