@@ -104,7 +104,8 @@ class TrainConfig:
         checkpoint_every: checkpoint every this many steps (and at the end); default ``eval_every``.
         keep_checkpoints: how many of the newest checkpoints to keep.
         device: ``"auto"`` (CUDA when available), ``"cpu"`` or ``"cuda"``.
-        compile: run the training forward through ``torch.compile``.
+        compile: run the training forward through :func:`memforge.compile_model` (``torch.compile``,
+            with memory layers compiling their chunk step instead of being unrolled).
         out: run directory; default ``runs/<name>-<spec_id>-<task>``.
         resume: continue the run in the run directory from its latest checkpoint.
         stop_after: stop (with a checkpoint) after this step, though the schedule runs to
