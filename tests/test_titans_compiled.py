@@ -7,6 +7,9 @@ capture itself. One case runs the real Inductor compiler (C++ on the CPU), in fl
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -27,15 +30,28 @@ from tests.test_titans_kernel import (
 )
 
 
-@pytest.fixture
-def counter(monkeypatch: pytest.MonkeyPatch) -> CompileCounterWithBackend:
-    """Route the kernel's compiled step through ``aot_eager``, counting the graphs it makes."""
-    torch._dynamo.reset()  # compiled code is cached per code object, across torch.compile calls
+@contextlib.contextmanager
+def aot_eager_steps() -> Iterator[CompileCounterWithBackend]:
+    """Route the kernel's compiled step through ``aot_eager``, counting the graphs it makes.
+
+    A fresh compiler each time: compiled code is cached per code object across ``torch.compile``
+    calls, and past torch's recompile limit the step would silently run eagerly (compiled would
+    then be compared with eager by eager).
+    """
+    torch._dynamo.reset()
     count = CompileCounterWithBackend("aot_eager")
     step = torch.compile(chunked.chunk_step, backend=count, dynamic=False)
-    monkeypatch.setattr(chunked, "compiled_chunk_step", lambda: step)
-    yield count
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(chunked, "compiled_chunk_step", lambda: step)
+        yield count
     torch._dynamo.reset()
+
+
+@pytest.fixture
+def counter() -> Iterator[CompileCounterWithBackend]:
+    """:func:`aot_eager_steps` for one test."""
+    with aot_eager_steps() as count:
+        yield count
 
 
 def run(case: Case, inputs: dict, *, compiled: bool, cuts: tuple[int, ...] = ()):
@@ -90,21 +106,14 @@ def test_compiled_steps_equal_the_eager_kernel(counter, depth, momentum, decay, 
 @settings(deadline=None, max_examples=12)
 @given(cases(max_steps=13), st.integers(0, 13))
 def test_compiled_steps_equal_the_eager_kernel_for_drawn_cases(case: Case, cut: int) -> None:
-    # A fresh compiler per example: past torch's recompile limit the step would silently run
-    # eagerly, and compiled would be compared with eager by eager.
-    torch._dynamo.reset()
-    count = CompileCounterWithBackend("aot_eager")
-    step = torch.compile(chunked.chunk_step, backend=count, dynamic=False)
     cuts = (min(cut, case.steps),)
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(chunked, "compiled_chunk_step", lambda: step)
+    with aot_eager_steps() as count:  # a fresh compiler per example (see there)
         compiled = grads(case, compiled=True, cuts=cuts)
     eager = grads(case, compiled=False, cuts=cuts)
     for got, want in zip(compiled, eager, strict=True):
         torch.testing.assert_close(got, want, **EXACT)
     if case.steps >= 2 * case.chunk:  # then some call reads a whole chunk, wherever the cut falls
         assert count.frame_count >= 1
-    torch._dynamo.reset()
 
 
 def test_one_graph_serves_every_sequence_length(counter) -> None:
