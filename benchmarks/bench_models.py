@@ -28,8 +28,9 @@ the same machine load:
 
 With ``--keep-freed-memory``, glibc keeps freed memory in every process (both libraries), as
 ``memforge train`` and ``eval`` do. With ``--compile``, memforge's MAC also trains through
-``memforge.compile_model`` (its first, compiling step is run before the peak is measured;
-generation stays eager).
+``memforge.compile_model`` (its first, compiling step is run before the peak is measured) and
+generates with ``generate(..., compile=True)`` (a compiled fixed-shape decode step; the first,
+compiling generation is timed apart, as ``first_generation_s``, and not counted).
 
 Part 2, scaling: forward + backward microseconds per token of every memforge variant (lmm, mac,
 mag, mal) at 1K, 2K and 4K tokens (16K with ``--long``), to show the cost is linear in length.
@@ -75,7 +76,8 @@ PAIRINGS: dict[str, dict[str, dict[str, Any]]] = {
     },
 }
 LIBRARIES = ("memforge", "titans_pytorch")
-#: memforge's MAC trained through ``memforge.compile_model`` (``--compile``; training only).
+#: memforge's MAC compiled (``--compile``): trained through ``memforge.compile_model``, generating
+#: with ``generate(..., compile=True)``.
 COMPILED = "memforge_compiled"
 
 
@@ -92,7 +94,8 @@ def memforge_spec(name: str, **overrides: Any):
 
 def build_memforge(pairing: str, compiled: bool = False) -> tuple[torch.nn.Module, Callable, Callable]:
     """``(model, train_step(tokens), generate(prompt, new))`` for memforge's MAC; ``compiled``:
-    training goes through ``memforge.compile_model`` (compiled chunk steps and everything around)."""
+    training goes through ``memforge.compile_model`` (compiled chunk steps and everything around)
+    and generation through ``generate(..., compile=True)`` (a compiled fixed-shape decode step)."""
     import memforge
 
     spec = memforge_spec("titans.mac", attention={"persistent_tokens": PERSISTENT},
@@ -105,7 +108,7 @@ def build_memforge(pairing: str, compiled: bool = False) -> tuple[torch.nn.Modul
         torch.nn.functional.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten()).backward()
 
     def generate(prompt: torch.Tensor, new: int) -> torch.Tensor:
-        return model.generate(prompt, new, temperature=0.0)
+        return model.generate(prompt, new, temperature=0.0, compile=compiled)
 
     return model, train_step, generate
 
@@ -177,11 +180,14 @@ def worker(job: dict[str, Any]) -> dict[str, Any]:
             seconds.append(time.perf_counter() - start)
         return {"peak_mb": peak, "tokens_per_s": BATCH * SEQ / statistics.median(seconds)}
     prompt = tokens[:, :SEQ]
+    compile_s = None
+    if compiled:  # the first generation compiles every graph the timed ones use
+        compile_s = _seconds(lambda: generate(prompt, NEW_TOKENS + 1))
     peak = _peak_growth_mb(lambda: generate(prompt, NEW_TOKENS + 1))
     # Fastest of two timings each: noise from other processes only ever adds time.
     prefill = min(_seconds(lambda: generate(prompt, 1)) for _ in range(2))
     total = min(_seconds(lambda: generate(prompt, NEW_TOKENS + 1)) for _ in range(2))
-    return {"peak_mb": peak, "prefill_s": prefill,
+    return {"peak_mb": peak, "prefill_s": prefill, "first_generation_s": compile_s,
             "end_to_end_tokens_per_s": BATCH * (NEW_TOKENS + 1) / total,
             # None when noise made the difference meaningless; the summary skips it.
             "tokens_per_s": BATCH * NEW_TOKENS / (total - prefill) if total > prefill else None}
@@ -218,7 +224,7 @@ def head_to_head(reps: int, steps: int, threads: int, compiled: bool = False,
     for rep in range(reps):
         for pairing in PAIRINGS:
             for task in ("train", "generate"):
-                libraries = LIBRARIES + ((COMPILED,) if compiled and task == "train" else ())
+                libraries = LIBRARIES + ((COMPILED,) if compiled else ())
                 for library in libraries if rep % 2 == 0 else libraries[::-1]:
                     job = {"library": library, "pairing": pairing, "task": task, "steps": steps,
                            "threads": threads, "keep_freed_memory": keep_freed}
@@ -299,12 +305,18 @@ def print_tables(h2h: dict[str, Any], scale: dict[str, Any], threads: int) -> No
             ("generate", "end_to_end_tokens_per_s", "generate tok/s, prefill incl.", ".1f", False),
             ("generate", "prefill_s", f"prefill {SEQ} tokens (s)", ".2f", True),
             ("generate", "peak_mb", "generate peak RSS growth (MB)", ".0f", True)]
-    compiled_row = ("train", "tokens_per_s", "train tok/s, memforge compiled", ".0f", False)
+    compiled_rows = {1: ("train", "tokens_per_s", "train tok/s, memforge compiled", ".0f", False),
+                     3: ("generate", "tokens_per_s", "decode tok/s, memforge compiled", ".1f", False),
+                     4: ("generate", "end_to_end_tokens_per_s", "generate tok/s, compiled",
+                         ".1f", False)}
     for pairing, tasks in h2h.items():
-        with_compiled = rows[:1] + [compiled_row] + rows[1:] if COMPILED in tasks["train"] else rows
+        with_compiled = list(rows)
+        if COMPILED in tasks["train"]:
+            for at, row in sorted(compiled_rows.items(), reverse=True):
+                with_compiled.insert(at, row)
         for row in with_compiled:
             task, key, label, fmt, lower_is_better = row
-            ours = tasks[task][COMPILED if row is compiled_row else "memforge"][key]
+            ours = tasks[task][COMPILED if row in compiled_rows.values() else "memforge"][key]
             theirs = tasks[task]["titans_pytorch"][key]
             ratio = (theirs["median"] / ours["median"] if lower_is_better
                      else ours["median"] / theirs["median"])
@@ -331,7 +343,8 @@ def main() -> None:
     parser.add_argument("--long", action="store_true", help="also scale to 16K tokens")
     parser.add_argument("--threads", type=int, default=2, help="torch threads (the spec: 2)")
     parser.add_argument("--compile", action="store_true",
-                        help="also train memforge's MAC through memforge.compile_model")
+                        help="also memforge's MAC compiled: training through memforge.compile_model, "
+                             "generation with generate(compile=True)")
     parser.add_argument("--keep-freed-memory", action="store_true",
                         help="glibc keeps freed memory in every process, as memforge train/eval do")
     parser.add_argument("--worker", help=argparse.SUPPRESS)

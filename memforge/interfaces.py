@@ -239,3 +239,46 @@ class CompilesSteps(Protocol):
     def compile_steps(self, enabled: bool = True) -> None:
         """Run the step compiled from now on (``enabled=False``: eager again)."""
         ...
+
+
+class StaticDecodeStart(NamedTuple):
+    """Where a block's fixed-shape decode starts (:meth:`DecodesStatically.static_decode_start`).
+
+    Attributes:
+        buffers: tensors (tuples/NamedTuples of them) that hold the block's state with shapes that
+            never change; the block's steps update them in place. Copies: the block's state is
+            never changed.
+        phases: the block's position in each of its cycles (e.g. tokens of the current memory
+            chunk so far, tokens of the current segment so far).
+        periods: the length of each cycle, in the same order.
+    """
+
+    buffers: Any
+    phases: tuple[int, ...]
+    periods: tuple[int, ...]
+
+
+@runtime_checkable
+class DecodesStatically(Protocol):
+    """A block that decodes one token at a time with fixed-shape buffers (compiled generation).
+
+    Incremental decoding through ``forward`` grows caches by one row per token, so each step has
+    new shapes. A block with these two methods instead keeps its state in buffers of constant
+    shape (caches at full capacity with the filled part masked, the memory's unfinished chunk at
+    full chunk size) and writes one row per step in place, so :class:`memforge.decoding.StaticDecoder`
+    can compile the whole model step once. The decoder counts positions in Python and tells each
+    step which of the block's cycles it completes, so a compiled step branches on Python bools
+    (one graph per combination), never on tensor values. A step must equal ``forward`` on the
+    same token with the state the buffers hold (up to float rounding), and a test should show it.
+    """
+
+    def static_decode_start(self, state: Any, batch: int) -> StaticDecodeStart:
+        """Buffers, phases and periods for continuing ``state`` (after at least one token)."""
+        ...
+
+    def static_decode_step(self, hidden: Tensor, buffers: Any, completes: tuple[bool, ...]) -> Tensor:
+        """Read ``hidden`` ``[B, 1, D]``; update ``buffers`` in place; return ``[B, 1, D]``.
+
+        ``completes[i]`` is whether this token ends cycle ``i`` of the block's ``periods``.
+        """
+        ...

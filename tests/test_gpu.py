@@ -64,6 +64,18 @@ def test_cuda_decoding_matches_cpu(name: str) -> None:
     torch.testing.assert_close(on_gpu, on_cpu)
 
 
+@pytest.mark.parametrize("name", ["titans.lmm_tiny", "titans.mac_tiny"])
+def test_cuda_compiled_static_decoding_matches_eager_decoding(name: str) -> None:
+    torch._dynamo.reset()
+    spec = memforge.preset(name)
+    model = memforge.build_model(spec).eval().cuda()
+    prompt = _tokens(spec, (2, 21)).cuda()
+    eager = model.generate(prompt, 40, temperature=0)
+    compiled = model.generate(prompt, 40, temperature=0, compile=True)
+    torch.testing.assert_close(compiled, eager)
+    torch._dynamo.reset()
+
+
 def test_cuda_training_with_autocast_learns_and_resumes(tmp_path: Path) -> None:
     settings = dict(model="titans.lmm_tiny", task="mqar", task_options={"seq_len": 24, "num_pairs": 3},
                     steps=40, batch_size=16, lr=1e-2, warmup_steps=4, eval_every=20, eval_batches=1,

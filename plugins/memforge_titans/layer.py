@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from memforge.errors import InputError, NonFiniteError
 from memforge.interfaces import ForgettingRule, MemoryNetwork, Projection, RetrievalRule, SurpriseRule
 from memforge_titans.chunked import FastWeightState, current_weights, initial_state, memory_scan
+from memforge_titans.static_chunk import StaticChunk, clone_tree, copy_into, static_chunk, static_chunk_step
 
 
 def _without_autocast(device: torch.device):
@@ -44,6 +45,18 @@ class MemoryLayerState(NamedTuple):
     """
 
     fast: FastWeightState
+    projection: Any
+
+
+class MemoryDecodeBuffers(NamedTuple):
+    """What a fixed-shape decode of a :class:`NeuralMemoryLayer` keeps (changed in place).
+
+    Attributes:
+        chunk: fast weights, momentum and the current chunk's rows.
+        projection: a copy of the projection's cache (``None`` when it keeps none).
+    """
+
+    chunk: StaticChunk
     projection: Any
 
 
@@ -124,7 +137,7 @@ class NeuralMemoryLayer(nn.Module):
                 ) -> tuple[Tensor, MemoryLayerState]:
         """Write ``x`` into the memory and read it; returns the layer output and the new state."""
         self._check_input(x)
-        batch, steps, _ = x.shape
+        batch = x.shape[0]
         gates = self.surprise(x)
         decay = self.forgetting(x)
         if state is None:
@@ -149,10 +162,50 @@ class NeuralMemoryLayer(nn.Module):
                 self.memory, self.surprise, self.retrieval, state.fast, *flat,
                 lr=gate_lr, momentum=gate_momentum, decay=gate_decay, chunk_size=self.chunk_size,
             )
+        return self._output(read, x), MemoryLayerState(fast, projection_cache)
+
+    def _output(self, read: Tensor, x: Tensor) -> Tensor:
+        """The raw reads ``[B * H, T, d]`` normalised, gated by ``x`` ``[B, T, D]`` and projected."""
+        batch, steps, _ = x.shape
         y = self.out_norm(read.unflatten(0, (batch, self.heads)))   # [B, H, T, d]
         y = y.transpose(1, 2).reshape(batch, steps, self.dim)
-        y = self.out_proj(y * F.silu(self.out_gate(x)))
-        return y, MemoryLayerState(fast, projection_cache)
+        return self.out_proj(y * F.silu(self.out_gate(x)))
+
+    # -- fixed-shape decoding (compiled generation) --------------------------------------------
+    def static_decode_buffers(self, state: MemoryLayerState, batch: int) -> MemoryDecodeBuffers:
+        """Fixed-shape buffers holding ``state`` (after at least one token), for
+        :meth:`static_decode_step`; copies, so the decode never changes ``state`` itself."""
+        state = self._check_state(state, batch)
+        with _without_autocast(state.fast.weights[0].device):
+            chunk = static_chunk(self.memory, self.surprise, state.fast, self.chunk_size)
+        return MemoryDecodeBuffers(chunk, clone_tree(state.projection))
+
+    def static_decode_phase(self, state: MemoryLayerState) -> int:
+        """How many tokens of the current chunk ``state`` has read (the row the next one writes)."""
+        return state.fast.pending.keys.shape[1]
+
+    def static_decode_step(self, x: Tensor, buffers: MemoryDecodeBuffers, completes_chunk: bool
+                           ) -> Tensor:
+        """One token ``x`` ``[B, 1, D]`` through the layer, updating ``buffers`` in place.
+
+        Equals :meth:`forward` on that token with the state the buffers hold; every call has the
+        same shapes. ``completes_chunk``: this token is the last of its chunk (the decoder knows
+        the position, so the branch is a Python bool and a compiled step never reads a tensor).
+        No input checks: the decoder feeds the model's own hidden states.
+        """
+        gates = self.surprise(x)
+        decay = self.forgetting(x)
+        q, k, v, cache = self.projection(x, buffers.projection)
+        copy_into(buffers.projection, cache)
+        dtype = buffers.chunk.weights[0].dtype
+        flat = [t.flatten(0, 1).to(dtype) for t in (q, k, v)]
+        gate_lr, gate_momentum, gate_decay = (
+            None if g is None else self._heads_first(g).to(dtype) for g in (gates.lr, gates.momentum, decay)
+        )
+        with _without_autocast(x.device):
+            read = static_chunk_step(self.memory, self.surprise, self.retrieval, buffers.chunk, *flat,
+                                     gate_lr, gate_momentum, gate_decay, completes=completes_chunk)
+        return self._output(read, x)
 
     def compile_steps(self, enabled: bool = True) -> None:
         """Run the memory's chunk loop with a ``torch.compile``-d chunk step (or back to eager).

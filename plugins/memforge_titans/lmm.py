@@ -15,6 +15,8 @@ import torch
 from torch import Tensor, nn
 
 from memforge import option
+from memforge.errors import InputError
+from memforge.interfaces import StaticDecodeStart
 from memforge_titans.layer import NeuralMemoryLayer
 
 
@@ -54,3 +56,17 @@ class MemoryBlock(nn.Module):
         mixed, state = self.memory(self.mixer_norm(hidden), state)
         hidden = hidden + mixed
         return hidden + self.feedforward(self.ffn_norm(hidden)), state
+
+    def static_decode_start(self, state: Any, batch: int) -> StaticDecodeStart:
+        """Buffers for decoding on from ``state`` (after at least one token): the memory layer's.
+        One cycle: the memory chunk."""
+        if state is None:
+            raise InputError("titans.lmm decodes on from a state; read at least one token first")
+        buffers = self.memory.static_decode_buffers(state, batch)
+        return StaticDecodeStart(buffers, (self.memory.static_decode_phase(state),),
+                                 (self.memory.chunk_size,))
+
+    def static_decode_step(self, hidden: Tensor, buffers: Any, completes: tuple[bool, ...]) -> Tensor:
+        """One token ``hidden`` ``[B, 1, D]`` on ``buffers`` (updated in place); equals :meth:`forward`."""
+        hidden = hidden + self.memory.static_decode_step(self.mixer_norm(hidden), buffers, completes[0])
+        return hidden + self.feedforward(self.ffn_norm(hidden))

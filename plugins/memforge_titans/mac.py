@@ -51,7 +51,8 @@ from torch import Tensor, nn
 
 from memforge import option
 from memforge.errors import InputError
-from memforge_titans.layer import MemoryLayerState, NeuralMemoryLayer
+from memforge.interfaces import StaticDecodeStart
+from memforge_titans.layer import MemoryDecodeBuffers, MemoryLayerState, NeuralMemoryLayer
 from memforge_titans.mag import check_hidden, check_state
 
 #: What MAC needs from its attention component (``CausalSelfAttention`` has all three).
@@ -97,6 +98,31 @@ class MACState(NamedTuple):
     def filled(self) -> int:
         """Tokens of the current segment already read (the position inside the segment)."""
         return self.keys.shape[2]
+
+
+class MACDecodeBuffers(NamedTuple):
+    """What a fixed-shape decode of a :class:`MACBlock` keeps (changed in place).
+
+    Attributes:
+        memory: the memory layer's decode buffers.
+        segment_weights: fast weights at the start of the current segment (what it retrieves with).
+        keys: ``[B, H, segment_len, d]`` attention keys of the segment's tokens; rows at and past
+            ``filled`` are stale and masked.
+        values: matching ``keys``.
+        retrieved_keys: keys of the tokens' retrieved rows, same layout.
+        retrieved_values: matching ``retrieved_keys``.
+        persistent: the persistent tokens' keys and values ``[B, H, P, d]``, or ``None``.
+        filled: tokens of the current segment so far (0-d long tensor).
+    """
+
+    memory: MemoryDecodeBuffers
+    segment_weights: tuple[Tensor, ...]
+    keys: Tensor
+    values: Tensor
+    retrieved_keys: Tensor
+    retrieved_values: Tensor
+    persistent: tuple[Tensor, Tensor] | None
+    filled: Tensor
 
 
 def mac_mask(queries: int, filled: int, persistent: int, device: torch.device | None = None) -> Tensor:
@@ -202,6 +228,77 @@ class MACBlock(nn.Module):
             empty = keys.new_zeros(batch, self.heads, 0, self.head_dim)
             return y, m, MACState(memory, (), empty, empty, empty, empty)
         return y, m, MACState(memory, weights, keys, values, retrieved_keys, retrieved_values)
+
+    # -- fixed-shape decoding (memforge.decoding.StaticDecoder) -----------------------------------
+    def static_decode_start(self, state: MACState, batch: int) -> StaticDecodeStart:
+        """Buffers for decoding on from ``state``: the segment caches at full ``segment_len`` (the
+        part not yet filled is masked), the memory's own buffers, the persistent keys and values
+        (fixed while decoding) and the segment position. Cycles: the memory chunk, the segment."""
+        if state is None:
+            raise InputError("titans.mac decodes on from a state; read at least one token first")
+        state = self._check_state(state, batch)
+        if state.memory is None:
+            raise InputError("titans.mac decodes on from a state; read at least one token first")
+        filled = state.filled
+
+        def cache(rows: Tensor) -> Tensor:
+            buffer = rows.new_zeros(batch, self.heads, self.segment_len, self.head_dim)
+            buffer[:, :, :filled] = rows
+            return buffer
+
+        weights = (state.segment_weights if filled
+                   else self.memory.current_weights(state.memory, batch))
+        prefix = self.attention.persistent_kv()
+        buffers = MACDecodeBuffers(
+            memory=self.memory.static_decode_buffers(state.memory, batch),
+            segment_weights=tuple(w.clone() for w in weights),
+            keys=cache(state.keys), values=cache(state.values),
+            retrieved_keys=cache(state.retrieved_keys), retrieved_values=cache(state.retrieved_values),
+            persistent=None if prefix is None else tuple(
+                p.expand(batch, -1, -1, -1).to(state.keys.dtype).contiguous() for p in prefix),
+            filled=torch.tensor(filled, device=state.keys.device),
+        )
+        phases = (self.memory.static_decode_phase(state.memory), filled)
+        return StaticDecodeStart(buffers, phases, (self.memory.chunk_size, self.segment_len))
+
+    def static_decode_step(self, hidden: Tensor, buffers: MACDecodeBuffers,
+                           completes: tuple[bool, ...]) -> Tensor:
+        """One token ``hidden`` ``[B, 1, D]`` on ``buffers`` (updated in place); equals
+        :meth:`forward` on it. ``completes``: (the memory chunk, the segment) end with this token."""
+        completes_chunk, completes_segment = completes
+        batch = hidden.shape[0]
+        x = self.mixer_norm(hidden)
+        queries = F.normalize(F.silu(self._split_heads(self.query_proj(x))), dim=-1)
+        retrieved = self._retrieve(queries, buffers.segment_weights)
+        position = buffers.filled.view(1)
+        q, k, v = self.attention.project_qkv(torch.cat((x, retrieved)), position)
+        for cache, rows in ((buffers.keys, k[:batch]), (buffers.values, v[:batch]),
+                            (buffers.retrieved_keys, k[batch:]), (buffers.retrieved_values, v[batch:])):
+            cache.index_copy_(2, position, rows)
+        # The newest token sees the persistent tokens and every filled row; the rest is stale.
+        filled_rows = torch.arange(self.segment_len, device=hidden.device) <= buffers.filled
+        all_k = [buffers.retrieved_keys, buffers.keys]
+        all_v = [buffers.retrieved_values, buffers.values]
+        visible = [filled_rows, filled_rows]
+        if buffers.persistent is not None:
+            all_k.insert(0, buffers.persistent[0])
+            all_v.insert(0, buffers.persistent[1])
+            visible.insert(0, filled_rows.new_ones(buffers.persistent[0].shape[2]))
+        o = attend(q[:batch], torch.cat(all_k, 2), torch.cat(all_v, 2), torch.cat(visible)[None])
+        y = self.attention.output(o)
+        m = self.memory.static_decode_step(self.write_norm(y), buffers.memory, completes_chunk)
+        if completes_segment:
+            # A segment ends with a chunk (chunk_size divides segment_len): the memory's weights
+            # are now the next segment's, and its rows start again at 0.
+            for segment_weight, weight in zip(buffers.segment_weights, buffers.memory.chunk.weights,
+                                              strict=True):
+                segment_weight.copy_(weight)
+            buffers.filled.zero_()
+        else:
+            buffers.filled.add_(1)
+        gated = self.attention_out_norm(y) * torch.sigmoid(self.memory_out_norm(m))
+        hidden = hidden + self.out_proj(gated)
+        return hidden + self.feedforward(self.ffn_norm(hidden))
 
     def _retrieve(self, queries: Tensor, weights: tuple[Tensor, ...]) -> Tensor:
         """Context tokens ``[B, n, D]`` read from the memory ``weights`` with ``queries`` ``[B, H, n, d]``."""

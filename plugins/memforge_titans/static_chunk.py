@@ -1,0 +1,181 @@
+"""Fixed-shape single-token decoding of the memory kernel, for compiled generation.
+
+:func:`memforge_titans.chunked.memory_scan` takes any call; in a decoding step there the unfinished
+chunk is a set of tensors that grow by one row per token, so every step has new shapes and a
+compiled step would recompile for each. Here the unfinished chunk lives in buffers of the full
+chunk size, and a step writes its token's row in place: every step of a decode has the same
+shapes, and two compiled graphs serve them all (one more for a step that completes a chunk and so
+also moves the weights).
+
+The arithmetic is :func:`memory_scan`'s. A token's surprise is taken at the chunk-start weights,
+so it is computed once, when the token arrives, and kept per row as the ``(input, gradient)``
+pair of every matrix; reads and the chunk-end update use the same coefficient bank and reader as
+the scan. Rows after the current one still hold the previous chunk's (finite) values: every
+coefficient a read at row ``r`` uses is causal, so they are multiplied by zero, and a chunk-end
+update happens only once every row has been written.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import torch
+from torch import Tensor
+
+from memforge.interfaces import MemoryNetwork
+from memforge_titans.chunked import (
+    FastWeightState,
+    Retrieval,
+    SurpriseLoss,
+    _advance,
+    _ChunkReader,
+    _CoefficientBank,
+    _surprise_pairs,
+)
+
+
+class StaticChunk(NamedTuple):
+    """The memory state of a fixed-shape decode; a step changes it in place.
+
+    Attributes:
+        weights: ``M`` at the start of the current chunk, ``[N, d_in_i, d_out_i]`` per matrix.
+        moments: ``S`` at the start of the current chunk (``()`` without momentum).
+        lr: ``theta`` of the chunk's rows ``[N, b]``.
+        momentum: ``eta`` ``[N, b]``, or ``None`` without momentum.
+        decay: ``alpha`` ``[N, b]``, or ``None`` without forgetting.
+        inputs: per matrix, the input of each row's surprise ``[N, b, d_in_i]``.
+        grads: per matrix, the back-propagated error of each row's surprise ``[N, b, d_out_i]``.
+        row: the row the next token writes (a 0-d long tensor: the tokens of the chunk so far).
+    """
+
+    weights: tuple[Tensor, ...]
+    moments: tuple[Tensor, ...]
+    lr: Tensor
+    momentum: Tensor | None
+    decay: Tensor | None
+    inputs: tuple[Tensor, ...]
+    grads: tuple[Tensor, ...]
+    row: Tensor
+
+
+class _StoredPairs(NamedTuple):
+    """The surprise pairs of the chunk's rows, in the form the reader and the update take."""
+
+    pairs: list[tuple[Tensor, Tensor]]
+
+    def get(self) -> list[tuple[Tensor, Tensor]]:
+        return self.pairs
+
+
+def static_chunk(
+    network: MemoryNetwork, surprise: SurpriseLoss, state: FastWeightState, chunk_size: int
+) -> StaticChunk:
+    """A :class:`StaticChunk` holding ``state`` (from :func:`memory_scan`, same ``chunk_size``).
+
+    Every tensor is a fresh copy: the decode writes its buffers in place and must never change the
+    caller's state. The pending tokens' surprise pairs are computed here, once.
+    """
+    pending, weights = state.pending, state.weights
+    n, done = weights[0].shape[0], pending.keys.shape[1]
+    if done >= chunk_size:
+        raise ValueError(f"the state has {done} pending tokens, so chunk_size must be larger "
+                         f"(got {chunk_size}); continue a state with the chunk_size that made it")
+
+    def rows(filled: Tensor, width: tuple[int, ...]) -> Tensor:
+        buffer = filled.new_zeros(n, chunk_size, *width)
+        buffer[:, :done] = filled
+        return buffer
+
+    pairs = _surprise_pairs(network, surprise, weights, pending.keys, pending.values) if done else [
+        (w.new_zeros(n, 0, w.shape[1]), w.new_zeros(n, 0, w.shape[2])) for w in weights]
+    return StaticChunk(
+        weights=tuple(w.clone() for w in weights),
+        moments=tuple(s.clone() for s in state.momentum),
+        lr=rows(pending.lr, ()),
+        momentum=None if pending.momentum is None else rows(pending.momentum, ()),
+        decay=None if pending.decay is None else rows(pending.decay, ()),
+        inputs=tuple(rows(x, x.shape[2:]) for x, _ in pairs),
+        grads=tuple(rows(g, g.shape[2:]) for _, g in pairs),
+        row=torch.tensor(done, device=weights[0].device),
+    )
+
+
+def static_chunk_step(
+    network: MemoryNetwork,
+    surprise: SurpriseLoss,
+    retrieval: Retrieval,
+    chunk: StaticChunk,
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    lr: Tensor,
+    momentum: Tensor | None,
+    decay: Tensor | None,
+    *,
+    completes: bool,
+) -> Tensor:
+    """Write one token into ``chunk`` (in place) and read its query; returns ``[N, 1, d_value]``.
+
+    ``query``/``key``/``value`` are ``[N, 1, d]`` and the gates ``[N, 1]``, as one token of
+    :func:`memory_scan`'s inputs. ``completes`` says that this token fills the chunk's last row:
+    the step then also moves ``(M, S)`` to the chunk end and starts the next chunk at row 0. It is
+    a Python bool, not read from ``chunk.row``, so a compiled step branches without reading a
+    tensor (one graph per value).
+    """
+    row = chunk.row.view(1)
+    new_pairs = _surprise_pairs(network, surprise, chunk.weights, key, value)
+    for buffer, new in ((chunk.lr, lr), (chunk.momentum, momentum), (chunk.decay, decay)):
+        if buffer is not None:
+            buffer.index_copy_(1, row, new)
+    for inputs, grads, (x, g) in zip(chunk.inputs, chunk.grads, new_pairs, strict=True):
+        inputs.index_copy_(1, row, x)
+        grads.index_copy_(1, row, g)
+    pairs = _StoredPairs(list(zip(chunk.inputs, chunk.grads, strict=True)))
+    bank = _CoefficientBank(chunk, chunk.lr.shape[1])  # reads only lr, momentum and decay
+    reader = _ChunkReader(network, chunk.weights, chunk.moments, pairs, bank, 0, row)
+    out = retrieval(reader, query)
+    if completes:
+        weights, moments = _advance(chunk.weights, chunk.moments, pairs.get(), bank.end(0))
+        for old, new in zip(chunk.weights + chunk.moments, weights + moments, strict=True):
+            old.copy_(new)
+        chunk.row.zero_()
+    else:
+        chunk.row.add_(1)
+    return out
+
+
+def copy_into(buffer: Any, new: Any) -> None:
+    """Copy ``new`` into ``buffer`` in place, leaf by leaf (tensors, tuples of them, ``None``).
+
+    For caches a component returns afresh each call (e.g. a projection's convolution history):
+    the decode keeps one set of buffers, so the new values must land in them.
+    """
+    if isinstance(buffer, Tensor) and isinstance(new, Tensor) and buffer.shape == new.shape:
+        buffer.copy_(new)
+    elif isinstance(buffer, tuple) and isinstance(new, tuple) and len(buffer) == len(new):
+        for old_leaf, new_leaf in zip(buffer, new, strict=True):
+            copy_into(old_leaf, new_leaf)
+    elif not (buffer is None and new is None):
+        raise ValueError(f"a fixed-shape decode needs caches that keep their structure and shapes "
+                         f"from step to step; got {_describe(buffer)} then {_describe(new)}")
+
+
+def clone_tree(tree: Any) -> Any:
+    """A copy of ``tree`` (tensors, tuples/NamedTuples of them, ``None``) with every tensor cloned."""
+    if isinstance(tree, Tensor):
+        return tree.clone()
+    if isinstance(tree, tuple):
+        leaves = [clone_tree(leaf) for leaf in tree]
+        return type(tree)(*leaves) if hasattr(tree, "_fields") else tuple(leaves)
+    if tree is None:
+        return None
+    raise ValueError(f"a fixed-shape decode can hold tensors, tuples of them and None, got "
+                     f"{type(tree).__name__}")
+
+
+def _describe(x: Any) -> str:
+    if isinstance(x, Tensor):
+        return f"a tensor {list(x.shape)}"
+    if isinstance(x, tuple):
+        return f"a tuple of {len(x)}"
+    return type(x).__name__
