@@ -546,8 +546,7 @@ class _ChunkReader:
     ``h_l @ M_l = keep_l (h_l @ M_0) + carry_l (h_l @ S_0) + sum_j gain[l, j] (h_l . x_j) g_j``,
     i.e. ``keep * (h @ M_0) + carry * (h @ S_0) + ((h @ X^T) * gain) @ G`` with a causal ``gain``
     (``gain = -W``, see the module docstring). ``rows`` are the chunk positions of the queries
-    the reader is given (a call may cover only part of a chunk): a slice, or a long tensor of
-    positions (fixed-shape decoding, where the row is data, see ``static_chunk``).
+    the reader is given (a call may cover only part of a chunk).
     """
 
     def __init__(
@@ -558,7 +557,7 @@ class _ChunkReader:
         pairs: _LazyPairs,
         bank: _CoefficientBank,
         index: int,
-        rows: slice | Tensor,
+        rows: slice,
     ) -> None:
         self._network, self._weights, self._moments = network, weights, moments
         self._pairs, self._bank, self._index, self._rows = pairs, bank, index, rows

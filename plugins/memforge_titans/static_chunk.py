@@ -9,10 +9,11 @@ also moves the weights).
 
 The arithmetic is :func:`memory_scan`'s. A token's surprise is taken at the chunk-start weights,
 so it is computed once, when the token arrives, and kept per row as the ``(input, gradient)``
-pair of every matrix; reads and the chunk-end update use the same coefficient bank and reader as
-the scan. Rows after the current one still hold the previous chunk's (finite) values: every
-coefficient a read at row ``r`` uses is causal, so they are multiplied by zero, and a chunk-end
-update happens only once every row has been written.
+pair of every matrix; reads go through the scan's reader, and the coefficients come from the
+scan's coefficient bank (an exact read at row ``r`` takes the chunk-end coefficients of the rows
+up to ``r``, see :class:`_RowBank`). Rows after the current one still hold the previous chunk's
+(finite) values: a read masks them out, and a chunk-end update happens only once every row has
+been written.
 """
 
 from __future__ import annotations
@@ -30,6 +31,8 @@ from memforge_titans.chunked import (
     _advance,
     _ChunkReader,
     _CoefficientBank,
+    _EndCoefficients,
+    _ReadCoefficients,
     _surprise_pairs,
 )
 
@@ -131,8 +134,8 @@ def static_chunk_step(
         inputs.index_copy_(1, row, x)
         grads.index_copy_(1, row, g)
     pairs = _StoredPairs(list(zip(chunk.inputs, chunk.grads, strict=True)))
-    bank = _CoefficientBank(chunk, chunk.lr.shape[1])  # reads only lr, momentum and decay
-    reader = _ChunkReader(network, chunk.weights, chunk.moments, pairs, bank, 0, row)
+    bank = _RowBank(chunk)
+    reader = _ChunkReader(network, chunk.weights, chunk.moments, pairs, bank, 0, slice(None))
     out = retrieval(reader, query)
     if completes:
         weights, moments = _advance(chunk.weights, chunk.moments, pairs.get(), bank.end(0))
@@ -142,6 +145,53 @@ def static_chunk_step(
     else:
         chunk.row.add_(1)
     return out
+
+
+class _Gates(NamedTuple):
+    """Gates ``[N, b]`` in the form :class:`_CoefficientBank` reads them."""
+
+    lr: Tensor
+    momentum: Tensor | None
+    decay: Tensor | None
+
+
+class _RowBank:
+    """The coefficients of a static step: the exact reads of its one row, and the chunk end.
+
+    The state after the first ``k`` rows of a chunk is the end state of a chunk whose other rows
+    write nothing and change nothing: ``theta = 0``, ``alpha = 0`` and ``eta = 0`` (``eta = 1``
+    would carry the momentum on into ``M`` row after row). So a read takes the chunk-end
+    coefficients of the gates with the rows from ``k`` on neutralised, as ``[N, 1(, b)]`` read
+    coefficients: ``O(b^2)`` element-wise work and no ``b x b`` matrix product, where the bank's
+    per-token coefficients would build every row. (``eta = 0`` is the dtype's tiny after the log
+    clamp, so the masked rows leave ``1e-38`` of themselves in float32.) The momentum-end
+    coefficients of a masked chunk are not the momentum after ``k`` rows, and are never used.
+    """
+
+    def __init__(self, chunk: StaticChunk) -> None:
+        self._chunk, self._size = chunk, chunk.lr.shape[1]
+
+    def after_write(self, index: int) -> _ReadCoefficients:
+        """``M_l`` for the step's row ``l`` (``index`` is always 0: one chunk)."""
+        return self._state_after(self._chunk.row + 1)
+
+    def before_write(self, index: int) -> _ReadCoefficients:
+        """``M_{l-1}`` for the step's row ``l``."""
+        return self._state_after(self._chunk.row)
+
+    def end(self, index: int) -> _EndCoefficients:
+        """The chunk-end coefficients, every row written."""
+        return _CoefficientBank(self._chunk, self._size).end(0)
+
+    def _state_after(self, count: Tensor) -> _ReadCoefficients:
+        chunk = self._chunk
+        written = torch.arange(self._size, device=chunk.lr.device) < count
+        masked = _Gates(*(None if gate is None else torch.where(written, gate, 0.0)
+                          for gate in (chunk.lr, chunk.momentum, chunk.decay)))
+        end = _CoefficientBank(masked, self._size).end(0)
+        return _ReadCoefficients(keep=None if end.keep is None else end.keep[:, None],
+                                 carry=None if end.carry is None else end.carry[:, None],
+                                 gain=end.gain[:, None, :])
 
 
 def copy_into(buffer: Any, new: Any) -> None:
