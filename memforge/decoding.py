@@ -63,8 +63,11 @@ class StaticDecoder:
 
     Args:
         model: a :class:`memforge.model.MemforgeModel` whose every block implements
-            :class:`DecodesStatically` (today ``titans.lmm`` and ``titans.mac``).
+            :class:`DecodesStatically` (every block of memforge's own presets does, with
+            ``baseline.causal`` / ``baseline.sliding_window`` attention).
         state: the ``ModelState`` after reading at least one token (e.g. the prompt).
+        capacity: the most tokens :meth:`step` will read; full-attention caches are sized by it
+            (a window or a memory needs the same buffers whatever the length).
         compiled: run the step through ``torch.compile`` (the first step of each cycle-end
             combination compiles, which takes a while); ``False`` runs the same step eagerly, as
             a reference and where compiling is not worth it.
@@ -73,12 +76,15 @@ class StaticDecoder:
     those of ``model(tokens, state)`` up to float rounding.
     """
 
-    def __init__(self, model: nn.Module, state: Any, *, compiled: bool = True) -> None:
+    def __init__(self, model: nn.Module, state: Any, *, capacity: int, compiled: bool = True) -> None:
         check_static_decoding(model)
         if state is None or not hasattr(state, "layers") or len(state.layers) != len(model.blocks):
             raise InputError("StaticDecoder needs the ModelState of this model after at least one "
                              "token; read the prompt first (model(prompt).state)")
-        starts = [block.static_decode_start(layer_state, state.batch_size)
+        if isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 0:
+            raise InputError(f"capacity must be an int >= 0 (the most tokens to decode), got "
+                             f"{capacity!r}")
+        starts = [block.static_decode_start(layer_state, state.batch_size, capacity)
                   for block, layer_state in zip(model.blocks, state.layers, strict=True)]
         self._model = model
         self._buffers = [start.buffers for start in starts]
@@ -87,6 +93,7 @@ class StaticDecoder:
         self._step = compiled_decode_step() if compiled else decode_step
         self.batch_size: int = state.batch_size
         self.position: int = state.position
+        self.capacity: int = capacity
 
     @torch.no_grad()
     def step(self, tokens: Tensor) -> Tensor:
@@ -94,6 +101,9 @@ class StaticDecoder:
         if tokens.shape != (self.batch_size, 1):
             raise InputError(f"a decode step takes one token per sequence, [{self.batch_size}, 1]; "
                              f"got {list(tokens.shape)}")
+        if self.capacity == 0:
+            raise InputError("this decoder has read the capacity it was made for; make a new one "
+                             "with a larger capacity")
         completes = tuple(
             tuple((phase + 1) % period == 0 for phase, period in zip(phases, periods, strict=True))
             for phases, periods in zip(self._phases, self._periods, strict=True)
@@ -104,4 +114,5 @@ class StaticDecoder:
         for phases, periods in zip(self._phases, self._periods, strict=True):
             phases[:] = [(phase + 1) % period for phase, period in zip(phases, periods, strict=True)]
         self.position += 1
+        self.capacity -= 1
         return logits

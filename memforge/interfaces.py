@@ -272,8 +272,9 @@ class DecodesStatically(Protocol):
     same token with the state the buffers hold (up to float rounding), and a test should show it.
     """
 
-    def static_decode_start(self, state: Any, batch: int) -> StaticDecodeStart:
-        """Buffers, phases and periods for continuing ``state`` (after at least one token)."""
+    def static_decode_start(self, state: Any, batch: int, capacity: int) -> StaticDecodeStart:
+        """Buffers, phases and periods for continuing ``state`` (after at least one token) by up
+        to ``capacity`` tokens (what a cache that grows with the length must make room for)."""
         ...
 
     def static_decode_step(self, hidden: Tensor, buffers: Any, completes: tuple[bool, ...]) -> Tensor:

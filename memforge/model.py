@@ -130,7 +130,7 @@ class MemforgeModel(nn.Module):
         ``compile=True`` decodes with fixed-shape buffers and a ``torch.compile``-d model step
         (:class:`memforge.decoding.StaticDecoder`): the same tokens up to float rounding, several
         times faster per token once compiled; the first generation per process pays a compilation
-        of a few graphs. Every block must support it (``titans.lmm``, ``titans.mac``).
+        of a few graphs. Every block must implement ``DecodesStatically`` (all of memforge's do).
         """
         if max_new_tokens < 0:
             raise InputError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
@@ -143,7 +143,8 @@ class MemforgeModel(nn.Module):
         out = self(prompt, state)
         tokens = [self._check_tokens(prompt)]
         logits, state = out.logits[:, -1], out.state
-        decoder = StaticDecoder(self, state, compiled=True) if compile and max_new_tokens > 1 else None
+        decoder = (StaticDecoder(self, state, capacity=max_new_tokens - 1)
+                   if compile and max_new_tokens > 1 else None)
         for step in range(max_new_tokens):
             next_token = sample_next(logits, temperature=temperature, top_k=top_k,
                                      generator=generator)

@@ -16,6 +16,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from torch import nn
 from torch._dynamo.testing import CompileCounterWithBackend
 
 import memforge
@@ -24,7 +25,9 @@ from memforge.decoding import StaticDecoder
 
 DT = torch.float64
 EXACT = {"atol": 1e-10, "rtol": 1e-9}
-STATIC = ["titans.lmm_tiny", "titans.mac_tiny"]
+#: Every tiny preset (the hybrid included): all of memforge's blocks decode statically.
+TINY = [name for name in memforge.presets() if name.endswith("_tiny")]
+MEMORY_TINY = [name for name in TINY if name.startswith("titans.")]
 
 seeds = st.integers(0, 2**31 - 1)
 variants = st.fixed_dictionaries({
@@ -49,7 +52,8 @@ def tokens(seed: int, vocab: int, batch: int, steps: int) -> torch.Tensor:
 def static_logits(model, seq: torch.Tensor, prompt: int, *, compiled: bool = False) -> torch.Tensor:
     """Logits ``[B, T - prompt, V]`` of a static decode of ``seq`` after reading ``prompt`` tokens."""
     with torch.no_grad():
-        decoder = StaticDecoder(model, model(seq[:, :prompt]).state, compiled=compiled)
+        decoder = StaticDecoder(model, model(seq[:, :prompt]).state,
+                                capacity=seq.shape[1] - prompt, compiled=compiled)
         return torch.stack([decoder.step(seq[:, t:t + 1]) for t in range(prompt, seq.shape[1])], 1)
 
 
@@ -66,14 +70,29 @@ def aot_eager_decoding() -> Iterator[CompileCounterWithBackend]:
 
 
 @settings(deadline=None, max_examples=12)
-@given(seed=seeds, name=st.sampled_from(STATIC), variant=variants, prompt=st.integers(1, 30),
+@given(seed=seeds, name=st.sampled_from(MEMORY_TINY), variant=variants, prompt=st.integers(1, 30),
        persistent=st.sampled_from([0, 2]), batch=st.integers(1, 2))
 def test_static_steps_equal_the_full_forward(seed, name, variant, prompt, persistent, batch) -> None:
-    # 50 tokens cross several chunks (8) and MAC segments (16) from any prompt length.
-    persistent_option = ({"attention": {"persistent_tokens": persistent}} if name == "titans.mac_tiny"
-                         else {"integration": {"persistent_tokens": persistent}})
+    # 50 tokens cross several chunks (8), MAC segments (16) and attention windows (8) from any
+    # prompt length.
+    persistent_option = ({"integration": {"persistent_tokens": persistent}} if name == "titans.lmm_tiny"
+                         else {"attention": {"persistent_tokens": persistent}})
     model = build(name, seed, **variant, **persistent_option)
     seq = tokens(seed, model.vocab_size, batch, 50)
+    with torch.no_grad():
+        full = model(seq).logits[:, prompt:]
+    torch.testing.assert_close(static_logits(model, seq, prompt), full, **EXACT)
+
+
+@settings(deadline=None, max_examples=8)
+@given(seed=seeds, name=st.sampled_from(TINY), prompt=st.integers(1, 30),
+       window=st.sampled_from([None, 1, 2, 5]))
+def test_every_preset_decodes_statically(seed, name, prompt, window) -> None:
+    attention = memforge.preset(name).attention.impl
+    overrides = ({"attention": {"window": window}}
+                 if attention == "baseline.sliding_window" and window is not None else {})
+    model = build(name, seed, **overrides)
+    seq = tokens(seed, model.vocab_size, 2, 40)
     with torch.no_grad():
         full = model(seq).logits[:, prompt:]
     torch.testing.assert_close(static_logits(model, seq, prompt), full, **EXACT)
@@ -85,7 +104,7 @@ def test_the_callers_state_is_never_changed() -> None:
     with torch.no_grad():
         state = model(seq[:, :13]).state
         before = [t.clone() for t in _tensors(state)]
-        decoder = StaticDecoder(model, state, compiled=False)
+        decoder = StaticDecoder(model, state, capacity=17, compiled=False)
         for t in range(13, 30):
             decoder.step(seq[:, t:t + 1])
     after = _tensors(state)
@@ -117,6 +136,19 @@ def test_compiled_steps_equal_eager_static_steps(seed, variant, prompt) -> None:
     torch.testing.assert_close(got, want, **EXACT)
 
 
+@pytest.mark.parametrize(("name", "graphs"), [("titans.mag_tiny", 2), ("titans.mal_tiny", 2),
+                                             ("baseline.transformer_tiny", 1)])
+def test_compiled_attention_steps_equal_eager_static_steps(name: str, graphs: int) -> None:
+    # Ring (sliding window) and growing (full attention) caches: one graph per memory-chunk end.
+    model = build(name, 7)
+    seq = tokens(8, model.vocab_size, 2, 40)
+    want = static_logits(model, seq, 11)
+    with aot_eager_decoding() as count:
+        got = static_logits(model, seq, 11, compiled=True)
+        assert count.frame_count == graphs
+    torch.testing.assert_close(got, want, **EXACT)
+
+
 def test_generate_compiled_with_inductor_gives_the_same_tokens() -> None:
     torch._dynamo.reset()
     model = build("titans.mac_tiny", 3, dtype=torch.float32)
@@ -132,12 +164,32 @@ def test_generate_compiled_with_inductor_gives_the_same_tokens() -> None:
     torch._dynamo.reset()
 
 
+class ForwardOnlyBlock(nn.Module):
+    """A third-party block with ``forward`` and nothing else."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, hidden, state=None):
+        return self.inner(hidden, state)
+
+
 def test_compile_on_a_model_without_static_blocks_names_them() -> None:
-    model = build("baseline.transformer_tiny", 0)
+    model = build("titans.mac_tiny", 0)
+    model.blocks[1] = ForwardOnlyBlock(model.blocks[1])
     prompt = tokens(0, model.vocab_size, 1, 5)
-    with pytest.raises(InputError, match=r"TransformerBlock.*compile=False"):
+    with pytest.raises(InputError, match=r"ForwardOnlyBlock.*compile=False"):
         model.generate(prompt, 3, compile=True)
     assert model.generate(prompt, 3).shape == (1, 8)
+
+
+def test_an_attention_without_static_decoding_is_named() -> None:
+    model = build("baseline.transformer_tiny", 0)
+    model.blocks[0].attention = ForwardOnlyBlock(model.blocks[0].attention)
+    prompt = tokens(0, model.vocab_size, 1, 5)
+    with pytest.raises(InputError, match=r"ForwardOnlyBlock has none"):
+        model.generate(prompt, 3, compile=True)
 
 
 def test_decoder_input_errors() -> None:
@@ -146,7 +198,12 @@ def test_decoder_input_errors() -> None:
     with torch.no_grad():
         state = model(seq).state
     with pytest.raises(InputError, match="read the prompt first"):
-        StaticDecoder(model, None)
-    decoder = StaticDecoder(model, state, compiled=False)
+        StaticDecoder(model, None, capacity=3)
+    with pytest.raises(InputError, match="capacity must be an int >= 0"):
+        StaticDecoder(model, state, capacity=-1)
+    decoder = StaticDecoder(model, state, capacity=1, compiled=False)
     with pytest.raises(InputError, match=r"one token per sequence, \[2, 1\]"):
         decoder.step(seq[:, :2])
+    decoder.step(seq[:, :1])
+    with pytest.raises(InputError, match="capacity it was made for"):
+        decoder.step(seq[:, :1])

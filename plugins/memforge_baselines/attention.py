@@ -27,6 +27,7 @@ from .layers import RotaryEmbedding
 
 __all__ = [
     "AttentionCache",
+    "AttentionDecodeBuffers",
     "CausalSelfAttention",
     "attend",
     "causal_mask",
@@ -97,6 +98,30 @@ def attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None) -> Tenso
         ``[..., Tq, d_v]``.
     """
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
+class AttentionDecodeBuffers(NamedTuple):
+    """What a fixed-shape decode of :class:`CausalSelfAttention` keeps (changed in place).
+
+    Attributes:
+        keys: ``[B, H, C, d]`` rotated keys. With a window, a ring of ``C = window - 1`` slots: the
+            token at position ``p`` lives in slot ``p % C``. Without, ``C`` covers every position
+            the decode can reach and position ``p`` lives in slot ``p``. Slots not yet written are
+            masked.
+        values: matching ``keys``.
+        position: 0-d long tensor, the absolute position of the next token.
+        persistent: the persistent tokens' keys and values ``[B, H, P, d]``, or ``None``.
+    """
+
+    keys: Tensor
+    values: Tensor
+    position: Tensor
+    persistent: tuple[Tensor, Tensor] | None
+
+
+#: A full-attention decode buffer is rounded up to a multiple of this many positions, so that
+#: generations of nearby lengths share their compiled graphs (the buffer length is a shape).
+FULL_ATTENTION_BUFFER_QUANTUM = 256
 
 
 class CausalSelfAttention(nn.Module):
@@ -238,6 +263,64 @@ class CausalSelfAttention(nn.Module):
             self._visible_tail(cache_k, k), self._visible_tail(cache_v, v), position + T
         )
         return self.output(o), new_cache
+
+    # -- fixed-shape decoding (memforge.decoding.StaticDecoder) -----------------------------------
+    def static_decode_buffers(self, cache: AttentionCache, batch: int, capacity: int
+                              ) -> AttentionDecodeBuffers:
+        """Fixed-shape buffers holding ``cache`` for up to ``capacity`` more tokens (copies).
+
+        A window needs ``window - 1`` slots whatever the length; full attention needs one per
+        position the decode can reach (rounded up to :data:`FULL_ATTENTION_BUFFER_QUANTUM`).
+        """
+        if not isinstance(cache, AttentionCache) or cache.keys.shape[0] != batch:
+            raise InputError(f"attention cache must be the AttentionCache this module returned for "
+                             f"these {batch} sequences, got {type(cache).__name__}")
+        keys, values, position = cache
+        seen, kept = int(position), keys.shape[2]
+        if self.window is None:
+            reach = seen + capacity
+            slots = -(-reach // FULL_ATTENTION_BUFFER_QUANTUM) * FULL_ATTENTION_BUFFER_QUANTUM
+            where = torch.arange(kept, device=keys.device)
+        else:
+            slots = self.window - 1
+            where = torch.arange(seen - kept, seen, device=keys.device) % max(slots, 1)
+
+        def buffer(rows: Tensor) -> Tensor:
+            out = rows.new_zeros(batch, self.heads, slots, self.head_dim)
+            out[:, :, where] = rows
+            return out
+
+        prefix = self.persistent_kv()
+        return AttentionDecodeBuffers(
+            buffer(keys), buffer(values), position.clone(),
+            None if prefix is None else tuple(p.expand(batch, -1, -1, -1).to(keys.dtype).contiguous()
+                                              for p in prefix))
+
+    def static_decode_step(self, x: Tensor, buffers: AttentionDecodeBuffers) -> Tensor:
+        """Attend one token ``x`` ``[B, 1, D]`` on ``buffers`` (updated in place); equals
+        :meth:`forward` on it with the cache the buffers hold."""
+        position = buffers.position.view(1)
+        q, k, v = self.project_qkv(x, position)
+        slots = buffers.keys.shape[2]
+        index = torch.arange(slots, device=x.device)
+        if self.window is None:  # write first: the token sees itself in its slot
+            buffers.keys.index_copy_(2, position, k)
+            buffers.values.index_copy_(2, position, v)
+            all_k, all_v, visible = [buffers.keys], [buffers.values], [index <= position]
+        else:  # read the ring, then overwrite the oldest slot, the one leaving the window
+            all_k, all_v = [buffers.keys, k], [buffers.values, v]
+            visible = [index < position, index.new_ones(1, dtype=torch.bool)]
+        if buffers.persistent is not None:
+            all_k.insert(0, buffers.persistent[0])
+            all_v.insert(0, buffers.persistent[1])
+            visible.insert(0, index.new_ones(buffers.persistent[0].shape[2], dtype=torch.bool))
+        o = attend(q, torch.cat(all_k, 2), torch.cat(all_v, 2), torch.cat(visible)[None])
+        if self.window is not None and slots:
+            slot = position % slots
+            buffers.keys.index_copy_(2, slot, k)
+            buffers.values.index_copy_(2, slot, v)
+        buffers.position.add_(1)
+        return self.output(o)
 
     def _visible_tail(self, old: Tensor | None, new: Tensor) -> Tensor:
         """The cached and new entries that later tokens can still see (see :class:`AttentionCache`)."""

@@ -57,9 +57,9 @@ class MemoryBlock(nn.Module):
         hidden = hidden + mixed
         return hidden + self.feedforward(self.ffn_norm(hidden)), state
 
-    def static_decode_start(self, state: Any, batch: int) -> StaticDecodeStart:
+    def static_decode_start(self, state: Any, batch: int, capacity: int) -> StaticDecodeStart:
         """Buffers for decoding on from ``state`` (after at least one token): the memory layer's.
-        One cycle: the memory chunk."""
+        One cycle: the memory chunk. Nothing grows with the length (``capacity`` is unused)."""
         if state is None:
             raise InputError("titans.lmm decodes on from a state; read at least one token first")
         buffers = self.memory.static_decode_buffers(state, batch)

@@ -230,10 +230,11 @@ class MACBlock(nn.Module):
         return y, m, MACState(memory, weights, keys, values, retrieved_keys, retrieved_values)
 
     # -- fixed-shape decoding (memforge.decoding.StaticDecoder) -----------------------------------
-    def static_decode_start(self, state: MACState, batch: int) -> StaticDecodeStart:
+    def static_decode_start(self, state: MACState, batch: int, capacity: int) -> StaticDecodeStart:
         """Buffers for decoding on from ``state``: the segment caches at full ``segment_len`` (the
         part not yet filled is masked), the memory's own buffers, the persistent keys and values
-        (fixed while decoding) and the segment position. Cycles: the memory chunk, the segment."""
+        (fixed while decoding) and the segment position. Cycles: the memory chunk, the segment.
+        Nothing grows with the length, so ``capacity`` does not matter."""
         if state is None:
             raise InputError("titans.mac decodes on from a state; read at least one token first")
         state = self._check_state(state, batch)

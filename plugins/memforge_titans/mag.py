@@ -30,7 +30,8 @@ from torch import Tensor, nn
 
 from memforge import option
 from memforge.errors import InputError
-from memforge_titans.layer import MemoryLayerState, NeuralMemoryLayer
+from memforge.interfaces import StaticDecodeStart
+from memforge_titans.layer import MemoryDecodeBuffers, MemoryLayerState, NeuralMemoryLayer
 
 
 @attrs.frozen(kw_only=True)
@@ -93,9 +94,47 @@ class MAGBlock(nn.Module):
         hidden = hidden + self.out_proj(gated)
         return hidden + self.feedforward(self.ffn_norm(hidden)), MAGState(memory_state, cache)
 
+    def static_decode_start(self, state: MAGState, batch: int, capacity: int) -> StaticDecodeStart:
+        """Buffers for decoding on from ``state``: the memory layer's and the attention's (see
+        :func:`static_attention_buffers`). One cycle: the memory chunk."""
+        state = check_state(state, MAGState, "titans.mag")
+        buffers = MemoryAttentionBuffers(
+            self.memory.static_decode_buffers(state.memory, batch),
+            static_attention_buffers(self.attention, state.attention, batch, capacity))
+        return StaticDecodeStart(buffers, (self.memory.static_decode_phase(state.memory),),
+                                 (self.memory.chunk_size,))
+
+    def static_decode_step(self, hidden: Tensor, buffers: MemoryAttentionBuffers,
+                           completes: tuple[bool, ...]) -> Tensor:
+        """One token ``hidden`` ``[B, 1, D]`` on ``buffers`` (updated in place); equals :meth:`forward`."""
+        x = self.mixer_norm(hidden)
+        m = self.memory.static_decode_step(x, buffers.memory, completes[0])
+        y = self.attention.static_decode_step(x, buffers.attention)
+        gated = self.attention_out_norm(y) * torch.sigmoid(self.memory_out_norm(m))
+        hidden = hidden + self.out_proj(gated)
+        return hidden + self.feedforward(self.ffn_norm(hidden))
+
 
 # --------------------------------------------------------------------------------------------
 # Shared with titans.mal
+
+
+class MemoryAttentionBuffers(NamedTuple):
+    """A fixed-shape decode's buffers for a block with a memory layer and an attention (changed
+    in place): the memory layer's and the attention component's."""
+
+    memory: MemoryDecodeBuffers
+    attention: Any
+
+
+def static_attention_buffers(attention: nn.Module, cache: Any, batch: int, capacity: int) -> Any:
+    """``attention.static_decode_buffers(cache, batch, capacity)``, or an :class:`InputError` naming
+    the attention component when it cannot decode with fixed shapes."""
+    if not callable(getattr(attention, "static_decode_buffers", None)):
+        raise InputError(f"fixed-shape (compiled) decoding needs an attention component with "
+                         f"static_decode_buffers/static_decode_step (e.g. baseline.causal); "
+                         f"{type(attention).__name__} has none; use generate(..., compile=False)")
+    return attention.static_decode_buffers(cache, batch, capacity)
 
 
 def check_hidden(hidden: Any, dim: int, block: str) -> None:

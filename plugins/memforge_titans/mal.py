@@ -20,8 +20,15 @@ import attrs
 from torch import Tensor, nn
 
 from memforge import option
+from memforge.interfaces import StaticDecodeStart
 from memforge_titans.layer import MemoryLayerState, NeuralMemoryLayer
-from memforge_titans.mag import check_hidden, check_state, start_memory
+from memforge_titans.mag import (
+    MemoryAttentionBuffers,
+    check_hidden,
+    check_state,
+    start_memory,
+    static_attention_buffers,
+)
 
 
 @attrs.frozen(kw_only=True)
@@ -77,3 +84,22 @@ class MALBlock(nn.Module):
         attended, cache = self.attention(self.attention_norm(hidden), cache)
         hidden = hidden + attended
         return hidden + self.feedforward(self.ffn_norm(hidden)), MALState(memory_state, cache)
+
+    def static_decode_start(self, state: MALState, batch: int, capacity: int) -> StaticDecodeStart:
+        """Buffers for decoding on from ``state``: the memory layer's and the attention's. One
+        cycle: the memory chunk."""
+        state = check_state(state, MALState, "titans.mal")
+        buffers = MemoryAttentionBuffers(
+            self.memory.static_decode_buffers(state.memory, batch),
+            static_attention_buffers(self.attention, state.attention, batch, capacity))
+        return StaticDecodeStart(buffers, (self.memory.static_decode_phase(state.memory),),
+                                 (self.memory.chunk_size,))
+
+    def static_decode_step(self, hidden: Tensor, buffers: MemoryAttentionBuffers,
+                           completes: tuple[bool, ...]) -> Tensor:
+        """One token ``hidden`` ``[B, 1, D]`` on ``buffers`` (updated in place); equals :meth:`forward`."""
+        hidden = hidden + self.memory.static_decode_step(self.memory_norm(hidden), buffers.memory,
+                                                         completes[0])
+        hidden = hidden + self.attention.static_decode_step(self.attention_norm(hidden),
+                                                            buffers.attention)
+        return hidden + self.feedforward(self.ffn_norm(hidden))
