@@ -8,7 +8,8 @@ capture itself. One case runs the real Inductor compiler (C++ on the CPU), in fl
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import pytest
 import torch
@@ -31,20 +32,26 @@ from tests.test_titans_kernel import (
 
 
 @contextlib.contextmanager
-def aot_eager_steps() -> Iterator[CompileCounterWithBackend]:
-    """Route the kernel's compiled step through ``aot_eager``, counting the graphs it makes.
+def aot_eager_compiled(module: Any, factory: str, function: Callable) -> Iterator[CompileCounterWithBackend]:
+    """Make ``module.<factory>()`` return ``function`` compiled with ``aot_eager``, counting graphs.
 
+    ``aot_eager`` captures the same graphs as Inductor and runs them op by op, in a second or two.
     A fresh compiler each time: compiled code is cached per code object across ``torch.compile``
     calls, and past torch's recompile limit the step would silently run eagerly (compiled would
     then be compared with eager by eager).
     """
     torch._dynamo.reset()
     count = CompileCounterWithBackend("aot_eager")
-    step = torch.compile(chunked.chunk_step, backend=count, dynamic=False)
+    compiled = torch.compile(function, backend=count, dynamic=False)
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(chunked, "compiled_chunk_step", lambda: step)
+        patch.setattr(module, factory, lambda: compiled)
         yield count
     torch._dynamo.reset()
+
+
+def aot_eager_steps() -> contextlib.AbstractContextManager[CompileCounterWithBackend]:
+    """The kernel's compiled chunk step through :func:`aot_eager_compiled`."""
+    return aot_eager_compiled(chunked, "compiled_chunk_step", chunked.chunk_step)
 
 
 @pytest.fixture

@@ -95,14 +95,10 @@ class MAGBlock(nn.Module):
         return hidden + self.feedforward(self.ffn_norm(hidden)), MAGState(memory_state, cache)
 
     def static_decode_start(self, state: MAGState, batch: int, capacity: int) -> StaticDecodeStart:
-        """Buffers for decoding on from ``state``: the memory layer's and the attention's (see
-        :func:`static_attention_buffers`). One cycle: the memory chunk."""
+        """Buffers for decoding on from ``state``: the memory layer's and the attention's. One
+        cycle: the memory chunk."""
         state = check_state(state, MAGState, "titans.mag")
-        buffers = MemoryAttentionBuffers(
-            self.memory.static_decode_buffers(state.memory, batch),
-            static_attention_buffers(self.attention, state.attention, batch, capacity))
-        return StaticDecodeStart(buffers, (self.memory.static_decode_phase(state.memory),),
-                                 (self.memory.chunk_size,))
+        return memory_attention_decode_start(self.memory, self.attention, state, batch, capacity)
 
     def static_decode_step(self, hidden: Tensor, buffers: MemoryAttentionBuffers,
                            completes: tuple[bool, ...]) -> Tensor:
@@ -127,14 +123,20 @@ class MemoryAttentionBuffers(NamedTuple):
     attention: Any
 
 
-def static_attention_buffers(attention: nn.Module, cache: Any, batch: int, capacity: int) -> Any:
-    """``attention.static_decode_buffers(cache, batch, capacity)``, or an :class:`InputError` naming
-    the attention component when it cannot decode with fixed shapes."""
+def memory_attention_decode_start(memory: NeuralMemoryLayer, attention: nn.Module,
+                                  state: MAGState | Any, batch: int, capacity: int
+                                  ) -> StaticDecodeStart:
+    """The fixed-shape decode start of a block whose state is ``(memory, attention)`` (MAG, MAL):
+    both components' buffers, one cycle (the memory chunk). An attention component that cannot
+    decode with fixed shapes is named in an :class:`InputError`."""
     if not callable(getattr(attention, "static_decode_buffers", None)):
         raise InputError(f"fixed-shape (compiled) decoding needs an attention component with "
                          f"static_decode_buffers/static_decode_step (e.g. baseline.causal); "
                          f"{type(attention).__name__} has none; use generate(..., compile=False)")
-    return attention.static_decode_buffers(cache, batch, capacity)
+    buffers = MemoryAttentionBuffers(memory.static_decode_buffers(state.memory, batch),
+                                     attention.static_decode_buffers(state.attention, batch, capacity))
+    return StaticDecodeStart(buffers, (memory.static_decode_phase(state.memory),),
+                             (memory.chunk_size,))
 
 
 def check_hidden(hidden: Any, dim: int, block: str) -> None:

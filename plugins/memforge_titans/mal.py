@@ -26,8 +26,8 @@ from memforge_titans.mag import (
     MemoryAttentionBuffers,
     check_hidden,
     check_state,
+    memory_attention_decode_start,
     start_memory,
-    static_attention_buffers,
 )
 
 
@@ -89,11 +89,7 @@ class MALBlock(nn.Module):
         """Buffers for decoding on from ``state``: the memory layer's and the attention's. One
         cycle: the memory chunk."""
         state = check_state(state, MALState, "titans.mal")
-        buffers = MemoryAttentionBuffers(
-            self.memory.static_decode_buffers(state.memory, batch),
-            static_attention_buffers(self.attention, state.attention, batch, capacity))
-        return StaticDecodeStart(buffers, (self.memory.static_decode_phase(state.memory),),
-                                 (self.memory.chunk_size,))
+        return memory_attention_decode_start(self.memory, self.attention, state, batch, capacity)
 
     def static_decode_step(self, hidden: Tensor, buffers: MemoryAttentionBuffers,
                            completes: tuple[bool, ...]) -> Tensor:
