@@ -176,7 +176,13 @@ class ChunkReader(Protocol):
 
 @runtime_checkable
 class RetrievalRule(Protocol):
-    """Kind ``retrieval``: which weights a token reads. Never writes the memory."""
+    """Kind ``retrieval``: which weights a token reads. Never writes the memory.
+
+    A rule may set the class attribute ``reads_within_chunk = False`` to promise that it only ever
+    calls ``reader.at_chunk_start``: fixed-shape decoding then computes a chunk's surprises once,
+    when the chunk completes, instead of one per token for reads that never come (a rule that
+    breaks the promise gets an error, not a wrong read). Without the attribute, ``True`` is assumed.
+    """
 
     def forward(self, reader: ChunkReader, queries: Tensor) -> Tensor:
         """Return the read-out ``[N, t, d_value]`` for ``queries`` ``[N, t, d_key]``."""

@@ -10,7 +10,6 @@ real Inductor compiler in float32.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
 
 import pytest
 import torch
@@ -22,6 +21,7 @@ from torch._dynamo.testing import CompileCounterWithBackend
 import memforge
 from memforge import InputError, decoding
 from memforge.decoding import StaticDecoder
+from tests.test_titans_compiled import aot_eager_compiled
 
 DT = torch.float64
 EXACT = {"atol": 1e-10, "rtol": 1e-9}
@@ -57,16 +57,9 @@ def static_logits(model, seq: torch.Tensor, prompt: int, *, compiled: bool = Fal
         return torch.stack([decoder.step(seq[:, t:t + 1]) for t in range(prompt, seq.shape[1])], 1)
 
 
-@contextlib.contextmanager
-def aot_eager_decoding() -> Iterator[CompileCounterWithBackend]:
-    """Route the compiled decode step through ``aot_eager`` with a fresh compiler, counting graphs."""
-    torch._dynamo.reset()
-    count = CompileCounterWithBackend("aot_eager")
-    step = torch.compile(decoding.decode_step, backend=count, dynamic=False)
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(decoding, "compiled_decode_step", lambda: step)
-        yield count
-    torch._dynamo.reset()
+def aot_eager_decoding() -> contextlib.AbstractContextManager[CompileCounterWithBackend]:
+    """The compiled decode step through ``aot_eager`` with a fresh compiler, counting graphs."""
+    return aot_eager_compiled(decoding, "compiled_decode_step", decoding.decode_step)
 
 
 @settings(deadline=None, max_examples=12)
@@ -207,3 +200,22 @@ def test_decoder_input_errors() -> None:
     decoder.step(seq[:, :1])
     with pytest.raises(InputError, match="capacity it was made for"):
         decoder.step(seq[:, :1])
+
+
+class LyingRetrieval(nn.Module):
+    """Promises chunk-start reads only, then reads exactly."""
+
+    reads_within_chunk = False
+
+    def forward(self, reader, queries):
+        return reader.after_write(queries)
+
+
+def test_a_retrieval_rule_that_breaks_its_promise_is_named() -> None:
+    model = build("titans.lmm_tiny", 0)
+    model.blocks[0].memory.retrieval = LyingRetrieval()
+    seq = tokens(0, model.vocab_size, 1, 6)
+    with torch.no_grad():
+        decoder = StaticDecoder(model, model(seq).state, capacity=2, compiled=False)
+        with pytest.raises(RuntimeError, match="LyingRetrieval declares reads_within_chunk = False"):
+            decoder.step(seq[:, :1])

@@ -115,6 +115,8 @@ class ReadAtChunkStart(nn.Module):
     """Read every token with the weights at the start of its chunk (cheapest; with chunk size 1
     this is reading ``M_{t-1}``). A token never sees a write of its own chunk."""
 
+    reads_within_chunk = False
+
     def forward(self, reader: ChunkReader, queries: Tensor) -> Tensor:
         return reader.at_chunk_start(queries)
 
@@ -122,12 +124,16 @@ class ReadAtChunkStart(nn.Module):
 class ReadBeforeWrite(nn.Module):
     """Read token ``t`` with the exact weights ``M_{t-1}``: everything before it, not itself."""
 
+    reads_within_chunk = True
+
     def forward(self, reader: ChunkReader, queries: Tensor) -> Tensor:
         return reader.before_write(queries)
 
 
 class ReadAfterWrite(nn.Module):
     """Read token ``t`` with the exact weights ``M_t``, after its own write (TTT's order)."""
+
+    reads_within_chunk = True
 
     def forward(self, reader: ChunkReader, queries: Tensor) -> Tensor:
         return reader.after_write(queries)

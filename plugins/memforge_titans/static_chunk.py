@@ -46,7 +46,10 @@ class StaticChunk(NamedTuple):
         lr: ``theta`` of the chunk's rows ``[N, b]``.
         momentum: ``eta`` ``[N, b]``, or ``None`` without momentum.
         decay: ``alpha`` ``[N, b]``, or ``None`` without forgetting.
-        inputs: per matrix, the input of each row's surprise ``[N, b, d_in_i]``.
+        keys: the rows' keys ``[N, b, d_key]``.
+        values: the rows' values ``[N, b, d_value]``.
+        inputs: per matrix, the input of each row's surprise ``[N, b, d_in_i]`` (kept up to date
+            only for a retrieval rule that reads within the chunk; see :func:`static_chunk_step`).
         grads: per matrix, the back-propagated error of each row's surprise ``[N, b, d_out_i]``.
         row: the row the next token writes (a 0-d long tensor: the tokens of the chunk so far).
     """
@@ -56,6 +59,8 @@ class StaticChunk(NamedTuple):
     lr: Tensor
     momentum: Tensor | None
     decay: Tensor | None
+    keys: Tensor
+    values: Tensor
     inputs: tuple[Tensor, ...]
     grads: tuple[Tensor, ...]
     row: Tensor
@@ -68,6 +73,16 @@ class _StoredPairs(NamedTuple):
 
     def get(self) -> list[tuple[Tensor, Tensor]]:
         return self.pairs
+
+
+class _NoPairs(NamedTuple):
+    """The pairs of a chunk whose retrieval rule promised to read only at the chunk start."""
+
+    retrieval: Any
+
+    def get(self) -> list[tuple[Tensor, Tensor]]:
+        raise RuntimeError(f"{type(self.retrieval).__name__} declares reads_within_chunk = False "
+                           f"but asked for an exact read within a chunk; set it to True (or drop it)")
 
 
 def static_chunk(
@@ -97,6 +112,8 @@ def static_chunk(
         lr=rows(pending.lr, ()),
         momentum=None if pending.momentum is None else rows(pending.momentum, ()),
         decay=None if pending.decay is None else rows(pending.decay, ()),
+        keys=rows(pending.keys, pending.keys.shape[2:]),
+        values=rows(pending.values, pending.values.shape[2:]),
         inputs=tuple(rows(x, x.shape[2:]) for x, _ in pairs),
         grads=tuple(rows(g, g.shape[2:]) for _, g in pairs),
         row=torch.tensor(done, device=weights[0].device),
@@ -124,20 +141,32 @@ def static_chunk_step(
     the step then also moves ``(M, S)`` to the chunk end and starts the next chunk at row 0. It is
     a Python bool, not read from ``chunk.row``, so a compiled step branches without reading a
     tensor (one graph per value).
+
+    A token's surprise pair is computed as it arrives, for exact reads of the rows so far; with a
+    retrieval rule that declares ``reads_within_chunk = False`` (chunk-start reads), the whole
+    chunk's pairs are computed at once when it completes, from the stored keys and values.
     """
     row = chunk.row.view(1)
-    new_pairs = _surprise_pairs(network, surprise, chunk.weights, key, value)
-    for buffer, new in ((chunk.lr, lr), (chunk.momentum, momentum), (chunk.decay, decay)):
+    for buffer, new in ((chunk.lr, lr), (chunk.momentum, momentum), (chunk.decay, decay),
+                        (chunk.keys, key), (chunk.values, value)):
         if buffer is not None:
             buffer.index_copy_(1, row, new)
-    for inputs, grads, (x, g) in zip(chunk.inputs, chunk.grads, new_pairs, strict=True):
-        inputs.index_copy_(1, row, x)
-        grads.index_copy_(1, row, g)
-    pairs = _StoredPairs(list(zip(chunk.inputs, chunk.grads, strict=True)))
+    stored = _StoredPairs(list(zip(chunk.inputs, chunk.grads, strict=True)))
+    if getattr(retrieval, "reads_within_chunk", True):
+        new_pairs = _surprise_pairs(network, surprise, chunk.weights, key, value)
+        for inputs, grads, (x, g) in zip(chunk.inputs, chunk.grads, new_pairs, strict=True):
+            inputs.index_copy_(1, row, x)
+            grads.index_copy_(1, row, g)
+        pairs: _StoredPairs | _NoPairs = stored
+    else:
+        pairs = _NoPairs(retrieval)
     bank = _RowBank(chunk)
     reader = _ChunkReader(network, chunk.weights, chunk.moments, pairs, bank, 0, slice(None))
     out = retrieval(reader, query)
     if completes:
+        if pairs is not stored:
+            pairs = _StoredPairs(_surprise_pairs(network, surprise, chunk.weights, chunk.keys,
+                                                 chunk.values))
         weights, moments = _advance(chunk.weights, chunk.moments, pairs.get(), bank.end(0))
         for old, new in zip(chunk.weights + chunk.moments, weights + moments, strict=True):
             old.copy_(new)
