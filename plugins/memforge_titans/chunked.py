@@ -533,10 +533,16 @@ def _advance(
 
 
 def _add_weighted_outer(base: Tensor, x: Tensor, g: Tensor, gain: Tensor) -> Tensor:
-    """``base + sum_j gain_j x_j^T g_j`` as one matmul, scaling the narrower of ``x`` and ``g``."""
-    if x.shape[-1] <= g.shape[-1]:
-        return torch.baddbmm(base, (x * gain[..., None]).mT, g)
-    return torch.baddbmm(base, x.mT, g * gain[..., None])
+    """``base + sum_j gain_j x_j^T g_j`` as one matmul, scaling the narrower of ``x`` and ``g``.
+
+    Eagerly one ``baddbmm``. Compiled, a plain ``bmm`` plus an addition instead: Inductor fuses the
+    addition with the element-wise work that makes ``base``, where an extern ``baddbmm`` would
+    first copy the fused ``base`` into its output.
+    """
+    left, right = ((x * gain[..., None]).mT, g) if x.shape[-1] <= g.shape[-1] else (x.mT, g * gain[..., None])
+    if torch.compiler.is_compiling():
+        return base + torch.bmm(left, right)
+    return torch.baddbmm(base, left, right)
 
 
 class _ChunkReader:
