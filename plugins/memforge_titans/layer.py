@@ -19,7 +19,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from memforge.errors import InputError, NonFiniteError
-from memforge.interfaces import ForgettingRule, MemoryNetwork, Projection, RetrievalRule, SurpriseRule
+from memforge.interfaces import (
+    ForgettingRule,
+    MemoryNetwork,
+    Projection,
+    RetrievalRule,
+    SurpriseGates,
+    SurpriseRule,
+)
 from memforge_titans.chunked import FastWeightState, current_weights, initial_state, memory_scan
 from memforge_titans.static_chunk import StaticChunk, clone_tree, copy_into, static_chunk, static_chunk_step
 
@@ -147,15 +154,8 @@ class NeuralMemoryLayer(nn.Module):
             state = MemoryLayerState(fast, None)
         else:
             state = self._check_state(state, batch)
-        q, k, v, projection_cache = self.projection(x, state.projection)
-        # The test-time update runs at the fast weights' precision even under autocast: momentum
-        # and decay accumulate over thousands of tokens, and bfloat16 steps would drift (the
-        # attention and projections around it still take autocast's low precision).
-        dtype = state.fast.weights[0].dtype
-        flat = [t.flatten(0, 1).to(dtype) for t in (q, k, v)]  # [B * H, T, d]
-        gate_lr, gate_momentum, gate_decay = (
-            None if g is None else self._heads_first(g).to(dtype) for g in (gates.lr, gates.momentum, decay)
-        )
+        flat, (gate_lr, gate_momentum, gate_decay), projection_cache = self._kernel_inputs(
+            x, gates, decay, state.projection, state.fast.weights[0].dtype)
         scan = _scan_with_compiled_steps if self.compiled_steps else memory_scan
         with _without_autocast(x.device):
             read, fast = scan(
@@ -163,6 +163,22 @@ class NeuralMemoryLayer(nn.Module):
                 lr=gate_lr, momentum=gate_momentum, decay=gate_decay, chunk_size=self.chunk_size,
             )
         return self._output(read, x), MemoryLayerState(fast, projection_cache)
+
+    def _kernel_inputs(self, x: Tensor, gates: SurpriseGates, decay: Tensor | None,
+                       projection_cache: Any, dtype: torch.dtype
+                       ) -> tuple[list[Tensor], list[Tensor | None], Any]:
+        """``q, k, v`` as ``[B * H, T, d]`` and the gates ``theta, eta, alpha`` as ``[B * H, T]``
+        (``None`` when off), in the fast weights' ``dtype``, and the projection's new cache.
+
+        The test-time update runs at the fast weights' precision even under autocast: momentum and
+        decay accumulate over thousands of tokens, and bfloat16 steps would drift (the attention
+        and projections around it still take autocast's low precision).
+        """
+        q, k, v, cache = self.projection(x, projection_cache)
+        flat = [t.flatten(0, 1).to(dtype) for t in (q, k, v)]
+        gate_values = [None if g is None else self._heads_first(g).to(dtype)
+                       for g in (gates.lr, gates.momentum, decay)]
+        return flat, gate_values, cache
 
     def _output(self, read: Tensor, x: Tensor) -> Tensor:
         """The raw reads ``[B * H, T, d]`` normalised, gated by ``x`` ``[B, T, D]`` and projected."""
@@ -193,18 +209,12 @@ class NeuralMemoryLayer(nn.Module):
         the position, so the branch is a Python bool and a compiled step never reads a tensor).
         No input checks: the decoder feeds the model's own hidden states.
         """
-        gates = self.surprise(x)
-        decay = self.forgetting(x)
-        q, k, v, cache = self.projection(x, buffers.projection)
+        flat, gate_values, cache = self._kernel_inputs(
+            x, self.surprise(x), self.forgetting(x), buffers.projection, buffers.chunk.weights[0].dtype)
         copy_into(buffers.projection, cache)
-        dtype = buffers.chunk.weights[0].dtype
-        flat = [t.flatten(0, 1).to(dtype) for t in (q, k, v)]
-        gate_lr, gate_momentum, gate_decay = (
-            None if g is None else self._heads_first(g).to(dtype) for g in (gates.lr, gates.momentum, decay)
-        )
         with _without_autocast(x.device):
             read = static_chunk_step(self.memory, self.surprise, self.retrieval, buffers.chunk, *flat,
-                                     gate_lr, gate_momentum, gate_decay, completes=completes_chunk)
+                                     *gate_values, completes=completes_chunk)
         return self._output(read, x)
 
     def compile_steps(self, enabled: bool = True) -> None:

@@ -4,13 +4,14 @@
 chunk is a set of tensors that grow by one row per token, so every step has new shapes and a
 compiled step would recompile for each. Here the unfinished chunk lives in buffers of the full
 chunk size, and a step writes its token's row in place: every step of a decode has the same
-shapes, and two compiled graphs serve them all (one more for a step that completes a chunk and so
-also moves the weights).
+shapes, and two compiled graphs serve them all, one for a step inside a chunk and one for a step
+that completes it (and so also moves the weights).
 
 The arithmetic is :func:`memory_scan`'s. A token's surprise is taken at the chunk-start weights,
-so it is computed once, when the token arrives, and kept per row as the ``(input, gradient)``
-pair of every matrix; reads go through the scan's reader, and the coefficients come from the
-scan's coefficient bank (an exact read at row ``r`` takes the chunk-end coefficients of the rows
+so it is computed once: when the token arrives, kept per row as the ``(input, gradient)`` pair of
+every matrix, or, for a rule that reads only at the chunk start, for the whole chunk when it
+completes. Reads go through the scan's reader, and the coefficients come from the scan's
+coefficient bank (an exact read at row ``r`` takes the chunk-end coefficients of the rows
 up to ``r``, see :class:`_RowBank`). Rows after the current one still hold the previous chunk's
 (finite) values: a read masks them out, and a chunk-end update happens only once every row has
 been written.
