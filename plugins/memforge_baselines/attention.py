@@ -30,9 +30,12 @@ __all__ = [
     "AttentionDecodeBuffers",
     "CausalSelfAttention",
     "attend",
+    "attend_visible",
+    "batch_persistent_kv",
     "causal_mask",
     "dense_masked_attention",
     "reference_attention",
+    "static_attention_buffers",
 ]
 
 
@@ -98,6 +101,41 @@ def attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None) -> Tenso
         ``[..., Tq, d_v]``.
     """
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
+def attend_visible(q: Tensor, persistent: tuple[Tensor, Tensor] | None, keys: list[Tensor],
+                   values: list[Tensor], visible: list[Tensor]) -> Tensor:
+    """One decoding query ``q`` ``[B, H, 1, d]`` over fixed-shape key/value buffers.
+
+    ``keys``/``values`` are lists of ``[B, H, n_i, d]`` pieces and ``visible`` their boolean row
+    masks ``[n_i]`` (stale rows of a buffer are ``False``); the ``persistent`` keys and values
+    ``[B, H, P, d]`` go first and are always visible.
+    """
+    if persistent is not None:
+        keys, values = [persistent[0], *keys], [persistent[1], *values]
+        visible = [visible[0].new_ones(persistent[0].shape[2]), *visible]
+    return attend(q, torch.cat(keys, 2), torch.cat(values, 2), torch.cat(visible)[None])
+
+
+def batch_persistent_kv(attention: nn.Module, batch: int, dtype: torch.dtype
+                        ) -> tuple[Tensor, Tensor] | None:
+    """``attention.persistent_kv()`` expanded to ``batch`` sequences and stored contiguously in
+    ``dtype``: what a fixed-shape decode keeps, since the parameters do not change while it runs."""
+    prefix = attention.persistent_kv()
+    if prefix is None:
+        return None
+    return tuple(p.expand(batch, -1, -1, -1).to(dtype).contiguous() for p in prefix)
+
+
+def static_attention_buffers(attention: nn.Module, cache: object, batch: int, capacity: int) -> object:
+    """``attention.static_decode_buffers(cache, batch, capacity)``, or an :class:`InputError` naming
+    the attention component when it cannot decode with fixed shapes (a block that holds any
+    ``Attention`` calls this rather than assume the method)."""
+    if not callable(getattr(attention, "static_decode_buffers", None)):
+        raise InputError(f"fixed-shape (compiled) decoding needs an attention component with "
+                         f"static_decode_buffers/static_decode_step (e.g. baseline.causal); "
+                         f"{type(attention).__name__} has none; use generate(..., compile=False)")
+    return attention.static_decode_buffers(cache, batch, capacity)
 
 
 class AttentionDecodeBuffers(NamedTuple):
@@ -290,11 +328,8 @@ class CausalSelfAttention(nn.Module):
             out[:, :, where] = rows
             return out
 
-        prefix = self.persistent_kv()
-        return AttentionDecodeBuffers(
-            buffer(keys), buffer(values), position.clone(),
-            None if prefix is None else tuple(p.expand(batch, -1, -1, -1).to(keys.dtype).contiguous()
-                                              for p in prefix))
+        return AttentionDecodeBuffers(buffer(keys), buffer(values), position.clone(),
+                                      batch_persistent_kv(self, batch, keys.dtype))
 
     def static_decode_step(self, x: Tensor, buffers: AttentionDecodeBuffers) -> Tensor:
         """Attend one token ``x`` ``[B, 1, D]`` on ``buffers`` (updated in place); equals
@@ -306,15 +341,11 @@ class CausalSelfAttention(nn.Module):
         if self.window is None:  # write first: the token sees itself in its slot
             buffers.keys.index_copy_(2, position, k)
             buffers.values.index_copy_(2, position, v)
-            all_k, all_v, visible = [buffers.keys], [buffers.values], [index <= position]
+            o = attend_visible(q, buffers.persistent, [buffers.keys], [buffers.values],
+                               [index <= position])
         else:  # read the ring, then overwrite the oldest slot, the one leaving the window
-            all_k, all_v = [buffers.keys, k], [buffers.values, v]
-            visible = [index < position, index.new_ones(1, dtype=torch.bool)]
-        if buffers.persistent is not None:
-            all_k.insert(0, buffers.persistent[0])
-            all_v.insert(0, buffers.persistent[1])
-            visible.insert(0, index.new_ones(buffers.persistent[0].shape[2], dtype=torch.bool))
-        o = attend(q, torch.cat(all_k, 2), torch.cat(all_v, 2), torch.cat(visible)[None])
+            o = attend_visible(q, buffers.persistent, [buffers.keys, k], [buffers.values, v],
+                               [index < position, index.new_ones(1, dtype=torch.bool)])
         if self.window is not None and slots:
             slot = position % slots
             buffers.keys.index_copy_(2, slot, k)

@@ -6,9 +6,9 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from memforge.errors import InputError
 from memforge.interfaces import StaticDecodeStart
 
+from .attention import static_attention_buffers
 from .layers import RMSNorm
 
 __all__ = ["TransformerBlock"]
@@ -60,12 +60,8 @@ class TransformerBlock(nn.Module):
     def static_decode_start(self, state: Any, batch: int, capacity: int) -> StaticDecodeStart:
         """Buffers for decoding on from ``state`` (the attention's cache) by up to ``capacity``
         tokens: the attention component's own (it must have ``static_decode_buffers``). No cycles."""
-        if not callable(getattr(self.attention, "static_decode_buffers", None)):
-            raise InputError(f"fixed-shape (compiled) decoding needs an attention component with "
-                             f"static_decode_buffers/static_decode_step (e.g. baseline.causal); "
-                             f"{type(self.attention).__name__} has none; use generate(..., "
-                             f"compile=False)")
-        return StaticDecodeStart(self.attention.static_decode_buffers(state, batch, capacity), (), ())
+        return StaticDecodeStart(static_attention_buffers(self.attention, state, batch, capacity),
+                                 (), ())
 
     def static_decode_step(self, hidden: Tensor, buffers: Any, completes: tuple[bool, ...]) -> Tensor:
         """One token ``hidden`` ``[B, 1, D]`` on ``buffers`` (updated in place); equals :meth:`forward`."""

@@ -46,7 +46,7 @@ from typing import NamedTuple
 import attrs
 import torch
 import torch.nn.functional as F
-from memforge_baselines.attention import attend, causal_mask
+from memforge_baselines.attention import attend, attend_visible, batch_persistent_kv, causal_mask
 from torch import Tensor, nn
 
 from memforge import option
@@ -235,10 +235,8 @@ class MACBlock(nn.Module):
         part not yet filled is masked), the memory's own buffers, the persistent keys and values
         (fixed while decoding) and the segment position. Cycles: the memory chunk, the segment.
         Nothing grows with the length, so ``capacity`` does not matter."""
-        if state is None:
-            raise InputError("titans.mac decodes on from a state; read at least one token first")
-        state = self._check_state(state, batch)
-        if state.memory is None:
+        state = None if state is None else self._check_state(state, batch)
+        if state is None or state.memory is None:
             raise InputError("titans.mac decodes on from a state; read at least one token first")
         filled = state.filled
 
@@ -249,14 +247,12 @@ class MACBlock(nn.Module):
 
         weights = (state.segment_weights if filled
                    else self.memory.current_weights(state.memory, batch))
-        prefix = self.attention.persistent_kv()
         buffers = MACDecodeBuffers(
             memory=self.memory.static_decode_buffers(state.memory, batch),
             segment_weights=tuple(w.clone() for w in weights),
             keys=cache(state.keys), values=cache(state.values),
             retrieved_keys=cache(state.retrieved_keys), retrieved_values=cache(state.retrieved_values),
-            persistent=None if prefix is None else tuple(
-                p.expand(batch, -1, -1, -1).to(state.keys.dtype).contiguous() for p in prefix),
+            persistent=batch_persistent_kv(self.attention, batch, state.keys.dtype),
             filled=torch.tensor(filled, device=state.keys.device),
         )
         phases = (self.memory.static_decode_phase(state.memory), filled)
@@ -278,14 +274,9 @@ class MACBlock(nn.Module):
             cache.index_copy_(2, position, rows)
         # The newest token sees the persistent tokens and every filled row; the rest is stale.
         filled_rows = torch.arange(self.segment_len, device=hidden.device) <= buffers.filled
-        all_k = [buffers.retrieved_keys, buffers.keys]
-        all_v = [buffers.retrieved_values, buffers.values]
-        visible = [filled_rows, filled_rows]
-        if buffers.persistent is not None:
-            all_k.insert(0, buffers.persistent[0])
-            all_v.insert(0, buffers.persistent[1])
-            visible.insert(0, filled_rows.new_ones(buffers.persistent[0].shape[2]))
-        o = attend(q[:batch], torch.cat(all_k, 2), torch.cat(all_v, 2), torch.cat(visible)[None])
+        o = attend_visible(q[:batch], buffers.persistent,
+                           [buffers.retrieved_keys, buffers.keys],
+                           [buffers.retrieved_values, buffers.values], [filled_rows, filled_rows])
         y = self.attention.output(o)
         m = self.memory.static_decode_step(self.write_norm(y), buffers.memory, completes_chunk)
         if completes_segment:

@@ -26,6 +26,7 @@ from typing import Any, NamedTuple
 
 import attrs
 import torch
+from memforge_baselines.attention import static_attention_buffers
 from torch import Tensor, nn
 
 from memforge import option
@@ -129,12 +130,8 @@ def memory_attention_decode_start(memory: NeuralMemoryLayer, attention: nn.Modul
     """The fixed-shape decode start of a block whose state is ``(memory, attention)`` (MAG, MAL):
     both components' buffers, one cycle (the memory chunk). An attention component that cannot
     decode with fixed shapes is named in an :class:`InputError`."""
-    if not callable(getattr(attention, "static_decode_buffers", None)):
-        raise InputError(f"fixed-shape (compiled) decoding needs an attention component with "
-                         f"static_decode_buffers/static_decode_step (e.g. baseline.causal); "
-                         f"{type(attention).__name__} has none; use generate(..., compile=False)")
     buffers = MemoryAttentionBuffers(memory.static_decode_buffers(state.memory, batch),
-                                     attention.static_decode_buffers(state.attention, batch, capacity))
+                                     static_attention_buffers(attention, state.attention, batch, capacity))
     return StaticDecodeStart(buffers, (memory.static_decode_phase(state.memory),),
                              (memory.chunk_size,))
 
