@@ -454,6 +454,10 @@ def _spread(log_eta: Tensor, log_tail: Tensor | None) -> Tensor:
     return exponent.masked_fill(~later, float("-inf")).exp().sum(-1)
 
 
+#: Device types without float64 tensors.
+_NO_FLOAT64 = frozenset({"mps"})
+
+
 def _segment_sums(log_gate: Tensor) -> Tensor:
     """``[..., b] -> [..., b, b]``, entry ``[i, j] = sum_{j<m<=i} log_gate_m`` where ``i >= j``.
 
@@ -462,8 +466,10 @@ def _segment_sums(log_gate: Tensor) -> Tensor:
     difference would carry an error of about ``|sum| * 6e-8``: up to 3e-4 relative at ``b = 64``
     (``tests/test_titans_kernel.py`` catches that). Entries above the diagonal are meaningless:
     callers mask them to ``-inf`` before ``exp``, so their value is 0 and their gradient too.
+    Devices without float64 (Apple's MPS) keep the gate's dtype and that error.
     """
-    sums = log_gate.double().cumsum(-1)
+    wide = log_gate.dtype if log_gate.device.type in _NO_FLOAT64 else torch.float64
+    sums = log_gate.to(wide).cumsum(-1)
     return (sums[..., :, None] - sums[..., None, :]).to(log_gate.dtype)
 
 
