@@ -434,9 +434,7 @@ class _CoefficientBank:
 
 def _decay_matrix(log_gate: Tensor) -> Tensor:
     """``[..., b] -> [..., b, b]``, entry ``[i, j] = prod_{j<m<=i} gate_m`` (0 above the diagonal)."""
-    size = log_gate.shape[-1]
-    causal = torch.ones(size, size, dtype=torch.bool, device=log_gate.device).tril()
-    return _segment_sums(log_gate).masked_fill(~causal, float("-inf")).exp()
+    return _segment_sums(log_gate).exp()
 
 
 def _spread(log_eta: Tensor, log_tail: Tensor | None) -> Tensor:
@@ -446,12 +444,10 @@ def _spread(log_eta: Tensor, log_tail: Tensor | None) -> Tensor:
     Summed over the ``l`` of a ``[j, l]`` layout (the transpose of :func:`_decay_matrix`), so the
     reduction runs along contiguous memory.
     """
-    exponent = _segment_sums(log_eta).mT  # [j, l] = sum_{j<m<=l} log eta_m
+    exponent = _segment_sums(log_eta).mT  # [j, l] = sum_{j<m<=l} log eta_m, -inf for l < j
     if log_tail is not None:
         exponent = exponent + log_tail[..., None, :]
-    size = log_eta.shape[-1]
-    later = torch.ones(size, size, dtype=torch.bool, device=log_eta.device).triu()
-    return exponent.masked_fill(~later, float("-inf")).exp().sum(-1)
+    return exponent.exp().sum(-1)
 
 
 #: Device types without float64 tensors.
@@ -459,18 +455,20 @@ _NO_FLOAT64 = frozenset({"mps"})
 
 
 def _segment_sums(log_gate: Tensor) -> Tensor:
-    """``[..., b] -> [..., b, b]``, entry ``[i, j] = sum_{j<m<=i} log_gate_m`` where ``i >= j``.
+    """``[..., b] -> [..., b, b]``, entry ``[i, j] = sum_{j<m<=i} log_gate_m``, ``-inf`` above the diagonal.
 
     Taken as differences of cumulative sums in float64 (an ``O(b)`` scan, then element-wise work
     that fuses when compiled). A clamped gate of 0 adds about -87 per token, so in float32 such a
     difference would carry an error of about ``|sum| * 6e-8``: up to 3e-4 relative at ``b = 64``
-    (``tests/test_titans_kernel.py`` catches that). Entries above the diagonal are meaningless:
-    callers mask them to ``-inf`` before ``exp``, so their value is 0 and their gradient too.
-    Devices without float64 (Apple's MPS) keep the gate's dtype and that error.
+    (``tests/test_titans_kernel.py`` catches that). The ``-inf`` entries make ``exp`` exactly 0
+    there, with a gradient of exactly 0. Devices without float64 (Apple's MPS) keep the gate's
+    dtype and that error.
     """
     wide = log_gate.dtype if log_gate.device.type in _NO_FLOAT64 else torch.float64
     sums = log_gate.to(wide).cumsum(-1)
-    return (sums[..., :, None] - sums[..., None, :]).to(log_gate.dtype)
+    size = log_gate.shape[-1]
+    causal = torch.ones(size, size, dtype=torch.bool, device=log_gate.device).tril()
+    return (sums[..., :, None] - sums[..., None, :]).to(log_gate.dtype).masked_fill(~causal, float("-inf"))
 
 
 def _suffix_sums(log_gate: Tensor) -> Tensor:
