@@ -16,6 +16,7 @@ from torch import nn
 
 from memforge.errors import MemforgeError, SpecError
 from memforge.interfaces import BuildContext
+from memforge.linear import Linear
 from memforge.model import MemforgeModel
 from memforge.registry import ComponentRegistry
 from memforge.spec import ComponentChoice, ModelSpec, check_spec
@@ -89,7 +90,7 @@ def build_model(
     embedding = nn.Embedding(spec.vocab_size, spec.dim)
     nn.init.normal_(embedding.weight, std=0.02)
     blocks = [build_block(spec, layer, registry) for layer in range(spec.num_layers)]
-    head = nn.Linear(spec.dim, spec.vocab_size, bias=False)
+    head = Linear(spec.dim, spec.vocab_size, bias=False)
     nn.init.normal_(head.weight, std=0.02)
     model = MemforgeModel(embedding, blocks, nn.RMSNorm(spec.dim), head)
     if device is not None or dtype is not None:

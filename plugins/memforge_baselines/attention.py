@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from memforge.errors import InputError
+from memforge.linear import Linear
 
 from .layers import RotaryEmbedding
 
@@ -215,10 +216,10 @@ class CausalSelfAttention(nn.Module):
         self.window = window
         self.persistent_tokens = persistent_tokens
         self.rotary = RotaryEmbedding(self.head_dim, rope_base)
-        self.q_proj = nn.Linear(dim, dim, bias=False)
-        self.k_proj = nn.Linear(dim, dim, bias=False)
-        self.v_proj = nn.Linear(dim, dim, bias=False)
-        self.o_proj = nn.Linear(dim, dim, bias=False)
+        self.q_proj = Linear(dim, dim, bias=False)
+        self.k_proj = Linear(dim, dim, bias=False)
+        self.v_proj = Linear(dim, dim, bias=False)
+        self.o_proj = Linear(dim, dim, bias=False)
         self.persistent = (
             nn.Parameter(torch.randn(persistent_tokens, dim) * 0.02) if persistent_tokens else None
         )

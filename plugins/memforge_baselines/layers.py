@@ -10,6 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from memforge.linear import Linear
+
 __all__ = ["RMSNorm", "RotaryEmbedding", "SwiGLU", "apply_rotary"]
 
 
@@ -65,8 +67,8 @@ class SwiGLU(nn.Module):
             raise ValueError(f"SwiGLU needs dim >= 1 and hidden >= 1, got dim={dim}, hidden={hidden}")
         self.dim = dim
         self.hidden = hidden
-        self.gate_up = nn.Linear(dim, 2 * hidden, bias=False)
-        self.down = nn.Linear(hidden, dim, bias=False)
+        self.gate_up = Linear(dim, 2 * hidden, bias=False)
+        self.down = Linear(hidden, dim, bias=False)
 
     def forward(self, x: Tensor) -> Tensor:
         """Map ``x`` ``[..., dim]`` to ``[..., dim]`` position-wise."""

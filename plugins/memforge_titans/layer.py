@@ -27,6 +27,7 @@ from memforge.interfaces import (
     SurpriseGates,
     SurpriseRule,
 )
+from memforge.linear import Linear
 from memforge_titans.chunked import FastWeightState, current_weights, initial_state, memory_scan
 from memforge_titans.static_chunk import StaticChunk, clone_tree, copy_into, static_chunk, static_chunk_step
 
@@ -106,8 +107,8 @@ class NeuralMemoryLayer(nn.Module):
         self.retrieval = retrieval
         self.compiled_steps = False
         self.out_norm = nn.RMSNorm(self.head_dim)
-        self.out_gate = nn.Linear(dim, dim, bias=False)
-        self.out_proj = nn.Linear(dim, dim, bias=False)
+        self.out_gate = Linear(dim, dim, bias=False)
+        self.out_proj = Linear(dim, dim, bias=False)
 
     # -- input checks --------------------------------------------------------------------------
     def _check_input(self, x: Any) -> None:

@@ -52,6 +52,7 @@ from torch import Tensor, nn
 from memforge import option
 from memforge.errors import InputError
 from memforge.interfaces import StaticDecodeStart
+from memforge.linear import Linear
 from memforge_titans.layer import MemoryDecodeBuffers, MemoryLayerState, NeuralMemoryLayer
 from memforge_titans.mag import check_hidden, check_state
 
@@ -168,12 +169,12 @@ class MACBlock(nn.Module):
         self.memory = memory
         self.feedforward = feedforward
         self.mixer_norm = nn.RMSNorm(dim)
-        self.query_proj = nn.Linear(dim, dim, bias=False)
+        self.query_proj = Linear(dim, dim, bias=False)
         self.retrieved_norm = nn.RMSNorm(self.head_dim)
         self.write_norm = nn.RMSNorm(dim)
         self.attention_out_norm = nn.RMSNorm(dim)
         self.memory_out_norm = nn.RMSNorm(dim)
-        self.out_proj = nn.Linear(dim, dim, bias=False)
+        self.out_proj = Linear(dim, dim, bias=False)
         self.ffn_norm = nn.RMSNorm(dim)
 
     def extra_repr(self) -> str:

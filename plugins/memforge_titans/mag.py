@@ -32,6 +32,7 @@ from torch import Tensor, nn
 from memforge import option
 from memforge.errors import InputError
 from memforge.interfaces import StaticDecodeStart
+from memforge.linear import Linear
 from memforge_titans.layer import MemoryDecodeBuffers, MemoryLayerState, NeuralMemoryLayer
 
 
@@ -75,7 +76,7 @@ class MAGBlock(nn.Module):
         self.mixer_norm = nn.RMSNorm(dim)
         self.attention_out_norm = nn.RMSNorm(dim)
         self.memory_out_norm = nn.RMSNorm(dim)
-        self.out_proj = nn.Linear(dim, dim, bias=False)
+        self.out_proj = Linear(dim, dim, bias=False)
         self.ffn_norm = nn.RMSNorm(dim)
 
     def forward(self, hidden: Tensor, state: MAGState | None = None) -> tuple[Tensor, MAGState]:

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from memforge.interfaces import ChunkReader, SurpriseGates
+from memforge.linear import Linear
 
 
 def _logit(p: float) -> float:
@@ -33,7 +34,7 @@ class _Gate(nn.Module):
         if not 0.0 < init < scale:
             raise ValueError(f"gate initial value must lie in (0, {scale}), got {init}")
         self.scale = scale
-        self.proj = nn.Linear(dim, heads)
+        self.proj = Linear(dim, heads)
         nn.init.normal_(self.proj.weight, std=0.02)
         nn.init.constant_(self.proj.bias, _logit(init / scale))
 
@@ -165,7 +166,7 @@ class QKVProjection(nn.Module):
             raise ValueError(f"conv_kernel must be >= 0 (0 = off), got {conv_kernel}")
         self.heads, self.head_dim, self.kernel = heads, head_dim, conv_kernel
         width = 3 * heads * head_dim
-        self.proj = nn.Linear(dim, width, bias=False)
+        self.proj = Linear(dim, width, bias=False)
         self.conv = nn.Conv1d(width, width, conv_kernel, groups=width, bias=False) if conv_kernel else None
 
     def forward(self, x: Tensor, cache: ProjectionCache | None) -> tuple[Tensor, Tensor, Tensor, Any]:
