@@ -1,0 +1,1 @@
+"""Ablation studies: study files expanded into runs, run in parallel, and reported with confidence intervals."""
