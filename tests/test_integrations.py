@@ -1,6 +1,6 @@
 """Whole-model properties of the Titans integrations (``titans.lmm``/``mac``/``mag``/``mal``) and of
-every tiny preset (spec ``titans.md`` §7): causality, state chaining at any split point,
-incremental decoding, persistent tokens, batch independence, trainability, MAC's within-segment
+every tiny preset (docs/memory.md, "What the tests check"): causality, state chaining at any
+split point, incremental decoding, persistent tokens, batch independence, trainability, MAC's within-segment
 leak, and input errors.
 
 Exactness checks build the models in float64 and compare at ~1e-10; inputs come from seeded
@@ -163,7 +163,7 @@ def test_decoding_caches_stay_bounded(name: str) -> None:
 
 
 # --------------------------------------------------------------------------------------------
-# MAC: the within-segment leak of retrieved tokens (spec §3.1)
+# MAC: the within-segment leak of retrieved tokens (docs/memory.md, "MAC")
 
 
 @FEW

@@ -1,4 +1,5 @@
-"""Property tests of the Titans memory kernel against the slow references (spec titans.md §7)."""
+"""Property tests of the Titans memory kernel against the slow references
+(docs/memory.md, "What the tests check")."""
 
 from __future__ import annotations
 

@@ -1,7 +1,8 @@
 """Causal self-attention with an optional sliding window, persistent tokens and an incremental cache.
 
-This is the short-term half of the Titans models (spec §3): MAG and MAL use sliding-window
-attention whose persistent prefix ``P`` is always visible ("SW attention with prefix", Fig. 3b);
+This is the short-term half of the Titans models (docs/memory.md, "How the memory joins
+attention"): MAG and MAL use sliding-window attention whose persistent prefix ``P`` is always
+visible ("SW attention with prefix", Fig. 3b);
 plain attention is the ``window=None, persistent_tokens=0`` case.
 
 Pieces are public so that other integrations can compose them: MAC attends over

@@ -1,4 +1,4 @@
-"""The exact chunk-parallel Titans memory kernel (spec ``titans.md`` §2 and §8).
+"""The exact chunk-parallel Titans memory kernel (docs/memory.md, "The exact chunk kernel").
 
 Semantics, per sequence and head (``N = B * H`` of them), for token ``t`` in the chunk that starts
 at ``t'`` (chunks are ``[0, b), [b, 2b), ...`` counted from the start of the sequence)::
@@ -637,7 +637,8 @@ def _scaled_rows_matmul(h: Tensor, w: Tensor, scale: Tensor | None) -> Tensor:
 def _split_chunks(x: Tensor, chunk_size: int) -> tuple[Tensor, ...]:
     """Split ``[N, C * b, d]`` into ``C x [N, b, d]``.
 
-    Unbound once: slicing a chunk per loop step makes backward traffic quadratic (spec §8).
+    Unbound once: slicing a chunk per loop step makes backward traffic quadratic
+    (docs/memory.md, "The exact chunk kernel").
     """
     return x.unflatten(1, (-1, chunk_size)).unbind(1)
 

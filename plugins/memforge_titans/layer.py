@@ -1,8 +1,9 @@
-"""The Titans neural long-term memory as a sequence layer (spec §1, §2).
+"""The Titans neural long-term memory as a sequence layer (docs/memory.md).
 
 ``x -> q, k, v`` (projection), per-token gates (surprise and forgetting rules), the chunk-parallel
 test-time update and read (:func:`memforge_titans.chunked.memory_scan`), then a per-head RMS norm,
-a SiLU output gate from ``x`` and the output projection (spec §1.1, after Gated State Spaces / GDN).
+a SiLU output gate from ``x`` and the output projection (docs/memory.md, "The memory layer";
+after Gated State Spaces / GDN).
 
 Every sequence in the batch owns its memory: the learned initial weights are copied per sequence
 at the start and updated while the layer reads. The layer's state carries them (plus momentum,

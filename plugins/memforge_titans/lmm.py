@@ -1,9 +1,11 @@
-"""``titans.lmm``: the neural memory alone as a block's token mixer (spec §3.4), no attention.
+"""``titans.lmm``: the neural memory alone as a block's token mixer, no attention.
+
+See docs/memory.md, "LMM".
 
 ``h = x + LMM(norm(x)); y = h + FFN(norm(h))``. Optional persistent tokens ``P`` (learned,
-input-independent, spec §1.6) are written into the memory at the start of every sequence, before
-its first token, and their outputs are discarded: with zero tokens the block is exactly the
-variant without them.
+input-independent; docs/memory.md, "Persistent tokens") are written into the memory at the start
+of every sequence, before its first token, and their outputs are discarded: with zero tokens the
+block is exactly the variant without them.
 """
 
 from __future__ import annotations

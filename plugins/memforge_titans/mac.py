@@ -1,4 +1,4 @@
-"""``titans.mac``: Memory as Context (Titans §4.1, spec §3.1).
+"""``titans.mac``: Memory as Context (Titans §4.1; docs/memory.md, "MAC").
 
 The sequence is cut into segments of ``segment_len`` tokens ``S`` (counted from the sequence
 start). For each segment, in order::
@@ -24,12 +24,12 @@ has the same form as ``titans.mag``'s (the paper leaves ``⊗`` open).
 **The causality hazard and the choice made here.** The retrieved row ``h_j`` is computed from
 segment token ``j``'s own query, so under a plain causal mask over ``[P | h | S]`` every token of a
 segment would see the retrieval of *later* tokens of its segment: a leak of the future during
-training. This block uses the **diagonal-aligned mask** (spec §3.1 option (a)): segment token ``i``
-sees every persistent token, the retrieved rows ``j <= i`` and the segment tokens ``j <= i``. It
-keeps ``N_l = C`` and the paper's retrieval by the segment's own queries, and makes the block
-exactly causal (tested by perturbing later tokens inside a segment). Rotary positions are counted
-inside the segment and retrieved row ``j`` shares token ``j``'s position, so query ``i`` sees both
-of its partners at the same relative distance ``i - j``.
+training. This block uses the **diagonal-aligned mask** (option (a) in docs/memory.md, "MAC"):
+segment token ``i`` sees every persistent token, the retrieved rows ``j <= i`` and the segment
+tokens ``j <= i``. It keeps ``N_l = C`` and the paper's retrieval by the segment's own queries, and
+makes the block exactly causal (tested by perturbing later tokens inside a segment). Rotary
+positions are counted inside the segment and retrieved row ``j`` shares token ``j``'s position, so
+query ``i`` sees both of its partners at the same relative distance ``i - j``.
 
 **State.** A sequence may be split anywhere, mid-segment included. :class:`MACState` carries the
 memory layer's state, the fast weights at the current segment's start (the remaining tokens of the

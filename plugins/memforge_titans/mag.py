@@ -1,15 +1,16 @@
-"""``titans.mag``: Memory as a Gate (Titans §4.2, spec §3.2).
+"""``titans.mag``: Memory as a Gate (Titans §4.2; docs/memory.md, "MAG").
 
 One block, two branches over the same normalised input ``x̃ = norm(x)``::
 
     y = SWA(x̃)                                    # short-term: the spec's attention component
     m = LMM(x̃)                                    # long-term: the memory layer, written per token
-    o = W_o (RMSNorm_a(y) * sigmoid(RMSNorm_b(m)))  # the gate (spec §3.2 step 4, documented choice)
+    o = W_o (RMSNorm_a(y) * sigmoid(RMSNorm_b(m)))  # the gate (a documented choice, see below)
     h = x + o;   out = h + FFN(norm(h))
 
 The paper only says that ``y`` and ``m`` are normalised with learnable vector weights and then
-combined through a non-linearity; ``RMSNorm_a(y) * sigmoid(RMSNorm_b(m))`` is the reading the spec
-suggests: the memory decides, channel by channel, how much of the precise short-term output passes.
+combined through a non-linearity; ``RMSNorm_a(y) * sigmoid(RMSNorm_b(m))`` is memforge's reading
+(docs/memory.md, "MAG"): the memory decides, channel by channel, how much of the precise
+short-term output passes.
 
 Persistent tokens ``P`` are the attention component's own (``persistent_tokens`` of
 ``baseline.sliding_window``): the attention keeps them visible to every query whatever the window,

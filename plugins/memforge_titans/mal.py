@@ -1,4 +1,4 @@
-"""``titans.mal``: Memory as a Layer (Titans §4.3, spec §3.3).
+"""``titans.mal``: Memory as a Layer (Titans §4.3; docs/memory.md, "MAL").
 
 The memory layer and the (sliding-window) attention are stacked inside one block, H3-style, each
 as a pre-norm residual sub-layer, followed by the feed-forward layer::

@@ -1,7 +1,7 @@
 """Slow, obviously-correct references for the Titans memory update: the oracle for fast kernels.
 
 Both functions walk the sequence one token at a time, straight from the equations of Titans §3
-(spec ``titans.md`` §1.3 and §2)::
+(docs/memory.md, "The update rule" and "Chunk-parallel training")::
 
     u_t = grad_W loss(M_g(k_t), v_t)      # g = t-1 (token_recurrence) or the chunk start t'
     S_t = eta_t * S_{t-1} - theta_t * u_t

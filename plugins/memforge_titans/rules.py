@@ -3,10 +3,10 @@
 Each is a plain ``nn.Module`` with plain constructor arguments that satisfies one of the
 Protocols in :mod:`memforge.interfaces`; :mod:`memforge_titans` registers them as components.
 
-Gate parameterisation (the paper leaves it open, spec §1.3): per token and per head, from a
-linear map of the layer input, squashed by a sigmoid. The step size is bounded by ``max_lr``;
-biases start the gates at sensible values (small steps, strong momentum, little forgetting) so the
-memory stays bounded on long random input from the first step.
+Gate parameterisation (the paper leaves it open; docs/memory.md, "The update rule"): per token and
+per head, from a linear map of the layer input, squashed by a sigmoid. The step size is bounded by
+``max_lr``; biases start the gates at sensible values (small steps, strong momentum, little
+forgetting) so the memory stays bounded on long random input from the first step.
 """
 
 from __future__ import annotations
@@ -147,7 +147,7 @@ class ProjectionCache(NamedTuple):
 
 
 class QKVProjection(nn.Module):
-    """Queries, keys and values for the memory (spec §1.1, GDN order).
+    """Queries, keys and values for the memory (docs/memory.md, "The memory layer"; GDN order).
 
     ``linear -> causal depthwise conv (optional) -> SiLU``, then q and k are l2-normalised per
     head. The convolution keeps its last ``kernel - 1`` inputs as a cache, so a sequence fed in
