@@ -1,1 +1,1 @@
-"""Ablation studies: study files expanded into runs, run in parallel, and reported with confidence intervals."""
+"""Ablation studies: study files expanded into runs, run in parallel, and reported with intervals."""
