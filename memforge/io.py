@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
+import secrets
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -68,11 +68,25 @@ def dumps_spec(spec: ModelSpec, fmt: str = "toml") -> str:
     raise SpecError(f"unknown spec format {fmt!r}; use 'toml' or 'json'")
 
 
+def _create_temporary(path: Path) -> tuple[int, str]:
+    """A new ``.<name>.<random>.tmp`` next to ``path``, opened for writing.
+
+    Created with mode 0o666 so the user's umask applies, as for any ordinary file
+    (``tempfile.mkstemp`` would make it 0o600 and the renamed file private).
+    """
+    while True:
+        tmp = os.path.join(path.parent, f".{path.name}.{secrets.token_hex(4)}.tmp")
+        try:
+            return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), tmp
+        except FileExistsError:
+            continue
+
+
 def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
     """Write ``data`` to ``path`` so that readers see the old file or the new one, never half."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = _create_temporary(path)
     try:
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
