@@ -92,7 +92,7 @@ def build_model(
     blocks = [build_block(spec, layer, registry) for layer in range(spec.num_layers)]
     head = Linear(spec.dim, spec.vocab_size, bias=False)
     nn.init.normal_(head.weight, std=0.02)
-    model = MemforgeModel(embedding, blocks, nn.RMSNorm(spec.dim), head)
+    model = MemforgeModel(embedding, blocks, nn.RMSNorm(spec.dim), head, spec)
     if device is not None or dtype is not None:
         model = model.to(device=device, dtype=dtype)
     if registry.pm is not None:

@@ -109,7 +109,7 @@ def score_batches(
             for start in range(0, inputs.shape[1], piece_size):
                 end = start + piece_size
                 with autocast(device):
-                    logits, state = model(inputs[:, start:end], state)
+                    logits, state, _ = model(inputs[:, start:end], state)
                 if not bool(torch.isfinite(logits).all()):
                     raise NonFiniteError(f"the model's logits became non-finite within tokens "
                                          f"{start}..{start + logits.shape[1] - 1}")

@@ -13,12 +13,14 @@ whole at any split point.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from memforge.checks import checks_values
 from memforge.errors import InputError, NonFiniteError
 from memforge.interfaces import (
     ForgettingRule,
@@ -38,11 +40,25 @@ def _without_autocast(device: torch.device):
     return torch.autocast(device.type, enabled=False)
 
 
-@torch.compiler.disable
 def _scan_with_compiled_steps(*args: Any, **kwargs: Any) -> tuple[Tensor, FastWeightState]:
-    """:func:`memory_scan` with its compiled chunk step, hidden from any outer ``torch.compile``
-    (which would otherwise trace into the loop, unroll it and inline the step)."""
+    """:func:`memory_scan` with its compiled chunk step."""
     return memory_scan(*args, compiled=True, **kwargs)
+
+
+_hidden_scan: Callable[..., tuple[Tensor, FastWeightState]] | None = None
+
+
+def _scan_hidden_from_compile() -> Callable[..., tuple[Tensor, FastWeightState]]:
+    """:func:`_scan_with_compiled_steps` hidden from any outer ``torch.compile`` (which would
+    otherwise trace into the loop, unroll it and inline the step).
+
+    Made on first use, by ``compile_steps()``: ``torch.compiler.disable`` imports the compiler
+    stack (about a second), which a model that never compiles should not pay for.
+    """
+    global _hidden_scan
+    if _hidden_scan is None:
+        _hidden_scan = torch.compiler.disable(_scan_with_compiled_steps)
+    return _hidden_scan
 
 
 class MemoryLayerState(NamedTuple):
@@ -119,7 +135,8 @@ class NeuralMemoryLayer(nn.Module):
                              f"got {shape}")
         if not x.dtype.is_floating_point:
             raise InputError(f"memory layer expects floating-point hidden states, got {x.dtype}")
-        if not torch.compiler.is_compiling() and not bool(torch.isfinite(x).all()):
+        # A value check: on an accelerator only when asked for (see memforge.checks).
+        if checks_values(x) and not bool(torch.isfinite(x).all()):
             raise NonFiniteError("memory layer got non-finite hidden states (NaN or inf): either the "
                                  "inputs hold them or the model's activations overflowed before "
                                  "this layer; check the inputs and the learning rate")
@@ -158,7 +175,7 @@ class NeuralMemoryLayer(nn.Module):
             state = self._check_state(state, batch)
         flat, (gate_lr, gate_momentum, gate_decay), projection_cache = self._kernel_inputs(
             x, gates, decay, state.projection, state.fast.weights[0].dtype)
-        scan = _scan_with_compiled_steps if self.compiled_steps else memory_scan
+        scan = _scan_hidden_from_compile() if self.compiled_steps else memory_scan
         with _without_autocast(x.device):
             read, fast = scan(
                 self.memory, self.surprise, self.retrieval, state.fast, *flat,
@@ -229,6 +246,8 @@ class NeuralMemoryLayer(nn.Module):
         ``torch.compile`` of the model compiles everything around the scan and leaves the scan to
         its step. Results agree with the eager path up to float rounding.
         """
+        if enabled:
+            _scan_hidden_from_compile()
         self.compiled_steps = bool(enabled)
 
     # -- read-only access (MAC retrieves from the memory without writing) ------------------------
