@@ -1,0 +1,717 @@
+"""The report of an ablation study: ``memforge ablate report STUDY_DIR`` (and the end of every
+``memforge ablate`` run) reads the study's ``plan.json`` and ``results/*.json`` and writes
+``STUDY_DIR/report/``:
+
+``results.md``, ``results.csv``
+    One row per variant (per grid cell when the study has axes): for every final metric the mean
+    over seeds and its 95% bootstrap confidence interval, the number of seeds that finished (and
+    how many failed or have no result yet), the parameter count and the mean tokens/s. Metrics
+    evaluated by length (and depth) get their own "by length" table in the Markdown and their own
+    columns (``name[length=L,depth=D] mean/low/high/n``) in the CSV. The Markdown also states the
+    learning-rate selection and lists every failed or missing run with its message.
+``differences.md``, ``differences.csv``
+    Each variant minus the baseline variant in the same grid cell, **paired by seed**: only seeds
+    for which both finished count, and the interval is that of the mean paired difference.
+``selection.csv``
+    With a learning-rate sweep: every (variant, cell, lr) with its mean selection metric, seeds,
+    and which lr was chosen.
+``tidy.csv``
+    Every run's final metrics, one row per (run, metric, length, depth), with the columns
+    ``run, variant, seed, lr, <axes...>, params, status, selected, metric, length, depth, value``
+    (``selected``: whether the run's lr is the one the table reports). A run without metrics (failed
+    early, or not run yet) has one row with an empty metric. ``pandas.read_csv`` and DuckDB
+    (``SELECT * FROM 'tidy.csv'``) read it as it is.
+``variants_<metric>.png``, ``length_<metric>.png``, ``axis_<axis>_<metric>.png``
+    Each plain metric per variant (mean, interval, and the seeds' values); each metric evaluated by
+    length against the length (mean over depths per run first), one line and band per variant;
+    the primary metric against each numeric grid axis.
+
+Statistics: a percentile bootstrap of the mean over seeds, 10,000 resamples from a fixed seed, so
+reporting the same results twice writes byte-identical files (``memforge/ablate/stats.py`` says
+why percentile and not BCa). One seed gives a mean without an interval; seeds that all agree give
+a zero-width interval. With 3 to 5 seeds the interval says how much seeds disagree; it is not a
+guarantee, and overlapping intervals of two variants say less than the paired difference does.
+
+Learning-rate selection (when the plan has ``selection``): within each variant and grid cell, the
+lr whose selection metric (say ``validation/accuracy``, mode max) has the best mean over its
+finished seeds is chosen (ties go to the smaller lr; an lr whose runs all failed is never chosen),
+and the tables report that lr's runs. The selection metric's own column is then optimistic;
+report the test metric. Without a selection rule, each lr of a cell is its own row.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from memforge.ablate import plots
+from memforge.ablate.stats import CONFIDENCE, RESAMPLES, SEED, Interval, best_index, bootstrap_mean
+from memforge.errors import MemforgeError
+
+REPORT_DIR = "report"
+STATUSES = ("finished", "failed", "missing")
+# Columns of tidy.csv besides the axes; an axis may not take one of these names.
+RESERVED = ("run", "variant", "seed", "lr", "params", "status", "selected", "metric", "length", "depth",
+            "value")
+
+
+class ReportError(MemforgeError, ValueError):
+    """A study directory whose plan or results cannot be read."""
+
+
+@dataclass(frozen=True)
+class Selection:
+    """The learning-rate selection rule: the metric and whether larger ("max") or smaller is better."""
+
+    metric: str
+    mode: str
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The parts of ``plan.json`` the report uses."""
+
+    name: str
+    baseline: str | None
+    primary_metric: str | None
+    selection: Selection | None
+    axes: tuple[str, ...]
+    runs: tuple[dict[str, Any], ...]
+
+
+@dataclass(frozen=True)
+class MetricKey:
+    """A metric name, with the length and depth it was evaluated at (None when not by length).
+
+    None rather than NaN: NaN is unequal to itself, and these are dictionary keys."""
+
+    name: str
+    length: float | None = None
+    depth: float | None = None
+
+    @property
+    def by_length(self) -> bool:
+        return self.length is not None
+
+    @property
+    def label(self) -> str:
+        """``name`` or ``name[length=L,depth=D]``: the metric's column name in the CSVs."""
+        parts = []
+        if self.length is not None:
+            parts.append(f"length={_num_plain(self.length)}")
+        if self.depth is not None:
+            parts.append(f"depth={_num_plain(self.depth)}")
+        return self.name + (f"[{','.join(parts)}]" if parts else "")
+
+
+@dataclass
+class Row:
+    """One row of the results table: a variant in a grid cell at one lr, and its runs."""
+
+    variant: str
+    cell: tuple[Any, ...]
+    lr: float
+    runs: list[str]
+    failed: int = 0
+    missing: int = 0
+    finished: int = 0
+    params: int | None = None
+    tokens_per_s: float = math.nan
+    stats: dict[MetricKey, Interval] = field(default_factory=dict)
+    seed_values: dict[MetricKey, dict[int, float]] = field(default_factory=dict)
+
+
+@dataclass
+class StudyResults:
+    """A study's plan, its runs (one row each, plan order) and its tidy metrics table."""
+
+    plan: Plan
+    runs: pd.DataFrame
+    tidy: pd.DataFrame
+
+
+# ---------------------------------------------------------------------------------------- reading
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ReportError(f"cannot read {path}: {e}; restore it or delete it and run the study again") from e
+
+
+def _cell_value(value: Any) -> Any:
+    """Axis values as hashable scalars: lists and tables (a layer placement, say) as compact JSON."""
+    if isinstance(value, list | dict):
+        return json.dumps(value, sort_keys=True, separators=(",", ":"))
+    return value
+
+
+def load_plan(study_dir: Path) -> Plan:
+    """Read and check ``study_dir/plan.json``."""
+    path = study_dir / "plan.json"
+    if not path.is_file():
+        raise ReportError(f"{study_dir} has no plan.json; give the directory that "
+                          "`memforge ablate STUDY.toml` created")
+    data = _read_json(path)
+    if not isinstance(data, dict) or data.get("schema") != 1:
+        found = data.get("schema") if isinstance(data, dict) else None
+        raise ReportError(f"{path}: plan schema {found!r} is not 1; report it with the memforge that ran it")
+    runs = data.get("runs")
+    if not isinstance(runs, list) or not runs:
+        raise ReportError(f"{path}: 'runs' must be a non-empty list of runs")
+    for i, run in enumerate(runs):
+        missing = [k for k in ("id", "variant", "seed") if not isinstance(run, dict) or k not in run]
+        if missing:
+            raise ReportError(f"{path}: run {i} lacks {', '.join(missing)}; the plan is damaged, "
+                              "re-create it")
+    axes = tuple(data.get("axes") or ())
+    clash = [a for a in axes if a in RESERVED]
+    if clash:
+        raise ReportError(f"{path}: axis name {clash[0]!r} collides with a report column; rename the axis")
+    selection = data.get("selection")
+    if selection is not None:
+        if not isinstance(selection, dict) or not isinstance(selection.get("metric"), str) \
+                or selection.get("mode") not in ("max", "min"):
+            raise ReportError(f"{path}: 'selection' must be "
+                              f"{{\"metric\": NAME, \"mode\": \"max\" or \"min\"}}, got {selection!r}")
+        selection = Selection(selection["metric"], selection["mode"])
+    variants = list(dict.fromkeys(r["variant"] for r in runs))
+    baseline = data.get("baseline")
+    if baseline is not None and baseline not in variants:
+        raise ReportError(f"{path}: baseline {baseline!r} is not a variant of the plan "
+                          f"({', '.join(variants)})")
+    return Plan(
+        name=str(data.get("name") or study_dir.name),
+        baseline=baseline,
+        primary_metric=data.get("primary_metric"),
+        selection=selection,
+        axes=axes,
+        runs=tuple(runs),
+    )
+
+
+def _read_result(path: Path) -> dict[str, Any]:
+    data = _read_json(path)
+    if not isinstance(data, dict) or data.get("status") not in ("finished", "failed"):
+        raise ReportError(f"{path}: 'status' must be \"finished\" or \"failed\"; delete the file to re-run "
+                          "that run")
+    metrics = data.get("metrics") or []
+    if not isinstance(metrics, list) or any(not isinstance(m, dict) or "name" not in m for m in metrics):
+        raise ReportError(f"{path}: 'metrics' must be a list of {{\"name\", \"value\"}} entries; delete the "
+                          "file to re-run that run")
+    return data
+
+
+def _float(value: Any) -> float:
+    return math.nan if value is None else float(value)
+
+
+def load_results(study_dir: str | Path) -> StudyResults:
+    """The plan, one row per planned run (a run without a results file is "missing") and the tidy
+    table of every run's final metrics."""
+    study_dir = Path(study_dir)
+    plan = load_plan(study_dir)
+    run_rows, tidy_rows = [], []
+    for run in plan.runs:
+        path = study_dir / "results" / f"{run['id']}.json"
+        result = _read_result(path) if path.is_file() else None
+        params = (result or {}).get("params", run.get("params"))
+        base = {
+            "run": str(run["id"]),
+            "variant": str(run["variant"]),
+            "seed": int(run["seed"]),
+            "lr": _float(run.get("lr")),
+            **{a: _cell_value((run.get("axes") or {}).get(a)) for a in plan.axes},
+            "params": None if params is None else int(params),
+            "status": "missing" if result is None else result["status"],
+        }
+        run_rows.append({
+            **base,
+            "error": None if result is None else result.get("error"),
+            "tokens_per_s": _float((result or {}).get("tokens_per_s")),
+        })
+        metrics = (result or {}).get("metrics") or [{"name": None, "value": None}]
+        for m in metrics:
+            tidy_rows.append({**base, "metric": m["name"], "length": _float(m.get("length")),
+                              "depth": _float(m.get("depth")), "value": _float(m.get("value"))})
+    runs, tidy = pd.DataFrame(run_rows), pd.DataFrame(tidy_rows)
+    for frame, source in ((runs, run_rows), (tidy, tidy_rows)):
+        frame["params"] = frame["params"].astype("Int64")
+        for a in plan.axes:  # keep the plan's own values (ints stay ints, None stays None)
+            frame[a] = pd.Series([r[a] for r in source], dtype=object)
+    return StudyResults(plan, runs, tidy)
+
+
+def _integral(column: pd.Series) -> bool:
+    values = column.dropna()
+    return bool((values == np.round(values)).all())
+
+
+# ------------------------------------------------------------------------------------- statistics
+
+
+def _key(name: str, length: float, depth: float) -> MetricKey:
+    """The MetricKey of a tidy row (whose missing length and depth are NaN)."""
+    return MetricKey(name, None if math.isnan(length) else float(length),
+                     None if math.isnan(depth) else float(depth))
+
+
+def _metric_keys(results: StudyResults) -> list[MetricKey]:
+    """Plain metrics first (the primary one leading, then in order of appearance), then metrics by
+    length sorted by name (order of appearance), length and depth."""
+    named = results.tidy.dropna(subset=["metric"])
+    order = {name: i for i, name in enumerate(dict.fromkeys(named["metric"]))}
+    primary = results.plan.primary_metric
+    keys = {_key(m, length, depth)
+            for m, length, depth in zip(named["metric"], named["length"], named["depth"], strict=True)}
+
+    def sort_key(k: MetricKey) -> tuple:
+        none_last = lambda x: (x is None, 0.0 if x is None else x)
+        return (k.by_length, k.name != primary, order[k.name], none_last(k.length), none_last(k.depth))
+
+    return sorted(keys, key=sort_key)
+
+
+def _cells(results: StudyResults) -> dict[tuple[str, tuple], pd.DataFrame]:
+    """The runs of each (variant, grid cell), in plan order."""
+    runs = results.runs
+    keys = [(v, tuple(runs.loc[i, a] for a in results.plan.axes)) for i, v in enumerate(runs["variant"])]
+    out: dict[tuple[str, tuple], list[int]] = {}
+    for i, key in enumerate(keys):
+        out.setdefault(key, []).append(i)
+    return {key: runs.iloc[rows] for key, rows in out.items()}
+
+
+def _selection_values(results: StudyResults, run_ids: Iterable[str], metric: str) -> dict[str, float]:
+    """run id -> the finite plain (not by length) value of ``metric`` for finished runs."""
+    t = results.tidy
+    mask = (t["run"].isin(list(run_ids)) & (t["status"] == "finished") & (t["metric"] == metric)
+            & t["length"].isna() & t["depth"].isna() & np.isfinite(t["value"]))
+    return dict(zip(t.loc[mask, "run"], t.loc[mask, "value"], strict=True))
+
+
+def _lrs(frame: pd.DataFrame) -> list[float]:
+    """The distinct lrs of some runs, ascending (NaN, no lr given, last)."""
+    values = frame["lr"].tolist()
+    return sorted(set(v for v in values if not math.isnan(v))) + ([math.nan] if any(map(math.isnan, values))
+                                                                  else [])
+
+
+def _same_lr(a: float, b: float) -> bool:
+    return a == b or (math.isnan(a) and math.isnan(b))
+
+
+def build_rows(results: StudyResults) -> tuple[list[Row], pd.DataFrame | None]:
+    """The results table's rows (with their statistics) and, with a selection rule, the selection
+    table (one row per variant, cell and lr)."""
+    plan = results.plan
+    rows: list[Row] = []
+    selection_rows = []
+    for (variant, cell), frame in _cells(results).items():
+        lrs = _lrs(frame)
+        if plan.selection is None:
+            chosen: list[float] = lrs
+        else:
+            values = _selection_values(results, frame["run"], plan.selection.metric)
+            means, counts = [], []
+            for lr in lrs:
+                ids = frame.loc[[_same_lr(x, lr) for x in frame["lr"]], "run"]
+                v = [values[i] for i in ids if i in values]
+                means.append(float(np.mean(v)) if v else math.nan)
+                counts.append(len(v))
+            best = best_index(means, plan.selection.mode)
+            chosen = [] if best is None else [lrs[best]]
+            for k, lr in enumerate(lrs):
+                selection_rows.append({"variant": variant, **dict(zip(plan.axes, cell, strict=True)),
+                                       "lr": lr, "seeds": counts[k],
+                                       f"{plan.selection.metric} mean": means[k], "chosen": k == best})
+        for lr in chosen or [math.nan]:
+            members = frame[[_same_lr(x, lr) for x in frame["lr"]]] if chosen else frame.iloc[0:0]
+            counted = members if chosen else frame
+            status = counted["status"].value_counts()
+            params = frame["params"].dropna()
+            row = Row(variant, cell, lr, members["run"].tolist(),
+                      failed=int(status.get("failed", 0)), missing=int(status.get("missing", 0)),
+                      finished=int(status.get("finished", 0)) if chosen else 0,
+                      params=int(params.iloc[0]) if len(params) else None)
+            done = members[members["status"] == "finished"]
+            tps = done["tokens_per_s"][np.isfinite(done["tokens_per_s"])]
+            row.tokens_per_s = float(tps.mean()) if len(tps) else math.nan
+            rows.append(row)
+    _fill_statistics(results, rows)
+    selection = pd.DataFrame(selection_rows) if plan.selection is not None else None
+    return rows, selection
+
+
+def _fill_statistics(results: StudyResults, rows: Sequence[Row]) -> None:
+    t = results.tidy
+    t = t[(t["status"] == "finished") & t["metric"].notna() & np.isfinite(t["value"])]
+    keys = _metric_keys(results)
+    for row in rows:
+        mine = t[t["run"].isin(row.runs)]
+        by_key: dict[MetricKey, dict[int, float]] = {}
+        for m, length, depth, seed, value in zip(mine["metric"], mine["length"], mine["depth"], mine["seed"],
+                                                 mine["value"], strict=True):
+            by_key.setdefault(_key(m, length, depth), {})[int(seed)] = float(value)
+        for key in keys:
+            seeds = by_key.get(key, {})
+            row.seed_values[key] = dict(sorted(seeds.items()))
+            row.stats[key] = bootstrap_mean(row.seed_values[key].values())
+
+
+def _baseline_row(rows: Sequence[Row], row: Row, baseline: str) -> Row | None:
+    """The baseline's row in ``row``'s grid cell: its only one, else the one at the same lr."""
+    candidates = [r for r in rows if r.variant == baseline and r.cell == row.cell]
+    if len(candidates) == 1:
+        return candidates[0]
+    same = [r for r in candidates if _same_lr(r.lr, row.lr)]
+    return same[0] if same else None
+
+
+@dataclass
+class Difference:
+    """A row minus its baseline row, per metric, paired by seed."""
+
+    row: Row
+    baseline: Row
+    stats: dict[MetricKey, Interval]
+    pairs: int
+
+
+def build_differences(rows: Sequence[Row], baseline: str | None) -> list[Difference]:
+    """Every non-baseline row minus the baseline row of its grid cell, paired by seed."""
+    if baseline is None:
+        return []
+    out = []
+    for row in rows:
+        base = None if row.variant == baseline else _baseline_row(rows, row, baseline)
+        if base is None:
+            continue
+        stats = {}
+        for key, mine in row.seed_values.items():
+            theirs = base.seed_values.get(key, {})
+            shared = sorted(set(mine) & set(theirs))
+            stats[key] = bootstrap_mean([mine[s] - theirs[s] for s in shared])
+        pairs = max((iv.n for iv in stats.values()), default=0)
+        out.append(Difference(row, base, stats, pairs))
+    return out
+
+
+# ------------------------------------------------------------------------------------- formatting
+
+
+def _num_plain(x: float) -> str:
+    return f"{x:g}"
+
+
+def _num(x: float | None, signed: bool = False) -> str:
+    """A number for a table cell: thousands grouped from 1,000, else four significant digits."""
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "–"
+    if abs(x) >= 1000:
+        return f"{x:+,.0f}" if signed else f"{x:,.0f}"
+    return f"{x:+.4g}" if signed else f"{x:.4g}"
+
+
+def _cell(iv: Interval, n_expected: int, signed: bool = False) -> str:
+    """``mean [low, high]``, with ``(n=k)`` when fewer values than the row's seeds went into it."""
+    if iv.n == 0:
+        return "–"
+    text = _num(iv.mean, signed)
+    if iv.has_interval:
+        text += f" [{_num(iv.low, signed)}, {_num(iv.high, signed)}]"
+    if iv.n < n_expected:
+        text += f" (n={iv.n})"
+    return text
+
+
+def _label_columns(plan: Plan, row: Row) -> dict[str, str]:
+    out = {"variant": row.variant}
+    for axis, value in zip(plan.axes, row.cell, strict=True):
+        out[axis] = _num_plain(value) if isinstance(value, float) else str(value)
+    out["lr"] = _num_plain(row.lr) if not math.isnan(row.lr) else "–"
+    return out
+
+
+def _seeds_text(row: Row) -> str:
+    notes = [f"{k} {what}" for k, what in ((row.failed, "failed"), (row.missing, "missing")) if k]
+    return str(row.finished) + (f" ({', '.join(notes)})" if notes else "")
+
+
+def _markdown(frame: pd.DataFrame) -> str:
+    return frame.to_markdown(index=False, disable_numparse=True) + "\n"
+
+
+def results_tables(plan: Plan, rows: Sequence[Row]) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    """The results as (CSV frame with numbers, Markdown frame of plain metrics, Markdown frame of the
+    metrics by length in long form)."""
+    csv, md, by_length = [], [], []
+    for row in rows:
+        labels = _label_columns(plan, row)
+        numbers: dict[str, Any] = {"variant": row.variant, **dict(zip(plan.axes, row.cell, strict=True)),
+                                   "lr": row.lr, "seeds": row.finished, "failed": row.failed,
+                                   "missing": row.missing, "params": row.params,
+                                   "tokens_per_s": row.tokens_per_s}
+        text = {**labels, "seeds": _seeds_text(row), "params": _num(row.params),
+                "tokens/s": _num(row.tokens_per_s)}
+        for key, iv in row.stats.items():
+            numbers.update({f"{key.label} mean": iv.mean, f"{key.label} low": iv.low,
+                            f"{key.label} high": iv.high, f"{key.label} n": iv.n})
+            if key.by_length:
+                by_length.append({**labels, "metric": key.name, "length": _num_plain(key.length),
+                                  "depth": "–" if key.depth is None else _num_plain(key.depth),
+                                  "seeds": str(iv.n), "mean [95% CI]": _cell(iv, iv.n)})
+            else:
+                text[key.name] = _cell(iv, row.finished)
+        csv.append(numbers)
+        md.append(text)
+    csv_frame = pd.DataFrame(csv)
+    csv_frame["params"] = csv_frame["params"].astype("Int64")
+    return csv_frame, pd.DataFrame(md), pd.DataFrame(by_length)
+
+
+def difference_tables(
+    plan: Plan, diffs: Sequence[Difference]
+) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    """The differences as (CSV frame, Markdown frame of plain metrics, Markdown frame by length)."""
+    csv, md, by_length = [], [], []
+    for d in diffs:
+        labels = _label_columns(plan, d.row)
+        numbers: dict[str, Any] = {"variant": d.row.variant, **dict(zip(plan.axes, d.row.cell, strict=True)),
+                                   "lr": d.row.lr, "baseline_lr": d.baseline.lr, "pairs": d.pairs}
+        text = {**labels, "baseline lr": _num_plain(d.baseline.lr) if not math.isnan(d.baseline.lr) else "–",
+                "pairs": str(d.pairs)}
+        for key, iv in d.stats.items():
+            numbers.update({f"{key.label} mean": iv.mean, f"{key.label} low": iv.low,
+                            f"{key.label} high": iv.high, f"{key.label} n": iv.n})
+            if key.by_length:
+                by_length.append({**labels, "metric": key.name, "length": _num_plain(key.length),
+                                  "depth": "–" if key.depth is None else _num_plain(key.depth),
+                                  "pairs": str(iv.n), "difference [95% CI]": _cell(iv, iv.n, signed=True)})
+            else:
+                text[key.name] = _cell(iv, d.pairs, signed=True)
+        csv.append(numbers)
+        md.append(text)
+    return pd.DataFrame(csv), pd.DataFrame(md), pd.DataFrame(by_length)
+
+
+def _interval_note() -> str:
+    return (f"Mean over seeds with its {CONFIDENCE:.0%} percentile-bootstrap interval [low, high] "
+            f"({RESAMPLES:,} resamples, seed {SEED}); one seed has no interval, seeds that agree a "
+            "zero-width one. With few seeds the interval shows how much they disagree and is narrower "
+            "than a true 95% interval. `(n=k)`: only k seeds had that metric.")
+
+
+def _selection_note(results: StudyResults) -> str:
+    plan = results.plan
+    sweep = any(len(_lrs(frame)) > 1 for frame in _cells(results).values())
+    if plan.selection is None:
+        return ("Learning rate: each lr of a variant is its own row (no selection rule)." if sweep
+                else "Learning rate: one per variant, from the study's training settings (no sweep).")
+    best = "highest" if plan.selection.mode == "max" else "lowest"
+    return (f"Learning rate: per variant and grid cell, the lr with the {best} mean "
+            f"`{plan.selection.metric}` over its finished seeds (ties: the smaller lr; an lr whose runs "
+            "all failed is never chosen); every column reports that lr's runs, so the selection "
+            "metric's own column is optimistic. See the learning-rate selection table below and "
+            "selection.csv.")
+
+
+def _unfinished_table(results: StudyResults) -> pd.DataFrame:
+    runs = results.runs[results.runs["status"] != "finished"]
+    return pd.DataFrame({
+        "run": runs["run"], "variant": runs["variant"], "seed": runs["seed"].astype(str),
+        "lr": [_num_plain(x) if not math.isnan(x) else "–" for x in runs["lr"]],
+        "status": runs["status"],
+        "message": [("no results file yet" if s == "missing" else (e or "(no message)")).replace("|", "\\|")
+                    for s, e in zip(runs["status"], runs["error"], strict=True)],
+    })
+
+
+def _selection_markdown(selection: pd.DataFrame, metric: str) -> pd.DataFrame:
+    out = selection.copy()
+    out["lr"] = [_num_plain(x) if not math.isnan(x) else "–" for x in out["lr"]]
+    out["seeds"] = out["seeds"].astype(str)
+    out[f"{metric} mean"] = [_num(x) for x in out[f"{metric} mean"]]
+    out["chosen"] = ["yes" if c else "" for c in out["chosen"]]
+    for axis in [c for c in out.columns if c not in ("variant", "lr", "seeds", f"{metric} mean", "chosen")]:
+        out[axis] = out[axis].astype(str)
+    return out
+
+
+def _summary_line(results: StudyResults) -> str:
+    counts = results.runs["status"].value_counts()
+    return f"{len(results.runs)} runs: " + ", ".join(f"{int(counts.get(s, 0))} {s}" for s in STATUSES) + "."
+
+
+# ------------------------------------------------------------------------------------------ plots
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9]+", "_", text).strip("_").lower()
+
+
+def _series_labels(plan: Plan, rows: Sequence[Row], skip_axis: str | None = None,
+                   skip_lr: bool = False) -> list[str]:
+    """Short labels for rows: only the parts (variant, axes, lr) that differ between them."""
+    parts = []
+    for row in rows:
+        p = [("", row.variant)]
+        p += [(a, v) for a, v in zip(plan.axes, row.cell, strict=True) if a != skip_axis]
+        if not skip_lr:
+            p.append(("lr", row.lr))
+        parts.append(p)
+    varying = [i for i in range(len(parts[0])) if len({repr(p[i][1]) for p in parts}) > 1] if parts else []
+    labels = []
+    for p in parts:
+        shown = [p[i] for i in varying] or [p[0]]
+        labels.append(", ".join(v if not name else f"{name}={_num_plain(v) if isinstance(v, float) else v}"
+                                for name, v in shown))
+    return labels
+
+
+def _numeric_axis(results: StudyResults, axis: str) -> bool:
+    values = [v for v in results.runs[axis] if v is not None]
+    numeric = all(isinstance(v, int | float) and not isinstance(v, bool) for v in values)
+    return numeric and len(set(values)) > 1
+
+
+def write_plots(results: StudyResults, rows: Sequence[Row], out: Path) -> list[Path]:
+    """The report's PNGs (see the module docstring), in a fixed order."""
+    plan = results.plan
+    keys = _metric_keys(results)
+    written = []
+    labels = _series_labels(plan, rows, skip_lr=plan.selection is not None)
+    for key in [k for k in keys if not k.by_length]:
+        written.append(plots.variant_plot(
+            out / f"variants_{_slug(key.name)}.png", title=f"{plan.name}: {key.name} per variant",
+            metric=key.name, labels=labels, intervals=[r.stats[key] for r in rows],
+            seed_values=[list(r.seed_values[key].values()) for r in rows]))
+    for name in dict.fromkeys(k.name for k in keys if k.by_length):
+        own = [k for k in keys if k.name == name and k.by_length]
+        has_depth = any(k.depth is not None for k in own)
+        series = {}
+        for label, row in zip(labels, rows, strict=True):
+            per_length: dict[float, dict[int, list[float]]] = {}
+            for k in own:
+                for seed, value in row.seed_values[k].items():
+                    per_length.setdefault(k.length, {}).setdefault(seed, []).append(value)
+            # Each run's mean over depths first, so the interval is over seeds only.
+            series[label] = [(length, bootstrap_mean([float(np.mean(v)) for _, v in sorted(seeds.items())]))
+                             for length, seeds in sorted(per_length.items())]
+        written.append(plots.curve_plot(
+            out / f"length_{_slug(name)}.png", metric=name, xlabel="length",
+            title=f"{plan.name}: {name} by length" + (" (mean over depths)" if has_depth else ""),
+            series=series))
+    primary = next((k for k in keys if k.name == plan.primary_metric and not k.by_length), None)
+    for axis in plan.axes:
+        if primary is None or not _numeric_axis(results, axis):
+            continue
+        index = plan.axes.index(axis)
+        axis_labels = _series_labels(plan, rows, skip_axis=axis, skip_lr=plan.selection is not None)
+        series: dict[str, list[tuple[float, Interval]]] = {}
+        for label, row in zip(axis_labels, rows, strict=True):
+            if row.cell[index] is not None:
+                series.setdefault(label, []).append((float(row.cell[index]), row.stats[primary]))
+        written.append(plots.curve_plot(
+            out / f"axis_{_slug(axis)}_{_slug(primary.name)}.png", metric=primary.name, xlabel=axis,
+            title=f"{plan.name}: {primary.name} by {axis}", series=series))
+    return written
+
+
+# ----------------------------------------------------------------------------------------- report
+
+
+def _tidy_frame(results: StudyResults, rows: Sequence[Row]) -> pd.DataFrame:
+    selected = {run for row in rows for run in row.runs}
+    t = results.tidy.copy()
+    t.insert(t.columns.get_loc("status") + 1, "selected", t["run"].isin(selected))
+    if _integral(t["length"]):  # lengths are token counts: 256, not 256.0
+        t["length"] = t["length"].astype("Int64")
+    return t
+
+
+def _write(path: Path, text: str) -> Path:
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def write_report(study_dir: str | Path, *, console: Any = None) -> list[Path]:
+    """Write ``study_dir/report/`` (see the module docstring) and return the files written, in a
+    fixed order. With a ``rich.console.Console``, also print the results and differences tables.
+
+    Raises ReportError (before writing anything) when the plan or a results file cannot be read.
+    """
+    study_dir = Path(study_dir)
+    results = load_results(study_dir)
+    plan = results.plan
+    rows, selection = build_rows(results)
+    diffs = build_differences(rows, plan.baseline)
+    out = study_dir / REPORT_DIR
+    out.mkdir(parents=True, exist_ok=True)
+    written: list[Path] = []
+
+    res_csv, res_md, res_by_length = results_tables(plan, rows)
+    parts = [f"# {plan.name}: results\n", _summary_line(results) + " " + _interval_note() + "\n",
+             _selection_note(results) + "\n", _markdown(res_md)]
+    if len(res_by_length):
+        parts += ["## By length\n", _markdown(res_by_length)]
+    if selection is not None:
+        table = _selection_markdown(selection, plan.selection.metric)
+        parts += ["## Learning-rate selection\n", _markdown(table)]
+    unfinished = _unfinished_table(results)
+    if len(unfinished):
+        parts += ["## Runs that failed or have no results yet\n", _markdown(unfinished)]
+    written.append(_write(out / "results.md", "\n".join(parts)))
+    res_csv.to_csv(out / "results.csv", index=False)
+    written.append(out / "results.csv")
+
+    if plan.baseline is not None:
+        diff_csv, diff_md, diff_by_length = difference_tables(plan, diffs)
+        parts = [f"# {plan.name}: differences against {plan.baseline}\n",
+                 f"Each variant minus `{plan.baseline}` in the same grid cell, paired by seed: only seeds "
+                 "for which both finished count (`pairs`), and the interval is the percentile-bootstrap "
+                 f"interval of the mean paired difference ({CONFIDENCE:.0%}, {RESAMPLES:,} resamples, "
+                 f"seed {SEED}). An interval that excludes 0 is a difference the seeds agree on.\n"]
+        parts += [_markdown(diff_md)] if len(diff_md) else ["No variant besides the baseline.\n"]
+        if len(diff_by_length):
+            parts += ["## By length\n", _markdown(diff_by_length)]
+        written.append(_write(out / "differences.md", "\n".join(parts)))
+        diff_csv.to_csv(out / "differences.csv", index=False)
+        written.append(out / "differences.csv")
+
+    if selection is not None:
+        selection.to_csv(out / "selection.csv", index=False)
+        written.append(out / "selection.csv")
+    _tidy_frame(results, rows).to_csv(out / "tidy.csv", index=False)
+    written.append(out / "tidy.csv")
+    written += write_plots(results, rows, out)
+
+    if console is not None:
+        _print(console, plan, res_md, difference_tables(plan, diffs)[1], out)
+    return written
+
+
+def _print(console: Any, plan: Plan, results_md: pd.DataFrame, diff_md: pd.DataFrame, out: Path) -> None:
+    from rich.table import Table
+
+    def table(title: str, frame: pd.DataFrame) -> Table:
+        t = Table(title=title, title_justify="left")
+        for c in frame.columns:
+            t.add_column(str(c), justify="left" if c in ("variant", *plan.axes) else "right")
+        for values in frame.itertuples(index=False):
+            t.add_row(*map(str, values))
+        return t
+
+    console.print(table(f"{plan.name}: mean [95% CI] over seeds", results_md))
+    if len(diff_md):
+        console.print(table(f"minus {plan.baseline}, paired by seed", diff_md))
+    console.print(f"report: {out}")
