@@ -80,6 +80,16 @@ def _model(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
                             f"got {type(value).__name__}")
 
 
+def _resume_from(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
+    if value is None:
+        return
+    if not isinstance(value, (str, int, os.PathLike)) or isinstance(value, bool):
+        raise TrainingError(f"resume_from must be a checkpoint name, step or directory, "
+                            f"got {type(value).__name__}")
+    if not instance.resume:
+        raise TrainingError("--resume-from picks the checkpoint to resume from; pass --resume too")
+
+
 @attrs.frozen(kw_only=True)
 class TrainConfig:
     """Everything that defines a training run (the CLI's ``memforge train`` flags).
@@ -108,6 +118,8 @@ class TrainConfig:
             with memory layers compiling their chunk step instead of being unrolled).
         out: run directory; default ``runs/<name>-<spec_id>-<task>``.
         resume: continue the run in the run directory from its latest checkpoint.
+        resume_from: with ``resume``, continue from this checkpoint of the run instead of the
+            latest (a name such as ``step-00000100``, a step number, or its directory).
         stop_after: stop (with a checkpoint) after this step, though the schedule runs to
             ``steps``; continue later with ``resume``.
         progress: show a progress bar (rank 0 only).
@@ -134,6 +146,7 @@ class TrainConfig:
     compile: bool = False
     out: str | os.PathLike[str] | None = None
     resume: bool = False
+    resume_from: str | int | os.PathLike[str] | None = attrs.field(default=None, validator=_resume_from)
     stop_after: int | None = attrs.field(default=None, validator=_optional(_at_least(1)))
     progress: bool = False
 

@@ -56,6 +56,17 @@ class Distributed:
         dist.all_reduce(total)
         return float(total) / self.world_size
 
+    def max_int(self, value: int) -> int:
+        """The largest of an integer over all processes (no communication for one process).
+
+        Every process must call it at the same point; used to agree on whether to go on.
+        """
+        if self.world_size == 1:
+            return value
+        total = torch.tensor([value], dtype=torch.int64, device=self.device)
+        dist.all_reduce(total, op=dist.ReduceOp.MAX)
+        return int(total)
+
     def barrier(self) -> None:
         """Wait until every process gets here."""
         if self.world_size > 1:

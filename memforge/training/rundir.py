@@ -8,20 +8,31 @@
     <run>/metrics.jsonl  one JSON object per line: train rows every step, validation rows
     <run>/loss.png       the loss curve
     <run>/checkpoints/   see :mod:`memforge.training.checkpoint`
+    <run>/.lock          held while a process trains the run, see :mod:`memforge.training.runlock`
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import IO, Any
 
 from memforge.io import atomic_write_bytes, dumps_spec, load_spec
 from memforge.spec import ModelSpec, to_dict
-from memforge.training.checkpoint import latest_checkpoint
+from memforge.training.checkpoint import (
+    CHECKPOINTS,
+    CheckpointError,
+    DamagedLatestError,
+    available,
+    is_leftover,
+    latest_checkpoint,
+    named_checkpoint,
+)
 from memforge.training.config import RESUMABLE_CHANGES, TrainingError
+from memforge.training.runlock import LOCK_FILE
 
 SPEC_FILE = "spec.toml"
 TASK_FILE = "task.json"
@@ -70,39 +81,107 @@ def _differences(what: str, stored: Mapping[str, Any], now: Mapping[str, Any],
     ]
 
 
+def read_json_object(path: Path) -> dict[str, Any]:
+    """Like :func:`read_json`, for a file that must hold a JSON object."""
+    value = read_json(path)
+    if not isinstance(value, dict):
+        raise TrainingError(f"{path} holds a JSON {type(value).__name__}, not an object; the run "
+                            f"directory is damaged: restore the file, or start a new run with --out DIR")
+    return value
+
+
+#: The files a run directory holds besides its checkpoints (and the lock, see ``runlock``).
+RUN_FILES = frozenset({SPEC_FILE, TASK_FILE, RUN_FILE, METRICS_FILE, LOSS_PLOT, LOCK_FILE})
+#: Temporary files ``atomic_write_bytes`` leaves behind for them if killed mid-write.
+_RUN_FILE_TMP = re.compile(r"\.(?:" + "|".join(re.escape(n) for n in sorted(RUN_FILES)) +
+                           r")\.[0-9a-z_]+\.tmp")
+
+
+def _is_run_file(path: Path) -> bool:
+    """Whether ``path`` is something a run writes before its first checkpoint."""
+    if path.is_symlink():
+        return False
+    if path.name == CHECKPOINTS and path.is_dir():
+        return all(is_leftover(child) for child in path.iterdir())
+    return path.is_file() and (path.name in RUN_FILES or bool(_RUN_FILE_TMP.fullmatch(path.name)))
+
+
+def _settings_problems(run_dir: Path, spec: ModelSpec, task_info: Mapping[str, Any],
+                       settings: Mapping[str, Any]) -> list[str]:
+    """How this run's spec, task and settings differ from those stored in ``run_dir``."""
+    problems = []
+    if (run_dir / SPEC_FILE).exists():
+        problems += _differences("spec", to_dict(load_spec(run_dir / SPEC_FILE)), to_dict(spec))
+    if (run_dir / TASK_FILE).exists():
+        problems += _differences("task", read_json_object(run_dir / TASK_FILE), task_info)
+    if (run_dir / RUN_FILE).exists():
+        stored = read_json_object(run_dir / RUN_FILE)
+        problems += _differences("run", {k: v for k, v in stored.items() if k in settings},
+                                 settings, skip=RESUMABLE_CHANGES)
+    return problems
+
+
 def check_run_dir(
     run_dir: Path, spec: ModelSpec, task_info: Mapping[str, Any], settings: Mapping[str, Any],
-    *, resume: bool,
+    *, resume: bool, resume_from: str | int | os.PathLike[str] | None = None,
 ) -> Path | None:
     """Check that ``run_dir`` can take this run, writing nothing; the checkpoint to resume from.
 
-    A new run needs an absent or empty directory; a resumed one needs a checkpoint and the very
-    spec, task and settings it was started with (only ``steps`` may change).
+    * A new run needs an absent or empty directory.
+    * A resumed one needs a checkpoint (the latest, or ``resume_from``) and the very spec, task
+      and settings the run was started with (only ``steps`` may change).
+    * A directory that holds only a run's own files and no checkpoint (a run stopped before its
+      first checkpoint) starts afresh, with or without ``resume``, if the settings are the same:
+      nothing in it can be continued, and nothing is lost by starting again, since a run's
+      steps are a pure function of its settings; the metrics log and plot are rewritten. Other
+      settings are refused like a resume's, so that a mistaken ``--out`` never overwrites
+      another run's files; files a run does not write are never overwritten either.
+
+    Returns:
+        The checkpoint to continue from, or ``None`` for a fresh start.
     """
     if run_dir.exists() and not run_dir.is_dir():
         raise TrainingError(f"run directory {run_dir} is a file; pass another --out")
-    holds_run = run_dir.is_dir() and any(run_dir.iterdir())
-    if not resume:
-        if holds_run:
-            raise TrainingError(f"{run_dir} already holds a run; pass --resume to continue it, "
-                                f"or --out DIR to start a new run elsewhere")
-        return None
-    if not holds_run:
-        raise TrainingError(f"nothing to resume: {run_dir} holds no run; pass the run's directory "
-                            f"with --out (the default directory is named after the model, its "
-                            f"spec_id and the task, so a changed spec looks elsewhere), or drop "
-                            f"--resume to start a new run")
-    checkpoint = latest_checkpoint(run_dir)
+    entries = sorted(run_dir.iterdir()) if run_dir.is_dir() else []
+    checkpoint = None
+    if entries and resume_from is not None:
+        checkpoint = named_checkpoint(run_dir, resume_from)
+    elif entries:
+        try:
+            checkpoint = latest_checkpoint(run_dir)
+        except DamagedLatestError as exc:
+            if not resume:
+                raise TrainingError(f"{run_dir} already holds a run; pass --resume to continue "
+                                    f"it, or --out DIR to start a new run elsewhere") from None
+            raise CheckpointError(f"{exc.problem}; resume from an earlier checkpoint with --resume "
+                                  f"--resume-from NAME (available: {available(run_dir)}), or start "
+                                  f"a new run with --out DIR") from None
     if checkpoint is None:
-        raise TrainingError(f"{run_dir} has no checkpoint to resume from (it stopped before its "
-                            f"first); delete the directory and start the run again")
-    stored_spec = to_dict(load_spec(run_dir / SPEC_FILE))
-    problems = [
-        *_differences("spec", stored_spec, to_dict(spec)),
-        *_differences("task", read_json(run_dir / TASK_FILE), task_info),
-        *_differences("run", {k: v for k, v in read_json(run_dir / RUN_FILE).items() if k in settings},
-                      settings, skip=RESUMABLE_CHANGES),
-    ]
+        if resume and not entries:
+            raise TrainingError(
+                f"nothing to resume: {run_dir} holds no run; pass the run's directory with --out "
+                f"(the default directory is named after the model, its spec_id and the task, so "
+                f"a changed spec looks elsewhere), or drop --resume to start a new run")
+        if resume_from is not None:
+            raise TrainingError(f"--resume-from {resume_from}: {run_dir} holds no checkpoint; "
+                                f"drop --resume-from to start the run again")
+        foreign = [e.name for e in entries if not _is_run_file(e)]
+        if foreign:
+            shown = ", ".join(foreign[:3]) + (", ..." if len(foreign) > 3 else "")
+            raise TrainingError(f"{run_dir} is not empty and holds no memforge run ({shown}); "
+                                f"pass --out DIR with a new or empty directory")
+        problems = _settings_problems(run_dir, spec, task_info, settings)
+        if problems:
+            raise TrainingError(
+                f"cannot restart {run_dir}, a run that stopped before its first checkpoint, with "
+                f"changed settings: {'; '.join(problems)}; pass the run's own settings (see its "
+                f"{SPEC_FILE}, {TASK_FILE} and {RUN_FILE}), delete the directory, or start a new "
+                f"run with --out DIR")
+        return None
+    if not resume:
+        raise TrainingError(f"{run_dir} already holds a run; pass --resume to continue it, "
+                            f"or --out DIR to start a new run elsewhere")
+    problems = _settings_problems(run_dir, spec, task_info, settings)
     if problems:
         raise TrainingError(f"cannot resume {run_dir} with changed settings: {'; '.join(problems)}; "
                             f"pass the run's own settings (see its {SPEC_FILE}, {TASK_FILE} and "
@@ -112,8 +191,14 @@ def check_run_dir(
 
 def write_run_files(run_dir: Path, spec: ModelSpec, task_info: Mapping[str, Any],
                     run_info: Mapping[str, Any]) -> None:
-    """Create ``run_dir`` and write (or, on resume, refresh) its spec, task and run files."""
+    """Create ``run_dir`` and write (or, on resume, refresh) its spec, task and run files.
+
+    Temporary files of these writes that a killed process left behind are removed.
+    """
     run_dir.mkdir(parents=True, exist_ok=True)
+    for path in run_dir.iterdir():
+        if _RUN_FILE_TMP.fullmatch(path.name) and path.is_file() and not path.is_symlink():
+            path.unlink(missing_ok=True)
     atomic_write_bytes(run_dir / SPEC_FILE, dumps_spec(spec).encode("utf-8"))
     write_json(run_dir / TASK_FILE, plain(task_info))
     write_json(run_dir / RUN_FILE, plain(run_info))
