@@ -7,6 +7,10 @@ they turn flags into a config, call the job, and print its report.
 from __future__ import annotations
 
 import argparse
+import math
+import os
+import shlex
+from pathlib import Path
 
 import attrs
 from rich.console import Console
@@ -18,6 +22,7 @@ from memforge.training.config import (
     DEFAULT_TASK,
     DEVICES,
     TrainConfig,
+    TrainingError,
     parse_task_options,
 )
 from memforge.training.distributed import is_main_process
@@ -30,56 +35,110 @@ from memforge.training.evaluate import (
     write_report,
 )
 from memforge.training.loop import train
+from memforge.training.progress import DEFAULT_EVERY
+from memforge.training.stopping import TrainingInterrupted, signal_name
 
 _TRAIN = {field.name: field.default for field in attrs.fields(TrainConfig)}
 _EVAL = {field.name: field.default for field in attrs.fields(EvalConfig)}
 
 
-def _add_task_arguments(p: argparse.ArgumentParser, default: str | None, default_help: str) -> None:
-    p.add_argument("--task", default=default, metavar="NAME",
-                   help=f"mqar, s-niah, babilong-qa1 or text (default: {default_help})")
-    p.add_argument("--task-option", action="append", default=[], metavar="KEY=VALUE",
-                   help="a task option, e.g. num_pairs=16 or paths=docs/ (repeatable)")
+def _add_task_arguments(p: argparse.ArgumentParser, default: str | None,
+                        default_help: str) -> list[argparse.Action]:
+    return [
+        p.add_argument("--task", default=default, metavar="NAME",
+                       help=f"mqar, s-niah, babilong-qa1 or text (default: {default_help})"),
+        p.add_argument("--task-option", action="append", default=[], metavar="KEY=VALUE",
+                       help="a task option, e.g. num_pairs=16 or paths=docs/ (repeatable)"),
+    ]
+
+
+#: The ``train`` options as (dest, flag, kind, default) in the order they are added, for
+#: :func:`resume_command`; kind is ``flag``, ``append`` or ``value``.
+_TRAIN_OPTIONS: list[tuple[str, str, str, object]] = []
+
+
+def _recorded(action: argparse.Action) -> argparse.Action:
+    kind = "flag" if action.nargs == 0 else "append" if isinstance(action.default, list) else "value"
+    _TRAIN_OPTIONS.append((action.dest, action.option_strings[0], kind, action.default))
+    return action
 
 
 def _configure_train(p: argparse.ArgumentParser) -> None:
+    _TRAIN_OPTIONS.clear()
     model = p.add_mutually_exclusive_group()
-    model.add_argument("--preset", metavar="NAME", help=f"preset to train (default: {DEFAULT_PRESET})")
-    model.add_argument("--spec", metavar="FILE", help="a .toml/.json spec file to train")
+    _recorded(model.add_argument("--preset", metavar="NAME",
+                                 help=f"preset to train (default: {DEFAULT_PRESET})"))
+    _recorded(model.add_argument("--spec", metavar="FILE", help="a .toml/.json spec file to train"))
     add_set_argument(p)
-    _add_task_arguments(p, DEFAULT_TASK, DEFAULT_TASK)
-    p.add_argument("--steps", type=int, default=_TRAIN["steps"],
-                   help="optimiser steps (default: %(default)s)")
-    p.add_argument("--batch-size", type=int, default=_TRAIN["batch_size"],
-                   help="sequences per step, all processes together (default: %(default)s)")
-    p.add_argument("--lr", type=float, default=_TRAIN["lr"], help="peak learning rate (default: %(default)s)")
-    p.add_argument("--warmup", type=int, default=_TRAIN["warmup_steps"],
-                   help="linear warmup steps, at most a fifth of --steps (default: %(default)s)")
-    p.add_argument("--weight-decay", type=float, default=_TRAIN["weight_decay"],
-                   help="AdamW weight decay on matrices (default: %(default)s)")
-    p.add_argument("--seed", type=int, default=_TRAIN["seed"], help="initialisation and data seed")
-    p.add_argument("--eval-every", type=int, default=_TRAIN["eval_every"],
-                   help="validate every N steps (default: %(default)s)")
-    p.add_argument("--eval-batches", type=int, default=_TRAIN["eval_batches"],
-                   help="validation batches per evaluation (default: %(default)s)")
-    p.add_argument("--checkpoint-every", type=int, default=None,
-                   help="checkpoint every N steps (default: --eval-every)")
-    p.add_argument("--device", choices=DEVICES, default=_TRAIN["device"],
-                   help="auto: CUDA when available (default: %(default)s)")
-    p.add_argument("--compile", action="store_true",
-                   help="torch.compile the training forward (memory layers compile their chunk step)")
-    p.add_argument("--out", metavar="DIR", help="run directory (default: runs/<name>-<spec_id>-<task>)")
-    p.add_argument("--resume", action="store_true",
-                   help="continue the run in the run directory from its latest checkpoint")
-    p.add_argument("--stop-after", type=int, metavar="STEP",
-                   help="stop with a checkpoint after this step (continue later with --resume)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _TRAIN_OPTIONS.append(("set", "--set", "append", []))
+    for action in _add_task_arguments(p, DEFAULT_TASK, DEFAULT_TASK):
+        _recorded(action)
+
+    def add(*flags: str, **options) -> None:
+        _recorded(p.add_argument(*flags, **options))
+
+    add("--steps", type=int, default=_TRAIN["steps"], help="optimiser steps (default: %(default)s)")
+    add("--batch-size", type=int, default=_TRAIN["batch_size"],
+        help="sequences per step, all processes together (default: %(default)s)")
+    add("--lr", type=float, default=_TRAIN["lr"], help="peak learning rate (default: %(default)s)")
+    add("--warmup", type=int, default=_TRAIN["warmup_steps"],
+        help="linear warmup steps, at most a fifth of --steps (default: %(default)s)")
+    add("--weight-decay", type=float, default=_TRAIN["weight_decay"],
+        help="AdamW weight decay on matrices (default: %(default)s)")
+    add("--seed", type=int, default=_TRAIN["seed"], help="initialisation and data seed")
+    add("--eval-every", type=int, default=_TRAIN["eval_every"],
+        help="validate every N steps (default: %(default)s)")
+    add("--eval-batches", type=int, default=_TRAIN["eval_batches"],
+        help="validation batches per evaluation (default: %(default)s)")
+    add("--checkpoint-every", type=int, default=None,
+        help="checkpoint every N steps (default: --eval-every)")
+    add("--device", choices=DEVICES, default=_TRAIN["device"],
+        help="auto: CUDA when available (default: %(default)s)")
+    add("--compile", action="store_true",
+        help="torch.compile the training forward (memory layers compile their chunk step)")
+    add("--out", metavar="DIR", help="run directory (default: runs/<name>-<spec_id>-<task>)")
+    add("--resume", action="store_true",
+        help="continue the run in the run directory from its latest checkpoint (a run stopped "
+             "before its first checkpoint starts again)")
+    add("--resume-from", metavar="CHECKPOINT",
+        help="with --resume: continue from this checkpoint of the run instead of the latest "
+             "(a name such as step-00000100, a step number, or its directory)")
+    add("--stop-after", type=int, metavar="STEP",
+        help="stop with a checkpoint after this step (continue later with --resume)")
+    add("--no-progress", action="store_true", help="no progress bar or progress lines")
+    add("--progress-every", type=float, default=DEFAULT_EVERY, metavar="SECONDS",
+        help="seconds between progress lines when the output is not a terminal (default: "
+             "%(default)s)")
+
+
+def resume_command(args: argparse.Namespace, run_dir: Path) -> str:
+    """The command that continues this ``memforge train`` invocation's run.
+
+    The flags given (those that differ from their defaults) plus ``--resume --out DIR``, quoted
+    for a POSIX shell; ``--resume-from`` is dropped (the run continues from its latest).
+    """
+    words = ["memforge", "train"]
+    for dest, flag, kind, default in _TRAIN_OPTIONS:
+        value = getattr(args, dest, None)
+        if dest in ("out", "resume", "resume_from") or value is None or value is False:
+            continue
+        if kind == "flag":
+            words.append(flag)
+        elif kind == "append":
+            for item in value:
+                words += [flag, str(item)]
+        elif value != default:
+            words += [flag, str(value)]
+    return shlex.join([*words, "--resume", "--out", str(run_dir)])
 
 
 @command("train", "train a model on a task (default: a small model on MQAR, CPU, minutes)",
          _configure_train)
 def _train(args: argparse.Namespace, console: Console) -> int:
     keep_freed_memory()
+    if not math.isfinite(args.progress_every) or args.progress_every <= 0:
+        raise TrainingError(f"--progress-every must be a number of seconds > 0, got "
+                            f"{args.progress_every}")
     config = TrainConfig(
         model=args.spec or args.preset or DEFAULT_PRESET, overrides=args.set, task=args.task,
         task_options=parse_task_options(args.task, args.task_option), steps=args.steps,
@@ -87,9 +146,14 @@ def _train(args: argparse.Namespace, console: Console) -> int:
         weight_decay=args.weight_decay, seed=args.seed, eval_every=args.eval_every,
         eval_batches=args.eval_batches, checkpoint_every=args.checkpoint_every,
         device=args.device, compile=args.compile, out=args.out, resume=args.resume,
-        stop_after=args.stop_after, progress=not args.no_progress,
+        resume_from=args.resume_from, stop_after=args.stop_after, progress=not args.no_progress,
     )
-    result = train(config, console=console)
+    try:
+        result = train(config, console=console, progress_every=args.progress_every)
+    except TrainingInterrupted as stopped:
+        if is_main_process():
+            _print_stop(console, stopped, resume_command(args, stopped.result.run_dir))
+        return stopped.exit_status
     if not is_main_process():
         return 0
     metrics = result.metrics
@@ -101,10 +165,24 @@ def _train(args: argparse.Namespace, console: Console) -> int:
     headline.append(f"{result.elapsed_s:.0f} s")
     console.print("[bold]done[/bold]: " + ", ".join(headline), highlight=False)
     if not result.finished:
-        console.print(f"stopped early; continue with the same flags plus --resume "
-                      f"--out {result.run_dir}", markup=False, highlight=False)
+        console.print(f"stopped early; continue with: {resume_command(args, result.run_dir)}",
+                      markup=False, highlight=False, soft_wrap=True)
     console.print(f"run directory: {result.run_dir}", markup=False, highlight=False)
     return 0
+
+
+def _print_stop(console: Console, stopped: TrainingInterrupted, command: str) -> None:
+    """What a run stopped by a signal says: where it stopped and how to continue."""
+    result = stopped.result
+    where = (f"checkpoint {stopped.checkpoint}" if stopped.checkpoint is not None
+             else "no checkpoint yet (it starts again from step 0)")
+    lines = [f"stopped by {signal_name(stopped.signal)} after step {result.step}/{result.steps}; "
+             f"{where}",
+             f"resume with: {command}"]
+    if os.environ.get("WORLD_SIZE", "1") != "1":
+        lines[-1] += "  (under torchrun, as before)"
+    for line in lines:
+        console.print(line, markup=False, highlight=False, soft_wrap=True)
 
 
 def _configure_eval(p: argparse.ArgumentParser) -> None:
