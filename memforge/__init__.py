@@ -6,6 +6,12 @@ The public API (pinned by ``tests/test_public_api.py``)::
     spec = memforge.override(spec, ["memory.depth=3"])          # dotted overrides, validated
     model = memforge.build_model(spec)                          # a plain torch.nn.Module
     out = model(tokens)                                         # out.logits, out.state
+    out = model(tokens, labels=tokens)                          # out.loss: next-token loss
+    memforge.save_model(model, "my_model")                      # spec + safetensors, no pickle
+    model = memforge.load_model("runs/my-run")                  # a run, checkpoint or saved model
+
+Importing memforge does not import torch's compiler stack (``torch._dynamo``): only compiling
+does, on first use.
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ from memforge.io import load_spec, save_spec
 from memforge.model import ModelOutput, ModelState
 from memforge.plugins import configure_plugins, default_registry
 from memforge.registry import ComponentSpec, PresetSpec
+from memforge.saving import load_model, save_model
 from memforge.spec import ComponentChoice, ModelSpec, apply_overrides, override, spec_id
 
 __version__ = "0.1.0"
@@ -89,11 +96,13 @@ __all__ = [
     "compile_model",
     "configure_plugins",
     "hookimpl",
+    "load_model",
     "load_spec",
     "option",
     "override",
     "preset",
     "presets",
+    "save_model",
     "save_spec",
     "spec_id",
 ]

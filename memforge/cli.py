@@ -2,6 +2,10 @@
 
 Every user mistake ends in one line on stderr (``memforge: error: ...``) and exit status 2;
 no traceback.
+
+The jobs live in :data:`COMMAND_MODULES`, imported only when the command asked for is not one of
+this module's own: ``memforge list`` and ``show`` then start without the training stack
+(``benchmarks/bench_startup.py`` measures it).
 """
 
 from __future__ import annotations
@@ -21,8 +25,10 @@ Command = Callable[[argparse.Namespace, Console], int]
 Configure = Callable[[argparse.ArgumentParser], None]
 _COMMANDS: dict[str, tuple[str, Configure, Command]] = {}
 
-#: Modules whose import registers more sub-commands (the jobs), imported when the parser is made.
-COMMAND_MODULES = ("memforge.training.commands",)
+#: Modules whose import registers more sub-commands (the jobs), imported when the parser is made
+#: for any command but this module's own.
+COMMAND_MODULES = ("memforge.training.commands", "memforge.training.generate_command",
+                   "memforge.ablate.commands")
 
 
 def command(name: str, help: str, configure: Configure) -> Callable[[Command], Command]:
@@ -51,6 +57,23 @@ def _configure_list(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kind", help="only this kind of component")
 
 
+def name_table(title: str, columns: Sequence[str], rows: Sequence[Sequence[str]]) -> Table:
+    """A table whose columns but the last (a free-text summary) never wrap or cut their text.
+
+    Rich fits a table to the terminal by cutting or folding cells; a name cut to ``titans.ada…``
+    cannot be typed back. Here only the last column gives way; a terminal too narrow even for the
+    names wraps the whole line instead.
+    """
+    table = Table(title=title, title_justify="left")
+    for index, column in enumerate(columns[:-1]):
+        widest = max((len(row[index]) for row in rows), default=0)
+        table.add_column(column, no_wrap=True, min_width=max(widest, len(column)))
+    table.add_column(columns[-1], min_width=20)
+    for row in rows:
+        table.add_row(*row)
+    return table
+
+
 @command("list", "components by kind, and presets", _configure_list)
 def _list(args: argparse.Namespace, console: Console) -> int:
     from memforge.interfaces import KINDS
@@ -59,23 +82,14 @@ def _list(args: argparse.Namespace, console: Console) -> int:
     registry = default_registry()
     if args.kind:
         registry.names(args.kind)  # an unknown kind fails here, with close matches
-    table = Table(title="components", title_justify="left")
-    for column in ("kind", "name", "plugin", "summary"):
-        table.add_column(column)
-    for kind in KINDS:
-        if args.kind and kind != args.kind:
-            continue
-        for name in registry.names(kind):
-            component = registry.component(kind, name)
-            table.add_row(kind, name, component.plugin, component.summary)
-    console.print(table)
+    rows = [(kind, name, registry.component(kind, name).plugin,
+             registry.component(kind, name).summary)
+            for kind in KINDS if not args.kind or kind == args.kind
+            for name in registry.names(kind)]
+    console.print(name_table("components", ("kind", "name", "plugin", "summary"), rows))
     if not args.kind:
-        presets = Table(title="presets", title_justify="left")
-        for column in ("name", "plugin", "summary"):
-            presets.add_column(column)
-        for preset in registry.presets():
-            presets.add_row(preset.name, preset.plugin, preset.summary)
-        console.print(presets)
+        presets = [(p.name, p.plugin, p.summary) for p in registry.presets()]
+        console.print(name_table("presets", ("name", "plugin", "summary"), presets))
     return 0
 
 
@@ -111,13 +125,18 @@ def _show(args: argparse.Namespace, console: Console) -> int:
     return 0
 
 
-def make_parser() -> argparse.ArgumentParser:
-    """The argument parser of the ``memforge`` command."""
+def make_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
+    """The argument parser of the ``memforge`` command.
+
+    With ``argv`` naming a command already registered (this module's own: ``list``, ``show``),
+    the :data:`COMMAND_MODULES` are not imported, and the parser knows only the commands so far.
+    """
     parser = argparse.ArgumentParser(
         prog="memforge", description="Build, train and ablate memory-augmented sequence models.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for module in COMMAND_MODULES:
-        importlib.import_module(module)
+    if not argv or argv[0] not in _COMMANDS:
+        for module in COMMAND_MODULES:
+            importlib.import_module(module)
     for name, (help_text, configure, _) in _COMMANDS.items():
         configure(sub.add_parser(name, help=help_text, description=help_text))
     return parser
@@ -125,7 +144,8 @@ def make_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; returns the exit status."""
-    parser = make_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = make_parser(argv)
     args = parser.parse_args(argv)
     console = Console(soft_wrap=True)
     try:

@@ -23,11 +23,13 @@ PINNED = [
     "compile_model",
     "configure_plugins",
     "hookimpl",
+    "load_model",
     "load_spec",
     "option",
     "override",
     "preset",
     "presets",
+    "save_model",
     "save_spec",
     "spec_id",
 ]
