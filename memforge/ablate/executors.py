@@ -1,0 +1,173 @@
+"""Where a study's runs execute: a pool of local worker processes, or Ray tasks.
+
+Both run the same function, :func:`memforge.ablate.job.run_job`, on the same JSON-able jobs, and
+report to a :class:`Monitor` as runs start and end.
+
+* ``local``: at most ``workers`` spawned processes at a time, one per run, each with its share of
+  the CPU threads (``workers x threads <= cores``) or, where GPUs exist, its own GPU
+  (``CUDA_VISIBLE_DEVICES``). A process per run isolates crashes and resets thread settings.
+* ``ray``: Ray tasks with ``num_cpus`` (and ``num_gpus``) per run, on an existing cluster
+  (``address``) or on a local one started for the study and shut down after it.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import os
+from collections import deque
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from multiprocessing.connection import wait
+from pathlib import Path
+from typing import Any, Protocol
+
+from memforge.ablate.job import run_job, worker_main, write_result
+from memforge.training.rundir import read_json
+
+#: Seconds between progress polls while runs are going.
+POLL_S = 0.5
+EXECUTORS = ("local", "ray")
+
+
+class Monitor(Protocol):
+    """What an executor tells the study's progress display."""
+
+    def started(self, job: Mapping[str, Any]) -> None:
+        """Run ``job`` has started."""
+
+    def finished(self, outcome: Mapping[str, Any]) -> None:
+        """A run has ended (its results file is written)."""
+
+    def poll(self) -> None:
+        """Refresh the display (called every :data:`POLL_S` while runs are going)."""
+
+
+def failed_outcome(job: Mapping[str, Any], error: str) -> dict[str, Any]:
+    """The outcome of a run whose worker died before recording one."""
+    return {**{key: job[key] for key in ("id", "variant", "seed", "lr", "axes", "params")},
+            "status": "failed", "error": error, "tokens_per_s": None, "elapsed_s": None,
+            "steps": None, "metrics": [], "spec_id": job["spec_id"], "task": job["task"],
+            "fingerprint": job["fingerprint"]}
+
+
+@contextmanager
+def _environment(values: Mapping[str, str]) -> Iterator[None]:
+    """Set environment variables for a child started inside the block (spawn copies them)."""
+    saved = {key: os.environ.get(key) for key in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def _read_outcome(job: Mapping[str, Any], exitcode: int | None) -> dict[str, Any]:
+    path = Path(job["result_path"])
+    if path.exists():
+        outcome = read_json(path)
+        if outcome.get("fingerprint") == job["fingerprint"]:
+            return outcome
+    outcome = failed_outcome(job, f"the worker process exited with code {exitcode} before "
+                                  f"recording an outcome (killed, or out of memory?)")
+    write_result(path, outcome)
+    return outcome
+
+
+def run_local(jobs: Sequence[Mapping[str, Any]], *, workers: int, threads: int,
+              gpus: Sequence[str] = (), monitor: Monitor) -> list[dict[str, Any]]:
+    """Run ``jobs`` in at most ``workers`` spawned processes at a time; returns their outcomes.
+
+    Each process gets ``threads`` torch threads and, when ``gpus`` are given (one per worker
+    slot), its own GPU. Interrupting (Ctrl-C) terminates the running workers; their runs resume
+    from their last checkpoints next time.
+    """
+    context = multiprocessing.get_context("spawn")
+    pending = deque(jobs)
+    free = list(range(workers))
+    running: dict[int, tuple[Any, Mapping[str, Any]]] = {}
+    outcomes = []
+    try:
+        while pending or running:
+            while pending and free:
+                slot, job = free.pop(0), pending.popleft()
+                env = {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+                if gpus:
+                    env["CUDA_VISIBLE_DEVICES"] = gpus[slot]
+                process = context.Process(target=worker_main, args=(dict(job), threads),
+                                          name=f"memforge-ablate-{job['id']}", daemon=True)
+                with _environment(env):
+                    process.start()
+                running[slot] = (process, job)
+                monitor.started(job)
+            wait([process.sentinel for process, _ in running.values()], timeout=POLL_S)
+            for slot, (process, job) in list(running.items()):
+                if process.exitcode is None:
+                    continue
+                process.join()
+                outcomes.append(_read_outcome(job, process.exitcode))
+                monitor.finished(outcomes[-1])
+                del running[slot]
+                free.append(slot)
+            monitor.poll()
+    finally:
+        for process, _ in running.values():
+            process.terminate()
+        for process, _ in running.values():
+            process.join()
+    return outcomes
+
+
+def run_ray(jobs: Sequence[Mapping[str, Any]], *, address: str | None, workers: int,
+            cpus_per_run: int, gpus_per_run: float = 0.0, local_cpus: int | None = None,
+            monitor: Monitor) -> list[dict[str, Any]]:
+    """Run ``jobs`` as Ray tasks, at most ``workers`` at a time; returns their outcomes.
+
+    Joins the cluster at ``address``, or starts a local one with ``local_cpus`` CPUs, and shuts
+    it down (or disconnects) at the end. Outcomes are also written from this process, so results
+    gather here even when the workers run on other machines (resuming a run needs its run
+    directory on a file system shared with the workers).
+    """
+    try:
+        import ray
+    except ImportError:
+        from memforge.ablate.study import StudyError
+
+        raise StudyError("the ray executor needs Ray: pip install 'memforge[ray]' "
+                         "(or pass --executor local)") from None
+
+    options: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False,
+                               "logging_level": logging.WARNING, "configure_logging": False}
+    if address is not None:
+        ray.init(address=address, **options)
+    else:
+        ray.init(num_cpus=local_cpus, **options)
+    try:
+        task = ray.remote(run_job).options(num_cpus=cpus_per_run, num_gpus=gpus_per_run,
+                                           max_retries=0)
+        pending = deque(jobs)
+        inflight: dict[Any, Mapping[str, Any]] = {}
+        outcomes = []
+        while pending or inflight:
+            while pending and len(inflight) < workers:
+                job = pending.popleft()
+                inflight[task.remote(dict(job), cpus_per_run)] = job
+                monitor.started(job)
+            done, _ = ray.wait(list(inflight), num_returns=1, timeout=POLL_S)
+            for ref in done:
+                job = inflight.pop(ref)
+                try:
+                    outcome = ray.get(ref)
+                except Exception as exc:  # the task's worker died; the run is failed, not the study
+                    outcome = failed_outcome(job, f"Ray task failed: {str(exc).splitlines()[0]}")
+                write_result(Path(job["result_path"]), outcome)
+                outcomes.append(outcome)
+                monitor.finished(outcome)
+            monitor.poll()
+        return outcomes
+    finally:
+        ray.shutdown()
