@@ -150,7 +150,8 @@ def test_tidy_file_has_one_row_per_run_and_metric(study: Path):
     write_report(study)
     tidy = pd.read_csv(study / "report" / "tidy.csv")
     assert list(tidy.columns) == ["run", "variant", "seed", "lr", "params", "status", "selected", "metric",
-                                  "length", "depth", "value"]
+                                  "length", "depth", "value", "diverged"]
+    assert not tidy["diverged"].any()
     # 16 finished runs with 8 metrics each, plus one row each for the failed and the missing run.
     assert len(tidy) == 16 * 8 + 2
     assert tidy["status"].value_counts().to_dict() == {"finished": 128, "failed": 1, "missing": 1}
@@ -190,6 +191,44 @@ def test_console_gets_the_tables(study: Path):
     text = console.export_text()
     assert "toy: mean [95% CI] over seeds" in text and "minus lmm, paired by seed" in text
     assert "2 (1 failed)" in text and "0.69 [0.68, 0.7]" in text
+
+
+def test_diverged_evaluations_are_counted_not_averaged_away(tmp_path: Path):
+    """S-NIAH at two lengths and two depths with the runner's mean-over-depths entries; one run's
+    memory diverges at length 512, depth 0.5: that cell has no value, and the report says so."""
+    runs = []
+    for variant, offset in (("lmm", 0.0), ("mac", 0.1)):
+        for seed in (0, 1):
+            metrics = [{"name": "test/accuracy", "value": 0.5 + offset + 0.01 * seed}]
+            for length in (256, 512):
+                cells = {}
+                for depth in (0.0, 0.5):
+                    broken = variant == "mac" and seed == 1 and length == 512 and depth == 0.5
+                    value = 0.9 - length / 5120 + offset - 0.1 * depth + 0.01 * seed
+                    cells[depth] = None if broken else value
+                    metrics.append({"name": "s-niah/accuracy", "value": cells[depth], "length": length,
+                                    "depth": depth, **({"diverged": "logits hold NaN"} if broken else {})})
+                mean = None if None in cells.values() else sum(cells.values()) / 2
+                metrics.append({"name": "s-niah/accuracy", "value": mean, "length": length})
+            runs.append({"id": f"{variant}-{seed}", "variant": variant, "seed": seed, "lr": 0.001, "axes": {},
+                         "params": 10, "result": {"status": "finished", "error": None, "metrics": metrics}})
+    study = write_study(tmp_path / "div", runs)
+    written = write_report(study)
+    table = pd.read_csv(study / "report" / "results.csv").set_index("variant")
+    broken, mean = "s-niah/accuracy[length=512,depth=0.5] ", "s-niah/accuracy[length=512] "
+    assert table.loc["mac", broken + "n"] == 1 and table.loc["mac", broken + "diverged"] == 1
+    assert table.loc["mac", mean + "n"] == 1 and table.loc["mac", mean + "diverged"] == 1
+    assert table.loc["lmm", broken + "diverged"] == 0
+    assert table.loc["mac", broken + "mean"] == pytest.approx(0.9 - 0.1 + 0.1 - 0.05)  # seed 0 only
+    assert "s-niah/accuracy[length=256] diverged" not in table.columns  # only where something diverged
+    md = (study / "report" / "results.md").read_text()
+    assert "| mac       | 0.001 | s-niah/accuracy | 512      | 0.5     | 1       | 0.85 (1 diverged)" in md
+    assert "| lmm       | 0.001 | s-niah/accuracy | 256      | mean    | 2       |" in md
+    diff = pd.read_csv(study / "report" / "differences.csv").set_index("variant")
+    assert diff.loc["mac", broken + "n"] == 1 and diff.loc["mac", broken + "mean"] == pytest.approx(0.1)
+    tidy = pd.read_csv(study / "report" / "tidy.csv")
+    assert tidy["diverged"].sum() == 2 and tidy.loc[tidy["diverged"], "value"].isna().all()
+    assert "length_s_niah_accuracy.png" in [p.name for p in written]
 
 
 def _grid_study(root: Path) -> Path:

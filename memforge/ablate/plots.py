@@ -65,31 +65,42 @@ def curve_plot(
     title: str,
     metric: str,
     xlabel: str,
-    series: Mapping[str, Sequence[tuple[float, Interval]]],
+    series: Mapping[str, Sequence[tuple[float, Interval, int]]],
 ) -> Path:
     """``metric`` against ``xlabel``: per series a line through the means and a band between the
-    interval bounds (where there is one). The x axis is logarithmic (base 2) when the x values are
-    positive and span a factor of 4 or more, as sequence lengths and widths usually do."""
+    interval bounds (where there is one). Each point is ``(x, interval, diverged)``; runs that
+    diverged there (and so have no value) are marked with a count beside the point, or with an x at
+    the bottom of the axes where no run has a value. The x axis is logarithmic (base 2) when the x
+    values are positive and span a factor of 4 or more, as sequence lengths and widths usually do."""
     fig = Figure(figsize=(5.6, 3.8))
     ax = fig.add_subplot()
-    xs_all = [x for points in series.values() for x, _ in points]
+    xs_all = [p[0] for points in series.values() for p in points]
     for k, (name, points) in enumerate(series.items()):
-        points = sorted((p for p in points if not math.isnan(p[1].mean)), key=lambda p: p[0])
-        if not points:
-            continue
-        xs = [x for x, _ in points]
         color = f"C{k % 10}"
-        ax.plot(xs, [iv.mean for _, iv in points], "o-", color=color, label=name, markersize=4)
-        band = [(x, iv) for x, iv in points if iv.has_interval]
+        points = sorted(points, key=lambda p: p[0])
+        valued = [(x, iv) for x, iv, _ in points if not math.isnan(iv.mean)]
+        if valued:
+            ax.plot([x for x, _ in valued], [iv.mean for _, iv in valued], "o-", color=color, label=name,
+                    markersize=4)
+        band = [(x, iv) for x, iv in valued if iv.has_interval]
         if band:
             ax.fill_between([x for x, _ in band], [iv.low for _, iv in band], [iv.high for _, iv in band],
                             color=color, alpha=0.18, linewidth=0)
+        for x, iv, diverged in points:
+            if not diverged:
+                continue
+            if math.isnan(iv.mean):
+                ax.plot([x], [0.02], "x", color=color, transform=ax.get_xaxis_transform(),
+                        label=None if valued else name)
+            else:
+                ax.annotate(f"{diverged} diverged", (x, iv.mean), textcoords="offset points", xytext=(4, 4),
+                            fontsize=7, color=color)
     if xs_all and min(xs_all) > 0 and max(xs_all) / min(xs_all) >= 4:
         ax.set_xscale("log", base=2)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(metric)
     ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)
-    if series:
+    if ax.get_legend_handles_labels()[0]:
         ax.legend(fontsize=8)
     return _save(fig, path)

@@ -6,9 +6,12 @@
     One row per variant (per grid cell when the study has axes): for every final metric the mean
     over seeds and its 95% bootstrap confidence interval, the number of seeds that finished (and
     how many failed or have no result yet), the parameter count and the mean tokens/s. Metrics
-    evaluated by length (and depth) get their own "by length" table in the Markdown and their own
-    columns (``name[length=L,depth=D] mean/low/high/n``) in the CSV. The Markdown also states the
-    learning-rate selection and lists every failed or missing run with its message.
+    evaluated by length or depth get their own long table in the Markdown ("By length and depth";
+    depth "mean" is the evaluation's mean over depths) and their own columns
+    (``name[length=L,depth=D] mean/low/high/n``) in the CSV. An evaluation whose model diverged
+    has no value: it is left out of the mean and counted (``(1 diverged)``; a ``... diverged``
+    column in the CSV). The Markdown also states the learning-rate selection and lists every
+    failed or missing run with its message.
 ``differences.md``, ``differences.csv``
     Each variant minus the baseline variant in the same grid cell, **paired by seed**: only seeds
     for which both finished count, and the interval is that of the mean paired difference.
@@ -17,14 +20,17 @@
     and which lr was chosen.
 ``tidy.csv``
     Every run's final metrics, one row per (run, metric, length, depth), with the columns
-    ``run, variant, seed, lr, <axes...>, params, status, selected, metric, length, depth, value``
-    (``selected``: whether the run's lr is the one the table reports). A run without metrics (failed
-    early, or not run yet) has one row with an empty metric. ``pandas.read_csv`` and DuckDB
+    ``run, variant, seed, lr, <axes...>, params, status, selected, metric, length, depth, value,
+    diverged`` (``selected``: whether the run's lr is the one the table reports; ``diverged``: the
+    evaluation has no value because the model overflowed). A run without metrics (failed early, or
+    not run yet) has one row with an empty metric. ``pandas.read_csv`` and DuckDB
     (``SELECT * FROM 'tidy.csv'``) read it as it is.
 ``variants_<metric>.png``, ``length_<metric>.png``, ``axis_<axis>_<metric>.png``
     Each plain metric per variant (mean, interval, and the seeds' values); each metric evaluated by
-    length against the length (mean over depths per run first), one line and band per variant;
-    the primary metric against each numeric grid axis.
+    length against the length (each run's mean over depths first), one line and band per variant,
+    with the number of runs that diverged marked; the primary metric against each numeric grid axis.
+    The files of an earlier report that this one does not write (a metric since dropped) are left
+    in place.
 
 Statistics: a percentile bootstrap of the mean over seeds, 10,000 resamples from a fixed seed, so
 reporting the same results twice writes byte-identical files (``memforge/ablate/stats.py`` says
@@ -89,17 +95,19 @@ class Plan:
 
 @dataclass(frozen=True)
 class MetricKey:
-    """A metric name, with the length and depth it was evaluated at (None when not by length).
-
-    None rather than NaN: NaN is unequal to itself, and these are dictionary keys."""
+    """A metric name, with the length and depth it was evaluated at (None where not evaluated by
+    length or depth; a key with a length and no depth, beside keys with depths, is the evaluation's
+    mean over depths). None rather than NaN: NaN is unequal to itself, and these are dictionary keys.
+    """
 
     name: str
     length: float | None = None
     depth: float | None = None
 
     @property
-    def by_length(self) -> bool:
-        return self.length is not None
+    def plain(self) -> bool:
+        """Not evaluated by length or depth: one column of the main table."""
+        return self.length is None and self.depth is None
 
     @property
     def label(self) -> str:
@@ -127,6 +135,7 @@ class Row:
     tokens_per_s: float = math.nan
     stats: dict[MetricKey, Interval] = field(default_factory=dict)
     seed_values: dict[MetricKey, dict[int, float]] = field(default_factory=dict)
+    diverged: dict[MetricKey, list[int]] = field(default_factory=dict)  # seeds without a value
 
 
 @dataclass
@@ -241,8 +250,12 @@ def load_results(study_dir: str | Path) -> StudyResults:
         })
         metrics = (result or {}).get("metrics") or [{"name": None, "value": None}]
         for m in metrics:
+            value = _float(m.get("value"))
+            # An evaluation whose model overflowed has no number: the runner writes a null value
+            # (and the message under "diverged"); an infinite loss is the same outcome.
+            diverged = m["name"] is not None and (bool(m.get("diverged")) or not math.isfinite(value))
             tidy_rows.append({**base, "metric": m["name"], "length": _float(m.get("length")),
-                              "depth": _float(m.get("depth")), "value": _float(m.get("value"))})
+                              "depth": _float(m.get("depth")), "value": value, "diverged": diverged})
     runs, tidy = pd.DataFrame(run_rows), pd.DataFrame(tidy_rows)
     for frame, source in ((runs, run_rows), (tidy, tidy_rows)):
         frame["params"] = frame["params"].astype("Int64")
@@ -276,7 +289,7 @@ def _metric_keys(results: StudyResults) -> list[MetricKey]:
 
     def sort_key(k: MetricKey) -> tuple:
         none_last = lambda x: (x is None, 0.0 if x is None else x)
-        return (k.by_length, k.name != primary, order[k.name], none_last(k.length), none_last(k.depth))
+        return (not k.plain, k.name != primary, order[k.name], none_last(k.length), none_last(k.depth))
 
     return sorted(keys, key=sort_key)
 
@@ -354,18 +367,24 @@ def build_rows(results: StudyResults) -> tuple[list[Row], pd.DataFrame | None]:
 
 def _fill_statistics(results: StudyResults, rows: Sequence[Row]) -> None:
     t = results.tidy
-    t = t[(t["status"] == "finished") & t["metric"].notna() & np.isfinite(t["value"])]
+    t = t[(t["status"] == "finished") & t["metric"].notna()]
     keys = _metric_keys(results)
     for row in rows:
         mine = t[t["run"].isin(row.runs)]
         by_key: dict[MetricKey, dict[int, float]] = {}
-        for m, length, depth, seed, value in zip(mine["metric"], mine["length"], mine["depth"], mine["seed"],
-                                                 mine["value"], strict=True):
-            by_key.setdefault(_key(m, length, depth), {})[int(seed)] = float(value)
+        diverged: dict[MetricKey, list[int]] = {}
+        for m, length, depth, seed, value, bad in zip(mine["metric"], mine["length"], mine["depth"],
+                                                      mine["seed"], mine["value"], mine["diverged"],
+                                                      strict=True):
+            key = _key(m, length, depth)
+            if bad:
+                diverged.setdefault(key, []).append(int(seed))
+            else:
+                by_key.setdefault(key, {})[int(seed)] = float(value)
         for key in keys:
-            seeds = by_key.get(key, {})
-            row.seed_values[key] = dict(sorted(seeds.items()))
+            row.seed_values[key] = dict(sorted(by_key.get(key, {}).items()))
             row.stats[key] = bootstrap_mean(row.seed_values[key].values())
+            row.diverged[key] = sorted(diverged.get(key, []))
 
 
 def _baseline_row(rows: Sequence[Row], row: Row, baseline: str) -> Row | None:
@@ -410,7 +429,10 @@ def build_differences(rows: Sequence[Row], baseline: str | None) -> list[Differe
 
 
 def _num_plain(x: float) -> str:
-    return f"{x:g}"
+    """An lr, length, depth or axis value as written in a study file: 0.0003, 1048576, 0.5."""
+    if float(x).is_integer() and abs(x) < 1e15:
+        return str(int(x))
+    return f"{x:g}" if abs(x) < 1e-4 or float(f"{x:g}") == x else repr(float(x))
 
 
 def _num(x: float | None, signed: bool = False) -> str:
@@ -422,16 +444,25 @@ def _num(x: float | None, signed: bool = False) -> str:
     return f"{x:+.4g}" if signed else f"{x:.4g}"
 
 
-def _cell(iv: Interval, n_expected: int, signed: bool = False) -> str:
-    """``mean [low, high]``, with ``(n=k)`` when fewer values than the row's seeds went into it."""
-    if iv.n == 0:
-        return "–"
-    text = _num(iv.mean, signed)
+def _cell(iv: Interval, n_expected: int, diverged: int = 0, signed: bool = False) -> str:
+    """``mean [low, high]``, noting ``n=k`` when fewer values than the row's seeds went into it and
+    how many runs diverged at that evaluation (they have no value)."""
+    text = "–" if iv.n == 0 else _num(iv.mean, signed)
     if iv.has_interval:
         text += f" [{_num(iv.low, signed)}, {_num(iv.high, signed)}]"
-    if iv.n < n_expected:
-        text += f" (n={iv.n})"
-    return text
+    notes = [f"n={iv.n}"] if 0 < iv.n < n_expected else []
+    notes += [f"{diverged} diverged"] if diverged else []
+    return text + (f" ({'; '.join(notes)})" if notes else "")
+
+
+def _key_columns(key: MetricKey, depth_names: set[str]) -> dict[str, str]:
+    """The metric, length and depth columns of a long table; "mean" for a mean over depths."""
+    if key.depth is not None:
+        depth = _num_plain(key.depth)
+    else:
+        depth = "mean" if key.name in depth_names else "–"
+    length = "–" if key.length is None else _num_plain(key.length)
+    return {"metric": key.name, "length": length, "depth": depth}
 
 
 def _label_columns(plan: Plan, row: Row) -> dict[str, str]:
@@ -451,10 +482,22 @@ def _markdown(frame: pd.DataFrame) -> str:
     return frame.to_markdown(index=False, disable_numparse=True) + "\n"
 
 
+def _number_columns(key: MetricKey, iv: Interval, diverged: int | None = None) -> dict[str, Any]:
+    out = {f"{key.label} mean": iv.mean, f"{key.label} low": iv.low, f"{key.label} high": iv.high,
+           f"{key.label} n": iv.n}
+    if diverged is not None:
+        out[f"{key.label} diverged"] = diverged
+    return out
+
+
 def results_tables(plan: Plan, rows: Sequence[Row]) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
     """The results as (CSV frame with numbers, Markdown frame of plain metrics, Markdown frame of the
-    metrics by length in long form)."""
-    csv, md, by_length = [], [], []
+    metrics by length or depth in long form). The CSV has a ``<metric> diverged`` count column for
+    the metrics where some run diverged."""
+    keys = list(rows[0].stats) if rows else []
+    depth_names = {k.name for k in keys if k.depth is not None}
+    diverging = {k for k in keys if any(r.diverged[k] for r in rows)}
+    csv, md, long = [], [], []
     for row in rows:
         labels = _label_columns(plan, row)
         numbers: dict[str, Any] = {"variant": row.variant, **dict(zip(plan.axes, row.cell, strict=True)),
@@ -464,26 +507,27 @@ def results_tables(plan: Plan, rows: Sequence[Row]) -> tuple[pd.DataFrame, pd.Da
         text = {**labels, "seeds": _seeds_text(row), "params": _num(row.params),
                 "tokens/s": _num(row.tokens_per_s)}
         for key, iv in row.stats.items():
-            numbers.update({f"{key.label} mean": iv.mean, f"{key.label} low": iv.low,
-                            f"{key.label} high": iv.high, f"{key.label} n": iv.n})
-            if key.by_length:
-                by_length.append({**labels, "metric": key.name, "length": _num_plain(key.length),
-                                  "depth": "–" if key.depth is None else _num_plain(key.depth),
-                                  "seeds": str(iv.n), "mean [95% CI]": _cell(iv, iv.n)})
+            diverged = len(row.diverged[key])
+            numbers.update(_number_columns(key, iv, diverged if key in diverging else None))
+            if key.plain:
+                text[key.name] = _cell(iv, row.finished, diverged)
             else:
-                text[key.name] = _cell(iv, row.finished)
+                long.append({**labels, **_key_columns(key, depth_names), "seeds": str(iv.n),
+                             "mean [95% CI]": _cell(iv, iv.n, diverged)})
         csv.append(numbers)
         md.append(text)
     csv_frame = pd.DataFrame(csv)
     csv_frame["params"] = csv_frame["params"].astype("Int64")
-    return csv_frame, pd.DataFrame(md), pd.DataFrame(by_length)
+    return csv_frame, pd.DataFrame(md), pd.DataFrame(long)
 
 
 def difference_tables(
     plan: Plan, diffs: Sequence[Difference]
 ) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
-    """The differences as (CSV frame, Markdown frame of plain metrics, Markdown frame by length)."""
-    csv, md, by_length = [], [], []
+    """The differences as (CSV frame, Markdown frame of plain metrics, Markdown frame by length or
+    depth). A seed counts only where both sides have a value (a diverged run has none)."""
+    depth_names = {k.name for d in diffs for k in d.stats if k.depth is not None}
+    csv, md, long = [], [], []
     for d in diffs:
         labels = _label_columns(plan, d.row)
         numbers: dict[str, Any] = {"variant": d.row.variant, **dict(zip(plan.axes, d.row.cell, strict=True)),
@@ -491,17 +535,15 @@ def difference_tables(
         text = {**labels, "baseline lr": _num_plain(d.baseline.lr) if not math.isnan(d.baseline.lr) else "–",
                 "pairs": str(d.pairs)}
         for key, iv in d.stats.items():
-            numbers.update({f"{key.label} mean": iv.mean, f"{key.label} low": iv.low,
-                            f"{key.label} high": iv.high, f"{key.label} n": iv.n})
-            if key.by_length:
-                by_length.append({**labels, "metric": key.name, "length": _num_plain(key.length),
-                                  "depth": "–" if key.depth is None else _num_plain(key.depth),
-                                  "pairs": str(iv.n), "difference [95% CI]": _cell(iv, iv.n, signed=True)})
-            else:
+            numbers.update(_number_columns(key, iv))
+            if key.plain:
                 text[key.name] = _cell(iv, d.pairs, signed=True)
+            else:
+                long.append({**labels, **_key_columns(key, depth_names), "pairs": str(iv.n),
+                             "difference [95% CI]": _cell(iv, iv.n, signed=True)})
         csv.append(numbers)
         md.append(text)
-    return pd.DataFrame(csv), pd.DataFrame(md), pd.DataFrame(by_length)
+    return pd.DataFrame(csv), pd.DataFrame(md), pd.DataFrame(long)
 
 
 def _interval_note() -> str:
@@ -584,43 +626,53 @@ def _numeric_axis(results: StudyResults, axis: str) -> bool:
     return numeric and len(set(values)) > 1
 
 
+def _length_point(row: Row, keys: Sequence[MetricKey], length: float) -> tuple[float, Interval, int]:
+    """A row's metric at one length over seeds, with the number of seeds that diverged there.
+
+    Evaluated at several depths, each seed's value is its mean over the depths: the evaluation's own
+    mean entry (depth None) when it wrote one, else computed here from seeds with every depth (a
+    seed missing a depth diverged there, and a partial mean would flatter it)."""
+    at = [k for k in keys if k.length == length]
+    mean_key = next((k for k in at if k.depth is None), None)
+    if mean_key is not None:
+        return length, row.stats[mean_key], len(row.diverged[mean_key])
+    seeds = set().union(*(row.seed_values[k].keys() | set(row.diverged[k]) for k in at))
+    complete = sorted(s for s in seeds if all(s in row.seed_values[k] for k in at))
+    values = [float(np.mean([row.seed_values[k][s] for k in at])) for s in complete]
+    return length, bootstrap_mean(values), len(seeds) - len(complete)
+
+
 def write_plots(results: StudyResults, rows: Sequence[Row], out: Path) -> list[Path]:
     """The report's PNGs (see the module docstring), in a fixed order."""
     plan = results.plan
     keys = _metric_keys(results)
     written = []
     labels = _series_labels(plan, rows, skip_lr=plan.selection is not None)
-    for key in [k for k in keys if not k.by_length]:
+    for key in [k for k in keys if k.plain]:
         written.append(plots.variant_plot(
             out / f"variants_{_slug(key.name)}.png", title=f"{plan.name}: {key.name} per variant",
             metric=key.name, labels=labels, intervals=[r.stats[key] for r in rows],
             seed_values=[list(r.seed_values[key].values()) for r in rows]))
-    for name in dict.fromkeys(k.name for k in keys if k.by_length):
-        own = [k for k in keys if k.name == name and k.by_length]
+    for name in dict.fromkeys(k.name for k in keys if k.length is not None):
+        own = [k for k in keys if k.name == name and k.length is not None]
         has_depth = any(k.depth is not None for k in own)
-        series = {}
-        for label, row in zip(labels, rows, strict=True):
-            per_length: dict[float, dict[int, list[float]]] = {}
-            for k in own:
-                for seed, value in row.seed_values[k].items():
-                    per_length.setdefault(k.length, {}).setdefault(seed, []).append(value)
-            # Each run's mean over depths first, so the interval is over seeds only.
-            series[label] = [(length, bootstrap_mean([float(np.mean(v)) for _, v in sorted(seeds.items())]))
-                             for length, seeds in sorted(per_length.items())]
+        series = {label: [_length_point(row, own, length) for length in sorted({k.length for k in own})]
+                  for label, row in zip(labels, rows, strict=True)}
         written.append(plots.curve_plot(
             out / f"length_{_slug(name)}.png", metric=name, xlabel="length",
             title=f"{plan.name}: {name} by length" + (" (mean over depths)" if has_depth else ""),
             series=series))
-    primary = next((k for k in keys if k.name == plan.primary_metric and not k.by_length), None)
+    primary = next((k for k in keys if k.name == plan.primary_metric and k.plain), None)
     for axis in plan.axes:
         if primary is None or not _numeric_axis(results, axis):
             continue
         index = plan.axes.index(axis)
         axis_labels = _series_labels(plan, rows, skip_axis=axis, skip_lr=plan.selection is not None)
-        series: dict[str, list[tuple[float, Interval]]] = {}
+        series: dict[str, list[tuple[float, Interval, int]]] = {}
         for label, row in zip(axis_labels, rows, strict=True):
             if row.cell[index] is not None:
-                series.setdefault(label, []).append((float(row.cell[index]), row.stats[primary]))
+                point = (float(row.cell[index]), row.stats[primary], len(row.diverged[primary]))
+                series.setdefault(label, []).append(point)
         written.append(plots.curve_plot(
             out / f"axis_{_slug(axis)}_{_slug(primary.name)}.png", metric=primary.name, xlabel=axis,
             title=f"{plan.name}: {primary.name} by {axis}", series=series))
@@ -663,7 +715,7 @@ def write_report(study_dir: str | Path, *, console: Any = None) -> list[Path]:
     parts = [f"# {plan.name}: results\n", _summary_line(results) + " " + _interval_note() + "\n",
              _selection_note(results) + "\n", _markdown(res_md)]
     if len(res_by_length):
-        parts += ["## By length\n", _markdown(res_by_length)]
+        parts += ["## By length and depth\n", _markdown(res_by_length)]
     if selection is not None:
         table = _selection_markdown(selection, plan.selection.metric)
         parts += ["## Learning-rate selection\n", _markdown(table)]
@@ -683,7 +735,7 @@ def write_report(study_dir: str | Path, *, console: Any = None) -> list[Path]:
                  f"seed {SEED}). An interval that excludes 0 is a difference the seeds agree on.\n"]
         parts += [_markdown(diff_md)] if len(diff_md) else ["No variant besides the baseline.\n"]
         if len(diff_by_length):
-            parts += ["## By length\n", _markdown(diff_by_length)]
+            parts += ["## By length and depth\n", _markdown(diff_by_length)]
         written.append(_write(out / "differences.md", "\n".join(parts)))
         diff_csv.to_csv(out / "differences.csv", index=False)
         written.append(out / "differences.csv")
