@@ -135,22 +135,22 @@ def _wy_scan(
         beta = F.pad(beta, (0, pad))
         g = None if g is None else F.pad(g, (0, pad))
 
-    # [B, H, T, d] -> [n, B*H, C, d]: chunk-major, so each chunk of the loop below is contiguous.
+    # [B, H, T, d] -> [B*H, n, C, d], a view of contiguous inputs.
     def chunked(x: Tensor) -> Tensor:
-        return x.reshape(batch * heads, chunks, size, -1).transpose(0, 1)
+        return x.reshape(batch * heads, chunks, size, -1)
 
     q, k, v = chunked(q), chunked(k), chunked(v)
-    beta = chunked(beta[..., None])  # [n, BH, C, 1]
+    beta = chunked(beta[..., None])  # [BH, n, C, 1]
     if g is None:
         decay = torch.ones(size, size, dtype=q.dtype, device=q.device).tril()  # D
         k_decayed, rhs_k, chunk_decay = k, k, None
     else:
-        log_decay = chunked(g[..., None])[..., 0]  # [n, BH, C]
+        log_decay = chunked(g[..., None])[..., 0]  # [BH, n, C]
         decay = _segment_sums(log_decay).exp()  # D[t, i] = exp(G_t - G_i), 0 above the diagonal
-        to_start = log_decay.cumsum(-1).exp()[..., None]  # exp(G_t), [n, BH, C, 1]
+        to_start = log_decay.cumsum(-1).exp()[..., None]  # exp(G_t), [BH, n, C, 1]
         rhs_k = to_start * k
         k_decayed = decay[..., -1, :, None] * k  # exp(G_C - G_i) k_i, the chunk-end weights
-        chunk_decay = to_start[..., -1:, :]  # exp(G_C), [n, BH, 1, 1]
+        chunk_decay = to_start[..., -1:, :]  # exp(G_C), [BH, n, 1, 1]
 
     # (I + strictlower(beta * (D o K K^T))) [U', W] = beta * [V, exp(G) K], for every chunk at once.
     # unitriangular=True reads only the strictly lower triangle, so the diagonal and the upper
@@ -164,9 +164,9 @@ def _wy_scan(
     # unbind (not indexing) so that the backward stacks the chunks' gradients once.
     state = state.reshape(batch * heads, d_k, d_v)
     starts, updates = [], []
-    for u_c, w_c, kd_c, decay_c in zip(pseudo_values.unbind(0), wy_weights.unbind(0),
-                                       k_decayed.transpose(-1, -2).unbind(0),
-                                       chunk_decay.unbind(0) if chunk_decay is not None
+    for u_c, w_c, kd_c, decay_c in zip(pseudo_values.unbind(1), wy_weights.unbind(1),
+                                       k_decayed.transpose(-1, -2).unbind(1),
+                                       chunk_decay.unbind(1) if chunk_decay is not None
                                        else [None] * chunks, strict=True):
         starts.append(state)
         u_c = torch.baddbmm(u_c, w_c, state, alpha=-1)
@@ -175,6 +175,6 @@ def _wy_scan(
 
     # Reads, every chunk at once: O = exp(G) Q S_start + (D o Q K^T) U.
     reads = q if g is None else to_start * q
-    outputs = reads @ torch.stack(starts) + (decay * (q @ k.transpose(-1, -2))) @ torch.stack(updates)
-    outputs = outputs.transpose(0, 1).reshape(batch, heads, chunks * size, d_v)[:, :, :tokens]
+    outputs = reads @ torch.stack(starts, 1) + (decay * (q @ k.transpose(-1, -2))) @ torch.stack(updates, 1)
+    outputs = outputs.reshape(batch, heads, chunks * size, d_v)[:, :, :tokens]
     return outputs.to(out_dtype), state.reshape(batch, heads, d_k, d_v)

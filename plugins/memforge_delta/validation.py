@@ -108,7 +108,7 @@ def check_inputs(
                          f"only for beta * |k|^2 <= 2), got values from {beta.min().item():.4g} "
                          f"to {beta.max().item():.4g}; squash it, e.g. beta = torch.sigmoid(x)")
     if g is not None and g.numel() and not bool((g <= 0).all()):
-        raise InputError(f"{op}: g is a log-decay and must be <= 0 (decay exp(g) <= 1), got a "
+        raise InputError(f"{op}: g is a log-decay, must be <= 0 (decay exp(g) <= 1), got a "
                          f"maximum of {g.max().item():.4g}; use e.g. g = -F.softplus(x) or "
                          f"F.logsigmoid(x)")
 
