@@ -40,7 +40,7 @@ def _metrics(val: float, seed: int) -> list[dict]:
 
 
 def write_study(root: Path, runs: list[dict], *, selection=None, axes=(), baseline="lmm",
-                primary="test/accuracy") -> Path:
+                primary="test/accuracy", **extra) -> Path:
     """A study directory as the runner writes it; a run's "result" None means no results file."""
     (root / "results").mkdir(parents=True)
     plan_runs = []
@@ -52,7 +52,7 @@ def write_study(root: Path, runs: list[dict], *, selection=None, axes=(), baseli
                 **run, "tokens_per_s": 1000.0 + run["seed"], "elapsed_s": 5.0, "steps": 100, **result}))
     (root / "plan.json").write_text(json.dumps({
         "schema": 1, "name": "toy", "baseline": baseline, "primary_metric": primary,
-        "selection": selection, "axes": list(axes), "runs": plan_runs}))
+        "selection": selection, "axes": list(axes), "runs": plan_runs, **extra}))
     return root
 
 
@@ -71,7 +71,9 @@ def study(tmp_path: Path) -> Path:
                     result = {"status": "finished", "error": None, "metrics": _metrics(val, seed)}
                 runs.append({"id": rid, "variant": variant, "seed": seed, "lr": lr, "axes": {},
                              "params": PARAMS[variant], "result": result})
-    return write_study(tmp_path / "study", runs, selection={"metric": "validation/accuracy", "mode": "max"})
+    variants = [{"name": "lmm", "description": "the full memory"}, {"name": "linear", "description": ""}]
+    return write_study(tmp_path / "study", runs, selection={"metric": "validation/accuracy", "mode": "max"},
+                       description="A toy study.", variants=variants)
 
 
 def _report_bytes(study: Path) -> dict[str, bytes]:
@@ -111,7 +113,9 @@ def test_results_table_reports_the_selected_lr_over_seeds(study: Path):
     assert "0.6 [" in markdown  # lmm's test accuracy with its interval
     assert "highest mean `validation/accuracy`" in markdown
     assert "loss is NaN at step 40" in markdown and MISSING in markdown and "no results file yet" in markdown
-    assert "## By length" in markdown and "## Learning-rate selection" in markdown
+    assert "## By length and depth" in markdown and "## Learning-rate selection" in markdown
+    assert "A toy study.\n" in markdown and "- `lmm`: the full memory\n" in markdown
+    assert "`linear`" not in markdown  # no description, no line
 
 
 def test_selection_table_shows_every_lr_and_the_choice(study: Path):

@@ -91,6 +91,8 @@ class Plan:
     selection: Selection | None
     axes: tuple[str, ...]
     runs: tuple[dict[str, Any], ...]
+    description: str = ""
+    variant_descriptions: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -205,6 +207,9 @@ def load_plan(study_dir: Path) -> Plan:
         selection=selection,
         axes=axes,
         runs=tuple(runs),
+        description=str(data.get("description") or ""),
+        variant_descriptions=tuple((str(v["name"]), str(v["description"])) for v in data.get("variants") or ()
+                                   if isinstance(v, dict) and v.get("name") and v.get("description")),
     )
 
 
@@ -712,8 +717,13 @@ def write_report(study_dir: str | Path, *, console: Any = None) -> list[Path]:
     written: list[Path] = []
 
     res_csv, res_md, res_by_length = results_tables(plan, rows)
-    parts = [f"# {plan.name}: results\n", _summary_line(results) + " " + _interval_note() + "\n",
-             _selection_note(results) + "\n", _markdown(res_md)]
+    parts = [f"# {plan.name}: results\n"]
+    if plan.description:
+        parts.append(plan.description.strip() + "\n")
+    if plan.variant_descriptions:
+        parts.append("".join(f"- `{name}`: {text}\n" for name, text in plan.variant_descriptions))
+    parts += [_summary_line(results) + " " + _interval_note() + "\n", _selection_note(results) + "\n",
+              _markdown(res_md)]
     if len(res_by_length):
         parts += ["## By length and depth\n", _markdown(res_by_length)]
     if selection is not None:
