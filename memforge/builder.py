@@ -5,33 +5,71 @@ plain attention block :data:`FALLBACK_INTEGRATION`, and calls its factory with a
 :class:`~memforge.interfaces.BuildContext` whose ``build(kind)`` builds the spec's other
 components for that layer. Factories turn configs into flat constructor arguments; no module ever
 sees a config object.
+
+Before building, :func:`check_size` estimates the parameter count (the model's blocks built once
+each on PyTorch's ``meta`` device, which allocates nothing) and refuses a model beyond
+:data:`MAX_PARAMETERS` or larger than the memory left on the machine. While building, every
+component is checked to behave like its kind (:mod:`memforge.conformance`), so a factory that
+returns the wrong thing fails here, naming the component.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+import attrs
 import torch
 from torch import nn
 
+from memforge.conformance import check_component
 from memforge.errors import MemforgeError, SpecError
 from memforge.interfaces import BuildContext
 from memforge.linear import Linear
 from memforge.model import MemforgeModel
 from memforge.registry import ComponentRegistry
-from memforge.spec import ComponentChoice, ModelSpec, check_spec
+from memforge.resources import available_memory, format_bytes, format_count
+from memforge.spec import FALLBACK_INTEGRATION, ComponentChoice, ModelSpec, check_spec
 
-#: The integration used for blocks outside ``memory_layers``: attention + feed-forward.
-FALLBACK_INTEGRATION = "baseline.transformer"
+#: The most parameters :func:`build_model` builds: 10 billion, 40 GB of float32 weights and about
+#: 160 GB to train with AdamW, beyond any single accelerator. A larger count is nearly always a
+#: typo in a size (``dim``, ``vocab_size``, an expansion factor); pass ``max_parameters=None`` to
+#: :func:`build_model` to build one anyway.
+MAX_PARAMETERS = 10_000_000_000
 
 
-def _context(spec: ModelSpec, registry: ComponentRegistry, layer: int) -> BuildContext:
+@attrs.define
+class BuildRecord:
+    """What one model build has seen so far.
+
+    Attributes:
+        checked: the ``(kind, impl)`` pairs whose behaviour was checked (each once per model).
+        parameters: parameters of every component built, by ``"kind 'impl'"``, summed over layers.
+    """
+
+    checked: set[tuple[str, str]] = attrs.field(factory=set)
+    parameters: dict[str, int] = attrs.field(factory=dict)
+
+
+def _context(spec: ModelSpec, registry: ComponentRegistry, layer: int,
+             record: BuildRecord | None = None,
+             uses: frozenset[str] | None = None) -> BuildContext:
+    """The build context of block ``layer``; ``ctx.build(kind)`` builds the spec's ``kind``.
+
+    ``uses``, when given, are the kinds the block's integration declares.
+    """
+    record = BuildRecord() if record is None else record
+
     def build(kind: str) -> nn.Module:
+        if uses is not None and kind not in uses:
+            integration = spec.integration.impl if spec.has_memory_at(layer) else FALLBACK_INTEGRATION
+            raise SpecError(f"integration {integration!r} built a {kind} component it does not "
+                            f"declare; add {kind!r} to the requires or optional of its "
+                            f"ComponentSpec")
         choice = getattr(spec, kind, None)
         if choice is None:
             raise SpecError(f"layer {layer} needs a {kind} component but the spec has none; "
                             f"add a [{kind}] table")
-        return build_component(kind, choice, context, registry)
+        return build_component(kind, choice, context, registry, record)
 
     context = BuildContext(
         dim=spec.dim,
@@ -46,26 +84,128 @@ def _context(spec: ModelSpec, registry: ComponentRegistry, layer: int) -> BuildC
 
 
 def build_component(
-    kind: str, choice: ComponentChoice, ctx: BuildContext, registry: ComponentRegistry
+    kind: str, choice: ComponentChoice, ctx: BuildContext, registry: ComponentRegistry,
+    record: BuildRecord | None = None,
 ) -> nn.Module:
-    """Build one component; a factory's ``ValueError`` becomes a :class:`SpecError` naming it."""
+    """Build one component and check that it behaves like its kind.
+
+    A factory's ``ValueError`` becomes a :class:`SpecError` naming the component, and so does a
+    module that fails :func:`memforge.conformance.check_component`. With ``record`` given, a
+    ``(kind, impl)`` pair already checked is not checked again, and the parameters are counted.
+    """
     component = registry.component(kind, choice.impl)
     try:
-        return component.factory(choice.config, ctx)
+        module = component.factory(choice.config, ctx)
     except MemforgeError:
         raise
     except ValueError as exc:
         raise SpecError(f"{kind} {choice.impl!r} (layer {ctx.layer_index}): {exc}") from None
+    key = (kind, choice.impl)
+    if record is None or key not in record.checked:
+        check_component(kind, choice.impl, module, ctx)
+        if record is not None:
+            record.checked.add(key)
+    if record is not None and kind != "integration":
+        label = f"{kind} {choice.impl!r}"
+        record.parameters[label] = record.parameters.get(label, 0) + parameter_count(module)
+    return module
 
 
-def build_block(spec: ModelSpec, layer: int, registry: ComponentRegistry) -> nn.Module:
+def build_block(spec: ModelSpec, layer: int, registry: ComponentRegistry,
+                record: BuildRecord | None = None) -> nn.Module:
     """The block for layer ``layer``: the spec's integration, or a plain attention block."""
-    ctx = _context(spec, registry, layer)
     if spec.has_memory_at(layer):
-        return build_component("integration", spec.integration, ctx, registry)
-    fallback = registry.component("integration", FALLBACK_INTEGRATION)
-    return build_component("integration", ComponentChoice(fallback.name, fallback.config_cls()),
-                           ctx, registry)
+        choice = spec.integration
+    else:
+        fallback = registry.component("integration", FALLBACK_INTEGRATION)
+        choice = ComponentChoice(fallback.name, fallback.config_cls())
+    uses = registry.component("integration", choice.impl).uses
+    ctx = _context(spec, registry, layer, record, uses)
+    return build_component("integration", choice, ctx, registry, record)
+
+
+def estimate_parameters(
+    spec: ModelSpec, registry: ComponentRegistry | None = None
+) -> tuple[int, dict[str, int]] | None:
+    """The parameter count of ``spec``'s model without allocating it, and its largest parts.
+
+    Returns ``(count, parts)`` with ``parts`` mapping ``"embedding and head"`` and each built
+    component (``"memory 'titans.mlp'"``) to its parameters over all layers; ``None`` when the
+    count is unknown. Embedding and output head are ``2 * vocab_size * dim``; each distinct block
+    (the spec's integration, and the plain attention block of layers outside ``memory_layers``)
+    is built once on the ``meta`` device and counted. A factory that cannot build on ``meta`` (it
+    computes with tensor values) makes the estimate unknown; its real build still runs.
+    """
+    from memforge.plugins import default_registry
+
+    registry = registry or default_registry()
+    head = 2 * spec.vocab_size * spec.dim + spec.dim  # embedding, head, final norm
+    parts = {"embedding and head": head}
+    if head > MAX_PARAMETERS:
+        return head, parts  # already too large: no need to build anything
+    count = head
+    layers = [spec.has_memory_at(layer) for layer in range(spec.num_layers)]
+    for memory in sorted(set(layers)):
+        repeats = layers.count(memory)
+        record = BuildRecord()
+        try:
+            with torch.device("meta"):
+                block = build_block(spec, layers.index(memory), registry, record)
+        except MemforgeError:
+            raise
+        except Exception:  # a plugin that needs real values to build; build for real
+            return None
+        count += repeats * parameter_count(block)
+        for label, number in record.parameters.items():
+            parts[label] = parts.get(label, 0) + repeats * number
+    return count, parts
+
+
+def check_size(
+    spec: ModelSpec,
+    registry: ComponentRegistry | None = None,
+    *,
+    dtype: torch.dtype | None = None,
+    copies: int = 1,
+    max_parameters: int | None = MAX_PARAMETERS,
+) -> int | None:
+    """Refuse a model too large to build here; returns its estimated parameter count.
+
+    Args:
+        spec: the model.
+        registry: where its components come from (default: the process-wide registry).
+        dtype: the parameters' dtype (default float32).
+        copies: how many parameter-sized tensors the job holds (training with AdamW: 4, the
+            weights, their gradients and two moments).
+        max_parameters: the cap (:data:`MAX_PARAMETERS`); ``None`` for no cap.
+
+    Raises:
+        SpecError: beyond the cap, or needing more memory than the CPU has available (the model
+            is built there before it moves to any device), with the figures, the largest part
+            and the fix.
+    """
+    estimate = estimate_parameters(spec, registry)
+    if estimate is None:
+        return None
+    count, parts = estimate
+    largest = max(parts, key=parts.__getitem__)
+    where = (f"{format_count(parts[largest])} of them in the {largest}"
+             + (f" (vocab_size={spec.vocab_size}, dim={spec.dim})" if largest == "embedding and head"
+                else f" (dim={spec.dim}, num_layers={spec.num_layers}; check its settings)"))
+    if max_parameters is not None and count > max_parameters:
+        raise SpecError(f"the model would have {format_count(count)} parameters, {where}: more "
+                        f"than the {format_count(max_parameters)} memforge builds; look for a "
+                        f"typo in the sizes or make them smaller (build_model(..., "
+                        f"max_parameters=None) lifts the cap)")
+    element = torch.empty((), dtype=dtype or torch.float32).element_size()
+    needed = count * element * copies
+    available = available_memory("cpu")
+    if available is not None and needed > available:
+        what = "its weights" if copies == 1 else f"its weights and {copies - 1} more copies of them"
+        raise SpecError(f"the model would have {format_count(count)} parameters, {where}: "
+                        f"{format_bytes(needed)} for {what}, more than the "
+                        f"{format_bytes(available)} of memory available; make it smaller")
+    return count
 
 
 def build_model(
@@ -74,11 +214,14 @@ def build_model(
     dtype: torch.dtype | None = None,
     *,
     registry: ComponentRegistry | None = None,
+    max_parameters: int | None = MAX_PARAMETERS,
 ) -> MemforgeModel:
     """Validate ``spec`` and build its model on ``device`` in ``dtype`` (default: CPU, float32).
 
     Every check (core and plugin ``memforge_validate_spec`` hooks) runs before anything is built
-    and all problems are raised together as one :class:`SpecError`.
+    and all problems are raised together as one :class:`SpecError`; so does the size check
+    (:func:`check_size`, at most ``max_parameters``). Each component is checked to behave like
+    its kind as it is built.
     """
     from memforge.plugins import default_registry
 
@@ -87,9 +230,11 @@ def build_model(
         raise SpecError(f"build_model needs a ModelSpec, got {type(spec).__name__}; "
                         f"use memforge.preset(NAME) or memforge.load_spec(PATH)")
     check_spec(spec, registry)
+    check_size(spec, registry, dtype=dtype, max_parameters=max_parameters)
     embedding = nn.Embedding(spec.vocab_size, spec.dim)
     nn.init.normal_(embedding.weight, std=0.02)
-    blocks = [build_block(spec, layer, registry) for layer in range(spec.num_layers)]
+    record = BuildRecord()
+    blocks = [build_block(spec, layer, registry, record) for layer in range(spec.num_layers)]
     head = Linear(spec.dim, spec.vocab_size, bias=False)
     nn.init.normal_(head.weight, std=0.02)
     model = MemforgeModel(embedding, blocks, nn.RMSNorm(spec.dim), head, spec)

@@ -22,6 +22,13 @@ from memforge.spec import ModelSpec, from_dict, to_dict
 SUFFIXES = (".toml", ".json")
 
 
+def _path(path: Any, function: str) -> Path:
+    if isinstance(path, bool) or not isinstance(path, (str, os.PathLike)):
+        raise SpecError(f"{function} needs a file path (str or pathlib.Path), got "
+                        f"{type(path).__name__} {path!r}")
+    return Path(path)
+
+
 def _format(path: Path) -> str:
     suffix = path.suffix.lower()
     if suffix not in SUFFIXES:
@@ -32,12 +39,17 @@ def _format(path: Path) -> str:
 
 def read_spec_dict(path: str | os.PathLike[str]) -> dict[str, Any]:
     """Parse a spec file into its dict form; syntax errors name the file and position."""
-    path = Path(path)
+    path = _path(path, "read_spec_dict")
     fmt = _format(path)
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise SpecError(f"{path}: no such spec file") from None
+    except IsADirectoryError:
+        raise SpecError(f"{path}: is a directory, not a spec file") from None
+    except UnicodeDecodeError as exc:
+        raise SpecError(f"{path}: not UTF-8 text (byte {exc.start}: {exc.object[exc.start]:#04x}); "
+                        f"spec files are UTF-8 TOML or JSON, save it as UTF-8") from None
     except OSError as exc:
         raise SpecError(f"{path}: cannot read: {exc.strerror}") from None
     try:
@@ -51,6 +63,7 @@ def read_spec_dict(path: str | os.PathLike[str]) -> dict[str, Any]:
 
 def load_spec(path: str | os.PathLike[str], registry: ComponentRegistry | None = None) -> ModelSpec:
     """Load and validate a spec from a ``.toml`` or ``.json`` file."""
+    path = _path(path, "load_spec")
     data = read_spec_dict(path)
     try:
         return from_dict(data, registry)
@@ -60,6 +73,7 @@ def load_spec(path: str | os.PathLike[str], registry: ComponentRegistry | None =
 
 def dumps_spec(spec: ModelSpec, fmt: str = "toml") -> str:
     """The spec as TOML or JSON text."""
+    _check_spec(spec, "dumps_spec")
     data = to_dict(spec)
     if fmt == "toml":
         return tomli_w.dumps(data)
@@ -99,8 +113,32 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
         raise
 
 
+def _check_spec(spec: Any, function: str) -> None:
+    if not isinstance(spec, ModelSpec):
+        raise SpecError(f"{function} needs a ModelSpec, got {type(spec).__name__}; get one from "
+                        f"memforge.preset(NAME) or memforge.load_spec(PATH)")
+
+
 def save_spec(spec: ModelSpec, path: str | os.PathLike[str]) -> Path:
-    """Write ``spec`` to a ``.toml`` or ``.json`` file (atomically) and return the path."""
-    path = Path(path)
-    atomic_write_bytes(path, dumps_spec(spec, _format(path)).encode("utf-8"))
+    """Write ``spec`` to a ``.toml`` or ``.json`` file (atomically) and return the path.
+
+    The folder must exist. Every failure (a wrong argument, a missing or read-only folder, a
+    full disk) is a :class:`SpecError` naming the path, and no partial file is left behind.
+    """
+    _check_spec(spec, "save_spec")
+    path = _path(path, "save_spec")
+    text = dumps_spec(spec, _format(path))
+    folder = path.parent
+    if not folder.is_dir():
+        what = "is not a folder" if folder.exists() else "does not exist"
+        raise SpecError(f"cannot save the spec to {path}: the folder {folder} {what}; create it "
+                        f"first or choose another path")
+    if path.is_dir():
+        raise SpecError(f"cannot save the spec to {path}: it is a directory; name a .toml or "
+                        f".json file")
+    try:
+        atomic_write_bytes(path, text.encode("utf-8"))
+    except OSError as exc:
+        raise SpecError(f"cannot save the spec to {path}: {exc.strerror or exc}; choose a writable "
+                        f"location") from None
     return path

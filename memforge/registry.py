@@ -29,6 +29,13 @@ def _check_kind(instance: Any, attribute: attrs.Attribute, value: str) -> None:
         raise PluginError(unknown_name_message("component kind", value, KINDS))
 
 
+def _check_kinds(instance: Any, attribute: attrs.Attribute, value: tuple[str, ...]) -> None:
+    for kind in value:
+        if kind not in KINDS:
+            raise PluginError(f"{attribute.name} of {instance.name!r}: "
+                              + unknown_name_message("component kind", str(kind), KINDS))
+
+
 @attrs.frozen(kw_only=True)
 class ComponentSpec:
     """A component a plugin offers for one kind.
@@ -40,8 +47,13 @@ class ComponentSpec:
         factory: ``factory(config, ctx: BuildContext) -> nn.Module``; turns the config into flat
             constructor arguments of a module (modules never see config objects).
         summary: one line for ``memforge list``.
-        requires: for integrations, the other kinds the factory builds through ``ctx.build``;
-            the spec must choose a component for each of them.
+        requires: for integrations, the other kinds the factory always builds through
+            ``ctx.build``; the spec must choose a component for each of them.
+        optional: for integrations, the kinds the factory builds only when the spec chooses
+            one. A memory kind (:data:`~memforge.interfaces.MEMORY_KINDS`) that the spec sets
+            but the integration lists in neither ``requires`` nor ``optional`` is an error: its
+            settings would be silently ignored. Calling ``ctx.build`` for an undeclared kind is
+            an error at build time.
         paper: optional citation.
     """
 
@@ -50,8 +62,14 @@ class ComponentSpec:
     config_cls: type
     factory: Callable[[Any, BuildContext], nn.Module] = attrs.field(eq=False)
     summary: str
-    requires: tuple[str, ...] = attrs.field(default=(), converter=tuple)
+    requires: tuple[str, ...] = attrs.field(default=(), converter=tuple, validator=_check_kinds)
+    optional: tuple[str, ...] = attrs.field(default=(), converter=tuple, validator=_check_kinds)
     paper: str = ""
+
+    @property
+    def uses(self) -> frozenset[str]:
+        """The kinds this (integration) component may build: ``requires`` and ``optional``."""
+        return frozenset(self.requires) | frozenset(self.optional)
 
     @property
     def plugin(self) -> str:

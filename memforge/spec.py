@@ -36,6 +36,18 @@ from memforge.registry import ComponentRegistry
 #: The schema version this memforge writes and reads.
 SCHEMA_VERSION = 1
 
+#: Upper limits of the top-level sizes. No model memforge can train comes near them (the largest
+#: public models have widths near 16K, vocabularies near 256K and about 130 blocks); they stop a
+#: typo such as ``dim=1000000`` before any arithmetic on it. Parameter counts are checked
+#: separately, before building (:data:`memforge.builder.MAX_PARAMETERS`).
+SIZE_LIMITS: dict[str, int] = {"vocab_size": 2**24, "dim": 2**16, "num_layers": 1024, "heads": 1024}
+
+#: The override value that removes an optional component (``--set memory=none``).
+NONE = "none"
+
+#: The integration used for blocks outside ``memory_layers``: attention + feed-forward.
+FALLBACK_INTEGRATION = "baseline.transformer"
+
 
 @attrs.frozen
 class ComponentChoice:
@@ -45,11 +57,14 @@ class ComponentChoice:
     config: Any
 
 
-def _positive(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
+def _size(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
+    name, limit = attribute.name, SIZE_LIMITS[attribute.name]
     if not isinstance(value, int) or isinstance(value, bool):
-        raise SpecError(f"{attribute.name!r} must be an integer, got {value!r}")
-    if value < 1:
-        raise SpecError(f"{attribute.name!r} must be >= 1, got {value}")
+        fix = (f"; write a whole number without a decimal point, e.g. {name}=64"
+               if isinstance(value, float) else "")
+        raise SpecError(f"{name!r} must be an integer, got {value!r} ({type(value).__name__}){fix}")
+    if not 1 <= value <= limit:
+        raise SpecError(f"{name!r} must be in [1, {limit}], got {value}")
 
 
 def _layer_tuple(value: Any) -> tuple[int, ...] | None:
@@ -90,10 +105,10 @@ class ModelSpec:
         schema_version: the file format version (see :data:`SCHEMA_VERSION`).
     """
 
-    vocab_size: int = attrs.field(validator=_positive)
-    dim: int = attrs.field(validator=_positive)
-    num_layers: int = attrs.field(validator=_positive)
-    heads: int = attrs.field(validator=_positive)
+    vocab_size: int = attrs.field(validator=_size)
+    dim: int = attrs.field(validator=_size)
+    num_layers: int = attrs.field(validator=_size)
+    heads: int = attrs.field(validator=_size)
     integration: ComponentChoice = attrs.field(validator=_required_choice)
     attention: ComponentChoice = attrs.field(validator=_required_choice)
     feedforward: ComponentChoice = attrs.field(validator=_required_choice)
@@ -185,6 +200,9 @@ def _choice_from_dict(kind: str, table: Any, registry: ComponentRegistry) -> Com
     if "impl" not in table:
         raise SpecError(f"[{kind}] has no 'impl' key; name a {kind} component, one of: "
                         f"{', '.join(registry.names(kind))}")
+    if not isinstance(table["impl"], str):
+        raise SpecError(f"{kind}.impl must be a component name in quotes, got {table['impl']!r}; "
+                        f"one of: {', '.join(registry.names(kind))}")
     try:
         component = registry.component(kind, table["impl"])
     except UnknownNameError as exc:
@@ -248,15 +266,45 @@ def spec_problems(spec: ModelSpec, registry: ComponentRegistry) -> list[str]:
                             f"{component.config_cls.__name__}, got {type(choice.config).__name__}")
     integration = spec.choices().get("integration")
     if integration is not None and integration.impl in registry.names("integration"):
-        requires = registry.component("integration", integration.impl).requires
-        for kind in requires:
+        component = registry.component("integration", integration.impl)
+        for kind in component.requires:
             if getattr(spec, kind) is None:
                 problems.append(f"integration {integration.impl!r} needs a {kind} component; add a "
                                 f"[{kind}] table (one of: {', '.join(registry.names(kind))})")
-        if spec.memory_layers is not None and not set(MEMORY_KINDS) & set(requires):
+        carries_memory = bool(set(MEMORY_KINDS) & component.uses)
+        if spec.memory_layers is not None and not carries_memory:
             problems.append(f"'memory_layers' is set but integration {integration.impl!r} carries "
                             f"no memory; drop memory_layers or choose a memory integration")
+        elif spec.memory_layers == ():
+            problems.append(f"'memory_layers' is empty, so integration {integration.impl!r} would "
+                            f"be in no block and its memory settings unused; list the blocks that "
+                            f"carry memory (e.g. memory_layers=[0]) or leave memory_layers out for "
+                            f"memory in every block")
+        unused = [kind for kind in MEMORY_KINDS
+                  if getattr(spec, kind) is not None and kind not in component.uses]
+        if unused:
+            users = [name for name in registry.names("integration")
+                     if set(unused) <= registry.component("integration", name).uses]
+            problems.append(
+                f"integration {integration.impl!r} uses no {'/'.join(unused)} component, but the "
+                f"spec sets {', '.join(f'[{k}] {getattr(spec, k).impl!r}' for k in unused)}, "
+                f"whose settings would be ignored; remove "
+                f"{'that table' if len(unused) == 1 else 'those tables'} "
+                f"({' '.join(f'--set {k}={NONE}' for k in unused)}) or choose an integration that "
+                f"uses {'it' if len(unused) == 1 else 'them'}"
+                + (f" ({', '.join(users)})" if users else ""))
     return problems
+
+
+def used_kinds(spec: ModelSpec, registry: ComponentRegistry) -> frozenset[str]:
+    """The kinds ``spec``'s model builds: its integration's declared kinds, those of the plain
+    attention block (:data:`FALLBACK_INTEGRATION`) if some layer is outside ``memory_layers``,
+    and ``integration`` itself. A plugin's ``memforge_validate_spec`` uses it to check only the
+    components a model really uses."""
+    kinds = {"integration", *registry.component("integration", spec.integration.impl).uses}
+    if not all(spec.has_memory_at(layer) for layer in range(spec.num_layers)):
+        kinds |= registry.component("integration", FALLBACK_INTEGRATION).uses
+    return frozenset(kinds)
 
 
 def check_spec(spec: ModelSpec, registry: ComponentRegistry | None = None) -> None:
@@ -266,8 +314,10 @@ def check_spec(spec: ModelSpec, registry: ComponentRegistry | None = None) -> No
     if not problems and registry.pm is not None:
         for result in registry.pm.hook.memforge_validate_spec(spec=spec, registry=registry):
             problems.extend(result or ())
+    if len(problems) == 1:
+        raise SpecError(f"invalid spec: {problems[0]}")
     if problems:
-        raise SpecError("invalid spec:\n  - " + "\n  - ".join(problems))
+        raise SpecError(f"invalid spec ({len(problems)} problems): " + "; ".join(problems))
 
 
 def _parse_value(text: str) -> Any:
@@ -297,12 +347,26 @@ def apply_overrides(
     ``"memory.depth"`` sets one config field.
     """
     registry = registry or _default_registry()
+    _check_spec_argument(spec, "apply_overrides")
+    if not isinstance(overrides, Mapping):
+        raise SpecError(f"apply_overrides needs a mapping of dotted paths to values, got "
+                        f"{type(overrides).__name__}; e.g. {{'memory.depth': 3}}")
+    for path in overrides:
+        if not isinstance(path, str):
+            raise SpecError(f"override keys must be dotted paths such as 'memory.depth', got {path!r}")
     data = to_dict(spec)
     parsed = [(_split_path(path), value) for path, value in overrides.items()]
     # Component switches first, so field assignments land on the new component's table.
     for parts, value in sorted(parsed, key=lambda item: (len(item[0]), item[0][-1] != "impl")):
         if len(parts) == 1 and parts[0] in KINDS or len(parts) == 2 and parts[1] == "impl":
-            data[parts[0]] = {"impl": value} if value is not None else None
+            if value is None or value == NONE:
+                if parts[0] not in MEMORY_KINDS:
+                    raise SpecError(f"override {'.'.join(parts)}={NONE}: every model needs a "
+                                    f"{parts[0]} component; name one instead: "
+                                    f"{', '.join(registry.names(parts[0]))}")
+                data[parts[0]] = None
+            else:
+                data[parts[0]] = {"impl": value}
         elif len(parts) == 1:
             data[parts[0]] = value
         else:
@@ -322,8 +386,18 @@ def override(
     (``[0, 2]``, ``true``, ``0.5``), anything else is taken as a string. See
     :func:`apply_overrides` for the rules.
     """
+    _check_spec_argument(spec, "override")
+    if isinstance(assignments, Mapping):
+        raise SpecError("override takes a list of 'key=value' strings; for a dict of values use "
+                        "memforge.apply_overrides(spec, {'memory.depth': 3})")
+    if isinstance(assignments, (str, bytes)) or not isinstance(assignments, Iterable):
+        raise SpecError(f"override needs a list of 'key=value' strings, got "
+                        f"{type(assignments).__name__} {assignments!r}; e.g. ['memory.depth=3']")
     overrides: dict[str, Any] = {}
     for assignment in assignments:
+        if not isinstance(assignment, str):
+            raise SpecError(f"override assignments must be 'key=value' strings, got "
+                            f"{type(assignment).__name__} {assignment!r}; e.g. 'memory.depth=3'")
         path, sep, text = assignment.partition("=")
         if not sep or not path.strip():
             raise SpecError(f"override {assignment!r} must look like 'key=value' "
@@ -332,8 +406,20 @@ def override(
     return apply_overrides(spec, overrides, registry)
 
 
+def _check_spec_argument(spec: Any, function: str) -> None:
+    if not isinstance(spec, ModelSpec):
+        raise SpecError(f"{function} needs a ModelSpec, got {type(spec).__name__}; get one from "
+                        f"memforge.preset(NAME) or memforge.load_spec(PATH)")
+
+
 def spec_id(spec: ModelSpec) -> str:
-    """A stable 10-character hash of the spec's canonical JSON, for run names and de-duplication."""
+    """A stable 10-character hash of the spec's canonical JSON, for run names and de-duplication.
+
+    The canonical JSON is :func:`to_dict` with sorted keys and no spaces; the id is the first 10
+    hex digits of its SHA-256. Stored run names depend on it, so it must not change between
+    versions (``tests/test_spec.py`` pins a golden value).
+    """
+    _check_spec_argument(spec, "spec_id")
     canonical = json.dumps(to_dict(spec), sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canonical.encode()).hexdigest()[:10]
 

@@ -61,6 +61,23 @@ def test_switching_component_resets_its_settings():
     assert back.memory.config.depth == 2  # defaults again, not the old depth
 
 
+#: A spec with every field written out, and its id: the id names run directories, so a change of
+#: the hashing (or of the canonical form) would orphan every stored run.
+GOLDEN_SPEC = {
+    "schema_version": 1, "vocab_size": 64, "dim": 32, "num_layers": 2, "heads": 2,
+    "attention": {"impl": "baseline.causal", "persistent_tokens": 0, "rope_base": 10000.0},
+    "feedforward": {"impl": "baseline.swiglu", "multiplier": 2.6666666666666665},
+    "integration": {"impl": "baseline.transformer"},
+}
+GOLDEN_ID = "1a2e7fa0fc"
+
+
+def test_spec_id_golden_value():
+    spec = from_dict(GOLDEN_SPEC, REGISTRY)
+    assert to_dict(spec) == GOLDEN_SPEC  # the canonical form itself is unchanged
+    assert spec_id(spec) == GOLDEN_ID
+
+
 def test_spec_id_is_stable_and_sensitive():
     spec = memforge.preset("titans.lmm_tiny")
     assert spec_id(spec) == spec_id(memforge.preset("titans.lmm_tiny"))
@@ -72,8 +89,8 @@ def test_spec_id_is_stable_and_sensitive():
     ("assignment", "message"),
     [
         ("memory.dept=3", r"unknown key memory\.'dept'; did you mean 'depth'\?"),
-        ("memory.depth=0", r"memory: 'depth' must be >= 1: 0"),
-        ("memory.depth=two", r"'depth' must be int, got 'two'"),
+        ("memory.depth=0", r"memory: 'depth' must be >= 1, got 0"),
+        ("memory.depth=two", r"'depth' must be an integer, got 'two'"),
         ("memmory.depth=3", r"did you mean 'memory'"),
         ("surprise=titans.momentun", r"did you mean 'titans.momentum'"),
         ("heads=5", r"'heads'=5 must divide 'dim'=32"),

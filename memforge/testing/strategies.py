@@ -2,17 +2,47 @@
 
 Hypothesis is imported here, never at run time by the library. Numeric fields made with
 :func:`memforge.option` carry their bounds in the field metadata, which these strategies read
-(``st.builds`` cannot infer ``ge``/``le`` validators).
+(``st.builds`` cannot infer ``ge``/``le`` validators), and draw from the field's ``typical`` range
+where it declares one: a step size of 1e-300 or an expansion that rounds a width to zero passes a
+field's own bounds but no sensible model has it.
+
+:func:`model_specs` draws only specs that pass every check, core and plugin
+(``memforge_validate_spec``), so every drawn spec builds.
 """
 
 from __future__ import annotations
 
+import math
+
 import attrs
 from hypothesis import strategies as st
 
+from memforge.errors import SpecError
 from memforge.interfaces import KINDS
 from memforge.registry import ComponentRegistry
-from memforge.spec import ComponentChoice, ModelSpec
+from memforge.spec import ComponentChoice, ModelSpec, check_spec
+
+#: The smallest model width drawn: SwiGLU rounds its hidden width to a multiple of 8, so a
+#: narrower model needs a multiplier above the typical range to have any hidden unit.
+MIN_DIM = 8
+
+
+def _number_range(meta: dict, integer: bool) -> tuple[float, float, bool, bool]:
+    """``(low, high, exclude_low, exclude_high)`` to draw from: the typical range inside the bounds."""
+    low, high = meta.get("ge", meta.get("gt")), meta.get("le", meta.get("lt"))
+    exclude_low, exclude_high = meta.get("gt") is not None, meta.get("lt") is not None
+    typical = meta.get("typical")
+    if typical is not None:
+        if low is None or typical[0] > low:
+            low, exclude_low = typical[0], False
+        if high is None or typical[1] < high:
+            high, exclude_high = typical[1], False
+    if low is None:
+        low, exclude_low = (0 if integer else -10.0), False
+    if high is None:
+        # Keep drawn sizes small: these specs get built and run in tests.
+        high, exclude_high = (low + 8 if integer else max(10.0, low + 10.0)), False
+    return low, high, exclude_low, exclude_high
 
 
 def _field_strategy(field: attrs.Attribute) -> st.SearchStrategy:
@@ -22,22 +52,15 @@ def _field_strategy(field: attrs.Attribute) -> st.SearchStrategy:
         return st.sampled_from(meta["choices"])
     if isinstance(default, bool):
         return st.booleans()
-    low = meta.get("ge", meta.get("gt"))
-    high = meta.get("le", meta.get("lt"))
     if isinstance(default, int):
-        low = int(low if low is not None else 0) + (1 if meta.get("gt") is not None else 0)
-        # Keep drawn sizes small: these specs get built and run in tests.
-        high = int(high) - (1 if meta.get("lt") is not None else 0) if high is not None else low + 8
+        low, high, exclude_low, exclude_high = _number_range(meta, integer=True)
+        low = math.ceil(low) + (1 if exclude_low and low == math.ceil(low) else 0)
+        high = math.floor(high) - (1 if exclude_high and high == math.floor(high) else 0)
         return st.integers(min_value=low, max_value=max(low, min(high, low + 8)))
     if isinstance(default, float):
-        return st.floats(
-            min_value=float(low) if low is not None else -10.0,
-            max_value=float(high) if high is not None else 10.0,
-            exclude_min=meta.get("gt") is not None,
-            exclude_max=meta.get("lt") is not None,
-            allow_nan=False,
-            allow_infinity=False,
-        )
+        low, high, exclude_low, exclude_high = _number_range(meta, integer=False)
+        return st.floats(min_value=float(low), max_value=float(high), exclude_min=exclude_low,
+                         exclude_max=exclude_high, allow_nan=False, allow_infinity=False)
     return st.just(default)
 
 
@@ -57,26 +80,43 @@ def configs(draw: st.DrawFn, config_cls: type) -> object:
 def model_specs(
     draw: st.DrawFn, registry: ComponentRegistry, *, max_dim_per_head: int = 8, max_layers: int = 3
 ) -> ModelSpec:
-    """Any valid :class:`ModelSpec` the registry can resolve: integration first, then the kinds it
-    requires (plus attention and feed-forward, always present), each with a drawn config."""
+    """Any :class:`ModelSpec` that passes every check of ``registry`` (its plugins' included).
+
+    The integration is drawn first, then a component for each kind it requires and, at random,
+    each kind it may use, each with a drawn config. Head widths are even (rotary attention needs
+    it) and at most ``2 * max_dim_per_head``; the model width is at least :data:`MIN_DIM`.
+    """
     integration = draw(st.sampled_from(registry.names("integration")))
-    requires = set(registry.component("integration", integration).requires)
+    component = registry.component("integration", integration)
     heads = draw(st.integers(1, 4))
     num_layers = draw(st.integers(1, max_layers))
+    half_width = draw(st.integers(max(1, math.ceil(MIN_DIM / (2 * heads))),
+                                  max(max_dim_per_head, math.ceil(MIN_DIM / (2 * heads)))))
+    chosen = {kind for kind in KINDS
+              if kind in component.requires or kind in ("attention", "feedforward", "integration")}
+    chosen |= {kind for kind in component.optional if draw(st.booleans())}
     choices = {}
     for kind in KINDS:
-        if kind in requires or kind in ("attention", "feedforward", "integration"):
+        if kind in chosen:
             name = integration if kind == "integration" else draw(st.sampled_from(registry.names(kind)))
             config_cls = registry.component(kind, name).config_cls
             choices[kind] = ComponentChoice(name, draw(configs(config_cls)))
     memory_layers = None
-    if set(requires) & {"memory"} and draw(st.booleans()):
+    if "memory" in component.uses and draw(st.booleans()):
         memory_layers = tuple(draw(st.sets(st.integers(0, num_layers - 1), min_size=1)))
-    return ModelSpec(
+    spec = ModelSpec(
         vocab_size=draw(st.integers(2, 300)),
-        dim=heads * draw(st.integers(1, max_dim_per_head)) * 2,
+        dim=heads * half_width * 2,
         num_layers=num_layers,
         heads=heads,
         memory_layers=memory_layers,
         **choices,
     )
+    try:
+        check_spec(spec, registry)
+    except SpecError:
+        # A plugin's cross-component rule refused this combination: draw another.
+        from hypothesis import reject
+
+        reject()
+    return spec

@@ -14,38 +14,70 @@ import attrs
 
 from memforge import hookimpl, option
 from memforge.interfaces import BuildContext
-from memforge.registry import ComponentSpec
+from memforge.registry import ComponentRegistry, ComponentSpec
+from memforge.spec import ModelSpec, used_kinds
+
+#: The attention components of this plugin (both rotary).
+ATTENTION = ("baseline.causal", "baseline.sliding_window")
 
 __all__ = [
+    "ATTENTION",
+    "ROPE_BASE_MAX",
+    "ROPE_BASE_MIN",
     "CausalAttentionConfig",
     "SlidingWindowAttentionConfig",
     "SwiGLUConfig",
     "TransformerBlockConfig",
+    "swiglu_hidden",
 ]
+
+
+#: Rotary bases below 1 are refused. Pair ``i`` of a head turns by ``position * base**(-2i/d)``
+#: radians: with ``base >= 1`` every rate is at most 1, so angles never exceed the position and
+#: stay finite. Below 1 the rates grow with ``i`` instead, up to ``base**(-(d-2)/d)``, and the
+#: angles overflow float32 (3.4e38) at long positions: ``cos(inf)`` is NaN, and so are the
+#: logits (a base of 1e-38 does it from position 53 at head width 64; one below float32's smallest
+#: normal number, about 1.2e-38, becomes 0 and every angle but the first is infinite).
+ROPE_BASE_MIN = 1.0
+#: Above 1e12 even the slowest pair's wavelength, ``2 pi base**((d-2)/d)``, passes any context a
+#: model reads, and bases past float32's range become infinite; the usual values are 1e4 to 1e7.
+ROPE_BASE_MAX = 1e12
+
+
+def swiglu_hidden(dim: int, multiplier: float) -> int:
+    """The hidden width of ``baseline.swiglu``: ``dim * multiplier`` rounded to a multiple of 8."""
+    return round(dim * multiplier / 8) * 8  # multiples of 8 for matmuls
 
 
 @attrs.frozen(kw_only=True)
 class CausalAttentionConfig:
     """Full causal softmax attention (``baseline.causal``)."""
 
-    persistent_tokens: int = option(0, ge=0, help="learned always-visible key/value tokens")
-    rope_base: float = option(10000.0, gt=0, help="rotary embedding base")
+    persistent_tokens: int = option(0, ge=0, le=4096, typical=(0, 8),
+                                    help="learned always-visible key/value tokens")
+    rope_base: float = option(10000.0, ge=ROPE_BASE_MIN, le=ROPE_BASE_MAX, typical=(100.0, 1e6),
+                              help="rotary embedding base")
 
 
 @attrs.frozen(kw_only=True)
 class SlidingWindowAttentionConfig:
     """Causal attention over the last ``window`` tokens (``baseline.sliding_window``)."""
 
-    window: int = option(128, ge=1, help="tokens each query sees, itself included")
-    persistent_tokens: int = option(0, ge=0, help="learned tokens visible to every query")
-    rope_base: float = option(10000.0, gt=0, help="rotary embedding base")
+    # Compiled decoding keeps a ring of window - 1 cached positions; 2**20 is far past any need.
+    window: int = option(128, ge=1, le=2**20, typical=(1, 256),
+                         help="tokens each query sees, itself included")
+    persistent_tokens: int = option(0, ge=0, le=4096, typical=(0, 8),
+                                    help="learned tokens visible to every query")
+    rope_base: float = option(10000.0, ge=ROPE_BASE_MIN, le=ROPE_BASE_MAX, typical=(100.0, 1e6),
+                              help="rotary embedding base")
 
 
 @attrs.frozen(kw_only=True)
 class SwiGLUConfig:
     """Llama's gated feed-forward layer (``baseline.swiglu``)."""
 
-    multiplier: float = option(8 / 3, gt=0, help="hidden width as a multiple of dim")
+    multiplier: float = option(8 / 3, gt=0, le=64, typical=(1.0, 4.0),
+                               help="hidden width as a multiple of dim (rounded to a multiple of 8)")
 
 
 @attrs.frozen(kw_only=True)
@@ -72,8 +104,7 @@ def _sliding(config: SlidingWindowAttentionConfig, ctx: BuildContext):
 def _swiglu(config: SwiGLUConfig, ctx: BuildContext):
     from memforge_baselines.layers import SwiGLU
 
-    hidden = max(1, round(ctx.dim * config.multiplier / 8) * 8)  # multiples of 8 for matmuls
-    return SwiGLU(ctx.dim, hidden)
+    return SwiGLU(ctx.dim, swiglu_hidden(ctx.dim, config.multiplier))
 
 
 def _transformer(config: TransformerBlockConfig, ctx: BuildContext):
@@ -97,6 +128,27 @@ def memforge_register_components():
                       requires=("attention", "feedforward"),
                       summary="pre-norm attention + feed-forward block, no memory"),
     ]
+
+
+@hookimpl
+def memforge_validate_spec(spec: ModelSpec, registry: ComponentRegistry) -> list[str]:
+    """Sizes the baseline components cannot work with, found before anything is built."""
+    problems = []
+    feedforward = spec.feedforward
+    if feedforward.impl == "baseline.swiglu" and isinstance(feedforward.config, SwiGLUConfig):
+        multiplier = feedforward.config.multiplier
+        if swiglu_hidden(spec.dim, multiplier) < 8:
+            problems.append(f"feedforward.multiplier={multiplier:g} gives baseline.swiglu a hidden "
+                            f"width of 0 at dim={spec.dim} (dim * multiplier rounds to a multiple "
+                            f"of 8); use feedforward.multiplier >= {8 / spec.dim:.4g}")
+    head_dim = spec.dim // spec.heads
+    if spec.attention.impl in ATTENTION and head_dim % 2 and "attention" in used_kinds(spec, registry):
+        even = [h for h in range(1, min(spec.heads * 2, spec.dim) + 1)
+                if spec.dim % h == 0 and (spec.dim // h) % 2 == 0]
+        problems.append(f"attention {spec.attention.impl!r} needs an even head width for its rotary "
+                        f"embedding, but dim={spec.dim} / heads={spec.heads} = {head_dim}; "
+                        + (f"use heads among {even}" if even else "use an even dim"))
+    return problems
 
 
 @hookimpl

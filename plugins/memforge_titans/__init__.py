@@ -19,6 +19,7 @@ from __future__ import annotations
 from memforge import hookimpl
 from memforge.interfaces import MEMORY_KINDS, BuildContext
 from memforge.registry import ComponentSpec
+from memforge.spec import ModelSpec
 from memforge_titans import configs as c
 from memforge_titans.lmm import LMMIntegrationConfig
 from memforge_titans.mac import MACIntegrationConfig
@@ -177,6 +178,20 @@ def memforge_register_components():
              "memory layer, then sliding-window attention",
              requires=(*MEMORY_KINDS, "attention", "feedforward")),
     ]
+
+
+@hookimpl
+def memforge_validate_spec(spec: ModelSpec) -> list[str]:
+    """Sizes the titans components cannot work with, found before anything is built."""
+    problems = []
+    memory = spec.memory
+    if memory is not None and memory.impl == "titans.mlp" and isinstance(memory.config, c.MLPMemoryConfig):
+        config, head_dim = memory.config, spec.dim // spec.heads
+        if config.depth >= 2 and round(head_dim * config.expansion) < 1:
+            problems.append(f"memory.expansion={config.expansion:g} gives titans.mlp a hidden width "
+                            f"of 0 at head width {head_dim} (dim / heads); use memory.expansion "
+                            f">= {1 / head_dim:.4g}")
+    return problems
 
 
 @hookimpl

@@ -13,8 +13,10 @@ ACTIVATIONS = ("gelu", "silu", "relu")
 class MLPMemoryConfig:
     """Deep MLP memory (``titans.mlp``)."""
 
-    depth: int = option(2, ge=1, help="weight matrices in the memory MLP (L_M; 1 = linear)")
-    expansion: float = option(4.0, gt=0, help="hidden width as a multiple of the head width")
+    depth: int = option(2, ge=1, le=64, typical=(1, 4),
+                        help="weight matrices in the memory MLP (L_M; 1 = linear)")
+    expansion: float = option(4.0, gt=0, le=64, typical=(1.0, 8.0),
+                              help="hidden width as a multiple of the head width")
     activation: str = option("gelu", choices=ACTIVATIONS, help="hidden non-linearity")
     residual: bool = option(True, help="output x + f(x)")
     # On by default: without it a trained titans.lmm (S-NIAH at 64 tokens) saw its fast weights
@@ -34,10 +36,13 @@ class MomentumSurpriseConfig:
     """l2 surprise with momentum (``titans.momentum``), Titans Eqs. 9-14."""
 
     # The loss is summed over features: a bound of 0.1 let small MAC/MAG/LMM memories diverge within
-    # a few thousand float32 tokens in training; theta <= 0.01 stayed finite up to 8K tokens.
-    max_lr: float = option(0.01, gt=0, help="upper bound of the step size theta")
-    lr_init: float = option(0.005, gt=0, help="initial step size theta")
-    momentum_init: float = option(0.9, gt=0, lt=1, help="initial momentum eta")
+    # a few thousand float32 tokens in training; theta <= 0.01 stayed finite up to 8K tokens. Above
+    # 1 a single step overshoots the target of an l2-normalised key, so no larger
+    # bound is accepted.
+    max_lr: float = option(0.01, gt=0, le=1, typical=(1e-3, 0.1),
+                           help="upper bound of the step size theta")
+    lr_init: float = option(0.005, gt=0, lt=1, typical=(1e-4, 1e-2), help="initial step size theta")
+    momentum_init: float = option(0.9, gt=0, lt=1, typical=(0.5, 0.99), help="initial momentum eta")
 
     def __attrs_post_init__(self) -> None:
         if self.lr_init >= self.max_lr:
@@ -48,10 +53,10 @@ class MomentumSurpriseConfig:
 class GradientSurpriseConfig:
     """l2 surprise without momentum (``titans.gradient``): plain gradient descent."""
 
-    # The loss is summed over features: a bound of 0.1 let small MAC/MAG/LMM memories diverge within
-    # a few thousand float32 tokens in training; theta <= 0.01 stayed finite up to 8K tokens.
-    max_lr: float = option(0.01, gt=0, help="upper bound of the step size theta")
-    lr_init: float = option(0.005, gt=0, help="initial step size theta")
+    # See MomentumSurpriseConfig for both bounds.
+    max_lr: float = option(0.01, gt=0, le=1, typical=(1e-3, 0.1),
+                           help="upper bound of the step size theta")
+    lr_init: float = option(0.005, gt=0, lt=1, typical=(1e-4, 1e-2), help="initial step size theta")
 
     def __attrs_post_init__(self) -> None:
         if self.lr_init >= self.max_lr:
@@ -62,8 +67,8 @@ class GradientSurpriseConfig:
 class AdaptiveDecayConfig:
     """Data-dependent forgetting gate (``titans.adaptive_decay``)."""
 
-    init: float = option(0.02, gt=0, lt=1, help="initial alpha")
-    max_decay: float = option(1.0, gt=0, le=1, help="upper bound of alpha")
+    init: float = option(0.02, gt=0, lt=1, typical=(1e-3, 0.1), help="initial alpha")
+    max_decay: float = option(1.0, gt=0, le=1, typical=(0.2, 1.0), help="upper bound of alpha")
 
     def __attrs_post_init__(self) -> None:
         if self.init >= self.max_decay:
@@ -91,7 +96,7 @@ class RetrievalConfig:
 class ConvProjectionConfig:
     """q/k/v with a causal depthwise convolution (``titans.conv_qkv``)."""
 
-    conv_kernel: int = option(4, ge=1, help="depthwise convolution width")
+    conv_kernel: int = option(4, ge=1, le=256, typical=(1, 8), help="depthwise convolution width")
 
 
 @attrs.frozen(kw_only=True)

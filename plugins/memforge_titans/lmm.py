@@ -26,8 +26,12 @@ from memforge_titans.layer import NeuralMemoryLayer
 class LMMIntegrationConfig:
     """Memory-only block (``titans.lmm``)."""
 
-    chunk_size: int = option(64, ge=1, help="tokens whose surprise uses the same chunk-start weights")
-    persistent_tokens: int = option(0, ge=0, help="learned tokens written first into every memory")
+    # The kernel builds chunk_size x chunk_size matrices per sequence and head:
+    # 4096 is 64 MB each, beyond what any setting needs.
+    chunk_size: int = option(64, ge=1, le=4096, typical=(1, 64),
+                             help="tokens whose surprise uses the same chunk-start weights")
+    persistent_tokens: int = option(0, ge=0, le=4096, typical=(0, 8),
+                                    help="learned tokens written first into every memory")
 
 
 class MemoryBlock(nn.Module):

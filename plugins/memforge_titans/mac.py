@@ -64,8 +64,11 @@ ATTENTION_API = ("project_qkv", "persistent_kv", "output")
 class MACIntegrationConfig:
     """Memory as context (``titans.mac``): segment-local attention over retrieved memory."""
 
-    segment_len: int = option(64, ge=1, help="tokens per segment (attention span, retrieval unit)")
-    chunk_size: int = option(16, ge=1, help="memory chunk size; must divide segment_len")
+    # Segment attention is quadratic in segment_len; the chunk bound is the other integrations'.
+    segment_len: int = option(64, ge=1, le=65536, typical=(1, 128),
+                              help="tokens per segment (attention span, retrieval unit)")
+    chunk_size: int = option(16, ge=1, le=4096, typical=(1, 32),
+                             help="memory chunk size; must divide segment_len")
 
     def __attrs_post_init__(self) -> None:
         # Chunks must not straddle segments, so a segment starts with no half-written chunk.

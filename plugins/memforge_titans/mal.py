@@ -35,7 +35,10 @@ from memforge_titans.mag import (
 class MALIntegrationConfig:
     """Memory layer followed by sliding-window attention (``titans.mal``)."""
 
-    chunk_size: int = option(64, ge=1, help="tokens whose surprise uses the same chunk-start weights")
+    # The kernel builds chunk_size x chunk_size matrices per sequence and head:
+    # 4096 is 64 MB each, beyond what any setting needs.
+    chunk_size: int = option(64, ge=1, le=4096, typical=(1, 64),
+                             help="tokens whose surprise uses the same chunk-start weights")
 
 
 class MALState(NamedTuple):

@@ -1,0 +1,217 @@
+"""Build-time checks that a component behaves like its kind, not merely that it has a ``forward``.
+
+The kinds' Protocols (:mod:`memforge.interfaces`) are structural: ``isinstance(nn.Identity(),
+FeedForward)`` holds, and so does it for six of the eight kinds, since they only name ``forward``.
+So :func:`check_component` calls the component once on a tiny input of the right shape (one
+sequence of two tokens) and checks the declared methods and the shapes of what comes back. A
+factory that returns the wrong thing then fails when the model is built, with an error naming the
+component and the contract, instead of an ``AttributeError`` or a shape error at the first forward.
+
+The call runs in evaluation mode, without gradients and with the CPU random state restored
+afterwards, so it changes neither the module (no dropout or running statistics update) nor the
+random stream that initialises the rest of the model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from memforge.errors import SpecError
+from memforge.interfaces import BuildContext
+
+#: What each kind must do, for error messages (the Protocol in :mod:`memforge.interfaces`).
+CONTRACTS: dict[str, tuple[str, str]] = {
+    "memory": ("MemoryNetwork", "offer initial_weights() -> [H, d_in, d_out] matrices, "
+                                "forward(x, linear) -> (y, tape) and backward(tape, grad, linear_t)"),
+    "surprise": ("SurpriseRule", "offer loss(pred, target), loss_grad(pred, target) and "
+                                 "forward(x [B, T, D]) -> SurpriseGates(lr [B, T, H], momentum)"),
+    "forgetting": ("ForgettingRule", "map x [B, T, D] to a decay gate [B, T, H] or None"),
+    "retrieval": ("RetrievalRule", "map (reader, queries [N, t, d]) to a read-out [N, t, d]"),
+    "projection": ("Projection", "map (x [B, T, D], cache) to (q, k, v [B, H, T, d], cache)"),
+    "attention": ("Attention", "map (x [B, T, D], cache) to (y [B, T, D], cache)"),
+    "feedforward": ("FeedForward", "map x [B, T, D] to y [B, T, D]"),
+    "integration": ("Block", "map (hidden [B, T, D], state) to (hidden [B, T, D], state)"),
+}
+
+#: Tokens in the check input: two, so a component that mixes positions is exercised.
+_STEPS = 2
+
+
+class _Mismatch(Exception):
+    """A component returned something of the wrong kind (the message says what)."""
+
+
+def _shape(value: Any) -> str:
+    if isinstance(value, Tensor):
+        return "[" + ", ".join(str(s) for s in value.shape) + "]"
+    return type(value).__name__
+
+
+def _expect(value: Any, shape: tuple[int, ...], what: str) -> None:
+    if not isinstance(value, Tensor):
+        raise _Mismatch(f"{what} is a {type(value).__name__}, not a tensor of shape {list(shape)}")
+    if tuple(value.shape) != shape:
+        raise _Mismatch(f"{what} has shape {_shape(value)}, expected {list(shape)}")
+
+
+def _methods(module: nn.Module, names: Sequence[str]) -> None:
+    missing = [name for name in names if not callable(getattr(module, name, None))]
+    if missing:
+        raise _Mismatch(f"it has no {', '.join(f'{m}()' for m in missing)}")
+
+
+def _pair(value: Any, what: str) -> tuple[Any, Any]:
+    if not isinstance(value, tuple) or len(value) != 2:
+        raise _Mismatch(f"{what} returned {type(value).__name__}, expected a pair "
+                        f"(output, state/cache)")
+    return value
+
+
+class _IdentityReader:
+    """A :class:`~memforge.interfaces.ChunkReader` whose every read returns the queries."""
+
+    def at_chunk_start(self, queries: Tensor) -> Tensor:
+        return queries.clone()
+
+    def before_write(self, queries: Tensor) -> Tensor:
+        return queries.clone()
+
+    def after_write(self, queries: Tensor) -> Tensor:
+        return queries.clone()
+
+
+def _memory(module: nn.Module, ctx: BuildContext, like: Tensor) -> None:
+    _methods(module, ("initial_weights", "forward", "backward"))
+    weights = list(module.initial_weights())
+    if not weights or not all(isinstance(w, Tensor) and w.ndim == 3 for w in weights):
+        raise _Mismatch(f"initial_weights() returned {[_shape(w) for w in weights]}, expected "
+                        f"one or more [H, d_in, d_out] tensors")
+    first, last = weights[0], weights[-1]
+    if first.shape[0] != ctx.heads or first.shape[1] != ctx.head_dim or last.shape[2] != ctx.head_dim:
+        raise _Mismatch(f"initial_weights() gives matrices {[_shape(w) for w in weights]}; the "
+                        f"first must read [H={ctx.heads}, d={ctx.head_dim}, ...] keys and the last "
+                        f"write [..., d={ctx.head_dim}] values")
+    x = like.new_ones(ctx.heads, _STEPS, ctx.head_dim)
+
+    def linear(i: int, h: Tensor) -> Tensor:
+        return torch.bmm(h, weights[i])
+
+    def linear_transposed(i: int, g: Tensor) -> Tensor:
+        return torch.bmm(g, weights[i].transpose(1, 2))
+
+    y, tape = _pair(module(x, linear), "forward(x, linear)")
+    _expect(y, (ctx.heads, _STEPS, ctx.head_dim), "forward's output")
+    grads = module.backward(tape, torch.ones_like(y), linear_transposed)
+    if not isinstance(grads, Sequence) or len(grads) != len(weights):
+        raise _Mismatch(f"backward() returned {type(grads).__name__}, expected a list of "
+                        f"{len(weights)} (inputs, grads) pairs, one per weight matrix")
+    for i, (pair, weight) in enumerate(zip(grads, weights, strict=True)):
+        inputs, grad = _pair(tuple(pair), f"backward()[{i}]")
+        _expect(inputs, (ctx.heads, _STEPS, weight.shape[1]), f"backward()[{i}]'s inputs")
+        _expect(grad, (ctx.heads, _STEPS, weight.shape[2]), f"backward()[{i}]'s grads")
+
+
+def _surprise(module: nn.Module, ctx: BuildContext, like: Tensor) -> None:
+    _methods(module, ("loss", "loss_grad", "forward"))
+    gates = module(like)
+    lr, momentum = getattr(gates, "lr", None), getattr(gates, "momentum", False)
+    _expect(lr, (1, _STEPS, ctx.heads), "forward(x).lr")
+    if momentum is not None:
+        _expect(momentum, (1, _STEPS, ctx.heads), "forward(x).momentum")
+    prediction = like.new_ones(ctx.heads, _STEPS, ctx.head_dim)
+    _expect(module.loss(prediction, prediction * 0.5), (ctx.heads, _STEPS), "loss(pred, target)")
+    _expect(module.loss_grad(prediction, prediction * 0.5), tuple(prediction.shape),
+            "loss_grad(pred, target)")
+
+
+def _forgetting(module: nn.Module, ctx: BuildContext, like: Tensor) -> None:
+    alpha = module(like)
+    if alpha is not None:
+        _expect(alpha, (1, _STEPS, ctx.heads), "forward(x)")
+
+
+def _retrieval(module: nn.Module, ctx: BuildContext, like: Tensor) -> None:
+    flag = getattr(type(module), "reads_within_chunk", True)
+    if not isinstance(flag, bool):
+        raise _Mismatch(f"its reads_within_chunk is {flag!r}, expected True or False")
+    queries = like.new_ones(ctx.heads, _STEPS, ctx.head_dim)
+    _expect(module(_IdentityReader(), queries), tuple(queries.shape), "forward(reader, queries)")
+
+
+def _projection(module: nn.Module, ctx: BuildContext, like: Tensor) -> None:
+    out = module(like, None)
+    if not isinstance(out, tuple) or len(out) != 4:
+        raise _Mismatch(f"forward(x, None) returned {type(out).__name__}, expected (q, k, v, cache)")
+    for name, value in zip("qkv", out[:3], strict=True):
+        _expect(value, (1, ctx.heads, _STEPS, ctx.head_dim), f"forward(x, None)'s {name}")
+
+
+def _mixer(module: nn.Module, ctx: BuildContext, like: Tensor) -> None:
+    y, _ = _pair(module(like, None), "forward(x, None)")
+    _expect(y, tuple(like.shape), "forward(x, None)'s output")
+
+
+def _feedforward(module: nn.Module, ctx: BuildContext, like: Tensor) -> None:
+    _expect(module(like), tuple(like.shape), "forward(x)")
+
+
+_CHECKS: dict[str, Callable[[nn.Module, BuildContext, Tensor], None]] = {
+    "memory": _memory,
+    "surprise": _surprise,
+    "forgetting": _forgetting,
+    "retrieval": _retrieval,
+    "projection": _projection,
+    "attention": _mixer,
+    "feedforward": _feedforward,
+    "integration": _mixer,
+}
+
+
+def _example_input(module: nn.Module, dim: int) -> Tensor:
+    """``[1, 2, dim]`` distinct, moderate values on the module's device and in its dtype."""
+    tensor = next(iter(module.parameters()), None)
+    dtype = tensor.dtype if tensor is not None and tensor.is_floating_point() else torch.float32
+    device = tensor.device if tensor is not None else torch.device("cpu")
+    values = torch.linspace(-1.0, 1.0, _STEPS * dim, dtype=torch.float64).sin()
+    return values.reshape(1, _STEPS, dim).to(device=device, dtype=dtype)
+
+
+def check_component(kind: str, impl: str, module: Any, ctx: BuildContext) -> None:
+    """Raise :class:`SpecError` unless ``module`` behaves like a ``kind`` component.
+
+    Args:
+        kind: the kind the module was built for.
+        impl: the registered name of its component, for the message.
+        module: what the factory returned.
+        ctx: the context it was built in (widths and heads of the check input).
+    """
+    protocol, contract = CONTRACTS[kind]
+    where = f"{kind} {impl!r} (layer {ctx.layer_index})"
+    fix = (f"a {kind} component must {contract} (memforge.interfaces.{protocol}); fix the "
+           f"factory of {impl!r}")
+    if not isinstance(module, nn.Module):
+        raise SpecError(f"{where}: the factory returned {type(module).__name__}, not a "
+                        f"torch.nn.Module; {fix}")
+    if torch.get_default_device().type == "meta" or any(
+            p.device.type == "meta" for p in module.parameters()):
+        return  # no values to compute with (the size estimate builds on the meta device)
+    modes = {sub: sub.training for sub in module.modules()}
+    try:
+        with torch.random.fork_rng(devices=[]), torch.no_grad():
+            module.eval()
+            _CHECKS[kind](module, ctx, _example_input(module, ctx.dim))
+    except _Mismatch as exc:
+        raise SpecError(f"{where}: {type(module).__name__} is not a {kind} component: {exc}; "
+                        f"{fix}") from None
+    except Exception as exc:  # the plugin's own code failed on a well-formed input
+        detail = " ".join(str(exc).split())[:300]
+        raise SpecError(f"{where}: {type(module).__name__} failed on a well-formed input "
+                        f"(x [1, {_STEPS}, {ctx.dim}]): {type(exc).__name__}: {detail}; "
+                        f"{fix}") from None
+    finally:
+        for sub, training in modes.items():
+            sub.training = training
