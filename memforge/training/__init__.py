@@ -15,6 +15,7 @@ from memforge.training.checkpoint import Checkpoint, CheckpointError, load_check
 from memforge.training.config import DEFAULT_PRESET, DEFAULT_TASK, TrainConfig, TrainingError
 from memforge.training.evaluate import EvalConfig, EvalReport, evaluate, report_table, write_report
 from memforge.training.loop import TrainResult, batch_seed, train
+from memforge.training.stopping import TrainingInterrupted
 
 __all__ = [
     "DEFAULT_PRESET",
@@ -26,6 +27,7 @@ __all__ = [
     "TrainConfig",
     "TrainResult",
     "TrainingError",
+    "TrainingInterrupted",
     "batch_seed",
     "evaluate",
     "load_checkpoint",

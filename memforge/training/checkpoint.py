@@ -24,6 +24,7 @@ import os
 import pickle
 import re
 import secrets
+import stat
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -142,9 +143,11 @@ def save_checkpoint(
         # Cloning to the CPU also unties shared tensors, which safetensors refuses to write.
         weights = {key: value.detach().to("cpu", copy=True).contiguous()
                    for key, value in model.state_dict().items()}
+        (tmp / SPEC).write_text(dumps_spec(spec), encoding="utf-8")
         safetensors.torch.save_file(weights, tmp / WEIGHTS, metadata={"step": str(step)})
         torch.save({"format": FORMAT_VERSION, "step": step, **state}, tmp / STATE)
-        (tmp / SPEC).write_text(dumps_spec(spec), encoding="utf-8")
+        # safetensors writes its file 0600; give it the mode the umask gave the plain spec file.
+        os.chmod(tmp / WEIGHTS, stat.S_IMODE((tmp / SPEC).stat().st_mode))
         for file in _FILES:
             _fsync_file(tmp / file)
         _fsync_dir(tmp)
@@ -330,15 +333,18 @@ def _load_state(path: Path) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        if "weights only" not in str(exc).lower():
-            raise CheckpointError(f"{path} cannot be read ({_first_line(exc)}); the checkpoint is "
-                                  f"damaged, use an earlier one") from None
+        # torch's restricted unpickler names a refused class or function as "GLOBAL module.name";
+        # any other refusal is a file that is not a pickle at all.
         found = re.search(r"GLOBAL (\S+)", str(exc))
-        what = f" ({found.group(1)})" if found else ""
-        raise CheckpointError(f"{path} was refused as unsafe: it holds a Python object{what} that "
-                              f"only unrestricted unpickling could load, which can run arbitrary "
-                              f"code; memforge loads tensors and plain data only, so use a "
-                              f"checkpoint memforge wrote") from None
+        if found is None:
+            detail = re.search(r"WeightsUnpickler error:\s*(.+)", str(exc))
+            reason = detail.group(1).strip() if detail else _first_line(exc)
+            raise CheckpointError(f"{path} cannot be read ({reason}); the checkpoint is damaged, "
+                                  f"use an earlier one") from None
+        raise CheckpointError(f"{path} was refused as unsafe: it holds a Python object "
+                              f"({found.group(1)}) that only unrestricted unpickling could load, "
+                              f"which can run arbitrary code; memforge loads tensors and plain "
+                              f"data only, so use a checkpoint memforge wrote") from None
     except Exception as exc:  # torch raises many kinds for a damaged or foreign file
         raise CheckpointError(f"{path} cannot be read ({_first_line(exc)}); the checkpoint is "
                               f"damaged, use an earlier one") from None
