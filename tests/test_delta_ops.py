@@ -11,6 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from memforge_delta.ops import delta_rule, gated_delta_rule
 from memforge_delta.reference import chunkwise_rowwise, token_loop
+from memforge_delta.triangular import unit_lower_inverse
 from torch import Tensor
 
 from memforge import InputError
@@ -91,6 +92,17 @@ def test_rowwise_chunkwise_reference_matches_token_loop(case: tuple[Inputs, int]
     """The benchmark's comparator computes the same rule."""
     inputs, chunk = case
     assert_pair_close(chunkwise_rowwise(*inputs, chunk_size=chunk), inputs.reference(), **EXACT)
+
+
+@given(st.integers(1, 70), st.integers(0, 2**31 - 1))
+def test_blocked_inverse_is_the_inverse(size: int, seed: int) -> None:
+    """Any size (powers of two or not); only the strictly lower part is read."""
+    gen = torch.Generator().manual_seed(seed)
+    matrix = torch.randn(2, size, size, generator=gen, dtype=torch.float64) / size**0.5
+    identity = torch.eye(size, dtype=torch.float64)
+    expected = torch.linalg.solve_triangular(identity + matrix.tril(-1), identity.expand(2, -1, -1),
+                                             upper=False)
+    torch.testing.assert_close(unit_lower_inverse(matrix), expected, **EXACT)
 
 
 def _gradients(inputs: Inputs, outputs: tuple[Tensor, Tensor], cotangents: tuple[Tensor, Tensor]

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from memforge_delta.triangular import unit_lower_inverse
 from memforge_delta.validation import check_inputs
 
 __all__ = ["delta_rule", "gated_delta_rule"]
@@ -152,12 +153,10 @@ def _wy_scan(
         k_decayed = decay[..., -1, :, None] * k  # exp(G_C - G_i) k_i, the chunk-end weights
         chunk_decay = to_start[..., -1:, :]  # exp(G_C), [BH, n, 1, 1]
 
-    # (I + strictlower(beta * (D o K K^T))) [U', W] = beta * [V, exp(G) K], for every chunk at once.
-    # unitriangular=True reads only the strictly lower triangle, so the diagonal and the upper
-    # triangle need no masking, and autograd returns a strictly lower gradient for it.
-    system = beta * decay * (k @ k.transpose(-1, -2))
-    solved = torch.linalg.solve_triangular(system, beta * torch.cat((v, rhs_k), -1),
-                                           upper=False, unitriangular=True)
+    # (I + strictlower(beta * (D o K K^T))) [U', W] = beta * [V, exp(G) K], for every chunk at once,
+    # through the blocked inverse (docs/delta.md, "Why a blocked inverse").
+    inverse = unit_lower_inverse(beta * decay * (k @ k.transpose(-1, -2)))
+    solved = inverse @ (beta * torch.cat((v, rhs_k), -1))
     pseudo_values, wy_weights = solved.split((d_v, d_k), -1)
 
     # The only sequential part: U = U' - W S and S <- exp(G_C) S + (exp(G_C - G) K)^T U per chunk.
