@@ -11,7 +11,6 @@ diverging model, any error), so one bad run never stops a study.
 from __future__ import annotations
 
 import re
-import shutil
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -34,19 +33,17 @@ def one_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
-def _start(run_dir: Path) -> int:
-    """The step the run resumes from (0 for a new run); clears a directory with no checkpoint."""
+def checkpoint_step(run_dir: Path) -> int | None:
+    """The step of ``run_dir``'s latest checkpoint, or ``None`` when it has none."""
+    from memforge.errors import MemforgeError
     from memforge.training.checkpoint import latest_checkpoint
 
-    if not run_dir.is_dir() or not any(run_dir.iterdir()):
-        return 0
-    checkpoint = latest_checkpoint(run_dir)
-    if checkpoint is None:
-        # Interrupted before its first checkpoint: nothing worth keeping, start it again.
-        shutil.rmtree(run_dir)
-        return 0
-    match = _STEP_DIR.search(checkpoint.name)
-    return int(match[1]) if match else 0
+    try:
+        checkpoint = latest_checkpoint(run_dir) if run_dir.is_dir() else None
+    except MemforgeError:  # a damaged pointer: the run itself reports it when it starts
+        return None
+    match = _STEP_DIR.search(checkpoint.name) if checkpoint is not None else None
+    return int(match[1]) if match else None
 
 
 def _train(job: Mapping[str, Any], run_dir: Path) -> tuple[Any, dict[str, float]]:
@@ -56,10 +53,13 @@ def _train(job: Mapping[str, Any], run_dir: Path) -> tuple[Any, dict[str, float]
     from memforge.training import TrainConfig, train
     from memforge.training.rundir import read_json, write_json
 
-    start = _start(run_dir)
+    # A run directory with files resumes from its checkpoint; one stopped before its first
+    # checkpoint starts again (memforge.training does both under resume=True).
+    started = run_dir.is_dir() and any(run_dir.iterdir())
+    start = checkpoint_step(run_dir) or 0
     config = TrainConfig(model=from_dict(job["spec"]), task=job["task"],
                          task_options=job["task_options"], lr=job["lr"], seed=job["seed"],
-                         out=run_dir, resume=start > 0, progress=False, **job["train"])
+                         out=run_dir, resume=started, progress=False, **job["train"])
     result = train(config)
     seq_len = read_json(run_dir / "task.json").get("seq_len", 0)
     trained = result.step - start

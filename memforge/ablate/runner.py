@@ -28,6 +28,7 @@ import attrs
 from rich.console import Console
 from rich.table import Table
 
+from memforge.ablate.job import checkpoint_step
 from memforge.ablate.study import PlannedRun, Study, StudyError, expand, load_study
 from memforge.training.config import TrainConfig
 from memforge.training.rundir import read_json, write_json
@@ -117,8 +118,6 @@ def plan_study(path: str | os.PathLike[str], out: str | os.PathLike[str] | None 
 
     Writes nothing. Finished runs need no work; failed ones neither unless ``retry_failed``.
     """
-    from memforge.training.checkpoint import latest_checkpoint
-
     study = load_study(path)
     runs = expand(study)
     directory = Path(out) if out is not None else DEFAULT_STUDIES_ROOT / study.name
@@ -134,17 +133,11 @@ def plan_study(path: str | os.PathLike[str], out: str | os.PathLike[str] | None 
             outcomes[run.id] = outcome
             continue
         todo.append(run.id)
-        checkpoint = latest_checkpoint(directory / run.dir) if (directory / run.dir).is_dir() else None
-        if checkpoint is not None:
-            done_steps[run.id] = _checkpoint_step(checkpoint)
+        step = checkpoint_step(directory / run.dir)
+        if step:
+            done_steps[run.id] = step
     return StudyPlan(study=study, directory=directory, runs=runs, jobs=jobs, outcomes=outcomes,
                      todo=todo, done_steps=done_steps)
-
-
-def _checkpoint_step(checkpoint: Path) -> int:
-    from memforge.training.checkpoint import load_checkpoint
-
-    return load_checkpoint(checkpoint).step
 
 
 def write_plan(plan: StudyPlan) -> None:

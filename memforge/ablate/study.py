@@ -438,7 +438,7 @@ def _one_line(exc: BaseException) -> str:
 
 def _format_value(value: Any) -> str:
     if isinstance(value, float):
-        return f"{value:g}"
+        return repr(value)  # the shortest text that reads back as this float: injective
     if isinstance(value, list):
         return "[" + ",".join(_format_value(v) for v in value) + "]"
     return str(value)
@@ -448,7 +448,7 @@ def run_id(variant: str, axes: Mapping[str, Any], lr: float | None, seed: int) -
     """``variant__axis=value__lr=0.001__seed=0``: stable, readable and safe as a directory name."""
     parts = [variant, *(f"{axis}={_format_value(v)}" for axis, v in axes.items())]
     if lr is not None:
-        parts.append(f"lr={lr:g}")
+        parts.append(f"lr={lr!r}")
     parts.append(f"seed={seed}")
     return re.sub(r"[^A-Za-z0-9_.=,+\[\]-]", "_", "__".join(parts))
 
@@ -490,8 +490,15 @@ def expand(study: Study) -> list[PlannedRun]:
     """Every run of ``study``, each spec resolved, validated, its task and evaluations checked.
 
     Builds each distinct model once to count its parameters. Raises :class:`StudyError` naming
-    the variant or grid point and the key at fault.
+    the study file, the variant or grid point and the key at fault.
     """
+    try:
+        return _expand(study)
+    except StudyError as exc:
+        raise StudyError(f"{study.path}: {exc}") from None
+
+
+def _expand(study: Study) -> list[PlannedRun]:
     from memforge.builder import build_model, parameter_count
     from memforge.spec import spec_id, to_dict
     from memforge.training.config import TrainConfig, TrainingError
@@ -521,11 +528,15 @@ def expand(study: Study) -> list[PlannedRun]:
                 except MemforgeError as exc:
                     raise _fail(where, _one_line(exc)) from None
             for lr in lrs:
+                try:
+                    TrainConfig(model=spec, task=study.task, lr=lr, seed=max(study.seeds),
+                                **study.train)
+                except TrainingError as exc:
+                    field = str(exc).split()[0]
+                    owner = {"lr": f"{where}.lr" if variant.lrs else "train.lr",
+                             "seed": "seeds"}.get(field, "train")
+                    raise _fail(owner, _one_line(exc)) from None
                 for seed in study.seeds:
-                    try:
-                        TrainConfig(model=spec, task=study.task, lr=lr, seed=seed, **study.train)
-                    except TrainingError as exc:
-                        raise _fail("train", _one_line(exc)) from None
                     payload = {"spec": to_dict(spec), "task": study.task, "task_options": task_options,
                                "train": dict(study.train), "lr": lr, "seed": seed,
                                "evaluations": [e.to_json() for e in study.evaluations]}
