@@ -17,6 +17,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from rich.console import Console
+from rich.measure import Measurement
 from rich.table import Table
 
 from memforge.errors import MemforgeError
@@ -61,8 +62,7 @@ def name_table(title: str, columns: Sequence[str], rows: Sequence[Sequence[str]]
     """A table whose columns but the last (a free-text summary) never wrap or cut their text.
 
     Rich fits a table to the terminal by cutting or folding cells; a name cut to ``titans.ada…``
-    cannot be typed back. Here only the last column gives way; a terminal too narrow even for the
-    names wraps the whole line instead.
+    cannot be typed back. Here only the last column gives way.
     """
     table = Table(title=title, title_justify="left")
     for index, column in enumerate(columns[:-1]):
@@ -72,6 +72,20 @@ def name_table(title: str, columns: Sequence[str], rows: Sequence[Sequence[str]]
     for row in rows:
         table.add_row(*row)
     return table
+
+
+def print_names(console: Console, title: str, columns: Sequence[str],
+                rows: Sequence[Sequence[str]]) -> None:
+    """:func:`name_table`, or where the terminal is too narrow for it, one plain line per row."""
+    table = name_table(title, columns, rows)
+    if Measurement.get(console, console.options.update_width(1 << 16), table).minimum <= console.width:
+        console.print(table)
+        return
+    console.print(title, markup=False, highlight=False)
+    widths = [max((len(row[index]) for row in rows), default=0) for index in range(len(columns) - 1)]
+    for row in rows:
+        names = "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=False))
+        console.print(f"  {names}  {row[-1]}", markup=False, highlight=False)
 
 
 @command("list", "components by kind, and presets", _configure_list)
@@ -86,10 +100,10 @@ def _list(args: argparse.Namespace, console: Console) -> int:
              registry.component(kind, name).summary)
             for kind in KINDS if not args.kind or kind == args.kind
             for name in registry.names(kind)]
-    console.print(name_table("components", ("kind", "name", "plugin", "summary"), rows))
+    print_names(console, "components", ("kind", "name", "plugin", "summary"), rows)
     if not args.kind:
         presets = [(p.name, p.plugin, p.summary) for p in registry.presets()]
-        console.print(name_table("presets", ("name", "plugin", "summary"), presets))
+        print_names(console, "presets", ("name", "plugin", "summary"), presets)
     return 0
 
 
