@@ -324,8 +324,30 @@ def run_dir_of(checkpoint: Path) -> Path:
 
 
 def _first_line(exc: BaseException) -> str:
+    """The gist of an exception's message: its first line, up to the first full stop."""
     text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
+    return text.splitlines()[0].split(". ")[0] if text else type(exc).__name__
+
+
+class UnreadableCheckpointError(CheckpointError):
+    """A checkpoint file that cannot be loaded: damaged, foreign, or refused as unsafe.
+
+    Attributes:
+        problem: what is wrong, naming the file.
+        verdict: what that means (``"the checkpoint is damaged"``), or ``""``.
+    The message adds a fix; :meth:`with_fix` puts another in its place (a resumed run's).
+    """
+
+    def __init__(self, problem: str, verdict: str, fix: str) -> None:
+        self.problem, self.verdict = problem, verdict
+        super().__init__(self.with_fix(fix))
+
+    def with_fix(self, fix: str) -> str:
+        """The message with ``fix`` as the remedy."""
+        return f"{self.problem}; {self.verdict}: {fix}" if self.verdict else f"{self.problem}; {fix}"
+
+
+_DAMAGED = ("the checkpoint is damaged", "use an earlier one")
 
 
 def _load_state(path: Path) -> Any:
@@ -339,33 +361,38 @@ def _load_state(path: Path) -> Any:
         if found is None:
             detail = re.search(r"WeightsUnpickler error:\s*(.+)", str(exc))
             reason = detail.group(1).strip() if detail else _first_line(exc)
-            raise CheckpointError(f"{path} cannot be read ({reason}); the checkpoint is damaged, "
-                                  f"use an earlier one") from None
-        raise CheckpointError(f"{path} was refused as unsafe: it holds a Python object "
-                              f"({found.group(1)}) that only unrestricted unpickling could load, "
-                              f"which can run arbitrary code; memforge loads tensors and plain "
-                              f"data only, so use a checkpoint memforge wrote") from None
+            raise UnreadableCheckpointError(f"{path} cannot be read ({reason})", *_DAMAGED) from None
+        raise UnreadableCheckpointError(
+            f"{path} was refused as unsafe: it holds a Python object ({found.group(1)}) that only "
+            f"unrestricted unpickling could load, which can run arbitrary code; memforge loads "
+            f"tensors and plain data only", "", "use a checkpoint memforge wrote") from None
     except Exception as exc:  # torch raises many kinds for a damaged or foreign file
-        raise CheckpointError(f"{path} cannot be read ({_first_line(exc)}); the checkpoint is "
-                              f"damaged, use an earlier one") from None
+        raise UnreadableCheckpointError(f"{path} cannot be read ({_first_line(exc)})",
+                                        *_DAMAGED) from None
 
 
 def load_checkpoint(source: str | os.PathLike[str]) -> Checkpoint:
-    """Read a checkpoint (see :func:`find_checkpoint` for what ``source`` may be)."""
+    """Read a checkpoint (see :func:`find_checkpoint` for what ``source`` may be).
+
+    Raises:
+        UnreadableCheckpointError: a file is damaged, from another version, or refused as unsafe
+            (``state.pt`` is loaded with ``weights_only=True``: tensors and plain data only).
+    """
     path = find_checkpoint(source)
     try:
         weights = safetensors.torch.load_file(path / WEIGHTS, device="cpu")
     except (OSError, safetensors.SafetensorError) as exc:
-        raise CheckpointError(f"{path / WEIGHTS} cannot be read ({_first_line(exc)}); the "
-                              f"checkpoint is damaged, use an earlier one") from None
+        raise UnreadableCheckpointError(f"{path / WEIGHTS} cannot be read ({_first_line(exc)})",
+                                        *_DAMAGED) from None
     state = _load_state(path / STATE)
     if not isinstance(state, dict) or state.get("format") != FORMAT_VERSION:
-        raise CheckpointError(f"{path / STATE} is not a memforge checkpoint of format "
-                              f"{FORMAT_VERSION}; it was written by another version")
+        raise UnreadableCheckpointError(f"{path / STATE} is not a memforge checkpoint of format "
+                                        f"{FORMAT_VERSION}", "it was written by another version",
+                                        "read it with that version")
     step = state.get("step")
     if isinstance(step, bool) or not isinstance(step, int) or step < 0:
-        raise CheckpointError(f"{path / STATE} holds step={step!r}, not a whole number >= 0; the "
-                              f"checkpoint is damaged, use an earlier one")
+        raise UnreadableCheckpointError(f"{path / STATE} holds step={step!r}, not a whole number "
+                                        f">= 0", *_DAMAGED)
     return Checkpoint(path, step, weights, state)
 
 
@@ -393,12 +420,17 @@ def load_weights(model: nn.Module, checkpoint: Checkpoint) -> None:
     model.load_state_dict(checkpoint.weights)
 
 
+def resume_fix(checkpoint: Path) -> str:
+    """How to go on when ``checkpoint`` of a run cannot be resumed: the others, or a new run."""
+    others = available(run_dir_of(checkpoint), besides=checkpoint)
+    return (f"resume from another checkpoint with --resume-from NAME (available: {others}), or "
+            f"start a new run with --out DIR")
+
+
 def _damaged(checkpoint: Checkpoint, problem: str) -> CheckpointError:
     """A one-line error for a checkpoint of a run whose state cannot be resumed, with the fix."""
-    others = available(run_dir_of(checkpoint.path), besides=checkpoint.path)
-    return CheckpointError(f"{checkpoint.path / STATE} {problem}; the checkpoint is damaged: resume "
-                           f"from an earlier one with --resume-from NAME (available: {others}), or "
-                           f"start a new run with --out DIR")
+    return CheckpointError(f"{checkpoint.path / STATE} {problem}; the checkpoint is damaged: "
+                           f"{resume_fix(checkpoint.path)}")
 
 
 def _check_optimizer_state(checkpoint: Checkpoint, model: nn.Module,

@@ -30,10 +30,11 @@ from memforge.training import rundir
 from memforge.training.checkpoint import (
     CHECKPOINTS,
     CheckpointError,
-    available,
+    UnreadableCheckpointError,
     checkpoint_name,
     load_checkpoint,
     point_latest,
+    resume_fix,
     resume_training_state,
     rng_states,
     save_checkpoint,
@@ -161,9 +162,8 @@ def _prepare(config: TrainConfig, place: Distributed, stack: contextlib.ExitStac
     if resume_from is not None:
         try:
             checkpoint = load_checkpoint(resume_from)
-        except CheckpointError as exc:
-            raise CheckpointError(f"{exc}; to resume from another, pass --resume-from NAME "
-                                  f"(available: {available(run_dir, besides=resume_from)})") from None
+        except UnreadableCheckpointError as exc:
+            raise CheckpointError(exc.with_fix(resume_fix(resume_from))) from None
         resume_training_state(checkpoint, model, optimizer)
         step = checkpoint.step
     if place.is_main:

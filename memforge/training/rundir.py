@@ -56,7 +56,8 @@ def read_json(path: Path) -> Any:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as exc:
-        raise TrainingError(f"{path} cannot be read ({exc}); the run directory is damaged") from None
+        raise TrainingError(f"{path} cannot be read ({exc}); the run directory is damaged: "
+                            f"restore the file, or start a new run with --out DIR") from None
 
 
 def _flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
