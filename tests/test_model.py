@@ -1,9 +1,11 @@
-"""The built model: input checks, state passing, state_dict, dtype, compile, generation."""
+"""The built model: input checks (and that value checks never sync a device), state passing,
+state_dict, dtype, compile, generation."""
 
 import pytest
 import torch
 
 import memforge
+from memforge.checks import checks_values, device_value_checks
 from memforge.errors import InputError
 
 TINY = ["baseline.transformer_tiny", "titans.lmm_tiny"]
@@ -100,3 +102,53 @@ def test_cuda_matches_cpu(name):
     expected = model(tokens).logits
     got = model.to("cuda")(tokens.cuda()).logits.cpu()
     torch.testing.assert_close(got, expected, rtol=1e-3, atol=1e-3)
+
+
+def test_tokens_on_another_device_than_the_model_are_refused():
+    model = memforge.build_model(memforge.preset("baseline.transformer_tiny")).to("meta")
+    with pytest.raises(InputError, match="tokens are on cpu but the model is on meta"):
+        model(torch.zeros(1, 3, dtype=torch.long))
+
+
+def test_value_checks_run_on_cpu_tensors_and_elsewhere_only_when_asked():
+    cpu, meta = torch.zeros(2), torch.zeros(2, device="meta")
+    assert checks_values(cpu) and not checks_values(meta)
+    with device_value_checks():
+        assert checks_values(meta)
+        with device_value_checks(False):
+            assert not checks_values(meta)
+        assert checks_values(meta)
+    assert not checks_values(meta)
+
+
+def test_forward_off_the_cpu_reads_no_values():
+    """A meta tensor has no values: reading one raises, so a forward on meta proves no check does."""
+    model = memforge.build_model(memforge.preset("baseline.transformer_tiny")).to("meta")
+    tokens = torch.zeros(2, 9, dtype=torch.long, device="meta")
+    out = model(tokens, labels=tokens)
+    assert out.logits.shape == (2, 9, model.vocab_size) and out.loss.shape == ()
+    with device_value_checks(), pytest.raises((RuntimeError, NotImplementedError)):
+        model(tokens)
+    # The memory layer's finiteness check is gated the same way.
+    memory = memforge.build_model(memforge.preset("titans.lmm_tiny")).blocks[0].memory
+    hidden = torch.zeros(1, 3, memory.dim, device="meta")
+    memory._check_input(hidden)
+    with device_value_checks(), pytest.raises((RuntimeError, NotImplementedError)):
+        memory._check_input(hidden)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", TINY)
+def test_cuda_forward_never_synchronises(name):
+    """``torch.cuda.set_sync_debug_mode("error")`` raises at any host-device synchronisation."""
+    spec = memforge.preset(name)
+    model = memforge.build_model(spec).cuda()
+    tokens = _tokens(spec, (2, 37)).cuda()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        out = model(tokens, labels=tokens)
+        out = model(tokens[:, :5], out.state)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert out.logits.shape == (2, 5, spec.vocab_size)

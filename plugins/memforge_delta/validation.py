@@ -2,7 +2,9 @@
 
 The checks run before any kernel work, so a bad shape never surfaces as a traceback from inside
 ``torch.linalg.solve_triangular``. The value checks (``beta`` in ``[0, 2]``, ``g <= 0``) are one
-reduction each over ``[B, H, T]``, negligible next to the kernel's ``T * C * d`` work.
+reduction each over ``[B, H, T]``, negligible next to the kernel's ``T * C * d`` work; like every
+memforge value check they run on CPU tensors only, or where :mod:`memforge.checks` asks for them,
+since reading a GPU tensor's values would sync the device on every call.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import torch
 from torch import Tensor
 
 from memforge import InputError
+from memforge.checks import checks_values
 
 #: The largest step for which one delta-rule update cannot amplify the state (see ``check_inputs``).
 MAX_BETA = 2.0
@@ -103,11 +106,11 @@ def check_inputs(
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
         raise InputError(f"{op}: chunk_size must be an integer >= 1, got {chunk_size!r}")
     # Written so that NaN fails too (every comparison with NaN is False).
-    if beta.numel() and not bool(((beta >= 0) & (beta <= MAX_BETA)).all()):
+    if beta.numel() and checks_values(beta) and not bool(((beta >= 0) & (beta <= MAX_BETA)).all()):
         raise InputError(f"{op}: beta must lie in [0, {MAX_BETA:g}] (the update is a contraction "
                          f"only for beta * |k|^2 <= 2), got values from {beta.min().item():.4g} "
                          f"to {beta.max().item():.4g}; squash it, e.g. beta = torch.sigmoid(x)")
-    if g is not None and g.numel() and not bool((g <= 0).all()):
+    if g is not None and g.numel() and checks_values(g) and not bool((g <= 0).all()):
         raise InputError(f"{op}: g is a log-decay, must be <= 0 (decay exp(g) <= 1), got a "
                          f"maximum of {g.max().item():.4g}; use e.g. g = -F.softplus(x) or "
                          f"F.logsigmoid(x)")
