@@ -133,6 +133,7 @@ class Row:
     failed: int = 0
     missing: int = 0
     finished: int = 0
+    seeds: list[int] = field(default_factory=list)  # of the finished runs
     params: int | None = None
     tokens_per_s: float = math.nan
     stats: dict[MetricKey, Interval] = field(default_factory=dict)
@@ -362,6 +363,7 @@ def build_rows(results: StudyResults) -> tuple[list[Row], pd.DataFrame | None]:
                       finished=int(status.get("finished", 0)) if chosen else 0,
                       params=int(params.iloc[0]) if len(params) else None)
             done = members[members["status"] == "finished"]
+            row.seeds = sorted(int(s) for s in done["seed"])
             tps = done["tokens_per_s"][np.isfinite(done["tokens_per_s"])]
             row.tokens_per_s = float(tps.mean()) if len(tps) else math.nan
             rows.append(row)
@@ -408,7 +410,7 @@ class Difference:
     row: Row
     baseline: Row
     stats: dict[MetricKey, Interval]
-    pairs: int
+    pairs: int  # seeds both rows finished
 
 
 def build_differences(rows: Sequence[Row], baseline: str | None) -> list[Difference]:
@@ -425,8 +427,7 @@ def build_differences(rows: Sequence[Row], baseline: str | None) -> list[Differe
             theirs = base.seed_values.get(key, {})
             shared = sorted(set(mine) & set(theirs))
             stats[key] = bootstrap_mean([mine[s] - theirs[s] for s in shared])
-        pairs = max((iv.n for iv in stats.values()), default=0)
-        out.append(Difference(row, base, stats, pairs))
+        out.append(Difference(row, base, stats, len(set(row.seeds) & set(base.seeds))))
     return out
 
 
