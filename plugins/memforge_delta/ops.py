@@ -142,10 +142,10 @@ def _wy_scan(
 
     q, k, v = chunked(q), chunked(k), chunked(v)
     beta = chunked(beta[..., None])  # [BH, n, C, 1]
-    if g is None:
-        decay = torch.ones(size, size, dtype=q.dtype, device=q.device).tril()  # D
-        k_decayed, rhs_k, chunk_decay = k, k, None
-    else:
+    decay: Tensor | None = None  # D, all ones on and below the diagonal without a gate
+    to_start = chunk_decay = None
+    k_decayed = rhs_k = k
+    if g is not None:
         log_decay = chunked(g[..., None])[..., 0]  # [BH, n, C]
         decay = _segment_sums(log_decay).exp()  # D[t, i] = exp(G_t - G_i), 0 above the diagonal
         to_start = log_decay.cumsum(-1).exp()[..., None]  # exp(G_t), [BH, n, C, 1]
@@ -155,7 +155,8 @@ def _wy_scan(
 
     # (I + strictlower(beta * (D o K K^T))) [U', W] = beta * [V, exp(G) K], for every chunk at once,
     # through the blocked inverse (docs/delta.md, "Why a blocked inverse").
-    inverse = unit_lower_inverse(beta * decay * (k @ k.transpose(-1, -2)))
+    products = k @ k.transpose(-1, -2)
+    inverse = unit_lower_inverse(beta * (products if decay is None else decay * products))
     solved = inverse @ (beta * torch.cat((v, rhs_k), -1))
     pseudo_values, wy_weights = solved.split((d_v, d_k), -1)
 
@@ -173,7 +174,9 @@ def _wy_scan(
         state = torch.baddbmm(state if decay_c is None else decay_c * state, kd_c, u_c)
 
     # Reads, every chunk at once: O = exp(G) Q S_start + (D o Q K^T) U.
-    reads = q if g is None else to_start * q
-    outputs = reads @ torch.stack(starts, 1) + (decay * (q @ k.transpose(-1, -2))) @ torch.stack(updates, 1)
+    scores = q @ k.transpose(-1, -2)
+    scores = scores.tril() if decay is None else decay * scores
+    reads = q if to_start is None else to_start * q
+    outputs = reads @ torch.stack(starts, 1) + scores @ torch.stack(updates, 1)
     outputs = outputs.reshape(batch, heads, chunks * size, d_v)[:, :, :tokens]
     return outputs.to(out_dtype), state.reshape(batch, heads, d_k, d_v)

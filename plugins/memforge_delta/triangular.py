@@ -28,9 +28,8 @@ def unit_lower_inverse(strict: Tensor) -> Tensor:
     """
     size = strict.shape[-1]
     full = 1 << max(size - 1, 0).bit_length()
-    lower = strict.tril(-1)
-    if full != size:
-        lower = F.pad(lower, (0, full - size, 0, full - size))
+    # Only blocks that lie below the diagonal are ever read, so no masking is needed.
+    lower = strict if full == size else F.pad(strict, (0, full - size, 0, full - size))
     batch = lower.shape[:-2]
     inverse = lower.new_ones(*batch, full, 1, 1)  # the 1 x 1 diagonal blocks, [..., C / s, s, s]
     block = 1
