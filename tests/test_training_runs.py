@@ -364,7 +364,8 @@ def test_resume_from_a_named_checkpoint_when_latest_is_damaged(
     assert main([*ARGS, "--resume", "--out", str(out)]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "step-00000020/state.pt cannot be read" in err
-    assert "pass --resume-from NAME (available: step-00000016, step-00000012)" in err
+    assert "damaged: resume from another checkpoint with --resume-from NAME (available: " \
+           "step-00000016, step-00000012)" in err
 
     (out / "checkpoints" / "latest").write_text("../../elsewhere")
     with pytest.raises(CheckpointError, match=r"holds '\.\./\.\./elsewhere', not the name of a "

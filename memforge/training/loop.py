@@ -23,7 +23,7 @@ from torch import nn
 import memforge
 from memforge.builder import build_model, parameter_count
 from memforge.compiling import compile_model
-from memforge.errors import MemforgeError, NonFiniteError
+from memforge.errors import NonFiniteError
 from memforge.spec import ModelSpec, spec_id
 from memforge.tasks import IGNORE_INDEX, TaskBatch
 from memforge.training import rundir
@@ -183,8 +183,10 @@ def _train(config: TrainConfig, place: Distributed, console: Console | None, pro
     started = time.perf_counter()
     try:
         run = _prepare(config, place, stack)
-    except MemforgeError:
-        place.max_int(1)  # tell the other processes, which would otherwise wait for this one
+    except Exception:
+        # Tell the other processes, which would otherwise wait for this one forever.
+        with contextlib.suppress(Exception):
+            place.max_int(1)
         raise
     # Nobody writes before everyone has validated, so a refusal on any rank leaves no files.
     if place.max_int(0):

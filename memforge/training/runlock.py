@@ -69,8 +69,13 @@ class RunLock:
             TrainingError: another process holds the directory; the message names its pid, host
                 and command.
         """
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+        except OSError as exc:
+            raise TrainingError(f"cannot write to run directory {self.run_dir} ({exc.strerror}); "
+                                f"train in a directory of your own with --out DIR (another "
+                                f"user's run can be evaluated, not continued)") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
