@@ -116,6 +116,7 @@ def test_results_table_reports_the_selected_lr_over_seeds(study: Path):
     assert "## By length and depth" in markdown and "## Learning-rate selection" in markdown
     assert "A toy study.\n" in markdown and "- `lmm`: the full memory\n" in markdown
     assert "`linear`" not in markdown  # no description, no line
+    assert "18 runs: 16 finished, 1 failed, 1 missing. **Provisional**" in markdown
 
 
 def test_selection_table_shows_every_lr_and_the_choice(study: Path):

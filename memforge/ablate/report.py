@@ -285,17 +285,21 @@ def _key(name: str, length: float, depth: float) -> MetricKey:
 
 
 def _metric_keys(results: StudyResults) -> list[MetricKey]:
-    """Plain metrics first (the primary one leading, then in order of appearance), then metrics by
-    length sorted by name (order of appearance), length and depth."""
+    """Plain metrics first, then those by length or depth; within each, the primary metric and the
+    rest of its evaluation first, then the other evaluations (``test``, ``validation``, ...) in order
+    of appearance, then length and depth."""
     named = results.tidy.dropna(subset=["metric"])
     order = {name: i for i, name in enumerate(dict.fromkeys(named["metric"]))}
-    primary = results.plan.primary_metric
+    prefix = lambda name: str(name).split("/", 1)[0]
+    prefixes = {p: i for i, p in enumerate(dict.fromkeys(map(prefix, named["metric"])))}
+    primary = results.plan.primary_metric or ""
     keys = {_key(m, length, depth)
             for m, length, depth in zip(named["metric"], named["length"], named["depth"], strict=True)}
 
     def sort_key(k: MetricKey) -> tuple:
         none_last = lambda x: (x is None, 0.0 if x is None else x)
-        return (not k.plain, k.name != primary, order[k.name], none_last(k.length), none_last(k.depth))
+        return (not k.plain, k.name != primary, prefix(k.name) != prefix(primary), prefixes[prefix(k.name)],
+                order[k.name], none_last(k.length), none_last(k.depth))
 
     return sorted(keys, key=sort_key)
 
@@ -597,7 +601,10 @@ def _selection_markdown(selection: pd.DataFrame, metric: str) -> pd.DataFrame:
 
 def _summary_line(results: StudyResults) -> str:
     counts = results.runs["status"].value_counts()
-    return f"{len(results.runs)} runs: " + ", ".join(f"{int(counts.get(s, 0))} {s}" for s in STATUSES) + "."
+    line = f"{len(results.runs)} runs: " + ", ".join(f"{int(counts.get(s, 0))} {s}" for s in STATUSES) + "."
+    if counts.get("missing", 0):
+        line += " **Provisional**: runs without results yet may change every number and the lr selection."
+    return line
 
 
 # ------------------------------------------------------------------------------------------ plots
