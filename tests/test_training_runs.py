@@ -167,7 +167,7 @@ def test_cli_signal_checkpoints_and_the_printed_command_resumes_identically(
     assert lines[0] == f"run directory: {out}"
     assert lines[1].startswith(f"plan: {TINY} (") and f"{STEPS} steps of 4 sequences" in lines[1]
     assert re.fullmatch(r"step 1/24 \(4%\) \| loss \d+\.\d{4} \| [\d,]+ tokens/s \| elapsed "
-                        r"0:00:\d\d \| left 0:00:\d\d", lines[2]), lines[2]
+                        r"\d+:\d\d:\d\d \| left \d+:\d\d:\d\d", lines[2]), lines[2]
     stopped = [line for line in lines if line.startswith("stopped by")]
     step = max(r["step"] for r in read_metrics(out / "metrics.jsonl") if r["split"] == "train")
     assert 1 <= step < STEPS

@@ -111,16 +111,17 @@ def _configure_train(p: argparse.ArgumentParser) -> None:
              "%(default)s)")
 
 
-def resume_command(args: argparse.Namespace, run_dir: Path) -> str:
+def resume_command(args: argparse.Namespace, run_dir: Path, *, drop: tuple[str, ...] = ()) -> str:
     """The command that continues this ``memforge train`` invocation's run.
 
-    The flags given (those that differ from their defaults) plus ``--resume --out DIR``, quoted
-    for a POSIX shell; ``--resume-from`` is dropped (the run continues from its latest).
+    The flags given (those that differ from their defaults) but those named in ``drop`` (by
+    destination, e.g. ``stop_after``), plus ``--resume --out DIR``, quoted for a POSIX shell;
+    ``--resume-from`` is dropped too (the run continues from its latest checkpoint).
     """
     words = ["memforge", "train"]
     for dest, flag, kind, default in _TRAIN_OPTIONS:
         value = getattr(args, dest, None)
-        if dest in ("out", "resume", "resume_from") or value is None or value is False:
+        if dest in ("out", "resume", "resume_from", *drop) or value is None or value is False:
             continue
         if kind == "flag":
             words.append(flag)
@@ -165,7 +166,8 @@ def _train(args: argparse.Namespace, console: Console) -> int:
     headline.append(f"{result.elapsed_s:.0f} s")
     console.print("[bold]done[/bold]: " + ", ".join(headline), highlight=False)
     if not result.finished:
-        console.print(f"stopped early; continue with: {resume_command(args, result.run_dir)}",
+        command = resume_command(args, result.run_dir, drop=("stop_after",))
+        console.print(f"stopped early; continue with: {command}",
                       markup=False, highlight=False, soft_wrap=True)
     console.print(f"run directory: {result.run_dir}", markup=False, highlight=False)
     return 0
