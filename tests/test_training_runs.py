@@ -382,6 +382,18 @@ def test_resume_from_a_named_checkpoint_when_latest_is_damaged(
     assert_same_run(out, whole)
 
 
+def test_without_a_latest_pointer_the_newest_complete_checkpoint_is_the_latest(
+        tmp_path: Path, whole: Path) -> None:
+    # A crash between renaming a checkpoint into place and writing the pointer.
+    out = tmp_path / "run"
+    train(config(out, stop_after=16))
+    (out / "checkpoints" / "latest").unlink()
+    (out / "checkpoints" / "step-00000008" / "state.pt").unlink()  # and an incomplete one
+    assert load_checkpoint(out).step == 16
+    train(config(out, resume=True))
+    assert_same_run(out, whole)
+
+
 def test_clean_up_touches_only_what_checkpoints_write(tmp_path: Path) -> None:
     run = train(config(tmp_path / "run", steps=2, eval_every=1, keep_checkpoints=1))
     root = tmp_path / "run" / "checkpoints"
