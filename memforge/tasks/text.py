@@ -65,6 +65,16 @@ def _walk(root: Path, skip: frozenset[str]) -> list[Path]:
     return found
 
 
+def _read(path: Path, limit: int = -1) -> bytes:
+    """The bytes of ``path`` (at most ``limit``); an unreadable file is a one-line ValueError."""
+    try:
+        with open(path, "rb") as handle:
+            return handle.read(limit)
+    except OSError as exc:
+        raise ValueError(f"text: cannot read {str(path)!r}: {exc.strerror or exc}; make it "
+                         f"readable or leave it out of the paths") from None
+
+
 def _glob_root(pattern: str) -> Path:
     """The longest directory prefix of ``pattern`` without wildcards."""
     parts = Path(pattern).parts
@@ -155,8 +165,7 @@ class TextCorpus:
         for arg, members, named in chosen_by_arg:
             kept = 0
             for member in members:
-                with open(member, "rb") as handle:
-                    binary = _is_binary(handle.read(_SNIFF_BYTES))
+                binary = _is_binary(_read(member, _SNIFF_BYTES))
                 if binary and named:
                     raise ValueError(
                         f"text: {arg!r} looks binary (NUL byte in its first {_SNIFF_BYTES} "
@@ -182,7 +191,7 @@ class TextCorpus:
             len(files) >= 2,
             f"text: {source} gives {len(files)} text file(s); splitting by file needs at least 2",
         )
-        contents = {rel: path.read_bytes() for rel, path in files.items()}
+        contents = {rel: _read(path) for rel, path in files.items()}
         listing = "".join(f"{rel}\0{hashlib.sha256(data).hexdigest()}\n" for rel, data in contents.items())
 
         ranked = sorted(contents, key=_hash_fraction)

@@ -6,8 +6,9 @@ half-made run directory behind.
 
 from __future__ import annotations
 
+import math
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -41,11 +42,54 @@ class TrainingError(MemforgeError, ValueError):
 Validator = Callable[[Any, "attrs.Attribute[Any]", Any], None]
 
 
-def _at_least(low: float, kind: type = int) -> Validator:
+#: The CLI flag of each setting that has one, so that messages name what the user typed.
+FLAGS = {"steps": "--steps", "batch_size": "--batch-size", "lr": "--lr", "warmup_steps": "--warmup",
+         "weight_decay": "--weight-decay", "seed": "--seed", "eval_every": "--eval-every",
+         "eval_batches": "--eval-batches", "checkpoint_every": "--checkpoint-every",
+         "stop_after": "--stop-after", "overrides": "--set", "task": "--task",
+         "task_options": "--task-option"}
+
+#: The largest peak learning rate accepted. AdamW's step is about ``lr`` per weight whatever the
+#: gradient's scale, so at 1 every weight moves by about 1 per step and training diverges; the
+#: usual peaks lie between 1e-4 and 1e-2.
+MAX_LR = 1.0
+#: The most sequences per step: beyond it a step's token and activation tensors outgrow any
+#: machine memforge runs on.
+MAX_BATCH_SIZE = 65536
+#: ``torch.manual_seed`` takes seeds below 2**64; memforge keeps them to 63 bits.
+MAX_SEED = 2**63 - 1
+
+
+def _name(attribute: attrs.Attribute) -> str:
+    flag = FLAGS.get(attribute.name)
+    return f"{attribute.name} ({flag})" if flag else attribute.name
+
+
+def _integer(low: int, high: int | None = None) -> Validator:
     def validate(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
-        if isinstance(value, bool) or not isinstance(value, (kind, int)) or value < low:
-            noun = "an integer" if kind is int else "a number"
-            raise TrainingError(f"{attribute.name} must be {noun} >= {low}, got {value!r}")
+        allowed = f">= {low}" if high is None else f"in [{low}, {high}]"
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TrainingError(f"{_name(attribute)} must be an integer {allowed}, got {value!r}")
+        if value < low or (high is not None and value > high):
+            raise TrainingError(f"{_name(attribute)} must be {allowed}, got {value}")
+
+    return validate
+
+
+def _number(low: float, high: float | None = None, *, low_open: bool = False,
+            high_open: bool = False, hint: str = "") -> Validator:
+    """A finite real number in the interval; ``hint`` follows the message (the usual values)."""
+    allowed = (("(" if low_open else "[") + f"{low:g}, " + ("inf)" if high is None else
+               f"{high:g}" + (")" if high_open else "]")))
+
+    def validate(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
+        ok = not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
+        if ok:
+            ok = (value > low if low_open else value >= low) and (
+                high is None or (value < high if high_open else value <= high))
+        if not ok:
+            raise TrainingError(f"{_name(attribute)} must be a finite number in {allowed}, got "
+                                f"{value!r}{hint}")
 
     return validate
 
@@ -58,14 +102,42 @@ def _optional(validator: Validator) -> Validator:
     return validate
 
 
-def _positive_float(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-        raise TrainingError(f"{attribute.name} must be a number > 0, got {value!r}")
+def _betas(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
+    ok = isinstance(value, tuple) and len(value) == 2 and all(
+        not isinstance(b, bool) and isinstance(b, (int, float)) and 0 <= b < 1 for b in value)
+    if not ok:
+        raise TrainingError(f"betas must be two numbers in [0, 1) (AdamW's moment decay rates), "
+                            f"got {value!r}; the default is (0.9, 0.95)")
 
 
-def _unit_interval(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
-        raise TrainingError(f"{attribute.name} must be a number in [0, 1], got {value!r}")
+def _as_tuple(value: Any) -> Any:
+    # A string is iterable but never a list of overrides: leave it for the validator to refuse.
+    if isinstance(value, (str, bytes)) or not isinstance(value, Iterable):
+        return value
+    return tuple(value)
+
+
+def _strings(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
+    if not isinstance(value, tuple) or not all(isinstance(v, str) for v in value):
+        raise TrainingError(f"{_name(attribute)} must be a list of 'key=value' strings, got "
+                            f"{value!r}; e.g. ['memory.depth=3']")
+
+
+def as_dict(value: Any) -> Any:
+    """attrs converter: a mapping as a dict; anything else unchanged, for :func:`validate_mapping`."""
+    return dict(value) if isinstance(value, Mapping) else value
+
+
+def validate_mapping(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
+    """attrs validator: ``value`` is a dict (of task options)."""
+    if not isinstance(value, dict):
+        raise TrainingError(f"{_name(attribute)} must be a mapping of option names to values, got "
+                            f"{type(value).__name__}; e.g. {{'num_pairs': 8}}")
+
+
+def _string(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
+    if not isinstance(value, str):
+        raise TrainingError(f"{_name(attribute)} must be a name, got {type(value).__name__} {value!r}")
 
 
 def validate_device(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
@@ -126,29 +198,41 @@ class TrainConfig:
     """
 
     model: str | os.PathLike[str] | ModelSpec = attrs.field(default=DEFAULT_PRESET, validator=_model)
-    overrides: tuple[str, ...] = attrs.field(default=(), converter=tuple)
-    task: str = DEFAULT_TASK
-    task_options: Mapping[str, Any] = attrs.field(factory=dict, converter=dict, hash=False)
-    steps: int = attrs.field(default=600, validator=_at_least(1))
-    batch_size: int = attrs.field(default=64, validator=_at_least(1))
-    lr: float = attrs.field(default=3e-3, validator=_positive_float)
-    warmup_steps: int = attrs.field(default=50, validator=_at_least(0))
-    min_lr_ratio: float = attrs.field(default=0.1, validator=_unit_interval)
-    weight_decay: float = attrs.field(default=0.1, validator=_at_least(0.0, float))
-    betas: tuple[float, float] = attrs.field(default=(0.9, 0.95), converter=tuple)
-    grad_clip: float = attrs.field(default=1.0, validator=_positive_float)
-    seed: int = attrs.field(default=0, validator=_at_least(0))
-    eval_every: int = attrs.field(default=100, validator=_at_least(1))
-    eval_batches: int = attrs.field(default=4, validator=_at_least(1))
-    checkpoint_every: int | None = attrs.field(default=None, validator=_optional(_at_least(1)))
-    keep_checkpoints: int = attrs.field(default=2, validator=_at_least(1))
+    overrides: tuple[str, ...] = attrs.field(default=(), converter=_as_tuple, validator=_strings)
+    task: str = attrs.field(default=DEFAULT_TASK, validator=_string)
+    task_options: Mapping[str, Any] = attrs.field(factory=dict, converter=as_dict, validator=validate_mapping,
+                                                  hash=False)
+    steps: int = attrs.field(default=600, validator=_integer(1))
+    batch_size: int = attrs.field(default=64, validator=_integer(1, MAX_BATCH_SIZE))
+    lr: float = attrs.field(default=3e-3, validator=_number(
+        0, MAX_LR, low_open=True, hint="; the usual peaks lie between 1e-4 and 1e-2 (default 3e-3)"))
+    warmup_steps: int = attrs.field(default=50, validator=_integer(0))
+    min_lr_ratio: float = attrs.field(default=0.1, validator=_number(0, 1))
+    weight_decay: float = attrs.field(default=0.1, validator=_number(
+        0, hint="; the usual values lie between 0 and 0.1 (default 0.1)"))
+    betas: tuple[float, float] = attrs.field(default=(0.9, 0.95), converter=_as_tuple,
+                                             validator=_betas)
+    grad_clip: float = attrs.field(default=1.0, validator=_number(0, low_open=True))
+    seed: int = attrs.field(default=0, validator=_integer(0, MAX_SEED))
+    eval_every: int = attrs.field(default=100, validator=_integer(1))
+    eval_batches: int = attrs.field(default=4, validator=_integer(1))
+    checkpoint_every: int | None = attrs.field(default=None, validator=_optional(_integer(1)))
+    keep_checkpoints: int = attrs.field(default=2, validator=_integer(1))
     device: str = attrs.field(default="auto", validator=validate_device)
     compile: bool = False
     out: str | os.PathLike[str] | None = None
     resume: bool = False
     resume_from: str | int | os.PathLike[str] | None = attrs.field(default=None, validator=_resume_from)
-    stop_after: int | None = attrs.field(default=None, validator=_optional(_at_least(1)))
+    stop_after: int | None = attrs.field(default=None, validator=_optional(_integer(1)))
     progress: bool = False
+
+    def __attrs_post_init__(self) -> None:
+        # Decoupled weight decay multiplies every matrix by (1 - lr * weight_decay) each step: at 1
+        # or more the weights are zeroed or flip sign at every step.
+        if self.lr * self.weight_decay >= 1:
+            raise TrainingError(f"weight_decay (--weight-decay) {self.weight_decay:g} times lr (--lr) "
+                                f"{self.lr:g} must be < 1 (AdamW scales every matrix by "
+                                f"1 - lr * weight_decay per step); lower one of them")
 
     @property
     def checkpoint_interval(self) -> int:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import os
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +23,7 @@ from memforge.errors import NonFiniteError
 from memforge.io import load_spec
 from memforge.spec import ModelSpec
 from memforge.training import rundir
+from memforge.training.budget import check_batch_memory, check_costs, estimate_costs
 from memforge.training.checkpoint import (
     SPEC,
     find_checkpoint,
@@ -30,7 +31,14 @@ from memforge.training.checkpoint import (
     load_weights,
     run_dir_of,
 )
-from memforge.training.config import TrainingError, resolve_device, resolve_task, validate_device
+from memforge.training.config import (
+    TrainingError,
+    as_dict,
+    resolve_device,
+    resolve_task,
+    validate_device,
+    validate_mapping,
+)
 from memforge.training.metrics import DEFAULT_PIECE_SIZE, score_batches, task_batches
 from memforge.training.plots import plot_heatmap
 
@@ -40,24 +48,36 @@ DEFAULT_DEPTHS = (0.0, 0.25, 0.5, 0.75, 1.0)
 
 def _positive(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise TrainingError(f"{attribute.name} must be an integer >= 1, got {value!r}")
+        flag = "--" + attribute.name.replace("_", "-")
+        raise TrainingError(f"{attribute.name} ({flag}) must be an integer >= 1, got {value!r}")
 
 
 def _lengths(instance: Any, attribute: attrs.Attribute, value: tuple[int, ...]) -> None:
+    if not isinstance(value, tuple):
+        raise TrainingError(f"lengths (--lengths) must be a list of token counts, got {value!r}")
     bad = [v for v in value if isinstance(v, bool) or not isinstance(v, int) or v < 1]
     if bad:
-        raise TrainingError(f"lengths must be positive integers, got {bad}")
+        raise TrainingError(f"lengths (--lengths) must be positive integers, got {bad}; e.g. 1k,4k")
+
+
+def _is_number(value: Any) -> bool:
+    return not isinstance(value, bool) and isinstance(value, (int, float))
 
 
 def _depths(instance: Any, attribute: attrs.Attribute, value: tuple[float, ...] | None) -> None:
-    bad = [v for v in value or () if not 0 <= v <= 1]
+    if value is not None and not isinstance(value, tuple):
+        raise TrainingError(f"depths (--depths) must be a list of numbers in [0, 1], got {value!r}")
+    bad = [v for v in value or () if not _is_number(v) or not 0 <= v <= 1]
     if bad:
         raise TrainingError(f"depths must lie in [0, 1] (0: first, 1: right before the question), "
                             f"got {bad}")
 
 
 def _optional_tuple(value: Sequence[Any] | None) -> tuple[Any, ...] | None:
-    return None if value is None else tuple(value)
+    if value is None or isinstance(value, (str, bytes)) or not isinstance(value, Iterable):
+        return value  # refused by the validator, with its message
+    return tuple(value)
+
 
 
 @attrs.frozen(kw_only=True)
@@ -80,8 +100,10 @@ class EvalConfig:
 
     source: str | os.PathLike[str]
     task: str | None = None
-    task_options: Mapping[str, Any] = attrs.field(factory=dict, converter=dict, hash=False)
-    lengths: tuple[int, ...] = attrs.field(default=(), converter=tuple, validator=_lengths)
+    task_options: Mapping[str, Any] = attrs.field(factory=dict, converter=as_dict,
+                                                  validator=validate_mapping, hash=False)
+    lengths: tuple[int, ...] = attrs.field(default=(), converter=_optional_tuple,
+                                          validator=_lengths)
     depths: tuple[float, ...] | None = attrs.field(default=None, converter=_optional_tuple,
                                                    validator=_depths)
     batches: int = attrs.field(default=4, validator=_positive)
@@ -205,10 +227,15 @@ def evaluate(config: EvalConfig) -> EvalReport:
             except TrainingError as exc:
                 raise TrainingError(f"length {length}: {exc}") from None
 
+    check_batch_memory(lengths, config.batch_size, config.batches)
     device = resolve_device(config.device)
     checkpoint = load_checkpoint(checkpoint_dir)
     model = build_model(spec, device)
     load_weights(model, checkpoint)
+    check_costs(estimate_costs(
+        model, vocab_size=spec.vocab_size, lengths=lengths, cells_per_length=len(depths or (None,)),
+        batch_size=config.batch_size, batches=config.batches, piece_size=config.piece_size,
+        device=device), device)
     byte_level = name == "text"
     cells = []
     for length, depth, task in grid:
