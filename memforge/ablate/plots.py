@@ -38,7 +38,9 @@ def variant_plot(
     seeds' values as small dots beside it, so a reader sees how few values the interval rests on."""
     if not (len(labels) == len(intervals) == len(seed_values)):
         raise ValueError("variant_plot needs one label, interval and list of seed values per row")
-    fig = Figure(figsize=(max(4.0, 0.9 * len(labels) + 1.5), 3.6))
+    longest = max((len(label) for label in labels), default=0)
+    crowded = len(labels) > 4 or longest > 10
+    fig = Figure(figsize=(max(4.0, 0.9 * len(labels) + 1.5), 3.6 + (0.06 * longest if crowded else 0)))
     ax = fig.add_subplot()
     for i, (iv, seeds) in enumerate(zip(intervals, seed_values, strict=True)):
         ax.scatter([i + 0.18] * len(seeds), seeds, s=10, color="0.55", zorder=2)
@@ -49,7 +51,6 @@ def variant_plot(
             ax.errorbar([i], [iv.mean], yerr=err, fmt="o", color="C0", capsize=4, zorder=3)
         else:
             ax.plot([i], [iv.mean], "o", color="C0", zorder=3)
-    crowded = len(labels) > 4
     ax.set_xticks(range(len(labels)), labels, rotation=30 if crowded else 0,
                   ha="right" if crowded else "center")
     ax.set_xlim(-0.6, len(labels) - 0.4)
@@ -84,6 +85,10 @@ def curve_plot(
                     markersize=4)
         band = [(x, iv) for x, iv in valued if iv.has_interval]
         if band:
+            # Bars show a lone point's interval; the band joins neighbouring ones.
+            ax.errorbar([x for x, _ in band], [iv.mean for _, iv in band],
+                        yerr=[[iv.mean - iv.low for _, iv in band], [iv.high - iv.mean for _, iv in band]],
+                        fmt="none", ecolor=color, elinewidth=0.8, capsize=2)
             ax.fill_between([x for x, _ in band], [iv.low for _, iv in band], [iv.high for _, iv in band],
                             color=color, alpha=0.18, linewidth=0)
         for x, iv, diverged in points:
