@@ -111,6 +111,18 @@ def check_batch_memory(lengths: Sequence[int], batch_size: int, batches: int) ->
             raise TrainingError(_refusal(length, needed, available, "its test batches alone"))
 
 
+def check_batches_fit(count: int, batch_size: int, seq_len: int) -> None:
+    """Refuse generating ``count`` batches of ``batch_size`` sequences of ``seq_len`` tokens when
+    their tokens alone outgrow the memory (the validation set of a training run, say)."""
+    available = available_memory("cpu")
+    needed = count * batch_size * seq_len * BATCH_BYTES_PER_TOKEN
+    if available is not None and needed > available:
+        raise TrainingError(f"{count} batches of {batch_size} sequences of {seq_len} tokens need "
+                            f"{format_bytes(needed)} of memory, more than the "
+                            f"{format_bytes(available)} available; use a smaller batch size, "
+                            f"fewer batches or a shorter seq_len")
+
+
 def estimate_costs(
     model: nn.Module,
     *,

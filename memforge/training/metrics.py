@@ -20,6 +20,7 @@ from torchmetrics.text import Perplexity
 
 from memforge.errors import NonFiniteError
 from memforge.tasks import IGNORE_INDEX, TaskBatch
+from memforge.training.budget import check_batches_fit
 from memforge.training.config import task_error
 
 #: Default tokens per model call when evaluating long sequences.
@@ -126,6 +127,7 @@ def task_batches(task: Any, batch_size: int, count: int, *, split: str) -> list[
     A text corpus gives consecutive windows of its validation files instead (it has no test
     split, and sequential windows score every byte once).
     """
+    check_batches_fit(count, batch_size, task.seq_len)
     try:
         if hasattr(task, "iter_eval_batches"):
             return list(task.iter_eval_batches(batch_size, count, split="validation"))
