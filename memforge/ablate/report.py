@@ -446,12 +446,13 @@ def _num_plain(x: float) -> str:
 
 
 def _num(x: float | None, signed: bool = False) -> str:
-    """A number for a table cell: thousands grouped from 1,000, else four significant digits."""
+    """A number for a table cell: thousands grouped from 1,000, else three significant digits (a
+    few seeds' interval is not worth more; the CSVs keep full precision)."""
     if x is None or (isinstance(x, float) and math.isnan(x)):
         return "–"
     if abs(x) >= 1000:
         return f"{x:+,.0f}" if signed else f"{x:,.0f}"
-    return f"{x:+.4g}" if signed else f"{x:.4g}"
+    return f"{x:+.3g}" if signed else f"{x:.3g}"
 
 
 def _cell(iv: Interval, n_expected: int, diverged: int = 0, signed: bool = False) -> str:
@@ -771,17 +772,23 @@ def write_report(study_dir: str | Path, *, console: Any = None) -> list[Path]:
 
 
 def _print(console: Any, plan: Plan, results_md: pd.DataFrame, diff_md: pd.DataFrame, out: Path) -> None:
+    """The results and differences tables on the console, cut to the primary (and selection) metric
+    so they fit a terminal; the files hold every metric."""
     from rich.table import Table
 
-    def table(title: str, frame: pd.DataFrame) -> Table:
+    shown = [m for m in (plan.primary_metric, plan.selection and plan.selection.metric) if m]
+
+    def table(title: str, frame: pd.DataFrame, metrics_from: int) -> Table:
+        columns = [c for i, c in enumerate(frame.columns) if i < metrics_from or c in shown]
         t = Table(title=title, title_justify="left")
-        for c in frame.columns:
+        for c in columns:
             t.add_column(str(c), justify="left" if c in ("variant", *plan.axes) else "right")
-        for values in frame.itertuples(index=False):
+        for values in frame[columns].itertuples(index=False):
             t.add_row(*map(str, values))
         return t
 
-    console.print(table(f"{plan.name}: mean [95% CI] over seeds", results_md))
+    labels = 2 + len(plan.axes)  # variant, axes, lr
+    console.print(table(f"{plan.name}: mean [95% CI] over seeds", results_md, labels + 3))
     if len(diff_md):
-        console.print(table(f"minus {plan.baseline}, paired by seed", diff_md))
-    console.print(f"report: {out}")
+        console.print(table(f"minus {plan.baseline}, paired by seed", diff_md, labels + 2))
+    console.print(f"report (every metric, by length, plots): {out}")
