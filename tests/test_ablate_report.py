@@ -204,7 +204,9 @@ def test_diverged_evaluations_are_counted_not_averaged_away(tmp_path: Path):
     runs = []
     for variant, offset in (("lmm", 0.0), ("mac", 0.1)):
         for seed in (0, 1):
-            metrics = [{"name": "test/accuracy", "value": 0.5 + offset + 0.01 * seed}]
+            metrics = [{"name": "validation/loss", "value": 2.0},
+                       {"name": "test/accuracy", "value": 0.5 + offset + 0.01 * seed},
+                       {"name": "test/loss", "value": 2.1}]
             for length in (256, 512):
                 cells = {}
                 for depth in (0.0, 0.5):
@@ -220,6 +222,11 @@ def test_diverged_evaluations_are_counted_not_averaged_away(tmp_path: Path):
     study = write_study(tmp_path / "div", runs)
     written = write_report(study)
     table = pd.read_csv(study / "report" / "results.csv").set_index("variant")
+    means = [c[: -len(" mean")] for c in table.columns if c.endswith(" mean")]
+    # The primary metric, the rest of its evaluation, other evaluations; then by length and depth.
+    assert means[:6] == ["test/accuracy", "test/loss", "validation/loss",
+                         "s-niah/accuracy[length=256,depth=0]",
+                         "s-niah/accuracy[length=256,depth=0.5]", "s-niah/accuracy[length=256]"]
     broken, mean = "s-niah/accuracy[length=512,depth=0.5] ", "s-niah/accuracy[length=512] "
     assert table.loc["mac", broken + "n"] == 1 and table.loc["mac", broken + "diverged"] == 1
     assert table.loc["mac", mean + "n"] == 1 and table.loc["mac", mean + "diverged"] == 1

@@ -141,3 +141,36 @@ def test_results_files_are_json(tmp_path):
     stored = json.loads(Path(plan.jobs["linear__seed=1"]["result_path"]).read_text())
     assert stored == json.loads(json.dumps(outcome))
     assert stored["fingerprint"] == plan.jobs["linear__seed=1"]["fingerprint"]
+
+
+def test_a_worker_stopped_by_sigterm_checkpoints_and_records_no_outcome(tmp_path):
+    import multiprocessing
+    import signal
+    import time
+
+    from memforge.ablate.executors import _read_outcome
+    from memforge.ablate.job import checkpoint_step, worker_main
+
+    path = _tiny(tmp_path, ("steps = 6", "steps = 2000"), ("eval_every = 3", "eval_every = 5"))
+    job = plan_study(path, tmp_path / "study").jobs["lmm__seed=0"]
+    run_dir = Path(job["run_dir"])
+    worker = multiprocessing.get_context("spawn").Process(target=worker_main, args=(job, 1))
+    worker.start()
+    try:
+        deadline = time.monotonic() + 120
+        while not checkpoint_step(run_dir):
+            assert worker.is_alive() and time.monotonic() < deadline
+            time.sleep(0.1)
+        worker.terminate()  # SIGTERM: the run finishes its step, checkpoints and exits
+        worker.join(60)
+    finally:
+        if worker.exitcode is None:
+            worker.kill()
+            worker.join()
+    assert worker.exitcode == 128 + signal.SIGTERM
+    assert not Path(job["result_path"]).exists()
+    assert _read_outcome(job, worker.exitcode) is None  # not failed: the run resumes next time
+    stopped_at = checkpoint_step(run_dir)
+    sessions = read_json(run_dir / SESSIONS_FILE)
+    assert stopped_at > 0 and sessions[-1]["steps"] == stopped_at
+    assert plan_study(path, tmp_path / "study").done_steps == {"lmm__seed=0": stopped_at}

@@ -5,7 +5,10 @@ report to a :class:`Monitor` as runs start and end.
 
 * ``local``: at most ``workers`` spawned processes at a time, one per run, each with its share of
   the CPU threads (``workers x threads <= cores``) or, where GPUs exist, its own GPU
-  (``CUDA_VISIBLE_DEVICES``). A process per run isolates crashes and resets thread settings.
+  (``CUDA_VISIBLE_DEVICES``). A process per run isolates crashes, resets thread settings and
+  hands its memory back. Workers have their own process group, so a terminal's Ctrl-C reaches
+  only the study, which then stops them with one SIGTERM each (they checkpoint and exit); a
+  study killed outright takes its workers along (they get SIGTERM when it dies).
 * ``ray``: Ray tasks with ``num_cpus`` (and ``num_gpus``) per run, on an existing cluster
   (``address``) or on a local one started for the study and shut down after it.
 """
@@ -15,6 +18,8 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import os
+import signal
+import time
 from collections import deque
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -27,6 +32,11 @@ from memforge.training.rundir import read_json
 
 #: Seconds between progress polls while runs are going.
 POLL_S = 0.5
+#: Seconds stopped workers get to checkpoint and exit before they are killed.
+GRACE_S = 30.0
+#: Exit codes of a worker whose run a signal stopped with a checkpoint (worker_main's 128 +
+#: signal), or that a SIGINT/SIGTERM ended outright.
+_STOPPED = {128 + signal.SIGINT, 128 + signal.SIGTERM, -signal.SIGINT, -signal.SIGTERM}
 EXECUTORS = ("local", "ray")
 
 
@@ -38,6 +48,9 @@ class Monitor(Protocol):
 
     def finished(self, outcome: Mapping[str, Any]) -> None:
         """A run has ended (its results file is written)."""
+
+    def stopped(self, job: Mapping[str, Any]) -> None:
+        """A run was stopped by a signal, with no outcome (it resumes next time)."""
 
     def poll(self) -> None:
         """Refresh the display (called every :data:`POLL_S` while runs are going)."""
@@ -66,12 +79,15 @@ def _environment(values: Mapping[str, str]) -> Iterator[None]:
                 os.environ[key] = value
 
 
-def _read_outcome(job: Mapping[str, Any], exitcode: int | None) -> dict[str, Any]:
+def _read_outcome(job: Mapping[str, Any], exitcode: int | None) -> dict[str, Any] | None:
+    """The run's recorded outcome; ``None`` if it was stopped by a signal (it resumes next time)."""
     path = Path(job["result_path"])
     if path.exists():
         outcome = read_json(path)
         if outcome.get("fingerprint") == job["fingerprint"]:
             return outcome
+    if exitcode in _STOPPED:
+        return None
     outcome = failed_outcome(job, f"the worker process exited with code {exitcode} before "
                                   f"recording an outcome (killed, or out of memory?)")
     write_result(path, outcome)
@@ -83,8 +99,8 @@ def run_local(jobs: Sequence[Mapping[str, Any]], *, workers: int, threads: int,
     """Run ``jobs`` in at most ``workers`` spawned processes at a time; returns their outcomes.
 
     Each process gets ``threads`` torch threads and, when ``gpus`` are given (one per worker
-    slot), its own GPU. Interrupting (Ctrl-C) terminates the running workers; their runs resume
-    from their last checkpoints next time.
+    slot), its own GPU. Interrupting (Ctrl-C) stops the running workers after a checkpoint;
+    their runs resume from it next time.
     """
     context = multiprocessing.get_context("spawn")
     pending = deque(jobs)
@@ -109,17 +125,32 @@ def run_local(jobs: Sequence[Mapping[str, Any]], *, workers: int, threads: int,
                 if process.exitcode is None:
                     continue
                 process.join()
-                outcomes.append(_read_outcome(job, process.exitcode))
-                monitor.finished(outcomes[-1])
+                outcome = _read_outcome(job, process.exitcode)
+                if outcome is None:
+                    monitor.stopped(job)
+                else:
+                    outcomes.append(outcome)
+                    monitor.finished(outcome)
                 del running[slot]
                 free.append(slot)
             monitor.poll()
     finally:
-        for process, _ in running.values():
-            process.terminate()
-        for process, _ in running.values():
-            process.join()
+        _stop_workers([process for process, _ in running.values()])
     return outcomes
+
+
+def _stop_workers(processes: Sequence[Any]) -> None:
+    """Stop running workers: SIGTERM makes each checkpoint after its step and exit; a worker
+    still running :data:`GRACE_S` later is killed (it resumes from its last checkpoint)."""
+    for process in processes:
+        process.terminate()
+    deadline = time.monotonic() + GRACE_S
+    for process in processes:
+        process.join(max(0.0, deadline - time.monotonic()))
+    for process in processes:
+        if process.exitcode is None:
+            process.kill()
+            process.join()
 
 
 def run_ray(jobs: Sequence[Mapping[str, Any]], *, address: str | None, workers: int,

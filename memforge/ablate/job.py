@@ -10,7 +10,10 @@ diverging model, any error), so one bad run never stops a study.
 
 from __future__ import annotations
 
+import os
 import re
+import signal
+import sys
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -21,6 +24,8 @@ METRICS = ("accuracy", "exact_match", "loss", "bits_per_byte")
 #: Per-session training record kept in the run directory, so tokens/s survives resumption.
 SESSIONS_FILE = "ablate-sessions.json"
 _STEP_DIR = re.compile(r"step-(\d+)$")
+#: prctl option: the signal the kernel sends this process when its parent dies (linux/prctl.h).
+_PR_SET_PDEATHSIG = 1
 
 
 def one_line(exc: BaseException) -> str:
@@ -46,12 +51,25 @@ def checkpoint_step(run_dir: Path) -> int | None:
     return int(match[1]) if match else None
 
 
+def _record_session(run_dir: Path, result: Any, start: int, batch_size: int) -> list[dict]:
+    """Add this training session (steps, tokens, times) to the run's sessions file."""
+    from memforge.training.rundir import read_json, write_json
+
+    tokens = (result.step - start) * batch_size * read_json(run_dir / "task.json").get("seq_len", 0)
+    session = {"steps": result.step - start, "tokens": tokens, "elapsed_s": result.elapsed_s,
+               "train_s": tokens / result.tokens_per_s if result.tokens_per_s else 0.0}
+    path = run_dir / SESSIONS_FILE
+    sessions = (read_json(path) if path.exists() else []) + [session]
+    write_json(path, sessions)
+    return sessions
+
+
 def _train(job: Mapping[str, Any], run_dir: Path) -> tuple[Any, dict[str, float]]:
     """Train (or resume) the run; returns the result, the throughput over all its sessions and the
     wall time of the earlier sessions."""
     from memforge.spec import from_dict
     from memforge.training import TrainConfig, train
-    from memforge.training.rundir import read_json, write_json
+    from memforge.training.stopping import TrainingInterrupted
 
     # A run directory with files resumes from its checkpoint; one stopped before its first
     # checkpoint starts again (memforge.training does both under resume=True).
@@ -60,16 +78,15 @@ def _train(job: Mapping[str, Any], run_dir: Path) -> tuple[Any, dict[str, float]
     config = TrainConfig(model=from_dict(job["spec"]), task=job["task"],
                          task_options=job["task_options"], lr=job["lr"], seed=job["seed"],
                          out=run_dir, resume=started, progress=False, **job["train"])
-    result = train(config)
-    seq_len = read_json(run_dir / "task.json").get("seq_len", 0)
-    trained = result.step - start
-    session = {"steps": trained, "elapsed_s": result.elapsed_s,
-               "train_s": trained * config.batch_size * seq_len / result.tokens_per_s
-               if result.tokens_per_s else 0.0,
-               "tokens": trained * config.batch_size * seq_len}
-    path = run_dir / SESSIONS_FILE
-    sessions = (read_json(path) if path.exists() else []) + [session]
-    write_json(path, sessions)
+    try:
+        result = train(config)
+    except TrainingInterrupted as stopped:
+        # Only beside a checkpoint: a run directory without one must hold nothing but run files
+        # to start again.
+        if stopped.checkpoint is not None and stopped.result.step > start:
+            _record_session(run_dir, stopped.result, start, config.batch_size)
+        raise
+    sessions = _record_session(run_dir, result, start, config.batch_size)
     train_s = sum(s["train_s"] for s in sessions)
     return result, {"tokens_per_s": sum(s["tokens"] for s in sessions) / train_s if train_s else 0.0,
                     "earlier_s": sum(s["elapsed_s"] for s in sessions[:-1])}
@@ -121,7 +138,9 @@ def run_job(job: Mapping[str, Any], threads: int | None = None) -> dict[str, Any
     """Train and evaluate one planned run and write its results file; returns the outcome.
 
     ``threads`` caps this process's torch threads (its share of the CPU). Never raises for a
-    failing run: the outcome then has ``status = "failed"`` and the one-line ``error``.
+    failing run: the outcome then has ``status = "failed"`` and the one-line ``error``. A run
+    stopped by a signal raises :class:`~memforge.training.stopping.TrainingInterrupted` (a
+    ``KeyboardInterrupt``) and records no outcome: it is not done, and resumes next time.
     """
     started = time.perf_counter()
     outcome: dict[str, Any] = {
@@ -162,6 +181,35 @@ def write_result(path: Path, outcome: Mapping[str, Any]) -> None:
     write_json(path, dict(outcome))
 
 
+def _stop_with_parent() -> None:
+    """Ask Linux to send this process SIGTERM when its parent dies (a killed study's workers then
+    checkpoint and exit instead of running on unwatched)."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+    except OSError:
+        return
+    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    if os.getppid() == 1:  # the parent died before the request took effect
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
 def worker_main(job: Mapping[str, Any], threads: int) -> None:
-    """Entry point of a local worker process: one run, its outcome in its results file."""
-    run_job(job, threads)
+    """Entry point of a local worker process: one run, its outcome in its results file.
+
+    A run stopped by SIGINT or SIGTERM checkpoints (see :mod:`memforge.training.stopping`) and
+    the process exits with ``128 + signal`` and no outcome, so the run resumes next time.
+    """
+    from memforge.training.stopping import TrainingInterrupted
+
+    # Its own process group: a terminal's Ctrl-C reaches the study, which stops its workers
+    # with one SIGTERM each (a second signal would cut a worker's checkpoint short).
+    os.setpgrp()
+    _stop_with_parent()
+    try:
+        run_job(job, threads)
+    except TrainingInterrupted as stopped:
+        sys.exit(stopped.exit_status)

@@ -93,6 +93,7 @@ class StudyProgress:
 
     def _print(self, text: str) -> None:
         self.console.print(text, markup=False, highlight=False)
+        self.console.file.flush()  # a log file shows each line as it happens
 
     def started(self, job: Mapping[str, Any]) -> None:
         """Note that ``job`` started."""
@@ -115,6 +116,12 @@ class StudyProgress:
             text = f"FAILED {run}: {outcome['error']}"
         self._print(f"[{self.ended}/{self.total_runs}] {text}")
         self.poll()
+
+    def stopped(self, job: Mapping[str, Any]) -> None:
+        """Print that a run was stopped by a signal (it resumes next time)."""
+        self.running.pop(job["id"], None)
+        self._print(f"[{self.ended}/{self.total_runs}] stopped {job['id']} (resumes from its "
+                    f"checkpoint next time)")
 
     def poll(self) -> None:
         """Refresh step counts from the running runs' metrics logs."""

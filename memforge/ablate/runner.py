@@ -32,6 +32,7 @@ from memforge.ablate.job import checkpoint_step
 from memforge.ablate.study import PlannedRun, Study, StudyError, expand, load_study
 from memforge.training.config import TrainConfig
 from memforge.training.rundir import read_json, write_json
+from memforge.training.runlock import RunLock
 
 PLAN_FILE = "plan.json"
 STUDY_FILE = "study.toml"
@@ -254,8 +255,18 @@ def run_study(plan: StudyPlan, *, console: Console, executor: str = "local",
     """Write the plan, then run every run still to do; returns all outcomes.
 
     ``resources`` come from :func:`local_resources` for ``local``; for ``ray`` its ``workers``
-    caps the tasks in flight and its ``threads`` is each task's ``num_cpus``.
+    caps the tasks in flight and its ``threads`` is each task's ``num_cpus``. Refused while
+    another process runs a study in the same directory.
     """
+
+    # One study process per directory: a second one would run the same runs twice.
+    with RunLock(plan.directory):
+        return _run_study(plan, console=console, executor=executor, resources=resources,
+                          ray_address=ray_address)
+
+
+def _run_study(plan: StudyPlan, *, console: Console, executor: str, resources: Resources,
+               ray_address: str | None) -> StudySummary:
     from memforge.ablate.executors import run_local, run_ray
     from memforge.ablate.progress import StudyProgress
 
