@@ -59,14 +59,22 @@ import numpy as np
 import pandas as pd
 
 from memforge.ablate import plots
-from memforge.ablate.stats import CONFIDENCE, RESAMPLES, SEED, Interval, best_index, bootstrap_mean
+from memforge.ablate.stats import (
+    CONFIDENCE,
+    RESAMPLES,
+    SEED,
+    Interval,
+    best_index,
+    bootstrap_mean,
+    paired_difference,
+)
 from memforge.errors import MemforgeError
 
 REPORT_DIR = "report"
 STATUSES = ("finished", "failed", "missing")
 # Columns of tidy.csv besides the axes; an axis may not take one of these names.
 RESERVED = ("run", "variant", "seed", "lr", "params", "status", "selected", "metric", "length", "depth",
-            "value")
+            "value", "diverged")
 
 
 class ReportError(MemforgeError, ValueError):
@@ -426,11 +434,8 @@ def build_differences(rows: Sequence[Row], baseline: str | None) -> list[Differe
         base = None if row.variant == baseline else _baseline_row(rows, row, baseline)
         if base is None:
             continue
-        stats = {}
-        for key, mine in row.seed_values.items():
-            theirs = base.seed_values.get(key, {})
-            shared = sorted(set(mine) & set(theirs))
-            stats[key] = bootstrap_mean([mine[s] - theirs[s] for s in shared])
+        stats = {key: paired_difference(mine, base.seed_values.get(key, {}))
+                 for key, mine in row.seed_values.items()}
         out.append(Difference(row, base, stats, len(set(row.seeds) & set(base.seeds))))
     return out
 
