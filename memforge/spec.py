@@ -361,7 +361,7 @@ def apply_overrides(
         if len(parts) == 1 and parts[0] in KINDS or len(parts) == 2 and parts[1] == "impl":
             if value is None or value == NONE:
                 if parts[0] not in MEMORY_KINDS:
-                    raise SpecError(f"override {'.'.join(parts)}={NONE}: every model needs a "
+                    raise SpecError(f"override {'.'.join(parts)}={NONE}: every model needs its "
                                     f"{parts[0]} component; name one instead: "
                                     f"{', '.join(registry.names(parts[0]))}")
                 data[parts[0]] = None

@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -10,7 +11,7 @@ import memforge
 from memforge.errors import SpecError
 from memforge.io import dumps_spec, read_spec_dict
 from memforge.plugins import load_plugins
-from memforge.spec import from_dict, spec_id, to_dict
+from memforge.spec import check_spec, from_dict, spec_id, to_dict
 from memforge.testing.strategies import model_specs
 
 REGISTRY = load_plugins(autoload=False)
@@ -19,6 +20,15 @@ REGISTRY = load_plugins(autoload=False)
 @given(model_specs(REGISTRY))
 def test_dict_round_trip(spec):
     assert from_dict(to_dict(spec), REGISTRY) == spec
+
+
+@given(model_specs(REGISTRY))
+def test_drawn_specs_pass_every_check_and_build(spec):
+    """The strategy draws only specs that every plugin accepts, and every one of them builds."""
+    check_spec(spec, REGISTRY)
+    model = memforge.build_model(spec, registry=REGISTRY)
+    tokens = torch.arange(3).remainder(spec.vocab_size)[None]
+    assert torch.isfinite(model(tokens).logits).all()
 
 
 @given(model_specs(REGISTRY), st.sampled_from(["toml", "json"]))

@@ -117,7 +117,8 @@ def check_batches_fit(count: int, batch_size: int, seq_len: int) -> None:
     available = available_memory("cpu")
     needed = count * batch_size * seq_len * BATCH_BYTES_PER_TOKEN
     if available is not None and needed > available:
-        raise TrainingError(f"{count} batches of {batch_size} sequences of {seq_len} tokens need "
+        raise TrainingError(f"{count} batch{'es' if count != 1 else ''} of {batch_size} "
+                            f"sequences of {seq_len} tokens need "
                             f"{format_bytes(needed)} of memory, more than the "
                             f"{format_bytes(available)} available; use a smaller batch size, "
                             f"fewer batches or a shorter seq_len")

@@ -191,6 +191,9 @@ def memforge_validate_spec(spec: ModelSpec) -> list[str]:
             problems.append(f"memory.expansion={config.expansion:g} gives titans.mlp a hidden width "
                             f"of 0 at head width {head_dim} (dim / heads); use memory.expansion "
                             f">= {1 / head_dim:.4g}")
+    if spec.integration.impl == "titans.mac" and spec.attention.impl == "baseline.sliding_window":
+        problems.append("titans.mac attends inside each segment (integration.segment_len bounds the "
+                        "span), so it takes full attention: set attention=baseline.causal")
     return problems
 
 
