@@ -172,3 +172,26 @@ def test_run_ids_are_distinct_safe_directory_names(points):
         ids.setdefault(identifier, set()).add(_key(point))
     # One id per distinct run: the same run always gets the same id, different runs different ones.
     assert all(len(keys) == 1 for keys in ids.values())
+
+
+_SWAPS = {"linear": 'memory = "titans.linear"', "no_momentum": 'surprise = "titans.gradient"',
+          "no_conv": 'projection = "titans.plain_qkv"', "shallow": '"memory.depth" = 1'}
+
+
+@settings(deadline=None, max_examples=12)
+@given(variants=st.lists(st.sampled_from(sorted(_SWAPS)), min_size=1, max_size=3, unique=True),
+       dims=st.lists(st.sampled_from([8, 16, 24]), min_size=1, max_size=2, unique=True),
+       lrs=st.lists(st.sampled_from([1e-3, 3e-3]), min_size=1, max_size=2, unique=True),
+       seeds=st.integers(1, 3))
+def test_expansion_is_the_product_of_variants_grid_lrs_and_seeds(tmp_path_factory, variants, dims,
+                                                                 lrs, seeds):
+    text = (f"seeds = {seeds}\nbaseline = {variants[0]!r}\n[base]\npreset = \"titans.lmm_tiny\"\n"
+            f"[grid]\ndim = {dims}\n[task]\nname = \"mqar\"\nseq_len = 32\n[train]\nlr = {lrs}\n"
+            + "".join(f"[variants.{v}]\n{_SWAPS[v]}\n" for v in variants))
+    path = _write(tmp_path_factory.mktemp("study"), text)
+    runs = expand(load_study(path))
+    assert len(runs) == len(variants) * len(dims) * len(lrs) * seeds
+    assert len({r.id for r in runs}) == len(runs) == len({r.fingerprint for r in runs})
+    assert [r.fingerprint for r in expand(load_study(path))] == [r.fingerprint for r in runs]
+    for run in runs:
+        assert run.spec.dim == run.axes["dim"] and run.lr in lrs and run.seed < seeds

@@ -32,8 +32,11 @@ _USAGE = "STUDY.toml | report DIR"
 
 
 def _configure(p: argparse.ArgumentParser) -> None:
-    p.add_argument("target", nargs="+", metavar=_USAGE,
-                   help="a study file to run, or 'report' and a study directory to report")
+    p.usage = ("memforge ablate STUDY.toml [--out DIR] [--workers N] [--executor local|ray] "
+               "[--ray-address ADDR] [--cpus-per-run N] [--dry-run] [--retry-failed] [--no-report]"
+               "\n       memforge ablate report DIR")
+    p.add_argument("target", nargs="+", metavar="STUDY.toml",
+                   help="a study file to run (or: report DIR, to write a study directory's report)")
     p.add_argument("--out", metavar="DIR",
                    help="study directory (default: runs/studies/<study name>)")
     p.add_argument("--workers", type=int, metavar="N",
