@@ -215,3 +215,18 @@ def check_component(kind: str, impl: str, module: Any, ctx: BuildContext) -> Non
     finally:
         for sub, training in modes.items():
             sub.training = training
+
+
+def check_module(kind: str, module: Any, *, dim: int, heads: int, name: str = "module") -> None:
+    """:func:`check_component` for a module built by hand (in a plugin's tests, say).
+
+    ``dim`` and ``heads`` are the model width and head count it was built for; ``name`` appears
+    in the message.
+    """
+    ctx = BuildContext(dim=dim, heads=heads, head_dim=dim // heads, layer_index=0, num_layers=1,
+                       vocab_size=2, build=_no_build)
+    check_component(kind, name, module, ctx)
+
+
+def _no_build(kind: str) -> nn.Module:
+    raise SpecError(f"check_module cannot build a {kind} component; build the module whole first")

@@ -20,7 +20,8 @@ from memforge_titans.fast_weights import ACTIVATIONS, MLPMemory
 from memforge_titans.reference import ReferenceResult, chunk_start_reference, token_recurrence
 from torch import Tensor
 
-from memforge.interfaces import ChunkReader, MemoryNetwork
+from memforge.conformance import check_module
+from memforge.interfaces import ChunkReader
 
 #: Reference read name -> ChunkReader method.
 READS = {"chunk_start": "at_chunk_start", "before_write": "before_write", "after_write": "after_write"}
@@ -426,7 +427,7 @@ def test_mlp_backward_is_the_per_sample_autograd_gradient(case: Case) -> None:
 
 def test_components_meet_the_protocols() -> None:
     net = MLPMemory(HEADS, 4, 2)
-    assert isinstance(net, MemoryNetwork)
+    check_module("memory", net, dim=HEADS * 4, heads=HEADS)
     seen = []
 
     def spy(reader: ChunkReader, queries: Tensor) -> Tensor:
