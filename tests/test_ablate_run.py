@@ -174,3 +174,23 @@ def test_a_worker_stopped_by_sigterm_checkpoints_and_records_no_outcome(tmp_path
     sessions = read_json(run_dir / SESSIONS_FILE)
     assert stopped_at > 0 and sessions[-1]["steps"] == stopped_at
     assert plan_study(path, tmp_path / "study").done_steps == {"lmm__seed=0": stopped_at}
+
+
+def test_the_same_study_run_twice_gives_the_same_tables(tmp_path):
+    import pandas as pd
+
+    from memforge.ablate.report import write_report
+
+    torch.set_num_threads(1)
+    for name in ("first", "second"):
+        plan = plan_study(TINY, tmp_path / name)
+        write_plan(plan)
+        for job in plan.jobs.values():
+            assert run_job(job, threads=1)["status"] == "finished"
+        write_report(tmp_path / name, console=Console(file=open(os.devnull, "w")))
+    first, second = tmp_path / "first" / "report", tmp_path / "second" / "report"
+    for table in ("differences.csv", "tidy.csv"):
+        assert (first / table).read_bytes() == (second / table).read_bytes()
+    # Throughput is the one column that is measured, not computed from the seeds.
+    a, b = (pd.read_csv(d / "results.csv").drop(columns="tokens_per_s") for d in (first, second))
+    pd.testing.assert_frame_equal(a, b)
