@@ -114,6 +114,10 @@ def test_results_table_reports_the_selected_lr_over_seeds(study: Path):
     assert "highest mean `validation/accuracy`" in markdown
     assert "loss is NaN at step 40" in markdown and MISSING in markdown and "no results file yet" in markdown
     assert "## By length and depth" in markdown and "## Learning-rate selection" in markdown
+    by_length = markdown.split("### test/accuracy by length\n")[1].split("###")[0]
+    lmm_128 = bootstrap_mean([0.50, 0.51, 0.55])
+    assert f"| lmm       | 0.003 | 0.52 [{lmm_128.low:.3g}, {lmm_128.high:.3g}] |" in by_length
+    assert "### s-niah/accuracy by length (mean over depths)" in markdown
     assert "A toy study.\n" in markdown and "- `lmm`: the full memory\n" in markdown
     assert "`linear`" not in markdown  # no description, no line
     assert "18 runs: 16 finished, 1 failed, 1 missing. **Provisional**" in markdown
@@ -234,8 +238,10 @@ def test_diverged_evaluations_are_counted_not_averaged_away(tmp_path: Path):
     assert table.loc["mac", broken + "mean"] == pytest.approx(0.9 - 0.1 + 0.1 - 0.05)  # seed 0 only
     assert "s-niah/accuracy[length=256] diverged" not in table.columns  # only where something diverged
     md = (study / "report" / "results.md").read_text()
-    assert "| mac       | 0.001 | s-niah/accuracy | 512      | 0.5     | 1       | 0.85 (1 diverged)" in md
-    assert "| lmm       | 0.001 | s-niah/accuracy | 256      | mean    | 2       |" in md
+    assert "### s-niah/accuracy by length (mean over depths)" in md
+    assert "| mac       | 0.001 | 0.93 [0.925, 0.935] | 0.875 (n=1; 1 diverged) |" in md
+    differences = (study / "report" / "differences.md").read_text()
+    assert "| mac       | 0.001 | +0.1 [+0.1, +0.1] | +0.1 (n=1)   |" in differences
     diff = pd.read_csv(study / "report" / "differences.csv").set_index("variant")
     assert diff.loc["mac", broken + "n"] == 1 and diff.loc["mac", broken + "mean"] == pytest.approx(0.1)
     tidy = pd.read_csv(study / "report" / "tidy.csv")

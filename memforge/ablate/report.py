@@ -6,12 +6,13 @@
     One row per variant (per grid cell when the study has axes): for every final metric the mean
     over seeds and its 95% bootstrap confidence interval, the number of seeds that finished (and
     how many failed or have no result yet), the parameter count and the mean tokens/s. Metrics
-    evaluated by length or depth get their own long table in the Markdown ("By length and depth";
-    depth "mean" is the evaluation's mean over depths) and their own columns
-    (``name[length=L,depth=D] mean/low/high/n``) in the CSV. An evaluation whose model diverged
-    has no value: it is left out of the mean and counted (``(1 diverged)``; a ``... diverged``
-    column in the CSV). The Markdown also states the learning-rate selection and lists every
-    failed or missing run with its message.
+    evaluated by length or depth have their own columns in the CSV
+    (``name[length=L,depth=D] mean/low/high/n``; ``name[length=L]`` is the mean over depths); the
+    Markdown shows those of the primary metric's kind (``.../accuracy``) as one table per metric,
+    a column per length (each run's mean over depths) or per depth. An evaluation whose model
+    diverged has no value: it is left out of the mean and counted (``(1 diverged)``; a
+    ``... diverged`` column in the CSV). The Markdown also states the learning-rate selection and
+    lists every failed or missing run with its message.
 ``differences.md``, ``differences.csv``
     Each variant minus the baseline variant in the same grid cell, **paired by seed**: only seeds
     for which both finished count, and the interval is that of the mean paired difference.
@@ -471,16 +472,6 @@ def _cell(iv: Interval, n_expected: int, diverged: int = 0, signed: bool = False
     return text + (f" ({'; '.join(notes)})" if notes else "")
 
 
-def _key_columns(key: MetricKey, depth_names: set[str]) -> dict[str, str]:
-    """The metric, length and depth columns of a long table; "mean" for a mean over depths."""
-    if key.depth is not None:
-        depth = _num_plain(key.depth)
-    else:
-        depth = "mean" if key.name in depth_names else "–"
-    length = "–" if key.length is None else _num_plain(key.length)
-    return {"metric": key.name, "length": length, "depth": depth}
-
-
 def _label_columns(plan: Plan, row: Row) -> dict[str, str]:
     out = {"variant": row.variant}
     for axis, value in zip(plan.axes, row.cell, strict=True):
@@ -506,60 +497,107 @@ def _number_columns(key: MetricKey, iv: Interval, diverged: int | None = None) -
     return out
 
 
-def results_tables(plan: Plan, rows: Sequence[Row]) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
-    """The results as (CSV frame with numbers, Markdown frame of plain metrics, Markdown frame of the
-    metrics by length or depth in long form). The CSV has a ``<metric> diverged`` count column for
-    the metrics where some run diverged."""
+def results_tables(plan: Plan, rows: Sequence[Row]) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The results as (CSV frame with every metric, Markdown frame of the plain metrics). The CSV
+    has a ``<metric> diverged`` count column for the metrics where some run diverged."""
     keys = list(rows[0].stats) if rows else []
-    depth_names = {k.name for k in keys if k.depth is not None}
     diverging = {k for k in keys if any(r.diverged[k] for r in rows)}
-    csv, md, long = [], [], []
+    csv, md = [], []
     for row in rows:
-        labels = _label_columns(plan, row)
         numbers: dict[str, Any] = {"variant": row.variant, **dict(zip(plan.axes, row.cell, strict=True)),
                                    "lr": row.lr, "seeds": row.finished, "failed": row.failed,
                                    "missing": row.missing, "params": row.params,
                                    "tokens_per_s": row.tokens_per_s}
-        text = {**labels, "seeds": _seeds_text(row), "params": _num(row.params),
+        text = {**_label_columns(plan, row), "seeds": _seeds_text(row), "params": _num(row.params),
                 "tokens/s": _num(row.tokens_per_s)}
         for key, iv in row.stats.items():
             diverged = len(row.diverged[key])
             numbers.update(_number_columns(key, iv, diverged if key in diverging else None))
             if key.plain:
                 text[key.name] = _cell(iv, row.finished, diverged)
-            else:
-                long.append({**labels, **_key_columns(key, depth_names), "seeds": str(iv.n),
-                             "mean [95% CI]": _cell(iv, iv.n, diverged)})
         csv.append(numbers)
         md.append(text)
     csv_frame = pd.DataFrame(csv)
     csv_frame["params"] = csv_frame["params"].astype("Int64")
-    return csv_frame, pd.DataFrame(md), pd.DataFrame(long)
+    return csv_frame, pd.DataFrame(md)
 
 
-def difference_tables(
-    plan: Plan, diffs: Sequence[Difference]
-) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
-    """The differences as (CSV frame, Markdown frame of plain metrics, Markdown frame by length or
-    depth). A seed counts only where both sides have a value (a diverged run has none)."""
-    depth_names = {k.name for d in diffs for k in d.stats if k.depth is not None}
-    csv, md, long = [], [], []
+def difference_tables(plan: Plan, diffs: Sequence[Difference]) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The differences as (CSV frame with every metric, Markdown frame of the plain metrics). A seed
+    counts only where both sides have a value (a diverged run has none)."""
+    csv, md = [], []
     for d in diffs:
-        labels = _label_columns(plan, d.row)
         numbers: dict[str, Any] = {"variant": d.row.variant, **dict(zip(plan.axes, d.row.cell, strict=True)),
                                    "lr": d.row.lr, "baseline_lr": d.baseline.lr, "pairs": d.pairs}
-        text = {**labels, "baseline lr": _num_plain(d.baseline.lr) if not math.isnan(d.baseline.lr) else "–",
+        text = {**_label_columns(plan, d.row),
+                "baseline lr": _num_plain(d.baseline.lr) if not math.isnan(d.baseline.lr) else "–",
                 "pairs": str(d.pairs)}
         for key, iv in d.stats.items():
             numbers.update(_number_columns(key, iv))
             if key.plain:
                 text[key.name] = _cell(iv, d.pairs, signed=True)
-            else:
-                long.append({**labels, **_key_columns(key, depth_names), "pairs": str(iv.n),
-                             "difference [95% CI]": _cell(iv, iv.n, signed=True)})
         csv.append(numbers)
         md.append(text)
-    return pd.DataFrame(csv), pd.DataFrame(md), pd.DataFrame(long)
+    return pd.DataFrame(csv), pd.DataFrame(md)
+
+
+def _at_length(row: Row, keys: Sequence[MetricKey], length: float) -> tuple[dict[int, float], int]:
+    """A row's metric at one length, per seed, and how many seeds diverged there.
+
+    Evaluated at several depths, each seed's value is its mean over the depths: the evaluation's own
+    mean entry (depth None) when it wrote one, else computed here from seeds with every depth (a
+    seed missing a depth diverged there, and a partial mean would flatter it)."""
+    at = [k for k in keys if k.length == length]
+    mean_key = next((k for k in at if k.depth is None), None)
+    if mean_key is not None:
+        return row.seed_values[mean_key], len(row.diverged[mean_key])
+    seeds = set().union(*(row.seed_values[k].keys() | set(row.diverged[k]) for k in at))
+    complete = sorted(s for s in seeds if all(s in row.seed_values[k] for k in at))
+    values = {s: float(np.mean([row.seed_values[k][s] for k in at])) for s in complete}
+    return values, len(seeds) - len(complete)
+
+
+def _profile_sections(plan: Plan, keys: Sequence[MetricKey], items: Sequence[tuple[dict[str, str], Any]],
+                      cell: Any) -> list[str]:
+    """Markdown sections for the metrics evaluated by length or depth, of the primary metric's kind
+    (``accuracy`` for ``test/accuracy``; the CSVs hold every metric at every length and depth): per
+    metric one table with a row per item and a column per length (mean over depths) or, for a
+    metric by depth only, per depth. ``cell(item, keys, (kind, value))`` writes one cell."""
+    names = list(dict.fromkeys(k.name for k in keys if not k.plain))
+    kind = (plan.primary_metric or "").rsplit("/", 1)[-1]
+    parts = []
+    for name in [n for n in names if n.rsplit("/", 1)[-1] == kind] or names:
+        own = [k for k in keys if k.name == name]
+        lengths = sorted({k.length for k in own if k.length is not None})
+        if lengths:
+            columns = [(f"length {_num_plain(v)}", ("length", v)) for v in lengths]
+            over = " (mean over depths)" if any(k.depth is not None for k in own) else ""
+            heading = f"### {name} by length{over}\n"
+        else:
+            depths = sorted({k.depth for k in own if k.depth is not None})
+            columns = [(f"depth {_num_plain(v)}", ("depth", v)) for v in depths]
+            heading = f"### {name} by depth\n"
+        table = [{**labels, **{title: cell(item, own, where) for title, where in columns}}
+                 for labels, item in items]
+        parts += [heading, _markdown(pd.DataFrame(table))]
+    return parts
+
+
+def _result_profile_cell(row: Row, keys: Sequence[MetricKey], where: tuple[str, float]) -> str:
+    if where[0] == "length":
+        values, diverged = _at_length(row, keys, where[1])
+        return _cell(bootstrap_mean(values.values()), row.finished, diverged)
+    key = MetricKey(keys[0].name, None, where[1])
+    return _cell(row.stats[key], row.finished, len(row.diverged[key]))
+
+
+def _difference_profile_cell(d: Difference, keys: Sequence[MetricKey], where: tuple[str, float]) -> str:
+    if where[0] == "length":
+        mine, theirs = _at_length(d.row, keys, where[1])[0], _at_length(d.baseline, keys, where[1])[0]
+    else:
+        key = MetricKey(keys[0].name, None, where[1])
+        mine, theirs = d.row.seed_values[key], d.baseline.seed_values[key]
+    return _cell(paired_difference(mine, theirs), d.pairs, signed=True)
 
 
 def _interval_note() -> str:
@@ -646,19 +684,8 @@ def _numeric_axis(results: StudyResults, axis: str) -> bool:
 
 
 def _length_point(row: Row, keys: Sequence[MetricKey], length: float) -> tuple[float, Interval, int]:
-    """A row's metric at one length over seeds, with the number of seeds that diverged there.
-
-    Evaluated at several depths, each seed's value is its mean over the depths: the evaluation's own
-    mean entry (depth None) when it wrote one, else computed here from seeds with every depth (a
-    seed missing a depth diverged there, and a partial mean would flatter it)."""
-    at = [k for k in keys if k.length == length]
-    mean_key = next((k for k in at if k.depth is None), None)
-    if mean_key is not None:
-        return length, row.stats[mean_key], len(row.diverged[mean_key])
-    seeds = set().union(*(row.seed_values[k].keys() | set(row.diverged[k]) for k in at))
-    complete = sorted(s for s in seeds if all(s in row.seed_values[k] for k in at))
-    values = [float(np.mean([row.seed_values[k][s] for k in at])) for s in complete]
-    return length, bootstrap_mean(values), len(seeds) - len(complete)
+    values, diverged = _at_length(row, keys, length)
+    return length, bootstrap_mean(values.values()), diverged
 
 
 def write_plots(results: StudyResults, rows: Sequence[Row], out: Path) -> list[Path]:
@@ -730,7 +757,8 @@ def write_report(study_dir: str | Path, *, console: Any = None) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
     written: list[Path] = []
 
-    res_csv, res_md, res_by_length = results_tables(plan, rows)
+    res_csv, res_md = results_tables(plan, rows)
+    keys = list(rows[0].stats)
     parts = [f"# {plan.name}: results\n"]
     if plan.description:
         parts.append(plan.description.strip() + "\n")
@@ -738,8 +766,11 @@ def write_report(study_dir: str | Path, *, console: Any = None) -> list[Path]:
         parts.append("".join(f"- `{name}`: {text}\n" for name, text in plan.variant_descriptions))
     parts += [_summary_line(results) + " " + _interval_note() + "\n", _selection_note(results) + "\n",
               _markdown(res_md)]
-    if len(res_by_length):
-        parts += ["## By length and depth\n", _markdown(res_by_length)]
+    items = [(_label_columns(plan, r), r) for r in rows]
+    profiles = _profile_sections(plan, keys, items, _result_profile_cell)
+    if profiles:
+        parts += ["## By length and depth\n", "Every metric at every length and depth is in results.csv.\n",
+                  *profiles]
     if selection is not None:
         table = _selection_markdown(selection, plan.selection.metric)
         parts += ["## Learning-rate selection\n", _markdown(table)]
@@ -751,15 +782,18 @@ def write_report(study_dir: str | Path, *, console: Any = None) -> list[Path]:
     written.append(out / "results.csv")
 
     if plan.baseline is not None:
-        diff_csv, diff_md, diff_by_length = difference_tables(plan, diffs)
+        diff_csv, diff_md = difference_tables(plan, diffs)
         parts = [f"# {plan.name}: differences against {plan.baseline}\n",
                  f"Each variant minus `{plan.baseline}` in the same grid cell, paired by seed: only seeds "
                  "for which both finished count (`pairs`), and the interval is the percentile-bootstrap "
                  f"interval of the mean paired difference ({CONFIDENCE:.0%}, {RESAMPLES:,} resamples, "
                  f"seed {SEED}). An interval that excludes 0 is a difference the seeds agree on.\n"]
         parts += [_markdown(diff_md)] if len(diff_md) else ["No variant besides the baseline.\n"]
-        if len(diff_by_length):
-            parts += ["## By length and depth\n", _markdown(diff_by_length)]
+        profiles = _profile_sections(plan, keys, [(_label_columns(plan, d.row), d) for d in diffs],
+                                     _difference_profile_cell)
+        if profiles:
+            parts += ["## By length and depth\n", "Every metric at every length and depth is in "
+                      "differences.csv.\n", *profiles]
         written.append(_write(out / "differences.md", "\n".join(parts)))
         diff_csv.to_csv(out / "differences.csv", index=False)
         written.append(out / "differences.csv")
