@@ -27,9 +27,11 @@
     not run yet) has one row with an empty metric. ``pandas.read_csv`` and DuckDB
     (``SELECT * FROM 'tidy.csv'``) read it as it is.
 ``variants_<metric>.png``, ``length_<metric>.png``, ``axis_<axis>_<metric>.png``
-    Each plain metric per variant (mean, interval, and the seeds' values); each metric evaluated by
+    For the metrics of the primary metric's kind (``test/accuracy``, ``validation/accuracy``, ...):
+    each plain one per variant (mean, interval, and the seeds' values); each one evaluated by
     length against the length (each run's mean over depths first), one line and band per variant,
-    with the number of runs that diverged marked; the primary metric against each numeric grid axis.
+    with the number of runs that diverged marked. The primary metric against each numeric grid
+    axis.
     The files of an earlier report that this one does not write (a metric since dropped) are left
     in place.
 
@@ -557,16 +559,22 @@ def _at_length(row: Row, keys: Sequence[MetricKey], length: float) -> tuple[dict
     return values, len(seeds) - len(complete)
 
 
+def _of_primary_kind(plan: Plan, names: Iterable[str]) -> list[str]:
+    """The distinct ``names`` measuring what the primary metric measures (``*/accuracy`` for
+    ``test/accuracy``), or all of them when none does: what the Markdown and the plots show."""
+    names = list(dict.fromkeys(names))
+    kind = (plan.primary_metric or "").rsplit("/", 1)[-1]
+    return [n for n in names if n.rsplit("/", 1)[-1] == kind] or names
+
+
 def _profile_sections(plan: Plan, keys: Sequence[MetricKey], items: Sequence[tuple[dict[str, str], Any]],
                       cell: Any) -> list[str]:
     """Markdown sections for the metrics evaluated by length or depth, of the primary metric's kind
     (``accuracy`` for ``test/accuracy``; the CSVs hold every metric at every length and depth): per
     metric one table with a row per item and a column per length (mean over depths) or, for a
     metric by depth only, per depth. ``cell(item, keys, (kind, value))`` writes one cell."""
-    names = list(dict.fromkeys(k.name for k in keys if not k.plain))
-    kind = (plan.primary_metric or "").rsplit("/", 1)[-1]
     parts = []
-    for name in [n for n in names if n.rsplit("/", 1)[-1] == kind] or names:
+    for name in _of_primary_kind(plan, [k.name for k in keys if not k.plain]):
         own = [k for k in keys if k.name == name]
         lengths = sorted({k.length for k in own if k.length is not None})
         if lengths:
@@ -694,12 +702,13 @@ def write_plots(results: StudyResults, rows: Sequence[Row], out: Path) -> list[P
     keys = _metric_keys(results)
     written = []
     labels = _series_labels(plan, rows, skip_lr=plan.selection is not None)
-    for key in [k for k in keys if k.plain]:
+    shown = set(_of_primary_kind(plan, [k.name for k in keys]))
+    for key in [k for k in keys if k.plain and k.name in shown]:
         written.append(plots.variant_plot(
             out / f"variants_{_slug(key.name)}.png", title=f"{plan.name}: {key.name} per variant",
             metric=key.name, labels=labels, intervals=[r.stats[key] for r in rows],
             seed_values=[list(r.seed_values[key].values()) for r in rows]))
-    for name in dict.fromkeys(k.name for k in keys if k.length is not None):
+    for name in _of_primary_kind(plan, [k.name for k in keys if k.length is not None]):
         own = [k for k in keys if k.name == name and k.length is not None]
         has_depth = any(k.depth is not None for k in own)
         series = {label: [_length_point(row, own, length) for length in sorted({k.length for k in own})]
