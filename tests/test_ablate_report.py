@@ -194,6 +194,18 @@ def test_the_same_results_give_byte_identical_reports(study: Path):
     assert _report_bytes(study) == first
 
 
+def test_a_new_report_replaces_the_old_one_and_nothing_else(study: Path):
+    (study / "report").mkdir()
+    for name in ("variants_dropped_metric.png", "selection.csv", "my_notes.txt"):
+        (study / "report" / name).write_text("old")
+    plan = json.loads((study / "plan.json").read_text())
+    (study / "plan.json").write_text(json.dumps({**plan, "selection": None}))
+    write_report(study)
+    names = set(_report_bytes(study))
+    assert "variants_dropped_metric.png" not in names and "selection.csv" not in names
+    assert "my_notes.txt" in names and "results.md" in names
+
+
 def test_console_gets_the_tables(study: Path):
     console = Console(record=True, width=200)
     write_report(study, console=console)

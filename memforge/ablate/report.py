@@ -32,8 +32,9 @@
     length against the length (each run's mean over depths first), one line and band per variant,
     with the number of runs that diverged marked. The primary metric against each numeric grid
     axis.
-    The files of an earlier report that this one does not write (a metric since dropped) are left
-    in place.
+
+Writing a report replaces the previous one: report files it does not write this time (a plot of a
+metric since dropped) are deleted; other files in ``report/`` are left alone.
 
 Statistics: a percentile bootstrap of the mean over seeds, 10,000 resamples from a fixed seed, so
 reporting the same results twice writes byte-identical files (``memforge/ablate/stats.py`` says
@@ -74,6 +75,8 @@ from memforge.ablate.stats import (
 from memforge.errors import MemforgeError
 
 REPORT_DIR = "report"
+_FIXED_FILES = ("results.md", "results.csv", "differences.md", "differences.csv", "selection.csv", "tidy.csv")
+_PLOT_PREFIXES = ("variants_", "length_", "axis_")
 STATUSES = ("finished", "failed", "missing")
 # Columns of tidy.csv besides the axes; an axis may not take one of these names.
 RESERVED = ("run", "variant", "seed", "lr", "params", "status", "selected", "metric", "length", "depth",
@@ -746,6 +749,17 @@ def _tidy_frame(results: StudyResults, rows: Sequence[Row]) -> pd.DataFrame:
     return t
 
 
+def _remove_stale(out: Path, written: Sequence[Path]) -> None:
+    """Delete the report files of an earlier report that this one did not write (a metric or a
+    selection rule since dropped), so the directory shows these results only. Only names the report
+    itself uses are touched; anything else in the directory is left alone."""
+    keep = {p.name for p in written}
+    for path in sorted(out.iterdir()):
+        ours = path.name in _FIXED_FILES or (path.suffix == ".png" and path.name.startswith(_PLOT_PREFIXES))
+        if ours and path.name not in keep and path.is_file():
+            path.unlink()
+
+
 def _write(path: Path, text: str) -> Path:
     path.write_text(text, encoding="utf-8")
     return path
@@ -813,6 +827,7 @@ def write_report(study_dir: str | Path, *, console: Any = None) -> list[Path]:
     _tidy_frame(results, rows).to_csv(out / "tidy.csv", index=False)
     written.append(out / "tidy.csv")
     written += write_plots(results, rows, out)
+    _remove_stale(out, written)
 
     if console is not None:
         _print(console, plan, res_md, difference_tables(plan, diffs)[1], out)
