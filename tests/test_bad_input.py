@@ -355,6 +355,10 @@ CLI: list[Cli] = [
     train("--task", "mqar", "--task-option", "vocab_size=100000", message="uses token ids up to "
           "99999, out of range for the model's vocab_size=64", id="task-vocab-too-big"),
     train("--task", "s-niah", "--task-option", "depth=2", message="depth", id="niah-depth-2"),
+    train("--task", "mqar", "--task-option", "power_a=1e300", message="mqar: power_a=1e+300 makes "
+          "the gap weights a * g**(a - 1) leave float64's range", id="mqar-power-a-huge"),
+    train("--task", "mqar", "--task-option", "power_a=1e-320", message="leave float64's range",
+          id="mqar-power-a-tiny"),
     train(*BYTES, "--task-option", "paths={tmp}/missing", message="text: path "
           "'{tmp}/missing' does not exist", id="text-missing-path"),
     train(*BYTES, "--task-option", "paths={tmp}/corpus", message="text: cannot read "

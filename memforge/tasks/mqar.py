@@ -40,6 +40,9 @@ from memforge.tasks.base import (
     split_generator,
 )
 
+#: Natural logarithm of a margin inside float64's range (its largest finite number is e**709.78).
+_LOG_FLOAT64_LIMIT = 700.0
+
 
 @attrs.frozen(kw_only=True)
 class MQAR:
@@ -82,6 +85,18 @@ class MQAR:
             f"mqar: min_query_distance={self.min_query_distance} is impossible with "
             f"seq_len={length} and num_pairs={n} (largest possible: {largest}); "
             "lower min_query_distance or num_pairs, or raise seq_len",
+        )
+        # The gap weights a * g**(a - 1) are float64: their logarithms must stay inside its range
+        # (about +-709) at both ends of the support, or sampling meets inf or all-zero weights.
+        a, ranks = self.power_a, max(1, self._space - self._first_gap)
+        exponent = (a - 1) * math.log(ranks)
+        high, low = math.log(a) + max(0.0, exponent), math.log(a) + min(0.0, exponent)
+        ceiling = 1 + _LOG_FLOAT64_LIMIT / math.log(ranks) if ranks > 1 else math.inf
+        require(
+            high < _LOG_FLOAT64_LIMIT and low > -_LOG_FLOAT64_LIMIT,
+            f"mqar: power_a={a:g} makes the gap weights a * g**(a - 1) leave float64's range for "
+            f"gaps up to {ranks}; use a power_a nearer 1 (at most {ceiling:.3g} here; 0.01 "
+            f"favours short gaps, 1 is uniform)",
         )
 
     @property
