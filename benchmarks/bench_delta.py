@@ -18,8 +18,12 @@ float64 against the float64 token loop (largest absolute difference; target 1e-1
 against the same loop (largest difference over the largest value; target 1e-4), outputs and final
 state, at ``--tokens`` tokens.
 
+``--solvers`` times only the chunk systems' solve, forward+backward: ``torch.linalg.solve_triangular``
+(LAPACK's batched ``trsm``), the blocked inverse the kernel uses, and row-by-row substitution.
+
 Usage: ``OMP_NUM_THREADS=2 python benchmarks/bench_delta.py [--repeats 5] [--threads 2]
-[--tokens 4096] [--loop-tokens 512]``. Prints a table and one JSON line; report the ratios.
+[--tokens 4096] [--loop-tokens 512] [--solvers]``. Prints a table and one JSON line; report the
+ratios.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ import torch
 import torch.nn.functional as F
 from memforge_delta.ops import gated_delta_rule
 from memforge_delta.reference import chunkwise_rowwise, token_loop
+from memforge_delta.triangular import unit_lower_inverse
 from torch import Tensor
 
 DIM, HEADS, CHUNK, BATCH = 256, 4, 64, 2
@@ -102,6 +107,36 @@ def timed(cases: dict[str, Callable[[], None]], repeats: int) -> dict[str, list[
     return times
 
 
+def solver_times(repeats: int) -> dict[str, list[float]]:
+    """Forward+backward of the benchmark's chunk systems (``[B*H, T/C, C, C]``, ``d_k + d_v``
+    right-hand sides) through LAPACK's ``trsm``, the blocked inverse and row-by-row substitution."""
+    q, k, v, beta, g = make_inputs(4096, torch.float32)
+    heads = BATCH * HEADS
+    k = k.reshape(heads, -1, CHUNK, k.shape[-1])
+    system = (beta.reshape(heads, -1, CHUNK, 1) * (k @ k.transpose(-1, -2))).tril(-1)
+    rhs = torch.cat((v.reshape(heads, -1, CHUNK, v.shape[-1]), k), -1)
+    identity = torch.eye(CHUNK)
+
+    def rowwise(lower: Tensor) -> Tensor:
+        inverse = -lower
+        for i in range(1, CHUNK):
+            inverse[..., i, :i] = inverse[..., i, :i].clone() + (
+                inverse[..., i, :, None].clone() * inverse[..., :, :i].clone()).sum(-2)
+        return inverse + identity
+
+    methods: dict[str, Callable[[Tensor, Tensor], Tensor]] = {
+        "solve_triangular": lambda a, b: torch.linalg.solve_triangular(a, b, upper=False, unitriangular=True),
+        "blocked inverse": lambda a, b: unit_lower_inverse(a) @ b,
+        "row by row": lambda a, b: rowwise(a) @ b,
+    }
+
+    def step(method: Callable[[Tensor, Tensor], Tensor]) -> Callable[[], None]:
+        a, b = system.clone().requires_grad_(), rhs.clone().requires_grad_()
+        return lambda: method(a, b).square().sum().backward()
+
+    return timed({name: step(method) for name, method in methods.items()}, repeats)
+
+
 def agreement(tokens: int) -> dict[str, float]:
     """The kernel against the float64 token loop: float64 absolute, float32 relative."""
     inputs = make_inputs(tokens, torch.float64)
@@ -124,8 +159,16 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=4096)
     parser.add_argument("--loop-tokens", type=int, default=512,
                         help="tokens for the token loop, whose time is scaled to --tokens")
+    parser.add_argument("--solvers", action="store_true",
+                        help="only time the chunk systems' solve: trsm, blocked inverse, row by row")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.solvers:
+        print(f"CPU: {cpu_name()}, {args.threads} threads; forward+backward of the 4096-token "
+              f"chunk systems, ms (median, min of {args.repeats})")
+        for name, ts in solver_times(args.repeats).items():
+            print(f"{name:<18}{statistics.median(ts) * 1e3:>9.1f}{min(ts) * 1e3:>9.1f}")
+        return
     if not 0 < args.loop_tokens <= args.tokens:
         parser.error("--loop-tokens must lie in [1, --tokens]")
 
