@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from memforge.conformance import check_component
-from memforge.errors import MemforgeError, SpecError
+from memforge.errors import InputError, MemforgeError, SpecError
 from memforge.interfaces import BuildContext
 from memforge.linear import Linear
 from memforge.model import MemforgeModel
@@ -208,6 +208,22 @@ def check_size(
     return count
 
 
+def _placement(device: Any, dtype: Any) -> tuple[torch.device | None, torch.dtype | None]:
+    """``build_model``'s device and dtype, checked before anything is built."""
+    if device is not None:
+        try:
+            device = torch.device(device)
+        except (RuntimeError, TypeError, ValueError):
+            raise InputError(f"build_model: device {device!r} is not a torch device; use 'cpu', "
+                             f"'cuda' or a torch.device") from None
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise InputError("build_model: device 'cuda' but CUDA is not available here; use 'cpu'")
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise InputError(f"build_model: dtype must be a floating torch dtype such as "
+                         f"torch.float32 or torch.bfloat16, got {dtype!r}")
+    return device, dtype
+
+
 def build_model(
     spec: ModelSpec,
     device: torch.device | str | None = None,
@@ -229,6 +245,7 @@ def build_model(
     if not isinstance(spec, ModelSpec):
         raise SpecError(f"build_model needs a ModelSpec, got {type(spec).__name__}; "
                         f"use memforge.preset(NAME) or memforge.load_spec(PATH)")
+    device, dtype = _placement(device, dtype)
     check_spec(spec, registry)
     check_size(spec, registry, dtype=dtype, max_parameters=max_parameters)
     embedding = nn.Embedding(spec.vocab_size, spec.dim)
