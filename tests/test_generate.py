@@ -298,3 +298,9 @@ def test_generate_cli_on_a_saved_model_says_why_not(tmp_path: Path,
     saved = memforge.save_model(_model(), tmp_path / "saved")
     assert main(["generate", str(saved), "--prompt", "x"]) == 2
     assert "is not part of a training run" in capsys.readouterr().err
+
+
+def test_generate_is_listed_among_the_commands(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(["--help"])
+    assert info.value.code == 0 and "generate" in capsys.readouterr().out

@@ -191,3 +191,10 @@ def test_save_refuses_what_it_cannot_save_or_would_clobber(run_dir: Path, tmp_pa
     with pytest.raises(ModelFileError, match=r"holds other files \(state\.pt\)"):
         memforge.save_model(model, run_dir / "checkpoints" / "step-00000004")
     assert not list(tmp_path.glob("a*"))
+
+
+def test_a_compiled_model_is_saved_as_the_model_inside(tmp_path: Path) -> None:
+    model = memforge.build_model(memforge.preset("titans.lmm_tiny")).eval()
+    saved = memforge.save_model(torch.compile(model, backend="eager"), tmp_path / "m")
+    tokens = _tokens(model.vocab_size, (1, 7))
+    assert torch.equal(memforge.load_model(saved)(tokens).logits, model(tokens).logits)
