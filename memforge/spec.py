@@ -344,7 +344,8 @@ def apply_overrides(
 
     ``"dim"`` sets a top-level field; ``"surprise"`` (or ``"surprise.impl"``) switches a kind's
     component, whose settings reset to the new component's defaults unless also overridden;
-    ``"memory.depth"`` sets one config field.
+    ``"memory.depth"`` sets one config field; ``"memory": "none"`` (or ``None``) removes an
+    optional (memory) component, e.g. when switching to an integration without memory.
     """
     registry = registry or _default_registry()
     _check_spec_argument(spec, "apply_overrides")

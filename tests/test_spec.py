@@ -169,3 +169,50 @@ def test_preset_keyword_overrides():
     assert spec.memory.config.depth == 3
     assert spec.surprise.impl == "titans.gradient"
     assert spec.integration.config.chunk_size == 4
+
+
+def test_switching_to_an_integration_without_memory_drops_the_memory_tables():
+    memoryless = ["integration=baseline.transformer",
+                  *(f"{kind}=none" for kind in memforge.interfaces.MEMORY_KINDS)]
+    spec = memforge.override(memforge.preset("titans.lmm_tiny"), memoryless)
+    assert spec.memory is None and spec.integration.impl == "baseline.transformer"
+    memforge.build_model(spec)
+
+
+def test_unused_memory_tables_are_refused_naming_both():
+    with pytest.raises(SpecError, match=r"integration 'baseline.transformer' uses no memory "
+                                        r"component, but the spec sets \[memory\] 'titans.mlp'"):
+        memforge.override(memforge.preset("baseline.transformer_tiny"), ["memory=titans.mlp"])
+
+
+def test_an_optional_kind_an_integration_declares_is_accepted():
+    """A third-party integration may declare kinds it uses only when the spec has them."""
+    import attrs
+
+    from memforge.plugins import as_module, load_plugins
+
+    transformer = REGISTRY.component("integration", "baseline.transformer")
+
+    @attrs.frozen
+    class NoConfig:
+        """No settings."""
+
+    def factory(config, ctx):
+        return transformer.factory(transformer.config_cls(), ctx)
+
+    component = memforge.ComponentSpec(kind="integration", name="lab.maybe_memory", config_cls=NoConfig,
+                                       factory=factory, summary="uses memory if given",
+                                       requires=transformer.requires, optional=("memory",))
+
+    @memforge.hookimpl
+    def memforge_register_components():
+        return [component]
+
+    registry = load_plugins(autoload=False, extra=[as_module(
+        "lab", memforge_register_components=memforge_register_components)])
+    base = memforge.override(memforge.preset("baseline.transformer_tiny"),
+                             ["integration=lab.maybe_memory"], registry)
+    with_memory = memforge.override(base, ["memory=titans.mlp"], registry)
+    assert with_memory.memory.impl == "titans.mlp"
+    with pytest.raises(SpecError, match=r"uses no surprise component"):
+        memforge.override(base, ["surprise=titans.momentum"], registry)
