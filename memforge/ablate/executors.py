@@ -153,52 +153,66 @@ def _stop_workers(processes: Sequence[Any]) -> None:
             process.join()
 
 
-def run_ray(jobs: Sequence[Mapping[str, Any]], *, address: str | None, workers: int,
-            cpus_per_run: int, gpus_per_run: float = 0.0, local_cpus: int | None = None,
-            monitor: Monitor) -> list[dict[str, Any]]:
-    """Run ``jobs`` as Ray tasks, at most ``workers`` at a time; returns their outcomes.
+@contextmanager
+def ray_cluster(address: str | None, *, local_cpus: int | None) -> Iterator[None]:
+    """Connected to Ray for the block: the cluster at ``address``, or a local one started with
+    ``local_cpus`` CPUs; shut down (or disconnected) at the end. Refuses before anything runs when
+    Ray is missing or the cluster cannot be reached."""
+    from memforge.ablate.study import StudyError
 
-    Joins the cluster at ``address``, or starts a local one with ``local_cpus`` CPUs, and shuts
-    it down (or disconnects) at the end. Outcomes are also written from this process, so results
-    gather here even when the workers run on other machines (resuming a run needs its run
-    directory on a file system shared with the workers).
-    """
     try:
         import ray
     except ImportError:
-        from memforge.ablate.study import StudyError
-
         raise StudyError("the ray executor needs Ray: pip install 'memforge[ray]' "
                          "(or pass --executor local)") from None
-
     options: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False,
                                "logging_level": logging.WARNING, "configure_logging": False}
-    if address is not None:
-        ray.init(address=address, **options)
-    else:
-        ray.init(num_cpus=local_cpus, **options)
     try:
-        task = ray.remote(run_job).options(num_cpus=cpus_per_run, num_gpus=gpus_per_run,
-                                           max_retries=0)
-        pending = deque(jobs)
-        inflight: dict[Any, Mapping[str, Any]] = {}
-        outcomes = []
-        while pending or inflight:
-            while pending and len(inflight) < workers:
-                job = pending.popleft()
-                inflight[task.remote(dict(job), cpus_per_run)] = job
-                monitor.started(job)
-            done, _ = ray.wait(list(inflight), num_returns=1, timeout=POLL_S)
-            for ref in done:
-                job = inflight.pop(ref)
-                try:
-                    outcome = ray.get(ref)
-                except Exception as exc:  # the task's worker died; the run is failed, not the study
-                    outcome = failed_outcome(job, f"Ray task failed: {str(exc).splitlines()[0]}")
-                write_result(Path(job["result_path"]), outcome)
-                outcomes.append(outcome)
-                monitor.finished(outcome)
-            monitor.poll()
-        return outcomes
+        if address is not None:
+            ray.init(address=address, **options)
+        else:
+            ray.init(num_cpus=local_cpus, **options)
+    except (ConnectionError, ValueError, RuntimeError) as exc:
+        where = f"the Ray cluster at {address}" if address is not None else "a local Ray cluster"
+        raise StudyError(f"cannot start or join {where}: {str(exc).splitlines()[0]}; check the "
+                         f"address (--ray-address auto joins the cluster `ray start --head` "
+                         f"started on this machine)") from None
+    try:
+        yield
     finally:
         ray.shutdown()
+
+
+def run_ray(jobs: Sequence[Mapping[str, Any]], *, workers: int, cpus_per_run: int,
+            gpus_per_run: float = 0.0, monitor: Monitor) -> list[dict[str, Any]]:
+    """Run ``jobs`` as Ray tasks, at most ``workers`` at a time, inside :func:`ray_cluster`;
+    returns their outcomes.
+
+    Outcomes are also written from this process, so results gather here even when the workers
+    run on other machines (resuming a run needs its run directory on a file system shared with
+    the workers).
+    """
+    import ray
+
+    task = ray.remote(run_job).options(num_cpus=cpus_per_run, num_gpus=gpus_per_run,
+                                       max_retries=0)
+    pending = deque(jobs)
+    inflight: dict[Any, Mapping[str, Any]] = {}
+    outcomes = []
+    while pending or inflight:
+        while pending and len(inflight) < workers:
+            job = pending.popleft()
+            inflight[task.remote(dict(job), cpus_per_run)] = job
+            monitor.started(job)
+        done, _ = ray.wait(list(inflight), num_returns=1, timeout=POLL_S)
+        for ref in done:
+            job = inflight.pop(ref)
+            try:
+                outcome = ray.get(ref)
+            except Exception as exc:  # the task's worker died; the run is failed, not the study
+                outcome = failed_outcome(job, f"Ray task failed: {str(exc).splitlines()[0]}")
+            write_result(Path(job["result_path"]), outcome)
+            outcomes.append(outcome)
+            monitor.finished(outcome)
+        monitor.poll()
+    return outcomes

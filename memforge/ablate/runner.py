@@ -21,6 +21,7 @@ loses at most the steps since each run's last checkpoint.
 from __future__ import annotations
 
 import os
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -259,14 +260,19 @@ def run_study(plan: StudyPlan, *, console: Console, executor: str = "local",
     another process runs a study in the same directory.
     """
 
-    # One study process per directory: a second one would run the same runs twice.
-    with RunLock(plan.directory):
-        return _run_study(plan, console=console, executor=executor, resources=resources,
-                          ray_address=ray_address)
+    from memforge.ablate.executors import ray_cluster
+
+    with ExitStack() as stack:
+        if plan.todo and executor == "ray":  # joined first: a bad address writes nothing
+            stack.enter_context(ray_cluster(
+                ray_address, local_cpus=resources.workers * resources.threads))
+        # One study process per directory: a second one would run the same runs twice.
+        stack.enter_context(RunLock(plan.directory))
+        return _run_study(plan, console=console, executor=executor, resources=resources)
 
 
-def _run_study(plan: StudyPlan, *, console: Console, executor: str, resources: Resources,
-               ray_address: str | None) -> StudySummary:
+def _run_study(plan: StudyPlan, *, console: Console, executor: str,
+               resources: Resources) -> StudySummary:
     from memforge.ablate.executors import run_local, run_ray
     from memforge.ablate.progress import StudyProgress
 
@@ -283,10 +289,8 @@ def _run_study(plan: StudyPlan, *, console: Console, executor: str, resources: R
                       gpus=resources.gpus, monitor=progress)
         elif jobs:
             device = plan.study.train.get("device", "auto")
-            run_ray(jobs, address=ray_address, workers=resources.workers,
-                    cpus_per_run=resources.threads, gpus_per_run=1.0 if device == "cuda" else 0.0,
-                    local_cpus=None if ray_address else resources.workers * resources.threads,
-                    monitor=progress)
+            run_ray(jobs, workers=resources.workers, cpus_per_run=resources.threads,
+                    gpus_per_run=1.0 if device == "cuda" else 0.0, monitor=progress)
     outcomes = {}
     for run in plan.runs:
         path = Path(plan.jobs[run.id]["result_path"])
