@@ -170,8 +170,8 @@ def ray_cluster(address: str | None, *, local_cpus: int | None) -> Iterator[None
     try:
         if address is not None:
             ray.init(address=address, **options)
-        else:
-            ray.init(num_cpus=local_cpus, **options)
+        else:  # "local": a new cluster of our own, even when one runs on this machine already
+            ray.init(address="local", num_cpus=local_cpus, **options)
     except (ConnectionError, ValueError, RuntimeError) as exc:
         where = f"the Ray cluster at {address}" if address is not None else "a local Ray cluster"
         raise StudyError(f"cannot start or join {where}: {str(exc).splitlines()[0]}; check the "
