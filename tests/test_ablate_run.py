@@ -194,3 +194,18 @@ def test_the_same_study_run_twice_gives_the_same_tables(tmp_path):
     # Throughput is the one column that is measured, not computed from the seeds.
     a, b = (pd.read_csv(d / "results.csv").drop(columns="tokens_per_s") for d in (first, second))
     pd.testing.assert_frame_equal(a, b)
+
+
+def test_progress_reads_the_latest_step_and_the_headline(tmp_path):
+    from memforge.ablate.progress import current_step, headline
+
+    assert current_step(tmp_path) == 0
+    rows = [{"step": s, "split": "train", "loss": 1.0} for s in range(1, 400)]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"step": 4')
+    assert current_step(tmp_path) == 399  # a line cut short by a crash is skipped
+    outcome = {"metrics": [{"name": "test/accuracy", "value": 0.5, "length": 128},
+                           {"name": "test/accuracy", "value": 0.25},
+                           {"name": "far/accuracy", "value": None, "diverged": "overflow"}]}
+    assert headline(outcome, "test/accuracy") == "test/accuracy 0.250"
+    assert headline(outcome, "far/accuracy") == "far/accuracy diverged"
+    assert headline(outcome, "validation/loss") == ""
