@@ -3,9 +3,10 @@
 :func:`run_job` takes a plain JSON-able job (made by :mod:`memforge.ablate.runner`) so it travels
 to a spawned process or a Ray worker unchanged. The run directory is an ordinary ``memforge train``
 run directory; a run interrupted after its first checkpoint resumes from it, one interrupted
-before starts again. Whatever happens, the outcome is written atomically to the job's results
-file: ``"finished"`` with its metrics, or ``"failed"`` with a one-line message (a NaN loss, a
-diverging model, any error), so one bad run never stops a study.
+before starts again. The outcome is written atomically to the job's results file:
+``"finished"`` with its metrics, or ``"failed"`` with a one-line message (a NaN loss, a diverging
+model, any error), so one bad run never stops a study. A run stopped by SIGINT or SIGTERM
+checkpoints and records no outcome: it is not done, and resumes next time.
 """
 
 from __future__ import annotations
