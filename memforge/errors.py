@@ -40,15 +40,15 @@ class NonFiniteError(InputError):
 
 def close_matches(name: str, choices: Iterable[str], n: int = 3) -> list[str]:
     """The names in ``choices`` that look most like ``name`` (case-insensitive), best first."""
-    choices = list(choices)
+    choices = [str(c) for c in choices]
     lowered = {c.lower(): c for c in choices}
-    hits = difflib.get_close_matches(name.lower(), list(lowered), n=n, cutoff=0.5)
+    hits = difflib.get_close_matches(str(name).lower(), list(lowered), n=n, cutoff=0.5)
     return [lowered[h] for h in hits]
 
 
 def unknown_name_message(what: str, name: str, choices: Iterable[str]) -> str:
     """``unknown <what> 'name'; did you mean 'x'? available: a, b, c`` for error messages."""
-    choices = sorted(choices)
+    choices = sorted(str(c) for c in choices)
     message = f"unknown {what} {name!r}"
     hints = close_matches(name, choices)
     if hints:

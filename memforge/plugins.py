@@ -109,6 +109,22 @@ def _origin(ep: importlib.metadata.EntryPoint) -> str:
     return f" (from {dist.name} {dist.version})" if dist is not None else f" ({ep.value})"
 
 
+def _check_blocked(blocked: set[str], extra: list[object]) -> None:
+    """Refuse a blocked name that no plugin has: a typo would silently block nothing."""
+    if not blocked:
+        return
+    known = {name for name, _ in BUILTIN_PLUGINS} | {ep.name for ep in _entry_points()}
+    known |= set(_env_list(ENV_PLUGINS))
+    known |= {str(getattr(p, "memforge_name", getattr(p, "__name__", ""))) for p in extra}
+    unknown = sorted(name for name in blocked if name not in known)
+    if unknown:
+        hints = [hint for name in unknown for hint in close_matches(name, known, n=1)]
+        raise PluginError(
+            f"cannot block {', '.join(map(repr, unknown))}: no plugin has that name"
+            + (f"; did you mean {' or '.join(map(repr, hints))}?" if hints else "")
+            + f" (plugins: {', '.join(sorted(known))}); fix the name in {ENV_BLOCK} or block=")
+
+
 def build_plugin_manager(
     *,
     block: Iterable[str] = (),
@@ -126,7 +142,13 @@ def build_plugin_manager(
     """
     strict = _env_flag(ENV_STRICT) if strict is None else strict
     autoload = (not _env_flag(ENV_DISABLE_AUTOLOAD)) if autoload is None else autoload
+    for name, value in (("block", block), ("extra", extra)):
+        if isinstance(value, (str, bytes)) or not isinstance(value, Iterable):
+            raise PluginError(f"{name} must be a list, got {type(value).__name__} {value!r}; "
+                              f"e.g. {name}=[{value!r}]")
     blocked = set(block) | set(_env_list(ENV_BLOCK))
+    extra = list(extra)
+    _check_blocked(blocked, extra)
     essential = blocked & ESSENTIAL_PLUGINS
     if essential:
         raise PluginError(

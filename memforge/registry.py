@@ -29,6 +29,27 @@ def _check_kind(instance: Any, attribute: attrs.Attribute, value: str) -> None:
         raise PluginError(unknown_name_message("component kind", value, KINDS))
 
 
+def _check_name(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
+    if not isinstance(value, str):
+        raise PluginError(f"a registered name must be a string '<plugin>.<name>', got {value!r}")
+
+
+def _check_callable(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
+    if not callable(value):
+        raise PluginError(f"{attribute.name} of {instance.name!r} must be callable, got "
+                          f"{type(value).__name__}")
+
+
+def _check_config_cls(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
+    if not (isinstance(value, type) and attrs.has(value)):
+        raise PluginError(f"config_cls of {instance.name!r} must be an attrs class "
+                          f"(@attrs.frozen(kw_only=True)), got {value!r}")
+    undefaulted = [f.name for f in attrs.fields(value) if f.default is attrs.NOTHING]
+    if undefaulted:
+        raise PluginError(f"config_cls {value.__name__} of {instance.name!r} must give every field a "
+                          f"default (memforge.option(...)); {', '.join(undefaulted)} has none")
+
+
 def _check_kinds(instance: Any, attribute: attrs.Attribute, value: tuple[str, ...]) -> None:
     for kind in value:
         if kind not in KINDS:
@@ -58,9 +79,9 @@ class ComponentSpec:
     """
 
     kind: str = attrs.field(validator=_check_kind)
-    name: str
-    config_cls: type
-    factory: Callable[[Any, BuildContext], nn.Module] = attrs.field(eq=False)
+    name: str = attrs.field(validator=_check_name)
+    config_cls: type = attrs.field(validator=_check_config_cls)
+    factory: Callable[[Any, BuildContext], nn.Module] = attrs.field(eq=False, validator=_check_callable)
     summary: str
     requires: tuple[str, ...] = attrs.field(default=(), converter=tuple, validator=_check_kinds)
     optional: tuple[str, ...] = attrs.field(default=(), converter=tuple, validator=_check_kinds)
@@ -81,9 +102,9 @@ class ComponentSpec:
 class PresetSpec:
     """A named model spec: ``build()`` returns a fresh :class:`~memforge.ModelSpec`."""
 
-    name: str
+    name: str = attrs.field(validator=_check_name)
     summary: str
-    build: Callable[[], ModelSpec] = attrs.field(eq=False)
+    build: Callable[[], ModelSpec] = attrs.field(eq=False, validator=_check_callable)
 
     @property
     def plugin(self) -> str:

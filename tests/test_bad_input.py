@@ -49,7 +49,8 @@ class Cli(NamedTuple):
 
     ``files`` are created in the case's folder first (text, bytes written as they are, or a
     ``Path``: a symbolic link to it);
-    ``argparse``: the refusal comes from argparse itself (a usage line, then the error).
+    ``argparse``: the refusal comes from argparse itself (a usage line, then the error);
+    ``env``: environment variables set for the call.
     """
 
     id: str
@@ -57,6 +58,7 @@ class Cli(NamedTuple):
     message: str
     files: dict[str, str | bytes | Path] = {}
     argparse: bool = False
+    env: dict[str, str] = {}
 
 
 def show(overrides: str | list[str], message: str, preset: str = LMM, id: str | None = None) -> Cli:
@@ -254,6 +256,12 @@ CLI: list[Cli] = [
     Cli("show-directory", ("show", "{tmp}/folder.toml"), "folder.toml: is a directory",
         {"folder.toml/inside.txt": "x"}),
     Cli("list-unknown-kind", ("list", "--kind", "memroy"), "did you mean 'memory'"),
+    Cli("list-block-typo", ("list",), "cannot block 'titan': no plugin has that name; did you mean "
+        "'titans'?", env={"MEMFORGE_BLOCK": "titan"}),
+    Cli("show-block-essential", ("show", LMM), "plugin(s) ['baseline'] are essential and cannot be "
+        "blocked", env={"MEMFORGE_BLOCK": "baseline"}),
+    Cli("show-titans-blocked", ("show", LMM), "unknown preset 'titans.lmm_tiny'",
+        env={"MEMFORGE_BLOCK": "titans"}),
     Cli("show-folder-without-suffix", ("show", "{tmp}/folder"), "unknown spec format '(no suffix)'",
         {"folder/inside.txt": "x"}),
     Cli("eval-missing-run", ("eval", "{tmp}/nowhere"), "{tmp}/nowhere does not exist; pass a run "
@@ -465,6 +473,8 @@ def test_cli_bad_input_is_one_line_and_writes_nothing(
         else:
             path.write_text(content)
     monkeypatch.chdir(tmp_path)  # a default run directory (runs/...) would land here
+    for name, value in case.env.items():
+        monkeypatch.setenv(name, value)
     before = _tree(tmp_path), _tree(run) if run else {}
     capsys.readouterr()
     try:
@@ -704,6 +714,24 @@ API: list[Api] = [
         kind="integration", name="x.y", config_cls=_NoConfig, factory=lambda c, ctx: None,
         summary="s", requires=("attention", "memroy")), PluginError,
         "requires of 'x.y': unknown component kind 'memroy'"),
+    Api("component-config-not-attrs", lambda tmp: memforge.ComponentSpec(
+        kind="memory", name="x.y", config_cls=dict, factory=lambda c, ctx: None, summary="s"),
+        PluginError, "config_cls of 'x.y' must be an attrs class (@attrs.frozen(kw_only=True))"),
+    Api("component-factory-not-callable", lambda tmp: memforge.ComponentSpec(
+        kind="memory", name="x.y", config_cls=_NoConfig, factory="make", summary="s"),
+        PluginError, "factory of 'x.y' must be callable, got str"),
+    Api("component-name-int", lambda tmp: memforge.ComponentSpec(
+        kind="memory", name=5, config_cls=_NoConfig, factory=lambda c, ctx: None, summary="s"),
+        PluginError, "a registered name must be a string '<plugin>.<name>', got 5"),
+    Api("registry-component-int", lambda tmp: memforge.default_registry().component("memory", 5),
+        UnknownNameError, "unknown memory component 5; available: titans.linear, titans.mlp"),
+    Api("preset-int", lambda tmp: memforge.preset(5), UnknownNameError, "unknown preset 5"),
+    Api("configure-plugins-block-str", lambda tmp: memforge.configure_plugins(block="titans"),
+        PluginError, "block must be a list, got str 'titans'; e.g. block=['titans']"),
+    Api("configure-plugins-block-typo", lambda tmp: memforge.configure_plugins(block=["titan"]),
+        PluginError, "cannot block 'titan': no plugin has that name; did you mean 'titans'?"),
+    Api("configure-plugins-block-essential", lambda tmp: memforge.configure_plugins(block=["baseline"]),
+        PluginError, "are essential and cannot be blocked"),
     # Training and evaluation settings.
     Api("train-config-lr-inf", lambda tmp: TrainConfig(lr=math.inf), TrainingError,
         "lr (--lr) must be a finite number in (0, 1], got inf"),
@@ -772,7 +800,8 @@ def test_api_bad_input_raises_one_line(case: Api, tmp_path: Path) -> None:
 
 def test_the_tables_are_large_and_distinct() -> None:
     """The issue asks for at least 150 distinct bad inputs, through the CLI and the API."""
-    assert len({(case.argv, tuple(case.files.items())) for case in CLI}) == len(CLI)
+    assert len({(case.argv, tuple(case.files.items()), tuple(case.env.items()))
+                for case in CLI}) == len(CLI)
     assert len({case.id for case in CLI}) == len(CLI)
     assert len({case.id for case in API}) == len(API)
     assert len(CLI) + len(API) >= 150

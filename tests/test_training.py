@@ -399,7 +399,7 @@ def test_eval_other_tasks_by_length(finished_run) -> None:
      "path '/nonexistent/corpus' does not exist"),
     ({"task": "text", "task_options": {}}, "--set vocab_size=256"),
     ({"model": "baseline.transformr_tiny"}, "did you mean 'baseline.transformer_tiny'"),
-    ({"batch_size": 0}, "batch_size must be an integer >= 1"),
+    ({"batch_size": 0}, "batch_size (--batch-size) must be in [1, 65536], got 0"),
 ])
 def test_bad_input_is_a_clear_error_and_leaves_no_files(tmp_path: Path, changes: dict,
                                                        message: str) -> None:

@@ -193,7 +193,8 @@ def memforge_validate_spec(spec: ModelSpec) -> list[str]:
                             f">= {1 / head_dim:.4g}")
     if spec.integration.impl == "titans.mac" and spec.attention.impl == "baseline.sliding_window":
         problems.append("titans.mac attends inside each segment (integration.segment_len bounds the "
-                        "span), so it takes full attention: set attention=baseline.causal")
+                        "span), so it takes full attention, not a sliding window: set "
+                        "attention=baseline.causal")
     return problems
 
 
