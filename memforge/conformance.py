@@ -189,13 +189,16 @@ def check_component(kind: str, impl: str, module: Any, ctx: BuildContext) -> Non
         module: what the factory returned.
         ctx: the context it was built in (widths and heads of the check input).
     """
-    protocol, contract = CONTRACTS[kind]
+    protocol, contract = CONTRACTS.get(kind, ("", "be a torch.nn.Module"))
     where = f"{kind} {impl!r} (layer {ctx.layer_index})"
-    fix = (f"a {kind} component must {contract} (memforge.interfaces.{protocol}); fix the "
-           f"factory of {impl!r}")
+    fix = (f"a {kind} component must {contract}"
+           + (f" (memforge.interfaces.{protocol})" if protocol else "")
+           + f"; fix the factory of {impl!r}")
     if not isinstance(module, nn.Module):
         raise SpecError(f"{where}: the factory returned {type(module).__name__}, not a "
                         f"torch.nn.Module; {fix}")
+    if kind not in _CHECKS:
+        return  # a kind without a behavioural contract here: being a module is all it promises
     if torch.get_default_device().type == "meta" or any(
             p.device.type == "meta" for p in module.parameters()):
         return  # no values to compute with (the size estimate builds on the meta device)
