@@ -1,0 +1,58 @@
+"""The evaluation budget: the measured state growth matches what the models hold, and plans that
+cannot fit are refused with their figures."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import memforge
+from memforge.training.budget import MAX_EVAL_SECONDS, EvalCost, check_costs, estimate_costs, state_bytes
+from memforge.training.config import TrainingError
+
+CPU = torch.device("cpu")
+
+
+def _costs(preset: str, lengths: list[int], batch_size: int = 2) -> list[EvalCost]:
+    spec = memforge.preset(preset)
+    torch.manual_seed(0)
+    model = memforge.build_model(spec)
+    return estimate_costs(model, vocab_size=spec.vocab_size, lengths=lengths, cells_per_length=1,
+                          batch_size=batch_size, batches=1, piece_size=64, device=CPU)
+
+
+def test_full_attention_state_grows_by_its_key_value_cache():
+    """Every token adds a key and a value row of width dim in every layer: 2 * 2 * 32 * 4 bytes."""
+    short, long = _costs("baseline.transformer_tiny", [1024, 2048])
+    per_token = (long.state_bytes - short.state_bytes) / 1024 / 2  # per sequence
+    assert per_token == pytest.approx(2 * 2 * 32 * 4)
+
+
+@pytest.mark.parametrize("preset", ["titans.lmm_tiny", "baseline.swa_tiny"])
+def test_bounded_states_do_not_grow(preset: str):
+    """A memory's fast weights and a sliding window's ring have the same size at any length."""
+    short, long = _costs(preset, [1024, 1 << 20])
+    assert short.state_bytes == long.state_bytes > 0
+    assert long.batch_bytes == (1 << 20) * 2 * 16
+
+
+def test_state_bytes_walks_nested_states():
+    state = (torch.zeros(2, 3), [torch.zeros(4, dtype=torch.float64)], {"x": torch.zeros(1)}, None, 5)
+    assert state_bytes(state) == 2 * 3 * 4 + 4 * 8 + 4
+
+
+def test_a_plan_beyond_the_memory_is_refused_with_its_figure():
+    cost = EvalCost(length=1 << 30, batch_bytes=1 << 60, state_bytes=0, piece_bytes=0, seconds=1.0)
+    with pytest.raises(TrainingError, match=r"length 1073741824 needs at least 1 EB of memory for its "
+                                            r"test batches, more than the .* available; use shorter "
+                                            r"--lengths"):
+        check_costs([cost], CPU)
+
+
+def test_a_plan_beyond_a_day_is_refused_with_its_figure():
+    costs = [EvalCost(length=n, batch_bytes=0, state_bytes=0, piece_bytes=0,
+                      seconds=MAX_EVAL_SECONDS * 0.75) for n in (1024, 2048)]
+    with pytest.raises(TrainingError, match=r"would take about 36 hours \(18 at length 1024\), more "
+                                            r"than the 24 hours"):
+        check_costs(costs, CPU)
+    check_costs(costs[:1], CPU)  # 18 hours fits
