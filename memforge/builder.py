@@ -42,12 +42,34 @@ class BuildRecord:
     """What one model build has seen so far.
 
     Attributes:
-        checked: the ``(kind, impl)`` pairs whose behaviour was checked (each once per model).
+        checked: the ``(kind, impl)`` pairs whose behaviour was (or will be) checked, each once
+            per model.
         parameters: parameters of every component built, by ``"kind 'impl'"``, summed over layers.
+        defer: hold the checks in ``pending`` until :meth:`run_checks`, so that they run where the
+            model will run (after it moved to its device and dtype), not on the CPU it is built on.
+        pending: the deferred checks.
     """
 
     checked: set[tuple[str, str]] = attrs.field(factory=set)
     parameters: dict[str, int] = attrs.field(factory=dict)
+    defer: bool = False
+    pending: list[tuple[str, str, nn.Module, BuildContext]] = attrs.field(factory=list)
+
+    def check(self, kind: str, impl: str, module: nn.Module, ctx: BuildContext) -> None:
+        """Check ``module`` now (or later, when deferring), unless its component was checked."""
+        if (kind, impl) in self.checked:
+            return
+        self.checked.add((kind, impl))
+        if self.defer:
+            self.pending.append((kind, impl, module, ctx))
+        else:
+            check_component(kind, impl, module, ctx)
+
+    def run_checks(self, device: torch.device | None = None) -> None:
+        """Run the deferred checks; parameterless modules get their input on ``device``."""
+        for kind, impl, module, ctx in self.pending:
+            check_component(kind, impl, module, ctx, device=device)
+        self.pending.clear()
 
 
 def _context(spec: ModelSpec, registry: ComponentRegistry, layer: int,
@@ -100,11 +122,10 @@ def build_component(
         raise
     except ValueError as exc:
         raise SpecError(f"{kind} {choice.impl!r} (layer {ctx.layer_index}): {exc}") from None
-    key = (kind, choice.impl)
-    if record is None or key not in record.checked:
+    if record is None:
         check_component(kind, choice.impl, module, ctx)
-        if record is not None:
-            record.checked.add(key)
+    else:
+        record.check(kind, choice.impl, module, ctx)
     if record is not None and kind != "integration":
         label = f"{kind} {choice.impl!r}"
         record.parameters[label] = record.parameters.get(label, 0) + parameter_count(module)
@@ -250,13 +271,14 @@ def build_model(
     check_size(spec, registry, dtype=dtype, max_parameters=max_parameters)
     embedding = nn.Embedding(spec.vocab_size, spec.dim)
     nn.init.normal_(embedding.weight, std=0.02)
-    record = BuildRecord()
+    record = BuildRecord(defer=True)
     blocks = [build_block(spec, layer, registry, record) for layer in range(spec.num_layers)]
     head = Linear(spec.dim, spec.vocab_size, bias=False)
     nn.init.normal_(head.weight, std=0.02)
     model = MemforgeModel(embedding, blocks, nn.RMSNorm(spec.dim), head, spec)
     if device is not None or dtype is not None:
         model = model.to(device=device, dtype=dtype)
+    record.run_checks(device)
     if registry.pm is not None:
         registry.pm.hook.memforge_model_built(model=model, spec=spec)
     return model

@@ -171,16 +171,18 @@ _CHECKS: dict[str, Callable[[nn.Module, BuildContext, Tensor], None]] = {
 }
 
 
-def _example_input(module: nn.Module, dim: int) -> Tensor:
-    """``[1, 2, dim]`` distinct, moderate values on the module's device and in its dtype."""
+def _example_input(module: nn.Module, dim: int, device: torch.device | None) -> Tensor:
+    """``[1, 2, dim]`` distinct, moderate values on the module's device and in its dtype (a
+    module without parameters: float32 on ``device``, default the CPU)."""
     tensor = next(iter(module.parameters()), None)
     dtype = tensor.dtype if tensor is not None and tensor.is_floating_point() else torch.float32
-    device = tensor.device if tensor is not None else torch.device("cpu")
+    device = tensor.device if tensor is not None else torch.device(device or "cpu")
     values = torch.linspace(-1.0, 1.0, _STEPS * dim, dtype=torch.float64).sin()
     return values.reshape(1, _STEPS, dim).to(device=device, dtype=dtype)
 
 
-def check_component(kind: str, impl: str, module: Any, ctx: BuildContext) -> None:
+def check_component(kind: str, impl: str, module: Any, ctx: BuildContext,
+                    device: torch.device | str | None = None) -> None:
     """Raise :class:`SpecError` unless ``module`` behaves like a ``kind`` component.
 
     Args:
@@ -188,6 +190,8 @@ def check_component(kind: str, impl: str, module: Any, ctx: BuildContext) -> Non
         impl: the registered name of its component, for the message.
         module: what the factory returned.
         ctx: the context it was built in (widths and heads of the check input).
+        device: where a module without parameters is called (default the CPU); a module with
+            parameters is called where they are, in their dtype.
     """
     protocol, contract = CONTRACTS.get(kind, ("", "be a torch.nn.Module"))
     where = f"{kind} {impl!r} (layer {ctx.layer_index})"
@@ -204,9 +208,12 @@ def check_component(kind: str, impl: str, module: Any, ctx: BuildContext) -> Non
         return  # no values to compute with (the size estimate builds on the meta device)
     modes = {sub: sub.training for sub in module.modules()}
     try:
-        with torch.random.fork_rng(devices=[]), torch.no_grad():
+        example = _example_input(module, ctx.dim, torch.device(device) if device else None)
+        accelerators = ([example.device.index if example.device.index is not None
+                         else torch.cuda.current_device()] if example.device.type == "cuda" else [])
+        with torch.random.fork_rng(devices=accelerators), torch.no_grad():
             module.eval()
-            _CHECKS[kind](module, ctx, _example_input(module, ctx.dim))
+            _CHECKS[kind](module, ctx, example)
     except _Mismatch as exc:
         raise SpecError(f"{where}: {type(module).__name__} is not a {kind} component: {exc}; "
                         f"{fix}") from None

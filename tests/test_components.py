@@ -121,7 +121,7 @@ def test_checks_and_estimate_leave_the_random_stream_alone(monkeypatch):
     spec = memforge.preset("titans.mac_tiny")
     torch.manual_seed(3)
     checked = build_model(spec).state_dict()
-    monkeypatch.setattr(memforge.builder, "check_component", lambda *args: None)
+    monkeypatch.setattr(memforge.builder, "check_component", lambda *args, **kwargs: None)
     monkeypatch.setattr(memforge.builder, "check_size", lambda *args, **kwargs: None)
     torch.manual_seed(3)
     plain = build_model(spec).state_dict()
