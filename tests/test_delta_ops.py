@@ -7,7 +7,7 @@ from typing import NamedTuple
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 from memforge_delta.ops import delta_rule, gated_delta_rule
 from memforge_delta.reference import chunkwise_rowwise, token_loop
@@ -111,7 +111,6 @@ def _gradients(inputs: Inputs, outputs: tuple[Tensor, Tensor], cotangents: tuple
     return torch.autograd.grad(scalar, inputs.tensors())
 
 
-@settings(max_examples=10)
 @given(cases(max_tokens=40))
 def test_gradients_match_token_loop(case: tuple[Inputs, int]) -> None:
     """Gradients w.r.t. q, k, v, beta, g and the initial state, autograd through both."""
