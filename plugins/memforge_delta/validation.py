@@ -1,7 +1,7 @@
 """Input checks of the delta-rule ops: every user mistake is one line that names the fix.
 
 The checks run before any kernel work, so a bad shape never surfaces as a traceback from inside
-``torch.linalg.solve_triangular``. The value checks (``beta`` in ``[0, 2]``, ``g <= 0``) are one
+the kernel's matrix products. The value checks (``beta`` in ``[0, 2]``, ``g <= 0``) are one
 reduction each over ``[B, H, T]``, negligible next to the kernel's ``T * C * d`` work; like every
 memforge value check they run on CPU tensors only, or where :mod:`memforge.checks` asks for them,
 since reading a GPU tensor's values would sync the device on every call.
