@@ -23,7 +23,7 @@ from torch import nn
 
 from memforge.conformance import check_component
 from memforge.errors import InputError, MemforgeError, SpecError
-from memforge.interfaces import BuildContext
+from memforge.interfaces import MEMORY_KINDS, BuildContext
 from memforge.linear import Linear
 from memforge.model import MemforgeModel
 from memforge.registry import ComponentRegistry
@@ -82,7 +82,7 @@ def _context(spec: ModelSpec, registry: ComponentRegistry, layer: int,
     record = BuildRecord() if record is None else record
 
     def build(kind: str) -> nn.Module:
-        if uses is not None and kind not in uses:
+        if uses is not None and kind in MEMORY_KINDS and kind not in uses:
             integration = spec.integration.impl if spec.has_memory_at(layer) else FALLBACK_INTEGRATION
             raise SpecError(f"integration {integration!r} built a {kind} component it does not "
                             f"declare; add {kind!r} to the requires or optional of its "

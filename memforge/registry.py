@@ -73,8 +73,9 @@ class ComponentSpec:
         optional: for integrations, the kinds the factory builds only when the spec chooses
             one. A memory kind (:data:`~memforge.interfaces.MEMORY_KINDS`) that the spec sets
             but the integration lists in neither ``requires`` nor ``optional`` is an error: its
-            settings would be silently ignored. Calling ``ctx.build`` for an undeclared kind is
-            an error at build time.
+            settings would be silently ignored; so is building an undeclared memory kind through
+            ``ctx.build``. An integration that declares neither (written before ``optional``
+            existed) is exempt from both checks: memforge cannot know what it uses.
         paper: optional citation.
     """
 
@@ -88,8 +89,16 @@ class ComponentSpec:
     paper: str = ""
 
     @property
+    def declares_kinds(self) -> bool:
+        """Whether this (integration) component declares the kinds it builds."""
+        return bool(self.requires or self.optional)
+
+    @property
     def uses(self) -> frozenset[str]:
-        """The kinds this (integration) component may build: ``requires`` and ``optional``."""
+        """The kinds this (integration) component may build: ``requires`` and ``optional``, or
+        every kind for one that declares neither."""
+        if not self.declares_kinds:
+            return frozenset(KINDS)
         return frozenset(self.requires) | frozenset(self.optional)
 
     @property

@@ -216,3 +216,33 @@ def test_an_optional_kind_an_integration_declares_is_accepted():
     assert with_memory.memory.impl == "titans.mlp"
     with pytest.raises(SpecError, match=r"uses no surprise component"):
         memforge.override(base, ["surprise=titans.momentum"], registry)
+
+
+def test_an_integration_declaring_no_kinds_is_exempt_from_the_unused_check():
+    """Integrations written before ``optional`` existed declare nothing: any kind may be set."""
+    import attrs
+
+    from memforge.plugins import as_module, load_plugins
+
+    transformer = REGISTRY.component("integration", "baseline.transformer")
+
+    @attrs.frozen
+    class NoConfig:
+        """No settings."""
+
+    def factory(config, ctx):
+        ctx.build("memory")  # an undeclared build, as such a plugin may do
+        return transformer.factory(transformer.config_cls(), ctx)
+
+    component = memforge.ComponentSpec(kind="integration", name="legacy.block", config_cls=NoConfig,
+                                       factory=factory, summary="declares nothing")
+
+    @memforge.hookimpl
+    def memforge_register_components():
+        return [component]
+
+    registry = load_plugins(autoload=False, extra=[as_module(
+        "legacy", memforge_register_components=memforge_register_components)])
+    spec = memforge.override(memforge.preset("baseline.transformer_tiny"),
+                             ["integration=legacy.block", "memory=titans.mlp"], registry)
+    memforge.build_model(spec, registry=registry)
