@@ -236,6 +236,15 @@ def test_float32_agrees_with_the_float64_loop() -> None:
         assert ((a.double() - b).abs().max() / b.abs().max()).item() < 1e-4
 
 
+def test_strided_inputs() -> None:
+    """Views such as ``[B, T, H, d].transpose(1, 2)`` (how a layer's projections come) work as is."""
+    inputs = make_inputs(11, tokens=17)
+    strided = Inputs(*(t.transpose(1, 2).contiguous().transpose(1, 2) if t.dim() == 4 else t
+                       for t in inputs))
+    assert not strided.q.is_contiguous()
+    assert_pair_close(strided.run(7), inputs.run(7), **SAME)
+
+
 def test_half_precision_inputs_run_in_float32() -> None:
     inputs = Inputs(*(t.bfloat16() for t in make_inputs(8, tokens=12)))
     outputs, state = inputs.run(64)
