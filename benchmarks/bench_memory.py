@@ -55,8 +55,6 @@ PEER_MAX_LR = 1e-2
 
 def memforge_layer(read: str) -> torch.nn.Module:
     """memforge's memory layer at the benchmark configuration, reading with ``read``."""
-    from memforge_titans import build_memory_layer
-
     import memforge
     from memforge.builder import _context
     from memforge.plugins import default_registry
@@ -64,8 +62,9 @@ def memforge_layer(read: str) -> torch.nn.Module:
     spec = memforge.preset(
         "titans.lmm", dim=DIM, heads=HEADS, retrieval=read, projection="titans.plain_qkv",
         memory={"depth": 2, "expansion": 4.0, "residual": True, "norm": True},
+        memory_layer={"chunk_size": CHUNK},
     )
-    return build_memory_layer(_context(spec, default_registry(), 0), CHUNK)
+    return _context(spec, default_registry(), 0).build("memory_layer")
 
 
 def peer_layer(paper: bool) -> torch.nn.Module:

@@ -64,12 +64,12 @@ BATCH, SEQ, NEW_TOKENS = 2, 1024, 128
 #: Memory update schedules, each the same semantics in both libraries (see the module docstring).
 PAIRINGS: dict[str, dict[str, dict[str, Any]]] = {
     "refresh16": {
-        "memforge": {"integration": {"segment_len": SEGMENT, "chunk_size": 16},
+        "memforge": {"integration": {"segment_len": SEGMENT}, "memory_layer": {"chunk_size": 16},
                      "retrieval": "titans.chunk_start"},
         "titans_pytorch": {"neural_memory_segment_len": 16, "neural_memory_batch_size": 16},
     },
     "refresh128": {
-        "memforge": {"integration": {"segment_len": SEGMENT, "chunk_size": 128},
+        "memforge": {"integration": {"segment_len": SEGMENT}, "memory_layer": {"chunk_size": 128},
                      "retrieval": "titans.before_write",
                      "surprise": {"lr_init": 0.001, "max_lr": 0.002}},
         "titans_pytorch": {"neural_memory_segment_len": 16, "neural_memory_batch_size": 128},
@@ -254,12 +254,12 @@ def scaling(lengths: list[int], reps: int, threads: int) -> dict[str, dict[int, 
 
     torch.set_num_threads(threads)
     variants = {
-        "titans.lmm": {"integration": {"chunk_size": 16}},
-        "titans.mac": {"integration": {"segment_len": SEGMENT, "chunk_size": 16},
+        "titans.lmm": {"memory_layer": {"chunk_size": 16}},
+        "titans.mac": {"integration": {"segment_len": SEGMENT}, "memory_layer": {"chunk_size": 16},
                        "attention": {"persistent_tokens": PERSISTENT}},
-        "titans.mag": {"integration": {"chunk_size": 16},
+        "titans.mag": {"memory_layer": {"chunk_size": 16},
                        "attention": {"window": SEGMENT, "persistent_tokens": PERSISTENT}},
-        "titans.mal": {"integration": {"chunk_size": 16},
+        "titans.mal": {"memory_layer": {"chunk_size": 16},
                        "attention": {"window": SEGMENT, "persistent_tokens": PERSISTENT}},
     }
     out: dict[str, dict[int, dict[str, float]]] = {}

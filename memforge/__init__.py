@@ -10,6 +10,12 @@ The public API (pinned by ``tests/test_public_api.py``)::
     memforge.save_model(model, "my_model")                      # spec + safetensors, no pickle
     model = memforge.load_model("runs/my-run")                  # a run, checkpoint or saved model
 
+Plugin authors build against the contracts (``memforge.interfaces``, whose Protocols are also
+re-exported here: ``memforge.MemoryLayer``, ``memforge.ReadsMemory``, ...), the capability checks
+(``memforge.capabilities``), the shared building blocks (``memforge.nn``: ``RMSNorm``,
+``RotaryEmbedding``, ``SwiGLU``, attention helpers), ``memforge.Linear`` and
+``memforge.StaticDecoder``; docs/plugins.md says which names are stable.
+
 Importing memforge does not import torch's compiler stack (``torch._dynamo``): only compiling
 does, on first use.
 """
@@ -20,9 +26,11 @@ from typing import Any
 
 import pluggy
 
+from memforge import capabilities, interfaces, nn
 from memforge.builder import build_model
 from memforge.compiling import compile_model
 from memforge.config import option
+from memforge.decoding import StaticDecoder
 from memforge.errors import (
     InputError,
     MemforgeError,
@@ -31,8 +39,32 @@ from memforge.errors import (
     SpecError,
     UnknownNameError,
 )
-from memforge.interfaces import KINDS, BuildContext
+from memforge.interfaces import (
+    KINDS,
+    MEMORY_KINDS,
+    Attention,
+    Block,
+    BuildContext,
+    ChunkReader,
+    CompilesSteps,
+    ComposesAttention,
+    DecodesAttentionStatically,
+    DecodesMemoryStatically,
+    DecodesStatically,
+    FeedForward,
+    ForgettingRule,
+    MemoryLayer,
+    MemoryNetwork,
+    Projection,
+    ReadsMemory,
+    ReadsMemoryStatically,
+    RetrievalRule,
+    StaticDecodeStart,
+    SurpriseGates,
+    SurpriseRule,
+)
 from memforge.io import load_spec, save_spec
+from memforge.linear import Linear
 from memforge.model import ModelOutput, ModelState
 from memforge.plugins import configure_plugins, default_registry
 from memforge.registry import ComponentSpec, PresetSpec
@@ -76,7 +108,32 @@ def available(kind: str | None = None) -> list[str] | dict[str, list[str]]:
 
 
 __all__ = [
+    "MEMORY_KINDS",
+    "Attention",
+    "Block",
     "BuildContext",
+    "ChunkReader",
+    "CompilesSteps",
+    "ComposesAttention",
+    "DecodesAttentionStatically",
+    "DecodesMemoryStatically",
+    "DecodesStatically",
+    "FeedForward",
+    "ForgettingRule",
+    "Linear",
+    "MemoryLayer",
+    "MemoryNetwork",
+    "Projection",
+    "ReadsMemory",
+    "ReadsMemoryStatically",
+    "RetrievalRule",
+    "StaticDecodeStart",
+    "StaticDecoder",
+    "SurpriseGates",
+    "SurpriseRule",
+    "capabilities",
+    "interfaces",
+    "nn",
     "ComponentChoice",
     "ComponentSpec",
     "InputError",

@@ -1,10 +1,12 @@
 """Turns a :class:`~memforge.spec.ModelSpec` into a plain ``torch.nn.Module``.
 
-For each block the builder picks the spec's integration (for layers in ``memory_layers``) or the
-plain attention block :data:`FALLBACK_INTEGRATION`, and calls its factory with a
-:class:`~memforge.interfaces.BuildContext` whose ``build(kind)`` builds the spec's other
-components for that layer. Factories turn configs into flat constructor arguments; no module ever
-sees a config object.
+For each block the builder picks the spec's integration for that layer (:meth:`ModelSpec.choice`)
+and calls its factory with a :class:`~memforge.interfaces.BuildContext` whose ``build(kind)``
+builds the spec's choice of another kind for the same layer (a memory layer's factory builds its
+own parts the same way). A component may build only the kinds its
+:class:`~memforge.registry.ComponentSpec` declares; one that declares none may build any, and the
+kinds it left unused are refused once it is built. Factories turn configs into flat constructor
+arguments; no module ever sees a config object.
 
 Before building, :func:`check_size` estimates the parameter count (the model's blocks built once
 each on PyTorch's ``meta`` device, which allocates nothing) and refuses a model beyond
@@ -26,9 +28,9 @@ from memforge.errors import InputError, MemforgeError, SpecError
 from memforge.interfaces import MEMORY_KINDS, BuildContext
 from memforge.linear import Linear
 from memforge.model import MemforgeModel
-from memforge.registry import ComponentRegistry
+from memforge.registry import ComponentRegistry, ComponentSpec
 from memforge.resources import available_memory, format_bytes, format_count
-from memforge.spec import FALLBACK_INTEGRATION, ComponentChoice, ModelSpec, check_spec
+from memforge.spec import ComponentChoice, ModelSpec, check_spec, layer_use, unused_problems
 
 #: The most parameters :func:`build_model` builds: 10 billion, 40 GB of float32 weights and about
 #: 160 GB to train with AdamW, beyond any single accelerator. A larger count is nearly always a
@@ -45,6 +47,7 @@ class BuildRecord:
         checked: the ``(kind, impl)`` pairs whose behaviour was (or will be) checked, each once
             per model.
         parameters: parameters of every component built, by ``"kind 'impl'"``, summed over layers.
+        built: the kinds built in each layer.
         defer: hold the checks in ``pending`` until :meth:`run_checks`, so that they run where the
             model will run (after it moved to its device and dtype), not on the CPU it is built on.
         pending: the deferred checks.
@@ -52,6 +55,7 @@ class BuildRecord:
 
     checked: set[tuple[str, str]] = attrs.field(factory=set)
     parameters: dict[str, int] = attrs.field(factory=dict)
+    built: dict[int, set[str]] = attrs.field(factory=dict)
     defer: bool = False
     pending: list[tuple[str, str, nn.Module, BuildContext]] = attrs.field(factory=list)
 
@@ -74,24 +78,30 @@ class BuildRecord:
 
 def _context(spec: ModelSpec, registry: ComponentRegistry, layer: int,
              record: BuildRecord | None = None,
-             uses: frozenset[str] | None = None) -> BuildContext:
-    """The build context of block ``layer``; ``ctx.build(kind)`` builds the spec's ``kind``.
+             owner: ComponentSpec | None = None) -> BuildContext:
+    """The build context of block ``layer`` for ``owner``'s factory; ``ctx.build(kind)`` builds
+    the spec's choice of ``kind`` for that layer (with a context of its own).
 
-    ``uses``, when given, are the kinds the block's integration declares.
+    ``owner``, when given, may build only the memory kinds it declares, unless it is an
+    integration that declares no kinds at all (written before declarations existed).
     """
     record = BuildRecord() if record is None else record
 
     def build(kind: str) -> nn.Module:
-        if uses is not None and kind in MEMORY_KINDS and kind not in uses:
-            integration = spec.integration.impl if spec.has_memory_at(layer) else FALLBACK_INTEGRATION
-            raise SpecError(f"integration {integration!r} built a {kind} component it does not "
+        if (owner is not None and kind in MEMORY_KINDS
+                and (owner.declares_kinds or owner.kind != "integration")
+                and kind not in (*owner.requires, *owner.optional)):
+            raise SpecError(f"{owner.kind} {owner.name!r} built a {kind} component it does not "
                             f"declare; add {kind!r} to the requires or optional of its "
                             f"ComponentSpec")
-        choice = getattr(spec, kind, None)
+        choice = spec.choice(kind, layer)
         if choice is None:
             raise SpecError(f"layer {layer} needs a {kind} component but the spec has none; "
                             f"add a [{kind}] table")
-        return build_component(kind, choice, context, registry, record)
+        record.built.setdefault(layer, set()).add(kind)
+        component = registry.component(kind, choice.impl)
+        return build_component(kind, choice, _context(spec, registry, layer, record, component),
+                               registry, record)
 
     context = BuildContext(
         dim=spec.dim,
@@ -134,15 +144,25 @@ def build_component(
 
 def build_block(spec: ModelSpec, layer: int, registry: ComponentRegistry,
                 record: BuildRecord | None = None) -> nn.Module:
-    """The block for layer ``layer``: the spec's integration, or a plain attention block."""
-    if spec.has_memory_at(layer):
-        choice = spec.integration
-    else:
-        fallback = registry.component("integration", FALLBACK_INTEGRATION)
-        choice = ComponentChoice(fallback.name, fallback.config_cls())
-    uses = registry.component("integration", choice.impl).uses
-    ctx = _context(spec, registry, layer, record, uses)
+    """The block for layer ``layer``: the spec's integration there, built with its parts."""
+    record = BuildRecord() if record is None else record
+    choice = spec.choice("integration", layer)
+    record.built.setdefault(layer, set()).add("integration")
+    ctx = _context(spec, registry, layer, record, registry.component("integration", choice.impl))
     return build_component("integration", choice, ctx, registry, record)
+
+
+def check_built_kinds(spec: ModelSpec, registry: ComponentRegistry, record: BuildRecord) -> None:
+    """Refuse kinds the spec sets that a layer built by a component declaring no kinds left
+    unused (declared layers were checked with the spec)."""
+    uses = {layer: layer_use(spec, registry, layer) for layer in range(spec.num_layers)}
+    if not any(use.open for use in uses.values()):
+        return
+    used = {layer: frozenset(record.built.get(layer, ())) if use.open
+            else frozenset(use.components) for layer, use in uses.items()}
+    problems = unused_problems(spec, registry, used)
+    if problems:
+        raise SpecError("invalid spec: " + "; ".join(problems))
 
 
 def estimate_parameters(
@@ -153,9 +173,9 @@ def estimate_parameters(
     Returns ``(count, parts)`` with ``parts`` mapping ``"embedding and head"`` and each built
     component (``"memory 'titans.mlp'"``) to its parameters over all layers; ``None`` when the
     count is unknown. Embedding and output head are ``2 * vocab_size * dim``; each distinct block
-    (the spec's integration, and the plain attention block of layers outside ``memory_layers``)
-    is built once on the ``meta`` device and counted. A factory that cannot build on ``meta`` (it
-    computes with tensor values) makes the estimate unknown; its real build still runs.
+    (layers with the same choices share one) is built once on the ``meta`` device and counted. A
+    factory that cannot build on ``meta`` (it computes with tensor values) makes the estimate
+    unknown; its real build still runs.
     """
     from memforge.plugins import default_registry
 
@@ -165,13 +185,15 @@ def estimate_parameters(
     if head > MAX_PARAMETERS:
         return head, parts  # already too large: no need to build anything
     count = head
-    layers = [spec.has_memory_at(layer) for layer in range(spec.num_layers)]
-    for memory in sorted(set(layers)):
-        repeats = layers.count(memory)
+    layers: dict[tuple[tuple[str, ComponentChoice], ...], list[int]] = {}
+    for layer in range(spec.num_layers):
+        layers.setdefault(tuple(spec.layer_choices(layer).items()), []).append(layer)
+    for same in layers.values():
+        repeats = len(same)
         record = BuildRecord()
         try:
             with torch.device("meta"):
-                block = build_block(spec, layers.index(memory), registry, record)
+                block = build_block(spec, same[0], registry, record)
         except MemforgeError:
             raise
         except Exception:  # a plugin that needs real values to build; build for real
@@ -273,6 +295,7 @@ def build_model(
     nn.init.normal_(embedding.weight, std=0.02)
     record = BuildRecord(defer=True)
     blocks = [build_block(spec, layer, registry, record) for layer in range(spec.num_layers)]
+    check_built_kinds(spec, registry, record)
     head = Linear(spec.dim, spec.vocab_size, bias=False)
     nn.init.normal_(head.weight, std=0.02)
     model = MemforgeModel(embedding, blocks, nn.RMSNorm(spec.dim), head, spec)
@@ -289,11 +312,22 @@ def parameter_count(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters() if p.requires_grad)
 
 
-def layer_layout(spec: ModelSpec, model: MemforgeModel) -> list[dict[str, Any]]:
-    """One row per block: index, integration name, module class and parameter count."""
+def layer_layout(spec: ModelSpec, model: MemforgeModel,
+                 registry: ComponentRegistry | None = None) -> list[dict[str, Any]]:
+    """One row per block: index, integration, memory layer (``""`` without one) and the memory
+    parts it is built from (``"memory 'titans.mlp', surprise 'titans.momentum', ..."``), the
+    block's module class and its parameter count."""
+    from memforge.plugins import default_registry
+
+    registry = registry or default_registry()
     rows = []
     for index, block in enumerate(model.blocks):
-        impl = spec.integration.impl if spec.has_memory_at(index) else FALLBACK_INTEGRATION
-        rows.append({"layer": index, "integration": impl, "module": type(block).__name__,
+        used = layer_use(spec, registry, index).components
+        memory_layer = spec.choice("memory_layer", index) if "memory_layer" in used else None
+        parts = [f"{kind} {spec.choice(kind, index).impl!r}" for kind in MEMORY_KINDS
+                 if kind in used and kind != "memory_layer"]
+        rows.append({"layer": index, "integration": spec.choice("integration", index).impl,
+                     "memory_layer": memory_layer.impl if memory_layer else "",
+                     "memory_parts": ", ".join(parts), "module": type(block).__name__,
                      "parameters": parameter_count(block)})
     return rows

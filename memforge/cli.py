@@ -130,12 +130,21 @@ def _show(args: argparse.Namespace, console: Console) -> int:
     console.print(f"# spec_id = {spec_id(spec)}", markup=False, highlight=False)
     console.print(dumps_spec(spec, args.format), markup=False, highlight=False)
     table = Table(title=f"layout: {parameter_count(model):,} parameters", title_justify="left")
-    for column in ("layer", "integration", "module", "parameters"):
+    rows = layer_layout(spec, model)
+    for column in ("layer", "integration", "memory layer", "module", "parameters"):
         table.add_column(column)
-    for row in layer_layout(spec, model):
-        table.add_row(str(row["layer"]), row["integration"], row["module"],
-                      f"{row['parameters']:,}")
+    for row in rows:
+        table.add_row(str(row["layer"]), row["integration"], row["memory_layer"] or "-",
+                      row["module"], f"{row['parameters']:,}")
     console.print(table)
+    built_from: dict[tuple[str, str], list[str]] = {}
+    for row in rows:
+        if row["memory_parts"]:
+            built_from.setdefault((row["memory_layer"], row["memory_parts"]), []).append(
+                str(row["layer"]))
+    for (layer, parts), layers in built_from.items():
+        console.print(f"layer{'s' if len(layers) > 1 else ''} {', '.join(layers)}: {layer} built "
+                      f"from {parts}", markup=False, highlight=False)
     return 0
 
 

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from memforge.errors import SpecError
-from memforge.interfaces import BuildContext
+from memforge.interfaces import READS, BuildContext, retrieval_reads
 
 #: What each kind must do, for error messages (the Protocol in :mod:`memforge.interfaces`).
 CONTRACTS: dict[str, tuple[str, str]] = {
@@ -34,6 +34,8 @@ CONTRACTS: dict[str, tuple[str, str]] = {
     "projection": ("Projection", "map (x [B, T, D], cache) to (q, k, v [B, H, T, d], cache)"),
     "attention": ("Attention", "map (x [B, T, D], cache) to (y [B, T, D], cache)"),
     "feedforward": ("FeedForward", "map x [B, T, D] to y [B, T, D]"),
+    "memory_layer": ("MemoryLayer", "map (x [B, T, D], state) to (y [B, T, D], state) and have "
+                                    "an int chunk_size >= 1"),
     "integration": ("Block", "map (hidden [B, T, D], state) to (hidden [B, T, D], state)"),
 }
 
@@ -72,15 +74,16 @@ def _pair(value: Any, what: str) -> tuple[Any, Any]:
 
 
 class _IdentityReader:
-    """A :class:`~memforge.interfaces.ChunkReader` whose every read returns the queries."""
+    """A reader offering only the ``reads`` a retrieval rule declares (see
+    :func:`memforge.interfaces.retrieval_reads`), each returning the queries: a rule that calls
+    a read it did not declare fails here, not inside a kernel that lacks it."""
 
-    def at_chunk_start(self, queries: Tensor) -> Tensor:
-        return queries.clone()
+    def __init__(self, reads: frozenset[str]) -> None:
+        for name in reads:
+            setattr(self, name, self._read)
 
-    def before_write(self, queries: Tensor) -> Tensor:
-        return queries.clone()
-
-    def after_write(self, queries: Tensor) -> Tensor:
+    @staticmethod
+    def _read(queries: Tensor) -> Tensor:
         return queries.clone()
 
 
@@ -139,7 +142,12 @@ def _retrieval(module: nn.Module, ctx: BuildContext, like: Tensor) -> None:
     if not isinstance(flag, bool):
         raise _Mismatch(f"its reads_within_chunk is {flag!r}, expected True or False")
     queries = like.new_ones(ctx.heads, _STEPS, ctx.head_dim)
-    _expect(module(_IdentityReader(), queries), tuple(queries.shape), "forward(reader, queries)")
+    reads = retrieval_reads(module)
+    if not reads <= set(READS):
+        raise _Mismatch(f"its reads {sorted(reads)} name no ChunkReader read; expected some of "
+                        f"{list(READS)}")
+    _expect(module(_IdentityReader(reads), queries), tuple(queries.shape),
+            "forward(reader, queries)")
 
 
 def _projection(module: nn.Module, ctx: BuildContext, like: Tensor) -> None:
@@ -155,6 +163,14 @@ def _mixer(module: nn.Module, ctx: BuildContext, like: Tensor) -> None:
     _expect(y, tuple(like.shape), "forward(x, None)'s output")
 
 
+def _memory_layer(module: nn.Module, ctx: BuildContext, like: Tensor) -> None:
+    chunk = getattr(module, "chunk_size", None)
+    if not isinstance(chunk, int) or isinstance(chunk, bool) or chunk < 1:
+        raise _Mismatch(f"its chunk_size is {chunk!r}, expected an int >= 1 (1 for a "
+                        f"token-recurrent layer)")
+    _mixer(module, ctx, like)
+
+
 def _feedforward(module: nn.Module, ctx: BuildContext, like: Tensor) -> None:
     _expect(module(like), tuple(like.shape), "forward(x)")
 
@@ -167,6 +183,7 @@ _CHECKS: dict[str, Callable[[nn.Module, BuildContext, Tensor], None]] = {
     "projection": _projection,
     "attention": _mixer,
     "feedforward": _feedforward,
+    "memory_layer": _memory_layer,
     "integration": _mixer,
 }
 

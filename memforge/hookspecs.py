@@ -62,8 +62,9 @@ def memforge_validate_spec(spec: ModelSpec, registry: ComponentRegistry) -> Sequ
     Called by :func:`memforge.build_model` and when a spec is loaded. Every plugin's problems are
     collected and raised together as one :class:`~memforge.errors.SpecError`. Return messages that
     name the fields involved and the fix, e.g. ``"titans.mac: segment_len=100 is not a multiple of
-    chunk_size=64; set integration.chunk_size to a divisor of 100"``. Only check specs that use
-    your own components.
+    chunk_size=64; set memory_layer.chunk_size to a divisor of 100"``. Only check specs that use
+    your own components, in every layer that uses them: a spec may choose a kind per layer
+    (``spec.choice(kind, layer)``, :func:`memforge.spec.used_kinds`).
     """
 
 

@@ -2,8 +2,17 @@
 
 A *kind* is a slot in a model: the parametric memory network, the surprise rule that measures
 how badly the memory predicts a value, the forgetting rule that decays old memory, the retrieval
-rule that reads it, the projection that turns hidden states into queries/keys/values, the short-term
-attention, the feed-forward layer, and the integration strategy that joins them into a block.
+rule that reads it, the projection that turns hidden states into queries/keys/values, the memory
+layer (a stateful token mixer, e.g. the Titans layer built from the five kinds before it), the
+short-term attention, the feed-forward layer, and the integration strategy that joins them into a
+block. Which kinds a component builds from is declared on its
+:class:`~memforge.registry.ComponentSpec` (``requires``/``optional``), so a spec that sets a kind
+no component of a layer uses is refused instead of silently ignored (docs/architecture.md).
+
+Besides the one Protocol per kind, *capabilities* are Protocols a component may also satisfy
+(:class:`ReadsMemory`, :class:`DecodesMemoryStatically`, :class:`ComposesAttention`, ...). A
+component that needs one from another checks it where it is built or used, and the error names
+the component and the missing capability (:func:`memforge.capabilities.require`).
 
 Components are plain ``torch.nn.Module`` objects that satisfy these Protocols structurally: a plugin
 never subclasses anything from memforge (torchtune's "no implementation inheritance"). Factories
@@ -32,13 +41,18 @@ KINDS: tuple[str, ...] = (
     "forgetting",
     "retrieval",
     "projection",
+    "memory_layer",
     "attention",
     "feedforward",
     "integration",
 )
 
-#: Kinds that only memory-bearing integrations use; a pure attention model may leave them unset.
-MEMORY_KINDS: tuple[str, ...] = ("memory", "surprise", "forgetting", "retrieval", "projection")
+#: Kinds that only memory-bearing layers use; a pure attention model may leave them unset.
+MEMORY_KINDS: tuple[str, ...] = ("memory", "surprise", "forgetting", "retrieval", "projection",
+                                 "memory_layer")
+
+#: The reads a :class:`ChunkReader` can offer, by method name.
+READS: tuple[str, ...] = ("at_chunk_start", "before_write", "after_write")
 
 #: A ``linear(i, h)`` callback: apply the network's ``i``-th weight matrix to ``h`` of shape
 #: ``[N, t, d_in_i]`` and return ``[N, t, d_out_i]``. The memory kernels supply it, so a memory
@@ -155,19 +169,26 @@ class ForgettingRule(Protocol):
 
 
 @runtime_checkable
-class ChunkReader(Protocol):
-    """What a memory kernel offers a retrieval rule for one chunk of queries ``[N, t, d]``.
-
-    Every method is a pure read: none of them changes any weight, momentum or cache.
-    """
+class ReadsAtChunkStart(Protocol):
+    """A reader that can read a chunk's queries with the weights at the start of their chunk."""
 
     def at_chunk_start(self, queries: Tensor) -> Tensor:
-        """Read every query with the weights at the start of its chunk."""
+        """Read every query ``[N, t, d]`` with the weights at the start of its chunk."""
         ...
+
+
+@runtime_checkable
+class ReadsBeforeWrite(Protocol):
+    """A reader that can read query ``t`` with the exact weights ``M_{t-1}``."""
 
     def before_write(self, queries: Tensor) -> Tensor:
         """Read query ``t`` with the exact weights ``M_{t-1}`` (before token ``t`` writes)."""
         ...
+
+
+@runtime_checkable
+class ReadsAfterWrite(Protocol):
+    """A reader that can read query ``t`` with the exact weights ``M_t``."""
 
     def after_write(self, queries: Tensor) -> Tensor:
         """Read query ``t`` with the exact weights ``M_t`` (after token ``t`` writes)."""
@@ -175,11 +196,26 @@ class ChunkReader(Protocol):
 
 
 @runtime_checkable
+class ChunkReader(ReadsAtChunkStart, ReadsBeforeWrite, ReadsAfterWrite, Protocol):
+    """What a memory kernel offers a retrieval rule for one chunk of queries ``[N, t, d]``.
+
+    Each read is a capability of its own (:data:`READS`): a kernel offers the reads it can (a
+    token-exact kernel has no chunk-start weights to offer), a retrieval rule declares the reads
+    it calls (:func:`retrieval_reads`), and a memory layer that takes a retrieval rule refuses,
+    at build time, one that needs a read its kernel lacks
+    (:func:`memforge.capabilities.require_reads`). The Titans kernel offers all three. Every read
+    is pure: none of them changes any weight, momentum or cache.
+    """
+
+
+@runtime_checkable
 class RetrievalRule(Protocol):
     """Kind ``retrieval``: which weights a token reads. Never writes the memory.
 
-    A rule may set the class attribute ``reads_within_chunk = False`` to promise that it only ever
-    calls ``reader.at_chunk_start``: fixed-shape decoding then computes a chunk's surprises once,
+    A rule may set the class attribute ``reads`` to the :class:`ChunkReader` methods it calls
+    (a tuple of names from :data:`READS`); without it, every read is assumed. A rule may set the
+    class attribute ``reads_within_chunk = False`` to promise that it only ever calls
+    ``reader.at_chunk_start``: fixed-shape decoding then computes a chunk's surprises once,
     when the chunk completes, instead of one per token for reads that never come (a rule that
     breaks the promise gets an error, not a wrong read). Without the attribute, ``True`` is assumed.
     """
@@ -187,6 +223,12 @@ class RetrievalRule(Protocol):
     def forward(self, reader: ChunkReader, queries: Tensor) -> Tensor:
         """Return the read-out ``[N, t, d_value]`` for ``queries`` ``[N, t, d_key]``."""
         ...
+
+
+def retrieval_reads(rule: object) -> frozenset[str]:
+    """The :class:`ChunkReader` reads ``rule`` declares it calls (its ``reads`` attribute; all of
+    :data:`READS` when it declares none)."""
+    return frozenset(getattr(type(rule), "reads", READS))
 
 
 @runtime_checkable
@@ -202,6 +244,83 @@ class Projection(Protocol):
 
 
 @runtime_checkable
+class MemoryLayer(Protocol):
+    """Kind ``memory_layer``: a stateful token mixer, the memory of a block.
+
+    ``forward(x, state)`` maps ``x`` ``[B, T, D]`` to ``(y [B, T, D], state)``; ``state`` is
+    ``None`` at the start of a sequence and whatever the layer returned for the previous piece of
+    the same sequences afterwards, so that feeding a sequence in pieces equals feeding it whole.
+    Causal: ``y[:, t]`` depends on ``x[:, :t + 1]`` only.
+
+    ``chunk_size`` is the period of the layer's internal cycle (the tokens whose update is
+    computed together): fixed-shape decoding tells the layer when a cycle completes. A token-
+    recurrent layer has ``chunk_size = 1``; a chunked kernel that is exact per token may still
+    report its chunk. Integrations (``titans.lmm``, ``titans.mac``, ...) take any memory layer;
+    what more they need is a capability: :class:`ReadsMemory` (MAC), :class:`DecodesMemoryStatically`
+    (compiled generation), :class:`CompilesSteps`.
+    """
+
+    chunk_size: int
+
+    def forward(self, x: Tensor, state: Any | None) -> tuple[Tensor, Any]: ...
+
+
+@runtime_checkable
+class ReadsMemory(Protocol):
+    """Capability of a memory layer: read its memory without writing (what ``titans.mac`` needs).
+
+    A *snapshot* is the memory as it stands (for a fast-weight memory, its current weights), a
+    tensor or a tuple of tensors; reading it changes nothing, and a read with the same snapshot
+    and queries always gives the same result.
+    """
+
+    def read_state(self, state: Any | None, batch: int) -> Any:
+        """The snapshot of the memory after every token ``state`` has written (``None``: the
+        memory before any token, for ``batch`` sequences). Pure: ``state`` is not changed."""
+        ...
+
+    def read(self, queries: Tensor, snapshot: Any) -> Tensor:
+        """Per-head queries ``[B, H, T, d]`` read from ``snapshot``: ``[B, H, T, d]``, the raw
+        memory output (no norm, gate or projection: the caller decides what to do with it)."""
+        ...
+
+
+@runtime_checkable
+class DecodesMemoryStatically(Protocol):
+    """Capability of a memory layer: decode one token at a time with fixed-shape buffers.
+
+    The integration's :meth:`DecodesStatically.static_decode_start` asks the layer for its buffers
+    and its phase in its cycle of :attr:`MemoryLayer.chunk_size` tokens; every step then says
+    whether the token completes that cycle. A step must equal ``forward`` on the same token with
+    the state the buffers hold (up to float rounding).
+    """
+
+    def static_decode_buffers(self, state: Any, batch: int) -> Any:
+        """Fixed-shape buffers holding ``state`` (after at least one token); copies, so the
+        decode never changes ``state`` itself."""
+        ...
+
+    def static_decode_phase(self, state: Any) -> int:
+        """Tokens of the current cycle ``state`` has read (``0 <= phase < chunk_size``)."""
+        ...
+
+    def static_decode_step(self, x: Tensor, buffers: Any, completes_chunk: bool) -> Tensor:
+        """One token ``x`` ``[B, 1, D]``: update ``buffers`` in place and return ``[B, 1, D]``."""
+        ...
+
+
+@runtime_checkable
+class ReadsMemoryStatically(Protocol):
+    """Capability of a memory layer that both reads (:class:`ReadsMemory`) and decodes with fixed
+    shapes (:class:`DecodesMemoryStatically`): the snapshot its decode buffers hold."""
+
+    def static_read_state(self, buffers: Any) -> Any:
+        """The :meth:`ReadsMemory.read_state` snapshot of the memory in ``buffers``, valid right
+        after a step that completed a cycle (views into the buffers: copy it to keep it)."""
+        ...
+
+
+@runtime_checkable
 class Attention(Protocol):
     """Kind ``attention``: short-term causal self-attention with an incremental cache.
 
@@ -210,6 +329,39 @@ class Attention(Protocol):
     """
 
     def forward(self, x: Tensor, cache: Any | None) -> tuple[Tensor, Any]: ...
+
+
+@runtime_checkable
+class ComposesAttention(Protocol):
+    """Capability of an attention component: its parts, for blocks that attend with their own
+    keys and mask (``titans.mac`` attends over ``[persistent | retrieved | segment]``)."""
+
+    def project_qkv(self, x: Tensor, positions: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """``q, k, v`` ``[B, H, T, d]`` of ``x`` ``[B, T, D]`` at ``positions`` ``[T]`` (rotated
+        if the component uses positions)."""
+        ...
+
+    def persistent_kv(self) -> tuple[Tensor, Tensor] | None:
+        """Keys and values ``[1, H, P, d]`` of the persistent tokens, or ``None`` without any."""
+        ...
+
+    def output(self, o: Tensor) -> Tensor:
+        """Heads ``[B, H, T, d]`` merged and projected to ``[B, T, D]``."""
+        ...
+
+
+@runtime_checkable
+class DecodesAttentionStatically(Protocol):
+    """Capability of an attention component: decode one token at a time with fixed-shape buffers
+    (see :class:`DecodesStatically`); :func:`memforge.nn.static_attention_buffers` checks it."""
+
+    def static_decode_buffers(self, cache: Any, batch: int, capacity: int) -> Any:
+        """Fixed-shape buffers holding ``cache`` for up to ``capacity`` more tokens (copies)."""
+        ...
+
+    def static_decode_step(self, x: Tensor, buffers: Any) -> Tensor:
+        """Attend one token ``x`` ``[B, 1, D]`` on ``buffers`` (updated in place)."""
+        ...
 
 
 @runtime_checkable

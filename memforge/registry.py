@@ -68,14 +68,18 @@ class ComponentSpec:
         factory: ``factory(config, ctx: BuildContext) -> nn.Module``; turns the config into flat
             constructor arguments of a module (modules never see config objects).
         summary: one line for ``memforge list``.
-        requires: for integrations, the other kinds the factory always builds through
-            ``ctx.build``; the spec must choose a component for each of them.
-        optional: for integrations, the kinds the factory builds only when the spec chooses
-            one. A memory kind (:data:`~memforge.interfaces.MEMORY_KINDS`) that the spec sets
-            but the integration lists in neither ``requires`` nor ``optional`` is an error: its
-            settings would be silently ignored; so is building an undeclared memory kind through
-            ``ctx.build``. An integration that declares neither (written before ``optional``
-            existed) is exempt from both checks: memforge cannot know what it uses.
+        requires: the other kinds the factory always builds through ``ctx.build`` (an
+            integration its memory layer, attention and feed-forward; ``titans.neural_memory``
+            its memory, rules and projection); the spec must choose a component for each.
+        optional: the kinds the factory builds only when the spec chooses one. The kinds a
+            layer uses are those declared from its integration down (transitively); a memory
+            kind (:data:`~memforge.interfaces.MEMORY_KINDS`) that the spec sets but no
+            component of a layer uses is an error naming the component that ignores it (its
+            settings would be silently ignored), and so is building an undeclared memory kind
+            through ``ctx.build``. A component that declares neither uses no other kind, except
+            an integration that declares neither (written before declarations existed): memforge
+            cannot know what it uses, so it may build any kind, and the kinds it left unused are
+            refused once it is built.
         paper: optional citation.
     """
 
@@ -90,14 +94,14 @@ class ComponentSpec:
 
     @property
     def declares_kinds(self) -> bool:
-        """Whether this (integration) component declares the kinds it builds."""
+        """Whether this component declares any kind it builds (``requires`` or ``optional``)."""
         return bool(self.requires or self.optional)
 
     @property
     def uses(self) -> frozenset[str]:
-        """The kinds this (integration) component may build: ``requires`` and ``optional``, or
-        every kind for one that declares neither."""
-        if not self.declares_kinds:
+        """The kinds this component may build: ``requires`` and ``optional``, or every kind for
+        an integration that declares neither."""
+        if self.kind == "integration" and not self.declares_kinds:
             return frozenset(KINDS)
         return frozenset(self.requires) | frozenset(self.optional)
 

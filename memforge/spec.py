@@ -2,21 +2,26 @@
 
 A :class:`ModelSpec` holds the model's sizes and one :class:`ComponentChoice` per kind: a
 registered component name (``impl``) and an instance of that component's own frozen config class.
-Its dict form is flat, one table per kind with the reserved key ``impl``::
+Any kind can be chosen differently for some layers. Its dict form is one table per kind with the
+reserved key ``impl``, and ``[layer.<layers>.<kind>]`` tables for per-layer choices, where
+``<layers>`` is an index (``1``), a comma list (``0,2``) or a range (``1-3``)::
 
-    schema_version = 1
+    schema_version = 2
     vocab_size = 256
     dim = 128
-    num_layers = 2
+    num_layers = 4
     heads = 4
 
     [memory]
     impl = "titans.mlp"
     depth = 2
 
+    [layer."0,2".integration]
+    impl = "baseline.transformer"
+
 The dict form names registry entries, never import paths, so moving code never breaks a stored
 spec. ``None`` values are dropped when writing (TOML has no null), which is why optional fields
-default to ``None``.
+default to ``None``. Dicts of an older schema are migrated when read (:mod:`memforge.migrations`).
 """
 
 from __future__ import annotations
@@ -29,12 +34,19 @@ from typing import Any
 
 import attrs
 
-from memforge.errors import MemforgeError, SpecError, UnknownNameError, close_matches
+from memforge.errors import (
+    MemforgeError,
+    SpecError,
+    UnknownNameError,
+    close_matches,
+    unknown_name_message,
+)
 from memforge.interfaces import KINDS, MEMORY_KINDS
-from memforge.registry import ComponentRegistry
+from memforge.migrations import expand_memory_layers, migrate
+from memforge.registry import ComponentRegistry, ComponentSpec
 
 #: The schema version this memforge writes and reads.
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 #: Upper limits of the top-level sizes. No model memforge can train comes near them (the largest
 #: public models have widths near 16K, vocabularies near 256K and about 130 blocks); they stop a
@@ -44,9 +56,6 @@ SIZE_LIMITS: dict[str, int] = {"vocab_size": 2**24, "dim": 2**16, "num_layers": 
 
 #: The override value that removes an optional component (``--set memory=none``).
 NONE = "none"
-
-#: The integration used for blocks outside ``memory_layers``: attention + feed-forward.
-FALLBACK_INTEGRATION = "baseline.transformer"
 
 
 @attrs.frozen
@@ -67,15 +76,33 @@ def _size(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
         raise SpecError(f"{name!r} must be in [1, {limit}], got {value}")
 
 
-def _layer_tuple(value: Any) -> tuple[int, ...] | None:
+#: Per-layer choices in canonical form: ``((layer, ((kind, choice), ...)), ...)``, both sorted.
+LayerChoices = tuple[tuple[int, tuple[tuple[str, "ComponentChoice"], ...]], ...]
+
+
+def _layer_choices(value: Any) -> LayerChoices:
+    """Per-layer choices from ``{layer: {kind: ComponentChoice}}`` (or the canonical tuple)."""
     if value is None:
-        return None
-    if isinstance(value, (str, bytes)) or not isinstance(value, Iterable):
-        raise SpecError(f"'memory_layers' must be a list of layer indices, got {value!r}")
-    items = tuple(value)
-    if any(not isinstance(i, int) or isinstance(i, bool) for i in items):
-        raise SpecError(f"'memory_layers' must hold integers, got {list(items)!r}")
-    return tuple(sorted(set(items)))
+        return ()
+    items = value.items() if isinstance(value, Mapping) else value
+    if isinstance(items, (str, bytes)) or not isinstance(items, Iterable):
+        raise SpecError(f"'layers' must map layer indices to {{kind: ComponentChoice}}, got {value!r}")
+    merged: dict[int, dict[str, ComponentChoice]] = {}
+    for item in items:
+        layer, kinds = item if isinstance(item, tuple) and len(item) == 2 else (item, None)
+        if not isinstance(layer, int) or isinstance(layer, bool):
+            raise SpecError(f"'layers' must be keyed by layer index (int), got {layer!r}")
+        kinds = kinds.items() if isinstance(kinds, Mapping) else kinds
+        if isinstance(kinds, (str, bytes)) or not isinstance(kinds, Iterable):
+            raise SpecError(f"'layers'[{layer}] must map kinds to ComponentChoice, got {kinds!r}")
+        for kind, choice in kinds:
+            if kind not in KINDS:
+                raise SpecError(f"[layer.{layer}] " + unknown_name_message("kind", str(kind), KINDS))
+            if not isinstance(choice, ComponentChoice):
+                raise SpecError(f"[layer.{layer}.{kind}] must be a ComponentChoice, got {choice!r}")
+            merged.setdefault(layer, {})[kind] = choice
+    return tuple((layer, tuple(sorted(kinds.items(), key=lambda kc: KINDS.index(kc[0]))))
+                 for layer, kinds in sorted(merged.items()) if kinds)
 
 
 def _optional_choice(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
@@ -97,11 +124,12 @@ class ModelSpec:
         dim: model width.
         num_layers: number of blocks.
         heads: attention and memory heads; must divide ``dim``.
-        memory_layers: indices of the blocks that use the (memory-bearing) integration; the other
-            blocks are plain attention blocks (hybrids). ``None``: every block.
-        memory, surprise, forgetting, retrieval, projection: the memory parts; ``None`` for models
-            whose integration carries no memory.
-        attention, feedforward, integration: always chosen.
+        memory, surprise, forgetting, retrieval, projection, memory_layer: the memory parts;
+            ``None`` for models that carry no memory.
+        attention, feedforward, integration: always chosen (the model-wide defaults).
+        layers: per-layer choices, ``{layer: {kind: ComponentChoice}}``, which replace the
+            model-wide choice of that kind in those layers (hybrids, placement ablations); stored
+            sorted as a tuple, read them with :meth:`choice` or :meth:`layer_choices`.
         schema_version: the file format version (see :data:`SCHEMA_VERSION`).
     """
 
@@ -117,7 +145,8 @@ class ModelSpec:
     forgetting: ComponentChoice | None = attrs.field(default=None, validator=_optional_choice)
     retrieval: ComponentChoice | None = attrs.field(default=None, validator=_optional_choice)
     projection: ComponentChoice | None = attrs.field(default=None, validator=_optional_choice)
-    memory_layers: tuple[int, ...] | None = attrs.field(default=None, converter=_layer_tuple)
+    memory_layer: ComponentChoice | None = attrs.field(default=None, validator=_optional_choice)
+    layers: LayerChoices = attrs.field(default=(), converter=_layer_choices)
     schema_version: int = SCHEMA_VERSION
 
     def __attrs_post_init__(self) -> None:
@@ -126,24 +155,39 @@ class ModelSpec:
                 f"'heads'={self.heads} must divide 'dim'={self.dim}; pick heads among "
                 f"{[h for h in range(1, min(self.dim, 64) + 1) if self.dim % h == 0]}"
             )
-        if self.memory_layers is not None:
-            bad = [i for i in self.memory_layers if not 0 <= i < self.num_layers]
-            if bad:
-                raise SpecError(
-                    f"'memory_layers' {bad} out of range for num_layers={self.num_layers}; "
-                    f"use indices 0..{self.num_layers - 1}"
-                )
+        bad = [layer for layer, _ in self.layers if not 0 <= layer < self.num_layers]
+        if bad:
+            raise SpecError(f"[layer.{','.join(map(str, bad))}] does not exist: num_layers="
+                            f"{self.num_layers} has layers 0..{self.num_layers - 1}; fix the "
+                            f"layer index or num_layers")
 
     def choices(self) -> dict[str, ComponentChoice]:
-        """The chosen components by kind, unset kinds left out."""
+        """The model-wide chosen components by kind, unset kinds left out."""
         return {kind: getattr(self, kind) for kind in KINDS if getattr(self, kind) is not None}
 
-    def has_memory_at(self, layer: int) -> bool:
-        """Whether block ``layer`` uses the spec's integration (else a plain attention block)."""
-        return self.memory_layers is None or layer in self.memory_layers
+    def layer_overrides(self, layer: int) -> dict[str, ComponentChoice]:
+        """The choices made for ``layer`` alone (empty when it uses the model-wide ones)."""
+        return dict(next((kinds for index, kinds in self.layers if index == layer), ()))
+
+    def layer_choices(self, layer: int) -> dict[str, ComponentChoice]:
+        """Every kind's choice in ``layer``: its own where it has one, else the model-wide one."""
+        return {**self.choices(), **self.layer_overrides(layer)}
+
+    def choice(self, kind: str, layer: int) -> ComponentChoice | None:
+        """The component chosen for ``kind`` in ``layer`` (``None``: the spec sets none)."""
+        return self.layer_overrides(layer).get(kind, getattr(self, kind))
 
 
-_TOP_LEVEL = ("schema_version", "vocab_size", "dim", "num_layers", "heads", "memory_layers")
+_TOP_LEVEL = ("schema_version", "vocab_size", "dim", "num_layers", "heads")
+
+#: The key of the per-layer tables.
+LAYER = "layer"
+
+#: Read (a schema-1 field, and a shorthand in overrides) but never written.
+MEMORY_LAYERS = "memory_layers"
+
+#: The first part of every valid override path (``dim``, ``memory.depth``, ``layer.1.memory``).
+OVERRIDE_ROOTS: tuple[str, ...] = (*_TOP_LEVEL, MEMORY_LAYERS, LAYER, *KINDS)
 
 
 def _plain(value: Any) -> Any:
@@ -169,8 +213,70 @@ def to_dict(spec: ModelSpec) -> dict[str, Any]:
         if value is not None:
             data[key] = _plain(value)
     for kind, choice in spec.choices().items():
-        data[kind] = {"impl": choice.impl, **config_to_dict(choice.config)}
+        data[kind] = _choice_table(choice)
+    if spec.layers:
+        data[LAYER] = {str(layer): {kind: _choice_table(choice) for kind, choice in kinds}
+                       for layer, kinds in spec.layers}
     return data
+
+
+def _choice_table(choice: ComponentChoice) -> dict[str, Any]:
+    return {"impl": choice.impl, **config_to_dict(choice.config)}
+
+
+def parse_layers(selector: Any, num_layers: int | None = None) -> list[int]:
+    """The layer indices a per-layer table's key names: ``3``, ``"3"``, ``"0,2"``, ``"1-3"``.
+
+    With ``num_layers`` given, an index past the model is a one-line error naming the range.
+    """
+    where = f"[layer.{selector}]"
+    if isinstance(selector, int) and not isinstance(selector, bool):
+        layers = [selector]
+    elif isinstance(selector, str) and selector.strip():
+        layers = []
+        for part in selector.split(","):
+            first, dash, last = part.strip().partition("-")
+            if not (first.isdigit() and (not dash or last.isdigit())):
+                raise SpecError(f"{where}: layers are written as an index (1), a comma list "
+                                f"(0,2) or a range (1-3), got {selector!r}")
+            start, stop = int(first), int(last) if dash else int(first)
+            if stop < start:
+                raise SpecError(f"{where}: the range {part.strip()!r} runs backwards; write "
+                                f"{stop}-{start}")
+            layers.extend(range(start, stop + 1))
+    else:
+        raise SpecError(f"{where}: layers are written as an index (1), a comma list (0,2) or a "
+                        f"range (1-3), got {selector!r}")
+    if num_layers is not None:
+        bad = sorted({i for i in layers if i >= num_layers})
+        if bad:
+            raise SpecError(f"[layer.{','.join(map(str, bad))}] does not exist: num_layers="
+                            f"{num_layers} has layers 0..{num_layers - 1}; fix the layer index "
+                            f"or num_layers")
+    return sorted(set(layers))
+
+
+def _layers_from_dict(value: Any, num_layers: Any, registry: ComponentRegistry
+                      ) -> dict[int, dict[str, ComponentChoice]]:
+    if not isinstance(value, Mapping):
+        raise SpecError(f"[{LAYER}] must hold tables [layer.<layers>.<kind>], got {value!r}")
+    known = num_layers if isinstance(num_layers, int) and not isinstance(num_layers, bool) else None
+    layers: dict[int, dict[str, ComponentChoice]] = {}
+    for selector, kinds in value.items():
+        indices = parse_layers(selector, known)
+        if not isinstance(kinds, Mapping):
+            raise SpecError(f"[layer.{selector}] must hold one table per kind, e.g. "
+                            f"[layer.{selector}.integration], got {kinds!r}")
+        for kind, table in kinds.items():
+            if kind not in KINDS:
+                raise _unknown_key(kind, KINDS, f"in [layer.{selector}] ")
+            choice = _choice_from_dict(kind, table, registry, f"layer.{selector}.{kind}")
+            for index in indices:
+                if kind in layers.setdefault(index, {}):
+                    raise SpecError(f"[layer.{index}.{kind}] is set twice (by [layer.{selector}] "
+                                    f"and another table naming layer {index}); keep one")
+                layers[index][kind] = choice
+    return layers
 
 
 def _unknown_key(key: str, valid: Iterable[str], where: str) -> SpecError:
@@ -192,31 +298,34 @@ def build_config(config_cls: type, values: Mapping[str, Any], where: str) -> Any
         raise SpecError(f"{where.rstrip('.')}: {exc}") from None
 
 
-def _choice_from_dict(kind: str, table: Any, registry: ComponentRegistry) -> ComponentChoice:
+def _choice_from_dict(kind: str, table: Any, registry: ComponentRegistry,
+                      where: str | None = None) -> ComponentChoice:
+    where = where or kind
     if isinstance(table, str):  # a bare name selects the component with default settings
         table = {"impl": table}
     if not isinstance(table, Mapping):
-        raise SpecError(f"[{kind}] must be a table with an 'impl' key, got {table!r}")
+        raise SpecError(f"[{where}] must be a table with an 'impl' key, got {table!r}")
     if "impl" not in table:
-        raise SpecError(f"[{kind}] has no 'impl' key; name a {kind} component, one of: "
+        raise SpecError(f"[{where}] has no 'impl' key; name a {kind} component, one of: "
                         f"{', '.join(registry.names(kind))}")
     if not isinstance(table["impl"], str):
-        raise SpecError(f"{kind}.impl must be a component name in quotes, got {table['impl']!r}; "
+        raise SpecError(f"{where}.impl must be a component name in quotes, got {table['impl']!r}; "
                         f"one of: {', '.join(registry.names(kind))}")
     try:
         component = registry.component(kind, table["impl"])
     except UnknownNameError as exc:
-        raise SpecError(f"{kind}.impl: {exc}") from None
+        raise SpecError(f"{where}.impl: {exc}") from None
     values = {k: v for k, v in table.items() if k != "impl"}
-    config = build_config(component.config_cls, values, f"{kind}.")
+    config = build_config(component.config_cls, values, f"{where}.")
     return ComponentChoice(component.name, config)
 
 
 def from_dict(data: Mapping[str, Any], registry: ComponentRegistry | None = None) -> ModelSpec:
-    """Build and validate a :class:`ModelSpec` from its dict form.
+    """Build and validate a :class:`ModelSpec` from its dict form (of any schema version).
 
-    Raises :class:`SpecError` for a newer schema version, unknown keys (with a did-you-mean),
-    unknown component names (with close matches) and invalid values (naming field and range).
+    Older schemas are migrated first (:mod:`memforge.migrations`). Raises :class:`SpecError`
+    for a newer schema version, unknown keys (with a did-you-mean), unknown component names (with
+    close matches) and invalid values (naming field and range).
     """
     registry = registry or _default_registry()
     if not isinstance(data, Mapping):
@@ -230,13 +339,16 @@ def from_dict(data: Mapping[str, Any], registry: ComponentRegistry | None = None
             f"upgrade memforge to load it"
         )
     for key in data:
-        if key not in _TOP_LEVEL and key not in KINDS:
-            raise _unknown_key(key, (*_TOP_LEVEL, *KINDS), "")
+        if key not in _TOP_LEVEL and key not in KINDS and key not in (LAYER, MEMORY_LAYERS):
+            raise _unknown_key(key, (*_TOP_LEVEL, *KINDS, LAYER), "")
+    data = expand_memory_layers(migrate(data, version), registry)
     kwargs: dict[str, Any] = {k: data[k] for k in _TOP_LEVEL if k in data}
     kwargs["schema_version"] = SCHEMA_VERSION
     for kind in KINDS:
         if kind in data:
             kwargs[kind] = _choice_from_dict(kind, data[kind], registry)
+    if LAYER in data:
+        kwargs["layers"] = _layers_from_dict(data[LAYER], data.get("num_layers"), registry)
     missing = [k for k in ("vocab_size", "dim", "num_layers", "heads", "integration", "attention",
                            "feedforward") if k not in kwargs]
     if missing:
@@ -252,59 +364,148 @@ def from_dict(data: Mapping[str, Any], registry: ComponentRegistry | None = None
     return spec
 
 
-def spec_problems(spec: ModelSpec, registry: ComponentRegistry) -> list[str]:
-    """Cross-component problems of ``spec`` that the core can see (names, required kinds)."""
-    problems = []
-    for kind, choice in spec.choices().items():
-        try:
-            component = registry.component(kind, choice.impl)
-        except UnknownNameError as exc:
-            problems.append(f"{kind}: {exc}")
+@attrs.frozen
+class LayerUse:
+    """What one layer of a spec builds, following the declared kinds from its integration down.
+
+    Attributes:
+        components: the component of each kind the layer uses, by kind.
+        missing: ``(kind, who)`` for each required kind the spec does not set; ``who`` is the
+            component that needs it (``"integration 'titans.lmm'"``).
+        open: the layer's integration declares no kinds (a plugin written before declarations):
+            it may build any kind, so what it ignores is known only once built. Every other
+            component that declares none uses none.
+    """
+
+    components: dict[str, ComponentSpec]
+    missing: list[tuple[str, str]]
+    open: bool
+
+
+def layer_use(spec: ModelSpec, registry: ComponentRegistry, layer: int) -> LayerUse:
+    """The kinds ``layer`` uses: its integration, and what each used component ``requires`` (and
+    ``optional`` kinds the spec sets), transitively. Unknown names are skipped (reported apart)."""
+    chosen = spec.layer_choices(layer)
+    components: dict[str, ComponentSpec] = {}
+    missing: list[tuple[str, str]] = []
+    is_open = False
+    queue = ["integration"]
+    while queue:
+        kind = queue.pop(0)
+        if kind in components or kind not in chosen:
             continue
-        if not isinstance(choice.config, component.config_cls):
-            problems.append(f"{kind}: config for {choice.impl!r} must be a "
-                            f"{component.config_cls.__name__}, got {type(choice.config).__name__}")
-    integration = spec.choices().get("integration")
-    if integration is not None and integration.impl in registry.names("integration"):
-        component = registry.component("integration", integration.impl)
-        for kind in component.requires:
-            if getattr(spec, kind) is None:
-                problems.append(f"integration {integration.impl!r} needs a {kind} component; add a "
-                                f"[{kind}] table (one of: {', '.join(registry.names(kind))})")
-        carries_memory = bool(set(MEMORY_KINDS) & component.uses)
-        if spec.memory_layers is not None and not carries_memory:
-            problems.append(f"'memory_layers' is set but integration {integration.impl!r} carries "
-                            f"no memory; drop memory_layers or choose a memory integration")
-        elif spec.memory_layers == ():
-            problems.append(f"'memory_layers' is empty, so integration {integration.impl!r} would "
-                            f"be in no block and its memory settings unused; list the blocks that "
-                            f"carry memory (e.g. memory_layers=[0]) or leave memory_layers out for "
-                            f"memory in every block")
-        unused = [kind for kind in MEMORY_KINDS
-                  if getattr(spec, kind) is not None and kind not in component.uses]
-        if unused:
-            users = [name for name in registry.names("integration")
-                     if set(unused) <= registry.component("integration", name).uses]
-            problems.append(
-                f"integration {integration.impl!r} uses no {'/'.join(unused)} component, but the "
-                f"spec sets {', '.join(f'[{k}] {getattr(spec, k).impl!r}' for k in unused)}, "
-                f"whose settings would be ignored; remove "
-                f"{'that table' if len(unused) == 1 else 'those tables'} "
-                f"({' '.join(f'--set {k}={NONE}' for k in unused)}) or choose an integration that "
-                f"uses {'it' if len(unused) == 1 else 'them'}"
-                + (f" ({', '.join(users)})" if users else ""))
+        try:
+            component = registry.component(kind, chosen[kind].impl)
+        except UnknownNameError:
+            continue
+        components[kind] = component
+        if kind == "integration" and not component.declares_kinds:
+            is_open = True
+        for needed in component.requires:
+            if needed in chosen:
+                queue.append(needed)
+            elif (needed, f"{kind} {component.name!r}") not in missing:
+                missing.append((needed, f"{kind} {component.name!r}"))
+        queue.extend(k for k in component.optional if k in chosen)
+    return LayerUse(components, missing, is_open)
+
+
+def _grouped(problems: list[tuple[int, str]], num_layers: int) -> list[str]:
+    """Problems found per layer, each said once: plainly when every layer has it, else naming
+    the layers (``layer 0, 2: ...``)."""
+    layers_of: dict[str, list[int]] = {}
+    for layer, problem in problems:
+        layers_of.setdefault(problem, []).append(layer)
+    return [problem if len(layers) == num_layers or num_layers == 1
+            else f"layer {', '.join(map(str, layers))}: {problem}"
+            for problem, layers in layers_of.items()]
+
+
+def _owner(use: LayerUse, kind: str) -> str:
+    """The component of a layer that would have used ``kind``: its memory layer for the memory
+    network and rules, else its integration."""
+    if kind in MEMORY_KINDS and kind != "memory_layer" and "memory_layer" in use.components:
+        return "memory_layer"
+    return "integration"
+
+
+def unused_problems(spec: ModelSpec, registry: ComponentRegistry,
+                    used: dict[int, frozenset[str]]) -> list[str]:
+    """Kinds the spec sets that no component uses, given the kinds ``used`` by each layer.
+
+    A model-wide memory kind is refused when no layer uses that kind, a per-layer table when its
+    layer does not; the message names the component that ignores it and the fix.
+    """
+    problems = []
+    uses = {layer: layer_use(spec, registry, layer) for layer in range(spec.num_layers)}
+    for layer, kinds in spec.layers:
+        for kind, choice in kinds:
+            if kind not in used[layer]:
+                owner = _owner(uses[layer], kind)
+                who = spec.choice(owner, layer)
+                problems.append(
+                    f"[layer.{layer}.{kind}] {choice.impl!r} is set but layer {layer}'s {owner} "
+                    f"{who.impl if who else None!r} does not use it; remove the "
+                    f"[layer.{layer}.{kind}] table")
+    unused = [kind for kind in MEMORY_KINDS if getattr(spec, kind) is not None
+              and not any(kind in used[layer] for layer in range(spec.num_layers))]
+    if not unused:
+        return problems
+    owners = {_owner(uses[layer], kind) for layer in range(spec.num_layers) for kind in unused}
+    owner = "memory_layer" if owners == {"memory_layer"} else "integration"
+    names = sorted({spec.choice(owner, layer).impl for layer in range(spec.num_layers)
+                    if spec.choice(owner, layer) is not None})
+    alternatives = [name for name in registry.names(owner)
+                    if registry.component(owner, name).declares_kinds
+                    and set(unused) <= registry.component(owner, name).uses]
+    one = len(unused) == 1
+    problems.append(
+        f"{owner} {' / '.join(repr(n) for n in names)} uses no {'/'.join(unused)} component, but "
+        f"the spec sets {', '.join(f'[{k}] {getattr(spec, k).impl!r}' for k in unused)}, whose "
+        f"settings would be ignored; remove {'that table' if one else 'those tables'} "
+        f"({' '.join(f'--set {k}={NONE}' for k in unused)}) or choose {'an' if owner[0] == 'i' else 'a'} "
+        f"{owner} that uses {'it' if one else 'them'}"
+        + (f" ({', '.join(alternatives)})" if alternatives else ""))
     return problems
 
 
-def used_kinds(spec: ModelSpec, registry: ComponentRegistry) -> frozenset[str]:
-    """The kinds ``spec``'s model builds: its integration's declared kinds, those of the plain
-    attention block (:data:`FALLBACK_INTEGRATION`) if some layer is outside ``memory_layers``,
-    and ``integration`` itself. A plugin's ``memforge_validate_spec`` uses it to check only the
-    components a model really uses."""
-    kinds = {"integration", *registry.component("integration", spec.integration.impl).uses}
-    if not all(spec.has_memory_at(layer) for layer in range(spec.num_layers)):
-        kinds |= registry.component("integration", FALLBACK_INTEGRATION).uses
-    return frozenset(kinds)
+def spec_problems(spec: ModelSpec, registry: ComponentRegistry) -> list[str]:
+    """Cross-component problems of ``spec`` that the core can see: unknown names, wrong config
+    types, kinds a layer needs but the spec does not set, and kinds set that no component uses."""
+    problems = []
+    for where, kind, choice in [(kind, kind, choice) for kind, choice in spec.choices().items()] + [
+            (f"layer.{layer}.{kind}", kind, choice) for layer, kinds in spec.layers
+            for kind, choice in kinds]:
+        try:
+            component = registry.component(kind, choice.impl)
+        except UnknownNameError as exc:
+            problems.append(f"{where}: {exc}")
+            continue
+        if not isinstance(choice.config, component.config_cls):
+            problems.append(f"{where}: config for {choice.impl!r} must be a "
+                            f"{component.config_cls.__name__}, got {type(choice.config).__name__}")
+    if problems:
+        return problems
+    uses = {layer: layer_use(spec, registry, layer) for layer in range(spec.num_layers)}
+    missing = [(layer, f"{who} needs a {kind} component; add a [{kind}] table (one of: "
+                       f"{', '.join(registry.names(kind))})")
+               for layer, use in uses.items() for kind, who in use.missing]
+    problems.extend(_grouped(missing, spec.num_layers))
+    if not problems:
+        used = {layer: frozenset(KINDS) if use.open else frozenset(use.components)
+                for layer, use in uses.items()}
+        problems.extend(unused_problems(spec, registry, used))
+    return problems
+
+
+def used_kinds(spec: ModelSpec, registry: ComponentRegistry, layer: int | None = None
+               ) -> frozenset[str]:
+    """The kinds ``spec``'s model builds (in ``layer``, or in any layer): what each layer's
+    integration declares, transitively. A plugin's ``memforge_validate_spec`` uses it to check
+    only the components a model really uses."""
+    layers = range(spec.num_layers) if layer is None else (layer,)
+    return frozenset(kind for index in layers
+                     for kind in layer_use(spec, registry, index).components)
 
 
 def check_spec(spec: ModelSpec, registry: ComponentRegistry | None = None) -> None:
@@ -329,12 +530,34 @@ def _parse_value(text: str) -> Any:
 
 
 def _split_path(path: str) -> list[str]:
+    """A dotted override path as its parts: ``[field]``, ``[kind]``, ``[kind, field]``, or
+    ``[LAYER, layers, kind]`` and ``[LAYER, layers, kind, field]``."""
     parts = path.strip().split(".")
-    if len(parts) > 2 or (parts[0] not in _TOP_LEVEL and parts[0] not in KINDS):
-        raise _unknown_key(path, (*_TOP_LEVEL, *KINDS), "in override ")
+    if parts[0] == LAYER:
+        if len(parts) not in (3, 4) or parts[2] not in KINDS:
+            raise SpecError(f"override {path!r}: per-layer paths are layer.<layers>.<kind> or "
+                            f"layer.<layers>.<kind>.<field>, e.g. layer.1.integration=titans.mac "
+                            f"or layer.0,2.memory.depth=3")
+        parse_layers(parts[1])
+        return parts
+    valid = (*_TOP_LEVEL, MEMORY_LAYERS, *KINDS)
+    if len(parts) > 2 or parts[0] not in valid:
+        raise _unknown_key(path, (*valid, f"{LAYER}.<layers>.<kind>"), "in override ")
     if len(parts) == 2 and parts[0] not in KINDS:
         raise SpecError(f"override {path!r}: {parts[0]!r} has no sub-keys")
     return parts
+
+
+def _set_choice(tables: dict[str, Any], kind: str, value: Any, registry: ComponentRegistry,
+                path: str, optional: bool) -> None:
+    """Switch ``tables[kind]`` to component ``value`` (its defaults), or remove it for ``none``."""
+    if value is None or value == NONE:
+        if not optional:
+            raise SpecError(f"override {path}={NONE}: every model needs its {kind} component; "
+                            f"name one instead: {', '.join(registry.names(kind))}")
+        tables.pop(kind, None)
+    else:
+        tables[kind] = {"impl": value}
 
 
 def apply_overrides(
@@ -346,6 +569,13 @@ def apply_overrides(
     component, whose settings reset to the new component's defaults unless also overridden;
     ``"memory.depth"`` sets one config field; ``"memory": "none"`` (or ``None``) removes an
     optional (memory) component, e.g. when switching to an integration without memory.
+
+    ``"layer.<layers>.<kind>"`` and ``"layer.<layers>.<kind>.<field>"`` do the same for some
+    layers only (``<layers>``: ``1``, ``0,2`` or ``1-3``). A field set for a layer without its
+    own choice of that kind starts from the model-wide choice; ``"layer.1.memory": "none"``
+    removes layer 1's own choice, so it uses the model-wide one again. ``"memory_layers"``
+    (``[1, 3]``) is the schema-1 shorthand for hybrids: the layers listed keep the spec's
+    integration, the others become plain attention blocks (:mod:`memforge.migrations`).
     """
     registry = registry or _default_registry()
     _check_spec_argument(spec, "apply_overrides")
@@ -356,25 +586,47 @@ def apply_overrides(
         if not isinstance(path, str):
             raise SpecError(f"override keys must be dotted paths such as 'memory.depth', got {path!r}")
     data = to_dict(spec)
+    per_layer: dict[int, dict[str, Any]] = {int(k): v for k, v in data.pop(LAYER, {}).items()}
     parsed = [(_split_path(path), value) for path, value in overrides.items()]
-    # Component switches first, so field assignments land on the new component's table.
-    for parts, value in sorted(parsed, key=lambda item: (len(item[0]), item[0][-1] != "impl")):
-        if len(parts) == 1 and parts[0] in KINDS or len(parts) == 2 and parts[1] == "impl":
-            if value is None or value == NONE:
-                if parts[0] not in MEMORY_KINDS:
-                    raise SpecError(f"override {'.'.join(parts)}={NONE}: every model needs its "
-                                    f"{parts[0]} component; name one instead: "
-                                    f"{', '.join(registry.names(parts[0]))}")
-                data[parts[0]] = None
-            else:
-                data[parts[0]] = {"impl": value}
-        elif len(parts) == 1:
+
+    def order(item: tuple[list[str], Any]) -> tuple[int, int]:
+        parts = item[0]
+        kind_parts = parts[2:] if parts[0] == LAYER else parts
+        is_field = len(kind_parts) == 2 and kind_parts[1] != "impl"
+        # Sizes first, then model-wide switches, per-layer switches, and fields last: a field
+        # lands on the component its path names after every switch.
+        rank = 0 if kind_parts[0] not in KINDS else 1 + (parts[0] == LAYER)
+        return (is_field, rank)
+
+    for parts, value in sorted(parsed, key=order):
+        path = ".".join(parts)
+        if parts[0] != LAYER and parts[0] not in KINDS:
             data[parts[0]] = value
+        elif parts[0] != LAYER:
+            if len(parts) == 1 or parts[1] == "impl":
+                _set_choice(data, parts[0], value, registry, path, parts[0] in MEMORY_KINDS)
+            elif not isinstance(data.get(parts[0]), dict):
+                raise SpecError(f"override {path!r}: the spec has no [{parts[0]}] component; "
+                                f"choose one first ({parts[0]}=NAME)")
+            else:
+                data[parts[0]][parts[1]] = value
         else:
-            if not isinstance(data.get(parts[0]), dict):
-                raise SpecError(f"override {'.'.join(parts)!r}: the spec has no [{parts[0]}] "
-                                f"component; choose one first ({parts[0]}=NAME)")
-            data[parts[0]][parts[1]] = value
+            kind, field = parts[2], parts[3] if len(parts) == 4 else "impl"
+            for index in parse_layers(parts[1]):
+                tables = per_layer.setdefault(index, {})
+                if field == "impl":
+                    _set_choice(tables, kind, value, registry, path, True)
+                    continue
+                if kind not in tables:
+                    if not isinstance(data.get(kind), dict):
+                        raise SpecError(f"override {path!r}: layer {index} has no [{kind}] "
+                                        f"component; choose one first "
+                                        f"({LAYER}.{parts[1]}.{kind}=NAME)")
+                    tables[kind] = dict(data[kind])
+                tables[kind][field] = value
+    layers = {str(index): tables for index, tables in sorted(per_layer.items()) if tables}
+    if layers:
+        data[LAYER] = layers
     return from_dict({k: v for k, v in data.items() if v is not None}, registry)
 
 
@@ -383,7 +635,8 @@ def override(
 ) -> ModelSpec:
     """A new, validated spec with ``"key=value"`` assignments applied (the CLI's ``--set``).
 
-    ``"dim=64"``, ``"surprise=titans.gradient"``, ``"memory.depth=3"``; values are TOML literals
+    ``"dim=64"``, ``"surprise=titans.gradient"``, ``"memory.depth=3"``,
+    ``"layer.1.integration=titans.mac"``, ``"layer.0,2.memory.depth=3"``; values are TOML literals
     (``[0, 2]``, ``true``, ``0.5``), anything else is taken as a string. See
     :func:`apply_overrides` for the rules.
     """
@@ -417,8 +670,10 @@ def spec_id(spec: ModelSpec) -> str:
     """A stable 10-character hash of the spec's canonical JSON, for run names and de-duplication.
 
     The canonical JSON is :func:`to_dict` with sorted keys and no spaces; the id is the first 10
-    hex digits of its SHA-256. Stored run names depend on it, so it must not change between
-    versions (``tests/test_spec.py`` pins a golden value).
+    hex digits of its SHA-256. Stored run names depend on it, so it changes only with the schema
+    (``tests/test_spec.py`` pins a golden value): a file of an older schema has the id of its
+    migration, and ids computed by a memforge of an older schema differ (docs/architecture.md,
+    "Schema versions").
     """
     _check_spec_argument(spec, "spec_id")
     canonical = json.dumps(to_dict(spec), sort_keys=True, separators=(",", ":"))

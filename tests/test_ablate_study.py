@@ -73,7 +73,7 @@ def test_variant_with_its_own_preset_and_layer_placement(tmp_path):
                                      'preset = "baseline.swa_tiny"\n\n[task]')
     # The base's overrides (dim, vocab_size) apply to a variant's own preset too.
     runs = {r.variant: r for r in expand(load_study(path))}
-    assert runs["hybrid"].spec.memory_layers == (1,)
+    assert runs["hybrid"].spec.choice("integration", 0).impl == "baseline.transformer"
     assert runs["hybrid"].spec.integration.impl == "titans.mag"
     assert runs["swa"].spec.dim == 16 and runs["swa"].spec.memory is None
 

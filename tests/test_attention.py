@@ -17,15 +17,13 @@ from hypothesis import strategies as st
 from memforge_baselines.attention import (
     AttentionCache,
     CausalSelfAttention,
-    attend,
-    causal_mask,
     dense_masked_attention,
     reference_attention,
 )
 from memforge_baselines.blocks import TransformerBlock
-from memforge_baselines.layers import RMSNorm, RotaryEmbedding, SwiGLU, apply_rotary
 
 from memforge.conformance import check_module
+from memforge.nn import RMSNorm, RotaryEmbedding, SwiGLU, apply_rotary, attend, causal_mask
 
 DT = torch.float64
 TIGHT = {"atol": 1e-12, "rtol": 1e-10}

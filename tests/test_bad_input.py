@@ -174,28 +174,37 @@ CLI: list[Cli] = [
     show("projection.conv_kernel=0", "projection: 'conv_kernel' must be >= 1, got 0"),
     show("projection.conv_kernel=1000000000", "projection: 'conv_kernel' must be <= 256"),
     show("projection.conv_kernel=3.5", "projection: 'conv_kernel' must be an integer, got 3.5"),
-    # Integrations.
-    show("integration.chunk_size=0", "integration: 'chunk_size' must be >= 1, got 0"),
-    show("integration.chunk_size=1000000000000", "integration: 'chunk_size' must be <= 4096"),
-    show("integration.chunk_size=8.5", "integration: 'chunk_size' must be an integer, got 8.5"),
+    # Memory layers and integrations.
+    show("memory_layer.chunk_size=0", "memory_layer: 'chunk_size' must be >= 1, got 0"),
+    show("memory_layer.chunk_size=1000000000000", "memory_layer: 'chunk_size' must be <= 4096"),
+    show("memory_layer.chunk_size=8.5", "memory_layer: 'chunk_size' must be an integer, got 8.5"),
+    show("integration.chunk_size=8", "unknown key integration.'chunk_size'"),
+    show("memory_layer=titans.neural_memoy", "did you mean 'titans.neural_memory'"),
+    show("layer.2.memory.depth=3", "[layer.2] does not exist: num_layers=2 has layers 0..1; fix "
+                                   "the layer index or num_layers"),
+    show("layer.0.attention=baseline.causal", "[layer.0.attention] 'baseline.causal' is set but "
+         "layer 0's integration 'titans.lmm' does not use it; remove the [layer.0.attention] table"),
+    show("layer.1.integration=titans.lmm", "layer 1: integration 'titans.lmm' needs a memory_layer "
+         "component; add a [memory_layer] table", preset=TRANSFORMER),
     show("integration.persistent_tokens=-1", "integration: 'persistent_tokens' must be >= 0, got -1"),
     show("integration.persistent_tokens=100000", "integration: 'persistent_tokens' must be <= 4096"),
-    show("integration.segment_len=17", "'segment_len'=17 must be a multiple of 'chunk_size'=8; "
-                                       "choose chunk_size among [1, 17]", preset=MAC),
+    show("integration.segment_len=17", "titans.mac's 'segment_len'=17 must be a multiple of the "
+         "memory layer's 'chunk_size'=8; choose memory_layer.chunk_size among [1, 17]", preset=MAC),
     show("integration.segment_len=1000000000001", "integration: 'segment_len' must be <= 65536",
          preset=MAC),
     show("integration.segment_len=0", "integration: 'segment_len' must be >= 1, got 0", preset=MAC),
     show("attention=baseline.sliding_window", "titans.mac attends inside each segment "
          "(integration.segment_len bounds the span), so it takes full attention", preset=MAC),
     show("integration=baseline.transformer", "integration 'baseline.transformer' uses no "
-         "memory/surprise/forgetting/retrieval/projection component, but the spec sets [memory] "
-         "'titans.mlp'"),
+         "memory/surprise/forgetting/retrieval/projection/memory_layer component, but the spec "
+         "sets [memory] 'titans.mlp'"),
     show("memory=titans.mlp", "integration 'baseline.transformer' uses no memory component, but "
          "the spec sets [memory] 'titans.mlp', whose settings would be ignored; remove that table "
          "(--set memory=none) or choose an integration that uses it", preset=TRANSFORMER),
-    show("integration=titans.lmm", "integration 'titans.lmm' needs a memory component",
+    show("integration=titans.lmm", "integration 'titans.lmm' needs a memory_layer component",
          preset=TRANSFORMER),
-    show("memory=none", "integration 'titans.lmm' needs a memory component; add a [memory] table"),
+    show("memory=none", "memory_layer 'titans.neural_memory' needs a memory component; add a "
+                        "[memory] table"),
     show("attention=none", "every model needs its attention component; name one instead"),
     show("feedforward=none", "every model needs its feedforward component"),
     show("integration.impl=none", "every model needs its integration component"),
@@ -246,7 +255,7 @@ CLI: list[Cli] = [
     show("nonsense", "override 'nonsense' must look like 'key=value'"),
     show("=3", "override '=3' must look like 'key=value'"),
     show("dim.x=3", "override 'dim.x': 'dim' has no sub-keys"),
-    show("schema_version=2", "spec has schema_version 2, but this memforge reads up to 1; upgrade"),
+    show("schema_version=3", "spec has schema_version 3, but this memforge reads up to 2; upgrade"),
     show("schema_version=0", "'schema_version' must be a positive integer, got 0"),
     # Names and files.
     Cli("show-unknown-preset", ("show", "titans.lmn_tiny"), "did you mean 'titans.lmm_tiny'"),
@@ -286,9 +295,9 @@ CLI: list[Cli] = [
     spec_file("typo.toml", toml_with("num_layers = 2", "num_layer = 2"),
               "unknown key 'num_layer'; did you mean 'num_layers'?", "file-top-typo"),
     spec_file("nodim.toml", toml_with("dim = 32\n", ""), "spec is missing 'dim'", "file-no-dim"),
-    spec_file("future.toml", toml_with("schema_version = 1", "schema_version = 9"),
-              "schema_version 9, but this memforge reads up to 1; upgrade memforge", "file-schema-9"),
-    spec_file("schemastr.toml", toml_with("schema_version = 1", 'schema_version = "1"'),
+    spec_file("future.toml", toml_with("schema_version = 2", "schema_version = 9"),
+              "schema_version 9, but this memforge reads up to 2; upgrade memforge", "file-schema-9"),
+    spec_file("schemastr.toml", toml_with("schema_version = 2", 'schema_version = "1"'),
               "'schema_version' must be a positive integer, got '1'", "file-schema-str"),
     spec_file("dim1e30.toml", toml_with("dim = 32", "dim = 1e30"),
               "'dim' must be an integer, got 1e+30 (float)", "file-dim-1e30"),
@@ -645,8 +654,12 @@ API: list[Api] = [
         "'dim' must be an integer, got 32.0 (float); write a whole number"),
     Api("model-spec-str-choice", lambda tmp: attrs.evolve(_lmm(), integration="titans.lmm"), SpecError,
         "'integration' must be a ComponentChoice, got 'titans.lmm'"),
-    Api("check-spec-empty-layers", lambda tmp: check_spec(attrs.evolve(_lmm(), memory_layers=())),
-        SpecError, "'memory_layers' is empty"),
+    Api("model-spec-layer-out-of-range", lambda tmp: attrs.evolve(
+        _lmm(), layers={5: {"memory": _lmm().memory}}), SpecError,
+        "[layer.5] does not exist: num_layers=2 has layers 0..1"),
+    Api("model-spec-layer-unknown-kind", lambda tmp: attrs.evolve(
+        _lmm(), layers={0: {"memroy": _lmm().memory}}), SpecError,
+        "[layer.0] unknown kind 'memroy'; did you mean 'memory'?"),
     Api("check-spec-unused-memory", lambda tmp: check_spec(attrs.evolve(
         memforge.preset(TRANSFORMER), memory=_lmm().memory)), SpecError,
         "integration 'baseline.transformer' uses no memory component"),

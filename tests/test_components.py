@@ -83,7 +83,10 @@ def _registry_with(kind: str, factory) -> memforge.ComponentSpec:
     class NoConfig:
         """No settings."""
 
-    requires = ("attention", "feedforward") if kind == "integration" else ()
+    # Declared like the parts they stand in for, so the spec is valid and the build reaches them.
+    requires = {"integration": ("attention", "feedforward"),
+                "memory_layer": ("projection", "memory", "surprise", "forgetting", "retrieval"),
+                }.get(kind, ())
     component = memforge.ComponentSpec(kind=kind, name="impostor.thing", config_cls=NoConfig,
                                        factory=factory, summary="returns the wrong thing",
                                        requires=requires)

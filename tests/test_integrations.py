@@ -304,12 +304,16 @@ def test_hybrid_preset_mixes_memory_and_attention_blocks() -> None:
     rows = layer_layout(spec, memforge.build_model(spec))
     assert [r["module"] for r in rows] == ["TransformerBlock", "MAGBlock"]
     small = memforge.preset("titans.mag_hybrid")
-    assert small.memory_layers == (1, 3) and small.num_layers == 4
+    assert small.num_layers == 4
+    assert [small.choice("integration", i).impl for i in range(4)] == [
+        "baseline.transformer", "titans.mag", "baseline.transformer", "titans.mag"]
 
 
 def test_mac_segment_must_be_a_multiple_of_the_chunk() -> None:
     with pytest.raises(SpecError, match="segment_len.*chunk_size"):
         memforge.preset("titans.mac_tiny", integration={"segment_len": 12})
+    with pytest.raises(SpecError, match="segment_len.*chunk_size"):
+        memforge.preset("titans.mac_tiny", memory_layer={"chunk_size": 5})
 
 
 def test_mac_refuses_a_sliding_window_attention() -> None:
@@ -363,7 +367,7 @@ def test_mac_rejects_a_tampered_segment_cache() -> None:
     with pytest.raises(InputError, match="retrieved_keys"):
         block(hidden, state._replace(retrieved_keys=state.retrieved_keys[:, :, :-1]))
     with pytest.raises(InputError, match="inconsistent"):
-        block(hidden, state._replace(segment_weights=()))
+        block(hidden, state._replace(segment_weights=None))
 
 
 @pytest.mark.parametrize("name", ["titans.mac", "titans.mag", "titans.mal", "titans.mag_hybrid"])

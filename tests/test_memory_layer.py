@@ -5,7 +5,6 @@ import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
-from memforge_titans import build_memory_layer
 
 import memforge
 from memforge.builder import _context
@@ -18,10 +17,11 @@ READS = ["titans.chunk_start", "titans.before_write", "titans.after_write"]
 
 def make_layer(*assignments, dim=16, heads=2, chunk_size=4, dtype=torch.float64, seed=0):
     """A memory layer built from the ``titans.lmm_tiny`` preset with overrides."""
-    spec = memforge.override(memforge.preset("titans.lmm_tiny"), [f"dim={dim}", f"heads={heads}",
-                                                                  *assignments], REGISTRY)
+    spec = memforge.override(memforge.preset("titans.lmm_tiny"), [
+        f"dim={dim}", f"heads={heads}", f"memory_layer.chunk_size={chunk_size}", *assignments],
+        REGISTRY)
     torch.manual_seed(seed)
-    return build_memory_layer(_context(spec, REGISTRY, 0), chunk_size).to(dtype)
+    return _context(spec, REGISTRY, 0).build("memory_layer").to(dtype)
 
 
 def hidden(batch, steps, dim, seed, dtype=torch.float64):
@@ -96,7 +96,7 @@ def test_default_gates_keep_memory_bounded_on_long_random_input():
     """The peer's fast weights reach 1e9 within 512 tokens at its default step size."""
     spec = memforge.preset("titans.lmm", dim=256, heads=4)  # the benchmark's width
     torch.manual_seed(0)
-    layer = build_memory_layer(_context(spec, REGISTRY, 0), spec.integration.config.chunk_size)
+    layer = _context(spec, REGISTRY, 0).build("memory_layer")
     x = torch.randn(1, 4096, 256, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         out, state = layer(x)

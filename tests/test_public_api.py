@@ -3,7 +3,32 @@
 import memforge
 
 PINNED = [
+    "MEMORY_KINDS",
+    "Attention",
+    "Block",
     "BuildContext",
+    "ChunkReader",
+    "CompilesSteps",
+    "ComposesAttention",
+    "DecodesAttentionStatically",
+    "DecodesMemoryStatically",
+    "DecodesStatically",
+    "FeedForward",
+    "ForgettingRule",
+    "Linear",
+    "MemoryLayer",
+    "MemoryNetwork",
+    "Projection",
+    "ReadsMemory",
+    "ReadsMemoryStatically",
+    "RetrievalRule",
+    "StaticDecodeStart",
+    "StaticDecoder",
+    "SurpriseGates",
+    "SurpriseRule",
+    "capabilities",
+    "interfaces",
+    "nn",
     "ComponentChoice",
     "ComponentSpec",
     "InputError",
@@ -52,3 +77,12 @@ def test_issue_api_signatures():
     assert "baseline.causal" in memforge.available("attention")
     assert set(memforge.available()) == set(memforge.KINDS)
     assert memforge.override(spec, ["num_layers=3"]).num_layers == 3
+
+
+def test_what_the_plugin_guide_tells_authors_to_use_is_public():
+    """docs/plugins.md builds plugins from these names only."""
+    from memforge.nn import RMSNorm, RotaryEmbedding, SwiGLU, attend, causal_mask  # noqa: F401
+
+    assert memforge.interfaces.MemoryLayer is memforge.MemoryLayer
+    assert memforge.Linear(4, 4)(memforge.nn.RMSNorm(4)(__import__("torch").ones(1, 4))).shape == (1, 4)
+    assert callable(memforge.capabilities.require)

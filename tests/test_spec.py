@@ -60,7 +60,8 @@ def test_override_sets_field_and_switches_component():
     assert switched.surprise.impl == "titans.gradient"
     assert switched.surprise.config.max_lr == 0.05
     layers = memforge.override(spec, ["memory_layers=[1]"])
-    assert layers.memory_layers == (1,)
+    assert [layers.choice("integration", i).impl for i in (0, 1)] == [
+        "baseline.transformer", "titans.lmm"]
 
 
 def test_switching_component_resets_its_settings():
@@ -72,20 +73,23 @@ def test_switching_component_resets_its_settings():
 
 
 #: A spec with every field written out, and its id: the id names run directories, so a change of
-#: the hashing (or of the canonical form) would orphan every stored run.
+#: the hashing (or of the canonical form) would orphan every stored run. Schema 2 changed the
+#: canonical form (its schema_version, the memory_layer table), so ids made by schema 1 differ;
+#: a schema-1 file and its migration have the same id (both load to the same spec).
 GOLDEN_SPEC = {
-    "schema_version": 1, "vocab_size": 64, "dim": 32, "num_layers": 2, "heads": 2,
+    "schema_version": 2, "vocab_size": 64, "dim": 32, "num_layers": 2, "heads": 2,
     "attention": {"impl": "baseline.causal", "persistent_tokens": 0, "rope_base": 10000.0},
     "feedforward": {"impl": "baseline.swiglu", "multiplier": 2.6666666666666665},
     "integration": {"impl": "baseline.transformer"},
 }
-GOLDEN_ID = "1a2e7fa0fc"
+GOLDEN_ID = "f8cc771a6b"
 
 
 def test_spec_id_golden_value():
     spec = from_dict(GOLDEN_SPEC, REGISTRY)
     assert to_dict(spec) == GOLDEN_SPEC  # the canonical form itself is unchanged
     assert spec_id(spec) == GOLDEN_ID
+    assert spec_id(from_dict({**GOLDEN_SPEC, "schema_version": 1}, REGISTRY)) == GOLDEN_ID
 
 
 def test_spec_id_is_stable_and_sensitive():
@@ -116,7 +120,7 @@ def test_bad_overrides_name_the_problem(assignment, message):
 def test_missing_required_kind_is_reported():
     data = to_dict(memforge.preset("titans.lmm_tiny"))
     del data["memory"]
-    with pytest.raises(SpecError, match="integration 'titans.lmm' needs a memory component"):
+    with pytest.raises(SpecError, match="memory_layer 'titans.neural_memory' needs a memory component"):
         from_dict(data)
 
 
@@ -127,7 +131,7 @@ def test_memory_layers_without_memory_integration_is_reported():
 
 def test_newer_schema_version_is_refused(tmp_path):
     path = tmp_path / "future.toml"
-    text = dumps_spec(memforge.preset("titans.lmm_tiny")).replace("schema_version = 1", "schema_version = 9")
+    text = dumps_spec(memforge.preset("titans.lmm_tiny")).replace("schema_version = 2", "schema_version = 9")
     path.write_text(text)
     with pytest.raises(SpecError, match=r"future.toml: spec has schema_version 9.*upgrade memforge"):
         memforge.load_spec(path)
@@ -165,10 +169,10 @@ def test_save_is_atomic_and_leaves_no_temporary_files(tmp_path):
 
 def test_preset_keyword_overrides():
     spec = memforge.preset("titans.lmm_tiny", memory={"depth": 3}, surprise="titans.gradient",
-                           **{"integration.chunk_size": 4})
+                           **{"memory_layer.chunk_size": 4})
     assert spec.memory.config.depth == 3
     assert spec.surprise.impl == "titans.gradient"
-    assert spec.integration.config.chunk_size == 4
+    assert spec.memory_layer.config.chunk_size == 4
 
 
 def test_switching_to_an_integration_without_memory_drops_the_memory_tables():
@@ -246,3 +250,83 @@ def test_an_integration_declaring_no_kinds_is_exempt_from_the_unused_check():
     spec = memforge.override(memforge.preset("baseline.transformer_tiny"),
                              ["integration=legacy.block", "memory=titans.mlp"], registry)
     memforge.build_model(spec, registry=registry)
+
+
+# --------------------------------------------------------------------------------------------
+# Per-layer choices
+
+
+def test_per_layer_tables_choose_a_kind_for_some_layers():
+    spec = memforge.override(memforge.preset("titans.lmm_tiny"),
+                             ["num_layers=3", "layer.0,1.memory.depth=3", "layer.2.memory=titans.linear"])
+    assert [spec.choice("memory", i).impl for i in range(3)] == ["titans.mlp"] * 2 + ["titans.linear"]
+    assert [spec.choice("memory", i).config.depth for i in range(2)] == [3, 3]
+    assert spec.memory.config.depth == 2  # the model-wide choice is untouched
+    data = to_dict(spec)
+    assert data["layer"]["2"] == {"memory": {"impl": "titans.linear"}}
+    assert from_dict(data, REGISTRY) == spec
+    back = memforge.override(spec, ["layer.2.memory=none"])  # layer 2 uses the model-wide one again
+    assert back.choice("memory", 2) == spec.memory
+    model = memforge.build_model(spec)
+    assert [len(b.memory.memory.initial_weights()) for b in model.blocks] == [3, 3, 1]
+
+
+def test_a_layer_range_in_toml_and_json(tmp_path):
+    text = dumps_spec(memforge.override(memforge.preset("titans.lmm_tiny"), ["num_layers=4"]))
+    text += '\n[layer."1-3".memory_layer]\nimpl = "titans.neural_memory"\nchunk_size = 2\n'
+    path = tmp_path / "ranged.toml"
+    path.write_text(text)
+    spec = memforge.load_spec(path, REGISTRY)
+    assert [spec.choice("memory_layer", i).config.chunk_size for i in range(4)] == [8, 2, 2, 2]
+    memforge.save_spec(spec, tmp_path / "ranged.json")
+    assert memforge.load_spec(tmp_path / "ranged.json", REGISTRY) == spec
+
+
+def test_a_hybrid_written_either_way_builds_the_same_blocks():
+    mag = memforge.preset("titans.mag_tiny")
+    memory_tables = {k: v for k, v in to_dict(mag).items() if k in memforge.interfaces.MEMORY_KINDS}
+    transformer_first = {**to_dict(memforge.preset("baseline.swa_tiny")), **memory_tables,
+                         "layer": {"1": {"integration": {"impl": "titans.mag"}}}}
+    transformer_first["attention"] = to_dict(mag)["attention"]
+    spec = from_dict(transformer_first, REGISTRY)
+    model = memforge.build_model(spec)
+    assert [type(b).__name__ for b in model.blocks] == ["TransformerBlock", "MAGBlock"]
+    hybrid = memforge.preset("titans.mag_hybrid_tiny")
+    assert [type(b).__name__ for b in memforge.build_model(hybrid).blocks] == [
+        "TransformerBlock", "MAGBlock"]
+
+
+@pytest.mark.parametrize(("assignments", "message"), [
+    (["layer.5.memory.depth=3"],
+     r"\[layer.5\] does not exist: num_layers=2 has layers 0..1; fix the layer index or num_layers"),
+    (["layer.x.memory.depth=3"], r"\[layer.x\]: layers are written as an index \(1\), a comma list"),
+    (["layer.1.memroy.depth=3"], r"per-layer paths are layer.<layers>.<kind>"),
+    (["layer.1.memory.dept=3"], r"unknown key layer.1.memory.'dept'; did you mean 'depth'"),
+    (["layer.1.attention.window=4"], r"unknown key layer.1.attention.'window'"),
+    (["layer.1.attention=baseline.causal"],
+     r"\[layer.1.attention\] 'baseline.causal' is set but layer 1's integration 'titans.lmm' "
+     r"does not use it"),
+])
+def test_bad_per_layer_overrides_name_the_problem(assignments, message):
+    with pytest.raises(SpecError, match=message):
+        memforge.override(memforge.preset("titans.lmm_tiny"), assignments)
+
+
+def test_a_per_layer_table_for_a_kind_its_layer_does_not_use_names_both():
+    with pytest.raises(SpecError, match=r"\[layer.0.memory\] 'titans.mlp' is set but layer 0's "
+                                        r"integration 'baseline.transformer' does not use it; "
+                                        r"remove the \[layer.0.memory\] table"):
+        memforge.override(memforge.preset("titans.mag_hybrid_tiny"), ["layer.0.memory.depth=3"])
+
+
+def test_a_layer_whose_integration_needs_missing_kinds_is_named():
+    with pytest.raises(SpecError, match=r"layer 1: integration 'titans.mag' needs a memory_layer "
+                                        r"component; add a \[memory_layer\] table"):
+        memforge.override(memforge.preset("baseline.swa_tiny"), ["layer.1.integration=titans.mag"])
+
+
+def test_a_kind_set_twice_for_a_layer_is_refused():
+    data = to_dict(memforge.preset("titans.lmm_tiny"))
+    data["layer"] = {"0": {"memory": {"impl": "titans.linear"}}, "0,1": {"memory": "titans.mlp"}}
+    with pytest.raises(SpecError, match=r"\[layer.0.memory\] is set twice"):
+        from_dict(data, REGISTRY)

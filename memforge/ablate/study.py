@@ -215,10 +215,9 @@ def _flatten(table: Mapping[str, Any], prefix: str = "") -> list[tuple[str, Any]
 
 
 def _spec_keys() -> tuple[str, ...]:
-    from memforge.interfaces import KINDS
-    from memforge.spec import _TOP_LEVEL
+    from memforge.spec import OVERRIDE_ROOTS
 
-    return (*_TOP_LEVEL, *KINDS)
+    return OVERRIDE_ROOTS
 
 
 def _check_override_path(path: str, where: str, reserved: Sequence[str]) -> None:

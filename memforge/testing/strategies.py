@@ -18,7 +18,6 @@ import attrs
 from hypothesis import strategies as st
 
 from memforge.errors import SpecError
-from memforge.interfaces import KINDS
 from memforge.registry import ComponentRegistry
 from memforge.spec import ComponentChoice, ModelSpec, check_spec
 
@@ -83,33 +82,40 @@ def model_specs(
     """Any :class:`ModelSpec` that passes every check of ``registry`` (its plugins' included).
 
     The integration is drawn first, then a component for each kind it requires and, at random,
-    each kind it may use, each with a drawn config. Head widths are even (rotary attention needs
-    it) and at most ``2 * max_dim_per_head``; the model width is at least :data:`MIN_DIM`.
+    each kind it may use, each with a drawn config, and so on for what those require (a memory
+    layer's parts). Sometimes one layer gets its own choice of one of those kinds. Head widths are
+    even (rotary attention needs it) and at most ``2 * max_dim_per_head``; the model width is at
+    least :data:`MIN_DIM`.
     """
     integration = draw(st.sampled_from(registry.names("integration")))
-    component = registry.component("integration", integration)
     heads = draw(st.integers(1, 4))
     num_layers = draw(st.integers(1, max_layers))
     half_width = draw(st.integers(max(1, math.ceil(MIN_DIM / (2 * heads))),
                                   max(max_dim_per_head, math.ceil(MIN_DIM / (2 * heads)))))
-    chosen = {kind for kind in KINDS
-              if kind in component.requires or kind in ("attention", "feedforward", "integration")}
-    chosen |= {kind for kind in component.optional if draw(st.booleans())}
-    choices = {}
-    for kind in KINDS:
-        if kind in chosen:
-            name = integration if kind == "integration" else draw(st.sampled_from(registry.names(kind)))
-            config_cls = registry.component(kind, name).config_cls
-            choices[kind] = ComponentChoice(name, draw(configs(config_cls)))
-    memory_layers = None
-    if "memory" in component.uses and draw(st.booleans()):
-        memory_layers = tuple(draw(st.sets(st.integers(0, num_layers - 1), min_size=1)))
+
+    def choose(kind: str) -> tuple[ComponentChoice, list[str]]:
+        name = integration if kind == "integration" else draw(st.sampled_from(registry.names(kind)))
+        component = registry.component(kind, name)
+        then = [*component.requires, *(k for k in component.optional if draw(st.booleans()))]
+        return ComponentChoice(name, draw(configs(component.config_cls))), then
+
+    choices: dict[str, ComponentChoice] = {}
+    pending = ["integration", "attention", "feedforward"]
+    while pending:
+        kind = pending.pop(0)
+        if kind not in choices:
+            choices[kind], then = choose(kind)
+            pending.extend(then)
+    layers = {}
+    if num_layers > 1 and draw(st.booleans()):
+        kind = draw(st.sampled_from(sorted(choices)))
+        layers = {draw(st.integers(0, num_layers - 1)): {kind: choose(kind)[0]}}
     spec = ModelSpec(
         vocab_size=draw(st.integers(2, 300)),
         dim=heads * half_width * 2,
         num_layers=num_layers,
         heads=heads,
-        memory_layers=memory_layers,
+        layers=layers,
         **choices,
     )
     try:

@@ -1,7 +1,8 @@
 """The essential built-in plugin ``baseline``: attention, feed-forward and the Transformer block.
 
-These are the parts every model can fall back on (layers outside ``memory_layers`` are
-``baseline.transformer`` blocks) and the baselines a researcher compares memory models with: a
+These are the parts every model is made of (a hybrid's attention layers are
+``baseline.transformer`` blocks: ``[layer.0.integration] impl = "baseline.transformer"``) and the
+baselines a researcher compares memory models with: a
 full-attention Transformer (the Transformer++ recipe: RoPE, RMSNorm, SwiGLU) and a sliding-window
 Transformer. This plugin cannot be blocked.
 
@@ -102,7 +103,7 @@ def _sliding(config: SlidingWindowAttentionConfig, ctx: BuildContext):
 
 
 def _swiglu(config: SwiGLUConfig, ctx: BuildContext):
-    from memforge_baselines.layers import SwiGLU
+    from memforge.nn import SwiGLU
 
     return SwiGLU(ctx.dim, swiglu_hidden(ctx.dim, config.multiplier))
 
@@ -132,23 +133,29 @@ def memforge_register_components():
 
 @hookimpl
 def memforge_validate_spec(spec: ModelSpec, registry: ComponentRegistry) -> list[str]:
-    """Sizes the baseline components cannot work with, found before anything is built."""
-    problems = []
-    feedforward = spec.feedforward
-    if feedforward.impl == "baseline.swiglu" and isinstance(feedforward.config, SwiGLUConfig):
-        multiplier = feedforward.config.multiplier
-        if swiglu_hidden(spec.dim, multiplier) < 8:
-            problems.append(f"feedforward.multiplier={multiplier:g} gives baseline.swiglu a hidden "
-                            f"width of 0 at dim={spec.dim} (dim * multiplier rounds to a multiple "
-                            f"of 8); use feedforward.multiplier >= {8 / spec.dim:.4g}")
+    """Sizes the baseline components cannot work with, in any layer that uses them, found before
+    anything is built."""
+    problems: list[str] = []
     head_dim = spec.dim // spec.heads
-    if spec.attention.impl in ATTENTION and head_dim % 2 and "attention" in used_kinds(spec, registry):
-        even = [h for h in range(1, min(spec.heads * 2, spec.dim) + 1)
-                if spec.dim % h == 0 and (spec.dim // h) % 2 == 0]
-        problems.append(f"attention {spec.attention.impl!r} needs an even head width for its rotary "
-                        f"embedding, but dim={spec.dim} / heads={spec.heads} = {head_dim}; "
-                        + (f"use heads among {even}" if even else "use an even dim"))
-    return problems
+    for layer in range(spec.num_layers):
+        used = used_kinds(spec, registry, layer)
+        feedforward, attention = spec.choice("feedforward", layer), spec.choice("attention", layer)
+        if ("feedforward" in used and feedforward.impl == "baseline.swiglu"
+                and isinstance(feedforward.config, SwiGLUConfig)):
+            multiplier = feedforward.config.multiplier
+            if swiglu_hidden(spec.dim, multiplier) < 8:
+                problems.append(f"feedforward.multiplier={multiplier:g} gives baseline.swiglu a "
+                                f"hidden width of 0 at dim={spec.dim} (dim * multiplier rounds to "
+                                f"a multiple of 8); use feedforward.multiplier >= "
+                                f"{8 / spec.dim:.4g}")
+        if "attention" in used and attention.impl in ATTENTION and head_dim % 2:
+            even = [h for h in range(1, min(spec.heads * 2, spec.dim) + 1)
+                    if spec.dim % h == 0 and (spec.dim // h) % 2 == 0]
+            problems.append(f"attention {attention.impl!r} needs an even head width for its "
+                            f"rotary embedding, but dim={spec.dim} / heads={spec.heads} = "
+                            f"{head_dim}; " + (f"use heads among {even}" if even else
+                                               "use an even dim"))
+    return list(dict.fromkeys(problems))
 
 
 @hookimpl

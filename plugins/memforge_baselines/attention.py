@@ -5,10 +5,11 @@ attention"): MAG and MAL use sliding-window attention whose persistent prefix ``
 visible ("SW attention with prefix", Fig. 3b);
 plain attention is the ``window=None, persistent_tokens=0`` case.
 
-Pieces are public so that other integrations can compose them: MAC attends over
-``[persistent | retrieved | segment]`` with its own mask, so it can call
-:meth:`CausalSelfAttention.project_qkv`, :meth:`CausalSelfAttention.persistent_kv`,
-:func:`attend` and :meth:`CausalSelfAttention.output` directly.
+The module satisfies the attention capabilities of :mod:`memforge.interfaces`:
+``ComposesAttention`` (MAC attends over ``[persistent | retrieved | segment]`` with its own mask
+through :meth:`CausalSelfAttention.project_qkv`, :meth:`CausalSelfAttention.persistent_kv` and
+:meth:`CausalSelfAttention.output`) and ``DecodesAttentionStatically``. The masks and helpers it
+uses are the core's (:mod:`memforge.nn`).
 
 Conventions: ``B`` batch, ``T`` time, ``D`` model width, ``H`` heads, ``d = D // H``. A boolean
 attention mask is ``True`` where a query may attend to a key.
@@ -24,20 +25,14 @@ from torch import Tensor, nn
 
 from memforge.errors import InputError
 from memforge.linear import Linear
-
-from .layers import RotaryEmbedding
+from memforge.nn import RotaryEmbedding, attend, attend_visible, batch_persistent_kv, causal_mask
 
 __all__ = [
     "AttentionCache",
     "AttentionDecodeBuffers",
     "CausalSelfAttention",
-    "attend",
-    "attend_visible",
-    "batch_persistent_kv",
-    "causal_mask",
     "dense_masked_attention",
     "reference_attention",
-    "static_attention_buffers",
 ]
 
 
@@ -64,80 +59,6 @@ class AttentionCache(NamedTuple):
     keys: Tensor
     values: Tensor
     position: Tensor
-
-
-def causal_mask(
-    q_len: int,
-    k_len: int,
-    *,
-    window: int | None = None,
-    prefix: int = 0,
-    device: torch.device | str | None = None,
-) -> Tensor:
-    """Boolean mask ``[q_len, prefix + k_len]`` for queries that are the last ``q_len`` of ``k_len``.
-
-    Query ``i`` sits at key index ``k_len - q_len + i`` and sees key ``j`` iff ``j`` is not after it
-    and, for a ``window``, fewer than ``window`` steps before it. The first ``prefix`` columns (the
-    persistent keys, placed before the sequence keys) are visible to every query.
-    """
-    rel = torch.arange(k_len - q_len, k_len, device=device)[:, None] - torch.arange(k_len, device=device)
-    mask = rel >= 0
-    if window is not None:
-        mask = mask & (rel < window)
-    if prefix:
-        mask = torch.cat([mask.new_ones(q_len, prefix), mask], dim=1)
-    return mask
-
-
-def attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None) -> Tensor:
-    """Softmax attention ``softmax(q k^T / sqrt(d) + mask) v`` through ``scaled_dot_product_attention``.
-
-    Args:
-        q: ``[..., Tq, d]`` queries.
-        k: ``[..., Tk, d]`` keys.
-        v: ``[..., Tk, d_v]`` values.
-        mask: boolean, broadcastable to ``[..., Tq, Tk]``, ``True`` = may attend; ``None`` = all
-            visible. Give every query at least one visible key (a fully masked row is undefined).
-
-    Returns:
-        ``[..., Tq, d_v]``.
-    """
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-
-
-def attend_visible(q: Tensor, persistent: tuple[Tensor, Tensor] | None, keys: list[Tensor],
-                   values: list[Tensor], visible: list[Tensor]) -> Tensor:
-    """One decoding query ``q`` ``[B, H, 1, d]`` over fixed-shape key/value buffers.
-
-    ``keys``/``values`` are lists of ``[B, H, n_i, d]`` pieces and ``visible`` their boolean row
-    masks ``[n_i]`` (stale rows of a buffer are ``False``); the ``persistent`` keys and values
-    ``[B, H, P, d]`` go first and are always visible.
-    """
-    if persistent is not None:
-        keys, values = [persistent[0], *keys], [persistent[1], *values]
-        visible = [visible[0].new_ones(persistent[0].shape[2]), *visible]
-    return attend(q, torch.cat(keys, 2), torch.cat(values, 2), torch.cat(visible)[None])
-
-
-def batch_persistent_kv(attention: nn.Module, batch: int, dtype: torch.dtype
-                        ) -> tuple[Tensor, Tensor] | None:
-    """``attention.persistent_kv()`` expanded to ``batch`` sequences and stored contiguously in
-    ``dtype``: what a fixed-shape decode keeps, since the parameters do not change while it runs."""
-    prefix = attention.persistent_kv()
-    if prefix is None:
-        return None
-    return tuple(p.expand(batch, -1, -1, -1).to(dtype).contiguous() for p in prefix)
-
-
-def static_attention_buffers(attention: nn.Module, cache: object, batch: int, capacity: int) -> object:
-    """``attention.static_decode_buffers(cache, batch, capacity)``, or an :class:`InputError` naming
-    the attention component when it cannot decode with fixed shapes (a block that holds any
-    ``Attention`` calls this rather than assume the method)."""
-    if not callable(getattr(attention, "static_decode_buffers", None)):
-        raise InputError(f"fixed-shape (compiled) decoding needs an attention component with "
-                         f"static_decode_buffers/static_decode_step (e.g. baseline.causal); "
-                         f"{type(attention).__name__} has none; use generate(..., compile=False)")
-    return attention.static_decode_buffers(cache, batch, capacity)
 
 
 class AttentionDecodeBuffers(NamedTuple):

@@ -7,9 +7,7 @@ from typing import Any
 from torch import Tensor, nn
 
 from memforge.interfaces import StaticDecodeStart
-
-from .attention import static_attention_buffers
-from .layers import RMSNorm
+from memforge.nn import RMSNorm, static_attention_buffers
 
 __all__ = ["TransformerBlock"]
 
@@ -19,7 +17,7 @@ class TransformerBlock(nn.Module):
 
     Takes its token mixer and feed-forward layer as modules (torchtune style), so any ``Attention``
     (``forward(x, cache) -> (y, cache)``) and any ``FeedForward`` (``forward(x) -> y``) can be
-    slotted in. The norms are :class:`~memforge_baselines.layers.RMSNorm`. Satisfies the ``Block``
+    slotted in. The norms are :class:`~memforge.nn.RMSNorm`. Satisfies the ``Block``
     protocol; the block's state is the attention's cache.
 
     Args:
@@ -59,7 +57,7 @@ class TransformerBlock(nn.Module):
 
     def static_decode_start(self, state: Any, batch: int, capacity: int) -> StaticDecodeStart:
         """Buffers for decoding on from ``state`` (the attention's cache) by up to ``capacity``
-        tokens: the attention component's own (it must have ``static_decode_buffers``). No cycles."""
+        tokens: the attention component's own (it must be ``DecodesAttentionStatically``). No cycles."""
         return StaticDecodeStart(static_attention_buffers(self.attention, state, batch, capacity),
                                  (), ())
 

@@ -7,7 +7,9 @@ Components (each an ablation axis of Titans Table 5):
 * forgetting: ``titans.adaptive_decay``, ``titans.constant_decay``, ``titans.no_forgetting``;
 * retrieval: ``titans.chunk_start``, ``titans.before_write``, ``titans.after_write``;
 * projection: ``titans.conv_qkv``, ``titans.plain_qkv`` (without convolution);
-* integration: ``titans.lmm`` (memory alone), ``titans.mac``, ``titans.mag``, ``titans.mal``.
+* memory_layer: ``titans.neural_memory``, the Titans layer built from the five kinds above;
+* integration: ``titans.lmm`` (memory alone), ``titans.mac``, ``titans.mag``, ``titans.mal``,
+  each taking whatever memory layer the spec chooses (MAC one that ``ReadsMemory``).
 
 With ``titans.linear``, ``titans.gradient``, ``titans.no_forgetting`` and chunk size 1 the layer
 is exactly the delta rule (DeltaNet). This plugin can be blocked (``MEMFORGE_BLOCK=titans``) to
@@ -17,9 +19,9 @@ run a spec set against the baselines only. Heavy imports stay inside the factori
 from __future__ import annotations
 
 from memforge import hookimpl
-from memforge.interfaces import MEMORY_KINDS, BuildContext
-from memforge.registry import ComponentSpec
-from memforge.spec import ModelSpec
+from memforge.interfaces import BuildContext
+from memforge.registry import ComponentRegistry, ComponentSpec
+from memforge.spec import ModelSpec, used_kinds
 from memforge_titans import configs as c
 from memforge_titans.lmm import LMMIntegrationConfig
 from memforge_titans.mac import MACIntegrationConfig
@@ -93,42 +95,43 @@ def _plain_qkv(config: c.PlainProjectionConfig, ctx: BuildContext):
     return QKVProjection(ctx.dim, ctx.heads, ctx.head_dim, conv_kernel=0)
 
 
-def build_memory_layer(ctx: BuildContext, chunk_size: int):
-    """The spec's memory layer for this block: projection, memory, rules, chunked kernel."""
+def _neural_memory(config: c.NeuralMemoryConfig, ctx: BuildContext):
     from memforge_titans.layer import NeuralMemoryLayer
 
     return NeuralMemoryLayer(
         ctx.dim, ctx.heads, projection=ctx.build("projection"), memory=ctx.build("memory"),
         surprise=ctx.build("surprise"), forgetting=ctx.build("forgetting"),
-        retrieval=ctx.build("retrieval"), chunk_size=chunk_size,
+        retrieval=ctx.build("retrieval"), chunk_size=config.chunk_size,
     )
 
 
 def _lmm(config: LMMIntegrationConfig, ctx: BuildContext):
     from memforge_titans.lmm import MemoryBlock
 
-    return MemoryBlock(ctx.dim, build_memory_layer(ctx, config.chunk_size), ctx.build("feedforward"),
+    return MemoryBlock(ctx.dim, ctx.build("memory_layer"), ctx.build("feedforward"),
                        persistent_tokens=config.persistent_tokens)
 
 
 def _mac(config: MACIntegrationConfig, ctx: BuildContext):
-    from memforge_titans.mac import MACBlock
+    from memforge_titans.mac import MACBlock, check_parts
 
-    return MACBlock(ctx.dim, ctx.build("attention"), build_memory_layer(ctx, config.chunk_size),
-                    ctx.build("feedforward"), segment_len=config.segment_len)
+    attention, memory = ctx.build("attention"), ctx.build("memory_layer")
+    check_parts(attention, memory, f"titans.mac (layer {ctx.layer_index})")
+    return MACBlock(ctx.dim, ctx.heads, attention, memory, ctx.build("feedforward"),
+                    segment_len=config.segment_len)
 
 
 def _mag(config: MAGIntegrationConfig, ctx: BuildContext):
     from memforge_titans.mag import MAGBlock
 
-    return MAGBlock(ctx.dim, ctx.build("attention"), build_memory_layer(ctx, config.chunk_size),
+    return MAGBlock(ctx.dim, ctx.build("attention"), ctx.build("memory_layer"),
                     ctx.build("feedforward"))
 
 
 def _mal(config: MALIntegrationConfig, ctx: BuildContext):
     from memforge_titans.mal import MALBlock
 
-    return MALBlock(ctx.dim, build_memory_layer(ctx, config.chunk_size), ctx.build("attention"),
+    return MALBlock(ctx.dim, ctx.build("memory_layer"), ctx.build("attention"),
                     ctx.build("feedforward"))
 
 
@@ -165,37 +168,57 @@ def memforge_register_components():
              "q/k/v: linear, causal depthwise conv, SiLU, l2-norm q/k"),
         spec("projection", "titans.plain_qkv", c.PlainProjectionConfig, _plain_qkv,
              "q/k/v: linear, SiLU, l2-norm q/k (no convolution)"),
+        spec("memory_layer", "titans.neural_memory", c.NeuralMemoryConfig, _neural_memory,
+             "Titans neural memory: chunked test-time update of the memory network",
+             requires=("projection", "memory", "surprise", "forgetting", "retrieval")),
         spec("integration", "titans.lmm", LMMIntegrationConfig, _lmm,
              "memory as the token mixer, no attention (Titans LMM)",
-             requires=(*MEMORY_KINDS, "feedforward")),
+             requires=("memory_layer", "feedforward")),
         spec("integration", "titans.mac", MACIntegrationConfig, _mac,
              "memory as context: segment attention over [persistent | retrieved | segment]",
-             requires=(*MEMORY_KINDS, "attention", "feedforward")),
+             requires=("attention", "memory_layer", "feedforward")),
         spec("integration", "titans.mag", MAGIntegrationConfig, _mag,
              "memory as a gate on sliding-window attention",
-             requires=(*MEMORY_KINDS, "attention", "feedforward")),
+             requires=("attention", "memory_layer", "feedforward")),
         spec("integration", "titans.mal", MALIntegrationConfig, _mal,
              "memory layer, then sliding-window attention",
-             requires=(*MEMORY_KINDS, "attention", "feedforward")),
+             requires=("memory_layer", "attention", "feedforward")),
     ]
 
 
 @hookimpl
-def memforge_validate_spec(spec: ModelSpec) -> list[str]:
-    """Sizes the titans components cannot work with, found before anything is built."""
-    problems = []
-    memory = spec.memory
-    if memory is not None and memory.impl == "titans.mlp" and isinstance(memory.config, c.MLPMemoryConfig):
-        config, head_dim = memory.config, spec.dim // spec.heads
-        if config.depth >= 2 and round(head_dim * config.expansion) < 1:
-            problems.append(f"memory.expansion={config.expansion:g} gives titans.mlp a hidden width "
-                            f"of 0 at head width {head_dim} (dim / heads); use memory.expansion "
-                            f">= {1 / head_dim:.4g}")
-    if spec.integration.impl == "titans.mac" and spec.attention.impl == "baseline.sliding_window":
-        problems.append("titans.mac attends inside each segment (integration.segment_len bounds the "
-                        "span), so it takes full attention, not a sliding window: set "
-                        "attention=baseline.causal")
-    return problems
+def memforge_validate_spec(spec: ModelSpec, registry: ComponentRegistry) -> list[str]:
+    """Sizes and combinations the titans components cannot work with, in any layer that uses
+    them, found before anything is built."""
+    problems: list[str] = []
+    head_dim = spec.dim // spec.heads
+    for layer in range(spec.num_layers):
+        used = used_kinds(spec, registry, layer)
+        memory, integration = spec.choice("memory", layer), spec.choice("integration", layer)
+        memory_layer, attention = spec.choice("memory_layer", layer), spec.choice("attention", layer)
+        if ("memory" in used and memory.impl == "titans.mlp"
+                and isinstance(memory.config, c.MLPMemoryConfig)):
+            config = memory.config
+            if config.depth >= 2 and round(head_dim * config.expansion) < 1:
+                problems.append(f"memory.expansion={config.expansion:g} gives titans.mlp a hidden "
+                                f"width of 0 at head width {head_dim} (dim / heads); use "
+                                f"memory.expansion >= {1 / head_dim:.4g}")
+        if integration.impl != "titans.mac":
+            continue
+        if attention.impl == "baseline.sliding_window":
+            problems.append("titans.mac attends inside each segment (integration.segment_len "
+                            "bounds the span), so it takes full attention, not a sliding window: "
+                            "set attention=baseline.causal")
+        if (memory_layer is not None and isinstance(memory_layer.config, c.NeuralMemoryConfig)
+                and isinstance(integration.config, MACIntegrationConfig)):
+            # Chunks must not straddle segments, so a segment starts with no half-written chunk.
+            segment, chunk = integration.config.segment_len, memory_layer.config.chunk_size
+            if segment % chunk:
+                divisors = [d for d in range(1, segment + 1) if segment % d == 0]
+                problems.append(f"titans.mac's 'segment_len'={segment} must be a multiple of the "
+                                f"memory layer's 'chunk_size'={chunk}; choose "
+                                f"memory_layer.chunk_size among {divisors}")
+    return list(dict.fromkeys(problems))
 
 
 @hookimpl

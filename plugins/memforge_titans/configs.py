@@ -10,6 +10,17 @@ ACTIVATIONS = ("gelu", "silu", "relu")
 
 
 @attrs.frozen(kw_only=True)
+class NeuralMemoryConfig:
+    """The Titans memory layer (``titans.neural_memory``), built from the spec's memory,
+    surprise, forgetting, retrieval and projection."""
+
+    # The kernel builds chunk_size x chunk_size matrices per sequence and head:
+    # 4096 is 64 MB each, beyond what any setting needs.
+    chunk_size: int = option(64, ge=1, le=4096, typical=(1, 64),
+                             help="tokens whose surprise uses the same chunk-start weights")
+
+
+@attrs.frozen(kw_only=True)
 class MLPMemoryConfig:
     """Deep MLP memory (``titans.mlp``)."""
 

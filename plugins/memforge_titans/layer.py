@@ -1,4 +1,5 @@
-"""The Titans neural long-term memory as a sequence layer (docs/memory.md).
+"""The Titans neural long-term memory as a sequence layer (docs/memory.md), the memory layer
+``titans.neural_memory``.
 
 ``x -> q, k, v`` (projection), per-token gates (surprise and forgetting rules), the chunk-parallel
 test-time update and read (:func:`memforge_titans.chunked.memory_scan`), then a per-head RMS norm,
@@ -87,6 +88,9 @@ class MemoryDecodeBuffers(NamedTuple):
 
 class NeuralMemoryLayer(nn.Module):
     """Neural long-term memory (LMM): ``forward(x [B, T, D], state) -> (y [B, T, D], state)``.
+
+    A :class:`memforge.interfaces.MemoryLayer` with every capability: ``ReadsMemory``,
+    ``DecodesMemoryStatically``, ``ReadsMemoryStatically`` and ``CompilesSteps``.
 
     Args:
         dim: model width ``D``.
@@ -236,6 +240,11 @@ class NeuralMemoryLayer(nn.Module):
                                      *gate_values, completes=completes_chunk)
         return self._output(read, x)
 
+    def static_read_state(self, buffers: MemoryDecodeBuffers) -> tuple[Tensor, ...]:
+        """The fast weights ``buffers`` hold (views), the :meth:`read_state` snapshot right after a
+        step that completed a chunk (:class:`memforge.interfaces.ReadsMemoryStatically`)."""
+        return tuple(buffers.chunk.weights)
+
     def compile_steps(self, enabled: bool = True) -> None:
         """Run the memory's chunk loop with a ``torch.compile``-d chunk step (or back to eager).
 
@@ -250,9 +259,9 @@ class NeuralMemoryLayer(nn.Module):
             _scan_hidden_from_compile()
         self.compiled_steps = bool(enabled)
 
-    # -- read-only access (MAC retrieves from the memory without writing) ------------------------
-    def current_weights(self, state: MemoryLayerState | None, batch: int) -> tuple[Tensor, ...]:
-        """The fast weights after every token written so far; pure (writes nothing).
+    # -- read-only access (memforge.interfaces.ReadsMemory: MAC retrieves without writing) ------
+    def read_state(self, state: MemoryLayerState | None, batch: int) -> tuple[Tensor, ...]:
+        """The snapshot of the memory: the fast weights after every token written so far; pure.
 
         ``state=None`` gives the learned initial weights repeated for ``batch`` sequences. Each
         tensor is ``[batch * H, d_in_i, d_out_i]``, sequence-major as in the kernel.
@@ -264,7 +273,7 @@ class NeuralMemoryLayer(nn.Module):
             return current_weights(self.memory, self.surprise, state.fast)
 
     def read(self, queries: Tensor, weights: tuple[Tensor, ...]) -> Tensor:
-        """``M(queries)`` with fixed fast ``weights`` (from :meth:`current_weights`); pure.
+        """``M(queries)`` with fixed fast ``weights`` (from :meth:`read_state`); pure.
 
         ``queries`` ``[B, H, T, d]`` -> raw memory output ``[B, H, T, d]`` (no norm, gate or
         projection: the caller decides what to do with the read).

@@ -17,19 +17,15 @@ import torch
 from torch import Tensor, nn
 
 from memforge import option
+from memforge.capabilities import require
 from memforge.errors import InputError
-from memforge.interfaces import StaticDecodeStart
-from memforge_titans.layer import NeuralMemoryLayer
+from memforge.interfaces import DecodesMemoryStatically, MemoryLayer, StaticDecodeStart
 
 
 @attrs.frozen(kw_only=True)
 class LMMIntegrationConfig:
-    """Memory-only block (``titans.lmm``)."""
+    """Memory-only block (``titans.lmm``); its memory layer is the spec's ``memory_layer``."""
 
-    # The kernel builds chunk_size x chunk_size matrices per sequence and head:
-    # 4096 is 64 MB each, beyond what any setting needs.
-    chunk_size: int = option(64, ge=1, le=4096, typical=(1, 64),
-                             help="tokens whose surprise uses the same chunk-start weights")
     persistent_tokens: int = option(0, ge=0, le=4096, typical=(0, 8),
                                     help="learned tokens written first into every memory")
 
@@ -39,12 +35,12 @@ class MemoryBlock(nn.Module):
 
     Args:
         dim: model width.
-        memory: the memory layer.
+        memory: any memory layer (:class:`memforge.interfaces.MemoryLayer`).
         feedforward: the position-wise MLP.
         persistent_tokens: number of learned tokens written at each sequence start.
     """
 
-    def __init__(self, dim: int, memory: NeuralMemoryLayer, feedforward: nn.Module,
+    def __init__(self, dim: int, memory: MemoryLayer, feedforward: nn.Module,
                  persistent_tokens: int = 0) -> None:
         super().__init__()
         self.memory = memory
@@ -68,6 +64,8 @@ class MemoryBlock(nn.Module):
         One cycle: the memory chunk. Nothing grows with the length (``capacity`` is unused)."""
         if state is None:
             raise InputError("titans.lmm decodes on from a state; read at least one token first")
+        require(self.memory, DecodesMemoryStatically, needed_by="fixed-shape decoding of titans.lmm",
+                fix="use generate(..., compile=False)", error=InputError)
         buffers = self.memory.static_decode_buffers(state, batch)
         return StaticDecodeStart(buffers, (self.memory.static_decode_phase(state),),
                                  (self.memory.chunk_size,))

@@ -41,23 +41,28 @@ most ``segment_len - 1`` cached tokens per layer.
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import attrs
 import torch
 import torch.nn.functional as F
-from memforge_baselines.attention import attend, attend_visible, batch_persistent_kv, causal_mask
 from torch import Tensor, nn
 
 from memforge import option
+from memforge.capabilities import require
 from memforge.errors import InputError
-from memforge.interfaces import StaticDecodeStart
+from memforge.interfaces import (
+    ComposesAttention,
+    DecodesMemoryStatically,
+    MemoryLayer,
+    ReadsMemory,
+    ReadsMemoryStatically,
+    StaticDecodeStart,
+)
 from memforge.linear import Linear
-from memforge_titans.layer import MemoryDecodeBuffers, MemoryLayerState, NeuralMemoryLayer
+from memforge.nn import attend, attend_visible, batch_persistent_kv, causal_mask
 from memforge_titans.mag import check_hidden, check_state
-
-#: What MAC needs from its attention component (``CausalSelfAttention`` has all three).
-ATTENTION_API = ("project_qkv", "persistent_kv", "output")
+from memforge_titans.static_chunk import clone_tree, copy_into
 
 
 @attrs.frozen(kw_only=True)
@@ -66,16 +71,8 @@ class MACIntegrationConfig:
 
     # Segment attention is quadratic in segment_len; the chunk bound is the other integrations'.
     segment_len: int = option(64, ge=1, le=65536, typical=(1, 128),
-                              help="tokens per segment (attention span, retrieval unit)")
-    chunk_size: int = option(16, ge=1, le=4096, typical=(1, 32),
-                             help="memory chunk size; must divide segment_len")
-
-    def __attrs_post_init__(self) -> None:
-        # Chunks must not straddle segments, so a segment starts with no half-written chunk.
-        if self.segment_len % self.chunk_size:
-            divisors = [c for c in range(1, self.segment_len + 1) if self.segment_len % c == 0]
-            raise ValueError(f"'segment_len'={self.segment_len} must be a multiple of "
-                             f"'chunk_size'={self.chunk_size}; choose chunk_size among {divisors}")
+                              help="tokens per segment (attention span, retrieval unit); a "
+                                   "multiple of the memory layer's chunk_size")
 
 
 class MACState(NamedTuple):
@@ -83,16 +80,17 @@ class MACState(NamedTuple):
 
     Attributes:
         memory: the memory layer's state (``None`` before the first token).
-        segment_weights: fast weights ``M`` at the start of the current segment (what its remaining
-            tokens retrieve with); ``()`` at a segment boundary.
+        segment_weights: the memory layer's snapshot (:meth:`ReadsMemory.read_state`; for the
+            Titans layer its fast weights) at the start of the current segment, what its
+            remaining tokens retrieve with; ``None`` at a segment boundary.
         keys: ``[B, H, r, d]`` attention keys of the ``r`` tokens of the current segment so far.
         values: ``[B, H, r, d]``, matching ``keys``.
         retrieved_keys: ``[B, H, r, d]`` keys of those tokens' retrieved rows.
         retrieved_values: ``[B, H, r, d]``, matching ``retrieved_keys``.
     """
 
-    memory: MemoryLayerState | None
-    segment_weights: tuple[Tensor, ...]
+    memory: Any | None
+    segment_weights: Any | None
     keys: Tensor
     values: Tensor
     retrieved_keys: Tensor
@@ -109,7 +107,8 @@ class MACDecodeBuffers(NamedTuple):
 
     Attributes:
         memory: the memory layer's decode buffers.
-        segment_weights: fast weights at the start of the current segment (what it retrieves with).
+        segment_weights: the memory snapshot at the start of the current segment (what it
+            retrieves with).
         keys: ``[B, H, segment_len, d]`` attention keys of the segment's tokens; rows at and past
             ``filled`` are stale and masked.
         values: matching ``keys``.
@@ -119,8 +118,8 @@ class MACDecodeBuffers(NamedTuple):
         filled: tokens of the current segment so far (0-d long tensor).
     """
 
-    memory: MemoryDecodeBuffers
-    segment_weights: tuple[Tensor, ...]
+    memory: Any
+    segment_weights: Any
     keys: Tensor
     values: Tensor
     retrieved_keys: Tensor
@@ -140,26 +139,37 @@ def mac_mask(queries: int, filled: int, persistent: int, device: torch.device | 
     return torch.cat([within.new_ones(queries, persistent), within, within], dim=1)
 
 
+def check_parts(attention: nn.Module, memory: nn.Module, where: str) -> None:
+    """Raise :class:`~memforge.errors.SpecError` unless ``attention`` composes
+    (:class:`~memforge.interfaces.ComposesAttention`) and ``memory`` reads without writing
+    (:class:`~memforge.interfaces.ReadsMemory`), naming ``where`` (``"titans.mac (layer 1)"``)."""
+    require(attention, ComposesAttention, needed_by=where,
+            fix="choose a full attention that has them (e.g. baseline.causal)")
+    require(memory, ReadsMemory, needed_by=where,
+            fix="choose a memory_layer that reads without writing (e.g. titans.neural_memory) or "
+                "another integration (titans.mag, titans.mal, titans.lmm)")
+
+
 class MACBlock(nn.Module):
     """Memory-as-Context block: ``forward(hidden [B, T, D], state) -> (hidden, MACState)``.
 
+    The ``titans.mac`` factory checks the capabilities below (:func:`check_parts`) before it
+    builds the block.
+
     Args:
         dim: model width ``D``.
-        attention: full-attention component exposing ``project_qkv``, ``persistent_kv`` and
-            ``output`` (e.g. ``baseline.causal``); MAC applies its own segment mask.
-        memory: the Titans memory layer.
+        heads: heads ``H`` of the retrieval queries (the memory layer's read takes ``[B, H, T, d]``).
+        attention: a full-attention component with the ``ComposesAttention`` capability
+            (``project_qkv``, ``persistent_kv``, ``output``); MAC applies its own segment mask.
+        memory: any memory layer with the ``ReadsMemory`` capability (MAC retrieves through
+            ``read_state`` and ``read`` only).
         feedforward: the position-wise MLP.
         segment_len: tokens per segment ``C``; the memory's chunk size must divide it.
     """
 
-    def __init__(self, dim: int, attention: nn.Module, memory: NeuralMemoryLayer,
+    def __init__(self, dim: int, heads: int, attention: nn.Module, memory: MemoryLayer,
                  feedforward: nn.Module, *, segment_len: int) -> None:
         super().__init__()
-        missing = [name for name in ATTENTION_API if not callable(getattr(attention, name, None))]
-        if missing:
-            raise ValueError(f"titans.mac needs an attention component with {', '.join(ATTENTION_API)} "
-                             f"(e.g. baseline.causal); {type(attention).__name__} lacks "
-                             f"{', '.join(missing)}")
         if getattr(attention, "window", None) is not None:
             raise ValueError("titans.mac attends inside each segment (segment_len bounds the span); "
                              "use full attention (baseline.causal), not a sliding window")
@@ -167,7 +177,7 @@ class MACBlock(nn.Module):
             raise ValueError(f"segment_len={segment_len} must be a positive multiple of the memory "
                              f"chunk_size={memory.chunk_size}")
         self.dim, self.segment_len = dim, segment_len
-        self.heads, self.head_dim = memory.heads, memory.head_dim
+        self.heads, self.head_dim = heads, dim // heads
         self.attention = attention
         self.memory = memory
         self.feedforward = feedforward
@@ -207,8 +217,7 @@ class MACBlock(nn.Module):
                        state: MACState) -> tuple[Tensor, Tensor, MACState]:
         """Read ``x`` ``[B, n, D]`` lying inside one segment; returns ``(y, M*(y), state)``, ``[B, n, D]``."""
         (batch, n, _), filled = x.shape, state.filled
-        weights = (state.segment_weights if filled
-                   else self.memory.current_weights(state.memory, batch))
+        weights = state.segment_weights if filled else self.memory.read_state(state.memory, batch)
         retrieved = self._retrieve(queries, weights)
         # Token j and its retrieved row share position j: one projection call for both.
         q, k, v = self.attention.project_qkv(torch.cat((x, retrieved)),
@@ -230,7 +239,7 @@ class MACBlock(nn.Module):
         m, memory = self.memory(self.write_norm(y), state.memory)
         if filled + n == self.segment_len:  # segment done: later tokens see none of it
             empty = keys.new_zeros(batch, self.heads, 0, self.head_dim)
-            return y, m, MACState(memory, (), empty, empty, empty, empty)
+            return y, m, MACState(memory, None, empty, empty, empty, empty)
         return y, m, MACState(memory, weights, keys, values, retrieved_keys, retrieved_values)
 
     # -- fixed-shape decoding (memforge.decoding.StaticDecoder) -----------------------------------
@@ -242,6 +251,10 @@ class MACBlock(nn.Module):
         state = None if state is None else self._check_state(state, batch)
         if state is None or state.memory is None:
             raise InputError("titans.mac decodes on from a state; read at least one token first")
+        require(self.memory, DecodesMemoryStatically, needed_by="fixed-shape decoding of titans.mac",
+                fix="use generate(..., compile=False)", error=InputError)
+        require(self.memory, ReadsMemoryStatically, needed_by="fixed-shape decoding of titans.mac",
+                fix="use generate(..., compile=False)", error=InputError)
         filled = state.filled
 
         def cache(rows: Tensor) -> Tensor:
@@ -249,11 +262,10 @@ class MACBlock(nn.Module):
             buffer[:, :, :filled] = rows
             return buffer
 
-        weights = (state.segment_weights if filled
-                   else self.memory.current_weights(state.memory, batch))
+        weights = state.segment_weights if filled else self.memory.read_state(state.memory, batch)
         buffers = MACDecodeBuffers(
             memory=self.memory.static_decode_buffers(state.memory, batch),
-            segment_weights=tuple(w.clone() for w in weights),
+            segment_weights=clone_tree(weights),
             keys=cache(state.keys), values=cache(state.values),
             retrieved_keys=cache(state.retrieved_keys), retrieved_values=cache(state.retrieved_values),
             persistent=batch_persistent_kv(self.attention, batch, state.keys.dtype),
@@ -284,11 +296,9 @@ class MACBlock(nn.Module):
         y = self.attention.output(o)
         m = self.memory.static_decode_step(self.write_norm(y), buffers.memory, completes_chunk)
         if completes_segment:
-            # A segment ends with a chunk (chunk_size divides segment_len): the memory's weights
-            # are now the next segment's, and its rows start again at 0.
-            for segment_weight, weight in zip(buffers.segment_weights, buffers.memory.chunk.weights,
-                                              strict=True):
-                segment_weight.copy_(weight)
+            # A segment ends with a chunk (chunk_size divides segment_len): the memory as it
+            # stands is the next segment's snapshot, and its rows start again at 0.
+            copy_into(buffers.segment_weights, self.memory.static_read_state(buffers.memory))
             buffers.filled.zero_()
         else:
             buffers.filled.add_(1)
@@ -296,8 +306,9 @@ class MACBlock(nn.Module):
         hidden = hidden + self.out_proj(gated)
         return hidden + self.feedforward(self.ffn_norm(hidden))
 
-    def _retrieve(self, queries: Tensor, weights: tuple[Tensor, ...]) -> Tensor:
-        """Context tokens ``[B, n, D]`` read from the memory ``weights`` with ``queries`` ``[B, H, n, d]``."""
+    def _retrieve(self, queries: Tensor, weights: Any) -> Tensor:
+        """Context tokens ``[B, n, D]`` read from the memory snapshot ``weights`` with ``queries``
+        ``[B, H, n, d]``."""
         read = self.retrieved_norm(self.memory.read(queries, weights))
         return read.transpose(1, 2).flatten(2)
 
@@ -307,7 +318,7 @@ class MACBlock(nn.Module):
 
     def _empty_state(self, hidden: Tensor) -> MACState:
         empty = hidden.new_zeros(hidden.shape[0], self.heads, 0, self.head_dim)
-        return MACState(None, (), empty, empty, empty, empty)
+        return MACState(None, None, empty, empty, empty, empty)
 
     def _check_state(self, state: MACState, batch: int) -> MACState:
         state = check_state(state, MACState, "titans.mac")
@@ -319,7 +330,8 @@ class MACBlock(nn.Module):
                 raise InputError(f"titans.mac state {name} {got} does not fit this block and batch "
                                  f"{batch} (expected {list(expected)}); pass the state returned "
                                  f"for these same sequences")
-        if state.filled >= self.segment_len or bool(state.segment_weights) != bool(state.filled) \
+        if state.filled >= self.segment_len \
+                or (state.segment_weights is not None) != bool(state.filled) \
                 or (state.filled and state.memory is None):
             raise InputError(f"titans.mac state is inconsistent (position {state.filled} in a "
                              f"segment of {self.segment_len}); pass the state this block returned")

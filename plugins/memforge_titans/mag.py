@@ -27,36 +27,31 @@ from typing import Any, NamedTuple
 
 import attrs
 import torch
-from memforge_baselines.attention import static_attention_buffers
 from torch import Tensor, nn
 
-from memforge import option
+from memforge.capabilities import require
 from memforge.errors import InputError
-from memforge.interfaces import StaticDecodeStart
+from memforge.interfaces import DecodesMemoryStatically, MemoryLayer, StaticDecodeStart
 from memforge.linear import Linear
-from memforge_titans.layer import MemoryDecodeBuffers, MemoryLayerState, NeuralMemoryLayer
+from memforge.nn import static_attention_buffers
 
 
 @attrs.frozen(kw_only=True)
 class MAGIntegrationConfig:
-    """Sliding-window attention gated by the memory (``titans.mag``)."""
-
-    # The kernel builds chunk_size x chunk_size matrices per sequence and head:
-    # 4096 is 64 MB each, beyond what any setting needs.
-    chunk_size: int = option(64, ge=1, le=4096, typical=(1, 64),
-                             help="tokens whose surprise uses the same chunk-start weights")
+    """Sliding-window attention gated by the memory (``titans.mag``); its memory layer is the
+    spec's ``memory_layer``."""
 
 
 class MAGState(NamedTuple):
     """State of a :class:`MAGBlock` between calls on the same sequences.
 
     Attributes:
-        memory: the memory layer's state (fast weights, momentum, pending chunk, conv cache).
+        memory: the memory layer's state.
         attention: the attention's cache (for a sliding window: the last ``window - 1`` keys and
             values only, so generation memory stays bounded).
     """
 
-    memory: MemoryLayerState
+    memory: Any
     attention: Any
 
 
@@ -66,11 +61,11 @@ class MAGBlock(nn.Module):
     Args:
         dim: model width ``D``.
         attention: the short-term branch, ``forward(x, cache) -> (y, cache)`` (kind ``attention``).
-        memory: the long-term branch (the Titans memory layer).
+        memory: the long-term branch, any memory layer (:class:`memforge.interfaces.MemoryLayer`).
         feedforward: the position-wise MLP.
     """
 
-    def __init__(self, dim: int, attention: nn.Module, memory: NeuralMemoryLayer,
+    def __init__(self, dim: int, attention: nn.Module, memory: MemoryLayer,
                  feedforward: nn.Module) -> None:
         super().__init__()
         self.dim = dim
@@ -125,16 +120,18 @@ class MemoryAttentionBuffers(NamedTuple):
     """A fixed-shape decode's buffers for a block with a memory layer and an attention (changed
     in place): the memory layer's and the attention component's."""
 
-    memory: MemoryDecodeBuffers
+    memory: Any
     attention: Any
 
 
-def memory_attention_decode_start(memory: NeuralMemoryLayer, attention: nn.Module,
+def memory_attention_decode_start(memory: MemoryLayer, attention: nn.Module,
                                   state: MAGState | Any, batch: int, capacity: int
                                   ) -> StaticDecodeStart:
     """The fixed-shape decode start of a block whose state is ``(memory, attention)`` (MAG, MAL):
-    both components' buffers, one cycle (the memory chunk). An attention component that cannot
-    decode with fixed shapes is named in an :class:`InputError`."""
+    both components' buffers, one cycle (the memory chunk). A memory layer or attention
+    component that cannot decode with fixed shapes is named in an :class:`InputError`."""
+    require(memory, DecodesMemoryStatically, needed_by="fixed-shape decoding of titans.mag/mal",
+            fix="use generate(..., compile=False)", error=InputError)
     buffers = MemoryAttentionBuffers(memory.static_decode_buffers(state.memory, batch),
                                      static_attention_buffers(attention, state.attention, batch, capacity))
     return StaticDecodeStart(buffers, (memory.static_decode_phase(state.memory),),
@@ -158,8 +155,7 @@ def check_state(state: Any, kind: type, block: str) -> Any:
     return state
 
 
-def start_memory(memory: NeuralMemoryLayer, attention: nn.Module,
-                 hidden: Tensor) -> MemoryLayerState | None:
+def start_memory(memory: MemoryLayer, attention: nn.Module, hidden: Tensor) -> Any | None:
     """The memory state at the start of new sequences: the attention's persistent tokens written.
 
     Titans feeds ``P || x`` to the memory (Eqs. 26, 29); the tokens are the attention component's

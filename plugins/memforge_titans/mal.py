@@ -19,9 +19,7 @@ from typing import Any, NamedTuple
 import attrs
 from torch import Tensor, nn
 
-from memforge import option
-from memforge.interfaces import StaticDecodeStart
-from memforge_titans.layer import MemoryLayerState, NeuralMemoryLayer
+from memforge.interfaces import MemoryLayer, StaticDecodeStart
 from memforge_titans.mag import (
     MemoryAttentionBuffers,
     check_hidden,
@@ -33,12 +31,8 @@ from memforge_titans.mag import (
 
 @attrs.frozen(kw_only=True)
 class MALIntegrationConfig:
-    """Memory layer followed by sliding-window attention (``titans.mal``)."""
-
-    # The kernel builds chunk_size x chunk_size matrices per sequence and head:
-    # 4096 is 64 MB each, beyond what any setting needs.
-    chunk_size: int = option(64, ge=1, le=4096, typical=(1, 64),
-                             help="tokens whose surprise uses the same chunk-start weights")
+    """Memory layer followed by sliding-window attention (``titans.mal``); its memory layer is
+    the spec's ``memory_layer``."""
 
 
 class MALState(NamedTuple):
@@ -49,7 +43,7 @@ class MALState(NamedTuple):
         attention: the attention's cache (bounded by the window for sliding-window attention).
     """
 
-    memory: MemoryLayerState
+    memory: Any
     attention: Any
 
 
@@ -58,12 +52,12 @@ class MALBlock(nn.Module):
 
     Args:
         dim: model width ``D``.
-        memory: the Titans memory layer (first sub-layer).
+        memory: any memory layer (first sub-layer; :class:`memforge.interfaces.MemoryLayer`).
         attention: the attention (second sub-layer), ``forward(x, cache) -> (y, cache)``.
         feedforward: the position-wise MLP.
     """
 
-    def __init__(self, dim: int, memory: NeuralMemoryLayer, attention: nn.Module,
+    def __init__(self, dim: int, memory: MemoryLayer, attention: nn.Module,
                  feedforward: nn.Module) -> None:
         super().__init__()
         self.dim = dim

@@ -1,11 +1,17 @@
 """Presets of the ``titans`` plugin: each variant in a ``_tiny`` size (tests) and a small size
-that trains on a laptop CPU in minutes."""
+that trains on a laptop CPU in minutes.
+
+The attention and feed-forward parts are the ``baseline`` plugin's, named through the registry
+(:func:`part`) rather than imported from its modules: plugins share components by name only.
+"""
 
 from __future__ import annotations
 
-import attrs
-from memforge_baselines import CausalAttentionConfig, SlidingWindowAttentionConfig, SwiGLUConfig
+from typing import Any
 
+import attrs
+
+from memforge.plugins import default_registry
 from memforge.registry import PresetSpec
 from memforge.spec import ComponentChoice, ModelSpec
 from memforge_titans import configs as c
@@ -13,6 +19,12 @@ from memforge_titans.lmm import LMMIntegrationConfig
 from memforge_titans.mac import MACIntegrationConfig
 from memforge_titans.mag import MAGIntegrationConfig
 from memforge_titans.mal import MALIntegrationConfig
+
+
+def part(kind: str, name: str, **settings: Any) -> ComponentChoice:
+    """The registered component ``name`` of ``kind`` with ``settings`` (its defaults otherwise)."""
+    return ComponentChoice(name, default_registry().component(kind, name).config_cls(**settings))
+
 
 #: (vocab, dim, layers, heads, chunk) of the two sizes.
 SIZES = {"tiny": (64, 32, 2, 2, 8), "small": (256, 128, 2, 4, 16)}
@@ -22,13 +34,15 @@ ATTENTION_SIZES = {"tiny": (16, 8, 2), "small": (64, 64, 4)}
 
 def titans_spec(size: str, integration: ComponentChoice,
                 attention: ComponentChoice | None = None) -> ModelSpec:
-    """A spec with the Titans memory defaults (deep MLP memory, momentum, adaptive decay, conv)."""
-    vocab, dim, layers, heads, _ = SIZES[size]
+    """A spec with the Titans memory defaults (deep MLP memory, momentum, adaptive decay, conv)
+    and the size's chunk."""
+    vocab, dim, layers, heads, chunk = SIZES[size]
     return ModelSpec(
         vocab_size=vocab, dim=dim, num_layers=layers, heads=heads,
         integration=integration,
-        attention=attention or ComponentChoice("baseline.causal", CausalAttentionConfig()),
-        feedforward=ComponentChoice("baseline.swiglu", SwiGLUConfig()),
+        attention=attention or part("attention", "baseline.causal"),
+        feedforward=part("feedforward", "baseline.swiglu"),
+        memory_layer=ComponentChoice("titans.neural_memory", c.NeuralMemoryConfig(chunk_size=chunk)),
         memory=ComponentChoice("titans.mlp", c.MLPMemoryConfig()),
         surprise=ComponentChoice("titans.momentum", c.MomentumSurpriseConfig()),
         forgetting=ComponentChoice("titans.adaptive_decay", c.AdaptiveDecayConfig()),
@@ -38,38 +52,38 @@ def titans_spec(size: str, integration: ComponentChoice,
 
 
 def _lmm(size: str) -> ModelSpec:
-    chunk = SIZES[size][4]
-    return titans_spec(size, ComponentChoice("titans.lmm", LMMIntegrationConfig(chunk_size=chunk)))
+    return titans_spec(size, ComponentChoice("titans.lmm", LMMIntegrationConfig()))
 
 
 def _mac(size: str) -> ModelSpec:
-    chunk = SIZES[size][4]
     segment, _, persistent = ATTENTION_SIZES[size]
     return titans_spec(
-        size, ComponentChoice("titans.mac", MACIntegrationConfig(segment_len=segment, chunk_size=chunk)),
-        ComponentChoice("baseline.causal", CausalAttentionConfig(persistent_tokens=persistent)))
+        size, ComponentChoice("titans.mac", MACIntegrationConfig(segment_len=segment)),
+        part("attention", "baseline.causal", persistent_tokens=persistent))
 
 
 def _sliding(size: str, integration: str, config: object) -> ModelSpec:
     _, window, persistent = ATTENTION_SIZES[size]
-    attention = SlidingWindowAttentionConfig(window=window, persistent_tokens=persistent)
     return titans_spec(size, ComponentChoice(integration, config),
-                       ComponentChoice("baseline.sliding_window", attention))
+                       part("attention", "baseline.sliding_window", window=window,
+                            persistent_tokens=persistent))
 
 
 def _mag(size: str) -> ModelSpec:
-    return _sliding(size, "titans.mag", MAGIntegrationConfig(chunk_size=SIZES[size][4]))
+    return _sliding(size, "titans.mag", MAGIntegrationConfig())
 
 
 def _mal(size: str) -> ModelSpec:
-    return _sliding(size, "titans.mal", MALIntegrationConfig(chunk_size=SIZES[size][4]))
+    return _sliding(size, "titans.mal", MALIntegrationConfig())
 
 
 def _mag_hybrid(size: str) -> ModelSpec:
-    """MAG blocks at odd layers, plain sliding-window blocks at even ones (4 layers small, 2 tiny)."""
+    """MAG blocks at odd layers, plain sliding-window blocks at even ones (4 layers small, 2 tiny):
+    ``[layer."0,2".integration] impl = "baseline.transformer"``."""
     spec = _mag(size)
     layers = 2 * spec.num_layers if size == "small" else spec.num_layers
-    return attrs.evolve(spec, num_layers=layers, memory_layers=tuple(range(1, layers, 2)))
+    plain = {"integration": part("integration", "baseline.transformer")}
+    return attrs.evolve(spec, num_layers=layers, layers={i: plain for i in range(0, layers, 2)})
 
 
 PRESETS = [

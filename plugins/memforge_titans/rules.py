@@ -116,6 +116,7 @@ class ReadAtChunkStart(nn.Module):
     """Read every token with the weights at the start of its chunk (cheapest; with chunk size 1
     this is reading ``M_{t-1}``). A token never sees a write of its own chunk."""
 
+    reads = ("at_chunk_start",)
     reads_within_chunk = False
 
     def forward(self, reader: ChunkReader, queries: Tensor) -> Tensor:
@@ -125,6 +126,7 @@ class ReadAtChunkStart(nn.Module):
 class ReadBeforeWrite(nn.Module):
     """Read token ``t`` with the exact weights ``M_{t-1}``: everything before it, not itself."""
 
+    reads = ("before_write",)
     reads_within_chunk = True
 
     def forward(self, reader: ChunkReader, queries: Tensor) -> Tensor:
@@ -134,6 +136,7 @@ class ReadBeforeWrite(nn.Module):
 class ReadAfterWrite(nn.Module):
     """Read token ``t`` with the exact weights ``M_t``, after its own write (TTT's order)."""
 
+    reads = ("after_write",)
     reads_within_chunk = True
 
     def forward(self, reader: ChunkReader, queries: Tensor) -> Tensor:
