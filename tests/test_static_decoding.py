@@ -181,7 +181,8 @@ def test_an_attention_without_static_decoding_is_named() -> None:
     model = build("baseline.transformer_tiny", 0)
     model.blocks[0].attention = ForwardOnlyBlock(model.blocks[0].attention)
     prompt = tokens(0, model.vocab_size, 1, 5)
-    with pytest.raises(InputError, match=r"DecodesAttentionStatically.*ForwardOnlyBlock has no static_decode_buffers"):
+    with pytest.raises(InputError, match=r"DecodesAttentionStatically.*ForwardOnlyBlock has no "
+                                         r"static_decode_buffers"):
         model.generate(prompt, 3, compile=True)
 
 
