@@ -251,6 +251,9 @@ def test_diverged_evaluations_are_counted_not_averaged_away(tmp_path: Path):
     assert "s-niah/accuracy[length=256] diverged" not in table.columns  # only where something diverged
     md = (study / "report" / "results.md").read_text()
     assert "### s-niah/accuracy by length (mean over depths)" in md
+    # The Markdown shows the primary metric's kind; the losses are in the CSV only.
+    assert "Shown: the `accuracy` metrics; every metric is in results.csv." in md
+    assert "test/loss" not in md and "test/loss mean" in table.columns
     assert "| mac       | 0.001 | 0.93 [0.925, 0.935] | 0.875 (n=1; 1 diverged) |" in md
     differences = (study / "report" / "differences.md").read_text()
     assert "| mac       | 0.001 | +0.1 [+0.1, +0.1] | +0.1 (n=1)   |" in differences

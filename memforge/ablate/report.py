@@ -503,9 +503,11 @@ def _number_columns(key: MetricKey, iv: Interval, diverged: int | None = None) -
 
 
 def results_tables(plan: Plan, rows: Sequence[Row]) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """The results as (CSV frame with every metric, Markdown frame of the plain metrics). The CSV
-    has a ``<metric> diverged`` count column for the metrics where some run diverged."""
+    """The results as (CSV frame with every metric, Markdown frame of the plain metrics of the
+    primary metric's kind). The CSV has a ``<metric> diverged`` count column for the metrics where
+    some run diverged."""
     keys = list(rows[0].stats) if rows else []
+    shown = set(_of_primary_kind(plan, [k.name for k in keys]))
     diverging = {k for k in keys if any(r.diverged[k] for r in rows)}
     csv, md = [], []
     for row in rows:
@@ -518,7 +520,7 @@ def results_tables(plan: Plan, rows: Sequence[Row]) -> tuple[pd.DataFrame, pd.Da
         for key, iv in row.stats.items():
             diverged = len(row.diverged[key])
             numbers.update(_number_columns(key, iv, diverged if key in diverging else None))
-            if key.plain:
+            if key.plain and key.name in shown:
                 text[key.name] = _cell(iv, row.finished, diverged)
         csv.append(numbers)
         md.append(text)
@@ -528,8 +530,10 @@ def results_tables(plan: Plan, rows: Sequence[Row]) -> tuple[pd.DataFrame, pd.Da
 
 
 def difference_tables(plan: Plan, diffs: Sequence[Difference]) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """The differences as (CSV frame with every metric, Markdown frame of the plain metrics). A seed
-    counts only where both sides have a value (a diverged run has none)."""
+    """The differences as (CSV frame with every metric, Markdown frame of the plain metrics of the
+    primary metric's kind). A seed counts only where both sides have a value (a diverged run has
+    none)."""
+    shown = set(_of_primary_kind(plan, [k.name for d in diffs for k in d.stats]))
     csv, md = [], []
     for d in diffs:
         numbers: dict[str, Any] = {"variant": d.row.variant, **dict(zip(plan.axes, d.row.cell, strict=True)),
@@ -539,7 +543,7 @@ def difference_tables(plan: Plan, diffs: Sequence[Difference]) -> tuple[pd.DataF
                 "pairs": str(d.pairs)}
         for key, iv in d.stats.items():
             numbers.update(_number_columns(key, iv))
-            if key.plain:
+            if key.plain and key.name in shown:
                 text[key.name] = _cell(iv, d.pairs, signed=True)
         csv.append(numbers)
         md.append(text)
@@ -611,11 +615,13 @@ def _difference_profile_cell(d: Difference, keys: Sequence[MetricKey], where: tu
     return _cell(paired_difference(mine, theirs), d.pairs, signed=True)
 
 
-def _interval_note() -> str:
+def _interval_note(plan: Plan, csv_name: str) -> str:
+    kind = (plan.primary_metric or "").rsplit("/", 1)[-1]
     return (f"Mean over seeds with its {CONFIDENCE:.0%} percentile-bootstrap interval [low, high] "
             f"({RESAMPLES:,} resamples, seed {SEED}); one seed has no interval, seeds that agree a "
             "zero-width one. With few seeds the interval shows how much they disagree and is narrower "
-            "than a true 95% interval. `(n=k)`: only k seeds had that metric.")
+            "than a true 95% interval. `(n=k)`: only k seeds had that metric. "
+            f"Shown: the `{kind}` metrics; every metric is in {csv_name}.")
 
 
 def _selection_note(results: StudyResults) -> str:
@@ -765,6 +771,46 @@ def _write(path: Path, text: str) -> Path:
     return path
 
 
+def _results_markdown(results: StudyResults, rows: Sequence[Row], selection: pd.DataFrame | None,
+                      table: pd.DataFrame) -> str:
+    plan = results.plan
+    parts = [f"# {plan.name}: results\n"]
+    if plan.description:
+        parts.append(plan.description.strip() + "\n")
+    if plan.variant_descriptions:
+        parts.append("".join(f"- `{name}`: {text}\n" for name, text in plan.variant_descriptions))
+    parts += [f"{_summary_line(results)} {_interval_note(plan, 'results.csv')}\n",
+              _selection_note(results) + "\n", _markdown(table)]
+    profiles = _profile_sections(plan, list(rows[0].stats), [(_label_columns(plan, r), r) for r in rows],
+                                 _result_profile_cell)
+    if profiles:
+        parts += ["## By length and depth\n", *profiles]
+    if selection is not None:
+        parts += ["## Learning-rate selection\n",
+                  _markdown(_selection_markdown(selection, plan.selection.metric))]
+    unfinished = _unfinished_table(results)
+    if len(unfinished):
+        parts += ["## Runs that failed or have no results yet\n", _markdown(unfinished)]
+    return "\n".join(parts)
+
+
+def _differences_markdown(plan: Plan, rows: Sequence[Row], diffs: Sequence[Difference],
+                          table: pd.DataFrame) -> str:
+    kind = (plan.primary_metric or "").rsplit("/", 1)[-1]
+    parts = [f"# {plan.name}: differences against {plan.baseline}\n",
+             f"Each variant minus `{plan.baseline}` in the same grid cell, paired by seed: only seeds for "
+             "which both finished count (`pairs`), and the interval is the percentile-bootstrap interval "
+             f"of the mean paired difference ({CONFIDENCE:.0%}, {RESAMPLES:,} resamples, seed {SEED}). "
+             "An interval that excludes 0 is a difference the seeds agree on. "
+             f"Shown: the `{kind}` metrics; every metric is in differences.csv.\n"]
+    parts += [_markdown(table)] if len(table) else ["No variant besides the baseline.\n"]
+    profiles = _profile_sections(plan, list(rows[0].stats), [(_label_columns(plan, d.row), d) for d in diffs],
+                                 _difference_profile_cell)
+    if profiles:
+        parts += ["## By length and depth\n", *profiles]
+    return "\n".join(parts)
+
+
 def write_report(study_dir: str | Path, *, console: Any = None) -> list[Path]:
     """Write ``study_dir/report/`` (see the module docstring) and return the files written, in a
     fixed order. With a ``rich.console.Console``, also print the results and differences tables.
@@ -781,46 +827,14 @@ def write_report(study_dir: str | Path, *, console: Any = None) -> list[Path]:
     written: list[Path] = []
 
     res_csv, res_md = results_tables(plan, rows)
-    keys = list(rows[0].stats)
-    parts = [f"# {plan.name}: results\n"]
-    if plan.description:
-        parts.append(plan.description.strip() + "\n")
-    if plan.variant_descriptions:
-        parts.append("".join(f"- `{name}`: {text}\n" for name, text in plan.variant_descriptions))
-    parts += [_summary_line(results) + " " + _interval_note() + "\n", _selection_note(results) + "\n",
-              _markdown(res_md)]
-    items = [(_label_columns(plan, r), r) for r in rows]
-    profiles = _profile_sections(plan, keys, items, _result_profile_cell)
-    if profiles:
-        parts += ["## By length and depth\n", "Every metric at every length and depth is in results.csv.\n",
-                  *profiles]
-    if selection is not None:
-        table = _selection_markdown(selection, plan.selection.metric)
-        parts += ["## Learning-rate selection\n", _markdown(table)]
-    unfinished = _unfinished_table(results)
-    if len(unfinished):
-        parts += ["## Runs that failed or have no results yet\n", _markdown(unfinished)]
-    written.append(_write(out / "results.md", "\n".join(parts)))
+    written.append(_write(out / "results.md", _results_markdown(results, rows, selection, res_md)))
     res_csv.to_csv(out / "results.csv", index=False)
     written.append(out / "results.csv")
-
     if plan.baseline is not None:
         diff_csv, diff_md = difference_tables(plan, diffs)
-        parts = [f"# {plan.name}: differences against {plan.baseline}\n",
-                 f"Each variant minus `{plan.baseline}` in the same grid cell, paired by seed: only seeds "
-                 "for which both finished count (`pairs`), and the interval is the percentile-bootstrap "
-                 f"interval of the mean paired difference ({CONFIDENCE:.0%}, {RESAMPLES:,} resamples, "
-                 f"seed {SEED}). An interval that excludes 0 is a difference the seeds agree on.\n"]
-        parts += [_markdown(diff_md)] if len(diff_md) else ["No variant besides the baseline.\n"]
-        profiles = _profile_sections(plan, keys, [(_label_columns(plan, d.row), d) for d in diffs],
-                                     _difference_profile_cell)
-        if profiles:
-            parts += ["## By length and depth\n", "Every metric at every length and depth is in "
-                      "differences.csv.\n", *profiles]
-        written.append(_write(out / "differences.md", "\n".join(parts)))
+        written.append(_write(out / "differences.md", _differences_markdown(plan, rows, diffs, diff_md)))
         diff_csv.to_csv(out / "differences.csv", index=False)
         written.append(out / "differences.csv")
-
     if selection is not None:
         selection.to_csv(out / "selection.csv", index=False)
         written.append(out / "selection.csv")
