@@ -5,17 +5,19 @@
 ``results.md``, ``results.csv``
     One row per variant (per grid cell when the study has axes): for every final metric the mean
     over seeds and its 95% bootstrap confidence interval, the number of seeds that finished (and
-    how many failed or have no result yet), the parameter count and the mean tokens/s. Metrics
-    evaluated by length or depth have their own columns in the CSV
-    (``name[length=L,depth=D] mean/low/high/n``; ``name[length=L]`` is the mean over depths); the
-    Markdown shows those of the primary metric's kind (``.../accuracy``) as one table per metric,
-    a column per length (each run's mean over depths) or per depth. An evaluation whose model
+    how many failed or have no result yet), the parameter count and the mean tokens/s. The CSV has
+    every metric; the Markdown, to stay readable, those of the primary metric's kind (``*/accuracy``
+    for ``test/accuracy``). Metrics evaluated by length or depth have their own columns in the CSV
+    (``name[length=L,depth=D] mean/low/high/n``; ``name[length=L]`` is the mean over depths) and in
+    the Markdown one table per metric, a column per length (each run's mean over depths) or per
+    depth. An evaluation whose model
     diverged has no value: it is left out of the mean and counted (``(1 diverged)``; a
     ``... diverged`` column in the CSV). The Markdown also states the learning-rate selection and
     lists every failed or missing run with its message.
 ``differences.md``, ``differences.csv``
     Each variant minus the baseline variant in the same grid cell, **paired by seed**: only seeds
-    for which both finished count, and the interval is that of the mean paired difference.
+    for which both finished count, and the interval is that of the mean paired difference (laid
+    out like the results).
 ``selection.csv``
     With a learning-rate sweep: every (variant, cell, lr) with its mean selection metric, seeds,
     and which lr was chosen.
