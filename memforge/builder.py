@@ -46,7 +46,8 @@ class BuildRecord:
     Attributes:
         checked: the ``(kind, impl)`` pairs whose behaviour was (or will be) checked, each once
             per model.
-        parameters: parameters of every component built, by ``"kind 'impl'"``, summed over layers.
+        parameters: parameters of every component built, by ``"kind 'impl'"``, summed over layers
+            (a component's own, without those of the parts it built).
         built: the kinds built in each layer.
         defer: hold the checks in ``pending`` until :meth:`run_checks`, so that they run where the
             model will run (after it moved to its device and dtype), not on the CPU it is built on.
@@ -126,6 +127,7 @@ def build_component(
     ``(kind, impl)`` pair already checked is not checked again, and the parameters are counted.
     """
     component = registry.component(kind, choice.impl)
+    counted = sum(record.parameters.values()) if record is not None else 0
     try:
         module = component.factory(choice.config, ctx)
     except MemforgeError:
@@ -137,8 +139,11 @@ def build_component(
     else:
         record.check(kind, choice.impl, module, ctx)
     if record is not None and kind != "integration":
+        # Only the component's own parameters: its parts (built through ctx.build while its
+        # factory ran, e.g. a memory layer's memory network) are counted under their own names.
+        own = parameter_count(module) - (sum(record.parameters.values()) - counted)
         label = f"{kind} {choice.impl!r}"
-        record.parameters[label] = record.parameters.get(label, 0) + parameter_count(module)
+        record.parameters[label] = record.parameters.get(label, 0) + own
     return module
 
 

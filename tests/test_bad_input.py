@@ -659,7 +659,7 @@ API: list[Api] = [
         "[layer.5] does not exist: num_layers=2 has layers 0..1"),
     Api("model-spec-layer-unknown-kind", lambda tmp: attrs.evolve(
         _lmm(), layers={0: {"memroy": _lmm().memory}}), SpecError,
-        "[layer.0] unknown kind 'memroy'; did you mean 'memory'?"),
+        "[layer.0] unknown kind 'memroy'; did you mean 'memory' or 'memory_layer'?"),
     Api("check-spec-unused-memory", lambda tmp: check_spec(attrs.evolve(
         memforge.preset(TRANSFORMER), memory=_lmm().memory)), SpecError,
         "integration 'baseline.transformer' uses no memory component"),
