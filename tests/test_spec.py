@@ -330,3 +330,15 @@ def test_a_kind_set_twice_for_a_layer_is_refused():
     data["layer"] = {"0": {"memory": {"impl": "titans.linear"}}, "0,1": {"memory": "titans.mlp"}}
     with pytest.raises(SpecError, match=r"\[layer.0.memory\] is set twice"):
         from_dict(data, REGISTRY)
+
+
+def test_show_prints_each_layers_integration_and_memory_layer(capsys):
+    from memforge.cli import main
+
+    assert main(["show", "titans.mag_hybrid_tiny"]) == 0
+    out = capsys.readouterr().out
+    assert '[layer.0.integration]\nimpl = "baseline.transformer"' in out
+    assert "memory layer" in out and "TransformerBlock" in out and "MAGBlock" in out
+    assert ("layer 1: titans.neural_memory built from memory 'titans.mlp', surprise "
+            "'titans.momentum', forgetting 'titans.adaptive_decay', retrieval 'titans.chunk_start', "
+            "projection 'titans.conv_qkv'") in out
