@@ -71,8 +71,10 @@ class BuildContext:
         layer_index: index of the block being built (0-based).
         num_layers: number of blocks in the model.
         vocab_size: vocabulary size of the model.
-        build: ``build(kind) -> nn.Module`` builds the spec's chosen component of another kind for
-            the same layer; integration factories call it for the parts they need.
+        build: ``build(kind) -> nn.Module`` builds the spec's choice of another kind for the
+            same layer (its per-layer choice where it has one); an integration's factory calls it
+            for its memory layer, attention and feed-forward, a memory layer's for its parts.
+            Only the kinds the component declares (``requires``/``optional``) may be built.
     """
 
     dim: int
