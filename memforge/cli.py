@@ -129,14 +129,11 @@ def _show(args: argparse.Namespace, console: Console) -> int:
     model = build_model(spec)
     console.print(f"# spec_id = {spec_id(spec)}", markup=False, highlight=False)
     console.print(dumps_spec(spec, args.format), markup=False, highlight=False)
-    table = Table(title=f"layout: {parameter_count(model):,} parameters", title_justify="left")
     rows = layer_layout(spec, model)
-    for column in ("layer", "integration", "memory layer", "module", "parameters"):
-        table.add_column(column)
-    for row in rows:
-        table.add_row(str(row["layer"]), row["integration"], row["memory_layer"] or "-",
-                      row["module"], f"{row['parameters']:,}")
-    console.print(table)
+    print_names(console, f"layout: {parameter_count(model):,} parameters",
+                ("layer", "integration", "memory layer", "module", "parameters"),
+                [(str(row["layer"]), row["integration"], row["memory_layer"] or "-", row["module"],
+                  f"{row['parameters']:,}") for row in rows])
     built_from: dict[tuple[str, str], list[str]] = {}
     for row in rows:
         if row["memory_parts"]:

@@ -338,7 +338,10 @@ def test_show_prints_each_layers_integration_and_memory_layer(capsys):
     assert main(["show", "titans.mag_hybrid_tiny"]) == 0
     out = capsys.readouterr().out
     assert '[layer.0.integration]\nimpl = "baseline.transformer"' in out
-    assert "memory layer" in out and "TransformerBlock" in out and "MAGBlock" in out
+    rows = [line.split() for line in out.splitlines() if "Block" in line]
+    assert [[cell for cell in row if cell not in "│┃"][:4] for row in rows] == [
+        ["0", "baseline.transformer", "-", "TransformerBlock"],
+        ["1", "titans.mag", "titans.neural_memory", "MAGBlock"]]
     assert ("layer 1: titans.neural_memory built from memory 'titans.mlp', surprise "
             "'titans.momentum', forgetting 'titans.adaptive_decay', retrieval 'titans.chunk_start', "
             "projection 'titans.conv_qkv'") in out
