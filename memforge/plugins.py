@@ -36,6 +36,7 @@ ENTRY_POINT_GROUP = "memforge.plugins"
 BUILTIN_PLUGINS: tuple[tuple[str, str], ...] = (
     ("baseline", "memforge_baselines"),
     ("titans", "memforge_titans"),
+    ("delta", "memforge_delta"),
 )
 #: Plugins that cannot be blocked: every spec falls back on their components.
 ESSENTIAL_PLUGINS: frozenset[str] = frozenset({"baseline"})

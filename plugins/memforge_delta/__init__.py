@@ -1,16 +1,68 @@
-"""memforge_delta: DeltaNet and Gated DeltaNet, token-exact through the WY chunked kernel.
+"""The built-in plugin ``delta``: DeltaNet and Gated DeltaNet, token-exact through the WY kernel.
 
-Functional ops (docs/delta.md)::
+Components (docs/delta.md):
+
+* memory_layer: ``delta.deltanet`` and ``delta.gated_deltanet``, the Gated DeltaNet layer (short
+  convolution, SiLU, l2-normalised q and k, per-head step and decay, output norm and gate) with
+  and without its decay. They use none of the Titans memory's sub-kinds, and go into every
+  integration by registry name (``titans.lmm``, ``titans.mac``, ``titans.mag``, ``titans.mal``).
+
+Presets ``delta.deltanet_lmm``, ``delta.gdn_lmm``, ``delta.gdn_mac``, ``delta.gdn_mag``,
+``delta.gdn_mal``, ``delta.gdn_hybrid`` and their ``_tiny`` sizes.
+
+Functional ops::
 
     from memforge_delta.ops import delta_rule, gated_delta_rule
     outputs, state = gated_delta_rule(q, k, v, beta, g)            # [B, H, T, d_v], [B, H, d_k, d_v]
     more, state = gated_delta_rule(q2, k2, v2, beta2, g2, state)    # continue the same sequences
 
-``memforge_delta.reference`` holds the slow references they are tested against.
+``memforge_delta.reference`` holds the slow references they are tested against, and
+``memforge_delta.layer_reference`` the float64 token loop of the whole layer.
 """
 
 from __future__ import annotations
 
+from memforge import BuildContext, ComponentSpec, hookimpl
+from memforge_delta.configs import DeltaNetConfig, GatedDeltaNetConfig
 from memforge_delta.ops import delta_rule, gated_delta_rule
 
 __all__ = ["delta_rule", "gated_delta_rule"]
+
+DELTANET = "Yang, Wang, Zhang, Shen, Kim 2024, Parallelizing Linear Transformers with the Delta Rule"
+GDN = "Yang, Kautz, Hatamizadeh 2025, Gated Delta Networks: Improving Mamba2 with Delta Rule"
+
+
+def _deltanet(config: DeltaNetConfig, ctx: BuildContext):
+    from memforge_delta.layer import DeltaLayer
+
+    return DeltaLayer(ctx.dim, ctx.heads, gated=False, kernel_chunk=config.chunk_size,
+                      conv_size=config.conv_size, norm_eps=config.norm_eps)
+
+
+def _gated_deltanet(config: GatedDeltaNetConfig, ctx: BuildContext):
+    from memforge_delta.layer import DeltaLayer
+
+    return DeltaLayer(ctx.dim, ctx.heads, gated=True, kernel_chunk=config.chunk_size,
+                      conv_size=config.conv_size, norm_eps=config.norm_eps,
+                      decay_range=(config.decay_min, config.decay_max),
+                      dt_range=(config.dt_min, config.dt_max))
+
+
+@hookimpl
+def memforge_register_components():
+    return [
+        ComponentSpec(kind="memory_layer", name="delta.deltanet", config_cls=DeltaNetConfig,
+                      factory=_deltanet, paper=DELTANET,
+                      summary="DeltaNet: delta rule, token-exact WY kernel, conv + output gate"),
+        ComponentSpec(kind="memory_layer", name="delta.gated_deltanet",
+                      config_cls=GatedDeltaNetConfig, factory=_gated_deltanet, paper=GDN,
+                      summary="Gated DeltaNet: delta rule at the decayed state, token-exact WY "
+                              "kernel"),
+    ]
+
+
+@hookimpl
+def memforge_register_presets():
+    from memforge_delta.presets import PRESETS
+
+    return PRESETS
