@@ -178,17 +178,17 @@ def _memforge(target, *args, **extra_env: str):
 
 
 def test_installed_plugin_is_discovered_by_entry_point(installed_example):
-    listing = _memforge(installed_example, "list", "--kind", "surprise")
+    listing = _memforge(installed_example, "list", "--kind", "memory_layer")
     assert listing.returncode == 0, listing.stderr
-    assert "example.huber" in listing.stdout
-    shown = _memforge(installed_example, "show", "example.huber_lmm_tiny")
+    assert "example.gla" in listing.stdout
+    shown = _memforge(installed_example, "show", "example.gla_lmm_tiny")
     assert shown.returncode == 0, shown.stderr
-    assert 'impl = "example.huber"' in shown.stdout
+    assert 'impl = "example.gla"' in shown.stdout
 
 
 def test_installed_plugin_can_be_blocked(installed_example):
-    listing = _memforge(installed_example, "show", "example.huber_lmm_tiny")
+    listing = _memforge(installed_example, "show", "example.gla_lmm_tiny")
     assert listing.returncode == 0, listing.stderr
-    blocked = _memforge(installed_example, "show", "example.huber_lmm_tiny", MEMFORGE_BLOCK="example")
+    blocked = _memforge(installed_example, "show", "example.gla_lmm_tiny", MEMFORGE_BLOCK="example")
     assert blocked.returncode == 2
-    assert "unknown preset 'example.huber_lmm_tiny'" in blocked.stderr
+    assert "unknown preset 'example.gla_lmm_tiny'" in blocked.stderr

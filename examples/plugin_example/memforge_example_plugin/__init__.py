@@ -1,79 +1,64 @@
-"""An example third-party memforge plugin, shipped as its own package.
+"""An example third-party memforge plugin: gated linear attention as a memory layer.
 
-It adds one component, ``example.huber``: a *surprise* rule whose inner loss is the Huber loss
-(MIRAS's "Yaad" attentional bias) instead of Titans' squared error, so that outlier tokens move
-the memory by at most ``delta`` per coordinate. It also adds a preset, ``example.huber_lmm_tiny``,
-which is ``titans.lmm_tiny`` with this surprise rule.
+memforge does not ship this memory family. The package adds the memory layer ``example.gla``
+(:mod:`memforge_example_plugin.gla`) and puts it into every Titans integration:
+``example.gla_lmm_tiny``, ``example.gla_mac_tiny``, ``example.gla_mag_tiny`` and
+``example.gla_mal_tiny``. It imports only memforge's public API (docs/plugins.md, "What a
+plugin may import").
 
 Install it (``pip install examples/plugin_example``) and memforge finds it through the entry point
-``memforge.plugins``: ``memforge list`` shows ``example.huber``, ``memforge show
-example.huber_lmm_tiny`` builds the preset.
+``memforge.plugins``: ``memforge list`` shows ``example.gla``, ``memforge train --preset
+example.gla_mag_tiny`` trains one.
 """
 
 from __future__ import annotations
 
 import attrs
-import torch
-from torch import Tensor, nn
 
 import memforge
-from memforge.interfaces import BuildContext, SurpriseGates
+
+#: The plugin's name (its entry point's), for registering the module directly in a script or test.
+memforge_name = "example"
+
+#: The Titans memory layer's parts, which example.gla does not use.
+TITANS_PARTS = ("memory", "surprise", "forgetting", "retrieval", "projection")
 
 
 @attrs.frozen(kw_only=True)
-class HuberSurpriseConfig:
-    """Settings of ``example.huber``."""
+class GLAConfig:
+    """Settings of ``example.gla``."""
 
-    delta: float = memforge.option(0.5, gt=0, help="where the loss turns from quadratic to linear")
-    max_lr: float = memforge.option(0.1, gt=0, help="upper bound of the step size theta")
-
-
-class HuberSurprise(nn.Module):
-    """Huber associative loss per coordinate, step size ``theta_t = max_lr * sigmoid(x W)``, no
-    momentum. Satisfies :class:`memforge.interfaces.SurpriseRule`."""
-
-    def __init__(self, dim: int, heads: int, *, delta: float, max_lr: float) -> None:
-        super().__init__()
-        self.delta = delta
-        self.max_lr = max_lr
-        self.lr_proj = nn.Linear(dim, heads)
-        nn.init.zeros_(self.lr_proj.weight)
-        nn.init.constant_(self.lr_proj.bias, -1.5)
-
-    def loss(self, prediction: Tensor, target: Tensor) -> Tensor:
-        """Per-token Huber loss summed over features."""
-        return nn.functional.huber_loss(prediction, target, reduction="none", delta=self.delta).sum(-1)
-
-    def loss_grad(self, prediction: Tensor, target: Tensor) -> Tensor:
-        """The error, clipped to ``[-delta, delta]``: the Huber loss's gradient."""
-        return (prediction - target).clamp(-self.delta, self.delta)
-
-    def forward(self, x: Tensor) -> SurpriseGates:
-        """Step sizes ``[B, T, H]``; no momentum."""
-        return SurpriseGates(self.max_lr * torch.sigmoid(self.lr_proj(x)), None)
+    chunk_size: int = memforge.option(16, ge=1, help="tokens per step of the chunked form (exact "
+                                                     "at any size)")
+    temperature: float = memforge.option(16.0, gt=0, help="divides the log decay: larger keeps "
+                                                          "memory longer")
 
 
-def _huber(config: HuberSurpriseConfig, ctx: BuildContext) -> HuberSurprise:
-    return HuberSurprise(ctx.dim, ctx.heads, delta=config.delta, max_lr=config.max_lr)
+def _gla(config: GLAConfig, ctx: memforge.BuildContext):
+    from memforge_example_plugin.gla import GatedLinearAttention  # torch work only when built
+
+    return GatedLinearAttention(ctx.dim, ctx.heads, chunk_size=config.chunk_size,
+                                temperature=config.temperature)
 
 
 @memforge.hookimpl
 def memforge_register_components():
-    return [
-        memforge.ComponentSpec(
-            kind="surprise", name="example.huber", config_cls=HuberSurpriseConfig, factory=_huber,
-            summary="Huber associative loss (MIRAS Yaad), no momentum",
-        )
-    ]
+    return [memforge.ComponentSpec(
+        kind="memory_layer", name="example.gla", config_cls=GLAConfig, factory=_gla,
+        summary="gated linear attention: S_t = a_t S_{t-1} + k_t v_t^T, chunked, exact",
+        paper="Yang, Wang, Shen, Panda, Kim 2024, Gated Linear Attention Transformers")]
 
 
-def _huber_lmm_tiny() -> memforge.ModelSpec:
-    return memforge.preset("titans.lmm_tiny", surprise="example.huber")
+def _preset(integration: str):
+    def build() -> memforge.ModelSpec:
+        spec = memforge.preset(f"titans.{integration}_tiny")
+        return attrs.evolve(spec, memory_layer=memforge.ComponentChoice("example.gla", GLAConfig()),
+                            **dict.fromkeys(TITANS_PARTS))
+
+    return memforge.PresetSpec(name=f"example.gla_{integration}_tiny", build=build,
+                               summary=f"titans.{integration}_tiny with example.gla as its memory")
 
 
 @memforge.hookimpl
 def memforge_register_presets():
-    return [
-        memforge.PresetSpec(name="example.huber_lmm_tiny", summary="titans.lmm_tiny with Huber surprise",
-                            build=_huber_lmm_tiny)
-    ]
+    return [_preset(integration) for integration in ("lmm", "mac", "mag", "mal")]
