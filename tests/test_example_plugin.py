@@ -1,0 +1,96 @@
+"""The third-party story: the example plugin (examples/plugin_example, gated linear attention),
+really installed with pip, found through its entry point, every preset built, its layer checked
+by the conformance kit and each preset trained a few steps."""
+
+from __future__ import annotations
+
+import ast
+import importlib
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import memforge
+from memforge.plugins import load_plugins
+from memforge.testing.conformance import check_memory_layer
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGE = ROOT / "examples" / "plugin_example"
+PRESETS = ["example.gla_lmm_tiny", "example.gla_mac_tiny", "example.gla_mag_tiny",
+           "example.gla_mal_tiny"]
+
+
+@pytest.fixture(scope="module")
+def installed(tmp_path_factory):
+    """The registry with the example plugin pip-installed into a private folder on ``sys.path``
+    and found through its entry point (a copy of the sources is built, so no build files land
+    in the repository)."""
+    work = tmp_path_factory.mktemp("example")
+    shutil.copytree(PACKAGE, work / "src", ignore=shutil.ignore_patterns(
+        "build", "*.egg-info", "__pycache__"))
+    subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps",
+                    "--no-build-isolation", "--target", str(work / "site"), str(work / "src")],
+                   check=True, capture_output=True)
+    stale = [name for name in sys.modules if name.startswith("memforge_example_plugin")]
+    saved = {name: sys.modules.pop(name) for name in stale}
+    sys.path.insert(0, str(work / "site"))
+    importlib.invalidate_caches()
+    try:
+        registry = load_plugins(autoload=True, strict=True)
+        yield registry
+    finally:
+        sys.path.remove(str(work / "site"))
+        for name in [n for n in sys.modules if n.startswith("memforge_example_plugin")]:
+            del sys.modules[name]
+        sys.modules.update(saved)
+
+
+def test_the_installed_plugin_is_found_by_its_entry_point(installed):
+    assert installed.names("memory_layer") == sorted(
+        ["example.gla", *load_plugins(autoload=False).names("memory_layer")])
+    assert installed.preset_names("example.*") == PRESETS
+    # imported from the pip-installed copy, not the source tree
+    assert Path(sys.modules["memforge_example_plugin"].__file__).parts[-3] == "site"
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_every_preset_builds_conforms_and_trains(installed, preset: str):
+    assert check_memory_layer(preset, installed)  # the kit on the layer as the preset builds it
+    spec = installed.preset(preset).build()
+    torch.manual_seed(0)
+    model = memforge.build_model(spec, registry=installed)
+    assert all(type(block.memory).__name__ == "GatedLinearAttention" for block in model.blocks)
+    tokens = torch.randint(0, spec.vocab_size, (4, 32), generator=torch.Generator().manual_seed(0))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    losses = []
+    for _ in range(8):
+        loss = model(tokens, labels=tokens).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.9 * losses[0], losses
+
+
+def _code_lines(path: Path) -> int:
+    return sum(1 for line in path.read_text().splitlines()
+               if line.strip() and not line.strip().startswith("#"))
+
+
+def test_the_example_is_small_and_imports_only_the_public_api():
+    files = sorted((PACKAGE / "memforge_example_plugin").glob("*.py"))
+    assert sum(_code_lines(f) for f in files) <= 300
+    public = {"memforge", "memforge.errors", "memforge.interfaces", "memforge.capabilities",
+              "memforge.nn"}
+    for path in files:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("memforge"):
+                assert node.module in public or node.module.startswith("memforge_example_plugin"), (
+                    f"{path.name} imports {node.module}")
+            if isinstance(node, ast.Import):
+                assert all(a.name in {"attrs", "torch", "memforge"} or not a.name.startswith(
+                    "memforge") for a in node.names), f"{path.name} imports {node.names}"
