@@ -25,8 +25,9 @@ Three ways to use it, from the least to the most typing:
   test of one property.
 
 A layer's slow reference: a method ``reference_forward(x, state) -> (y, state)`` on the layer,
-written token by token from the equations with the layer's own parameters (or a callable
-``reference(layer, x, state)`` passed to the checks). Every failure raises
+written token by token from the equations with the layer's own parameters and taking and
+returning the layer's own state (or a callable ``reference(layer, x, state)`` passed to the
+checks). Every failure raises
 :class:`ConformanceError` (an ``AssertionError``) whose message names the component, the check
 and the numbers. Hypothesis is imported here, never by the library at run time; the pytest class
 draws ``MemoryLayerConformance.examples`` examples per test (the environment variable
