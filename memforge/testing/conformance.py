@@ -49,6 +49,7 @@ from hypothesis import strategies as st
 from torch import Tensor, nn
 
 from memforge.builder import _context
+from memforge.conformance import check_component, check_module
 from memforge.interfaces import BuildContext, DecodesMemoryStatically, ReadsMemory
 from memforge.plugins import default_registry
 from memforge.registry import ComponentRegistry
@@ -130,12 +131,14 @@ def memory_layer(target: str | ModelSpec | nn.Module, registry: ComponentRegistr
     ``target`` is a registered memory layer's name (built in ``titans.lmm_tiny``, see
     :func:`layer_spec`), a preset's name or a spec (its layer ``layer``'s memory layer), or a module
     built by hand (then ``dim`` and ``heads`` are required). Building goes through the registry with
-    the layer's :class:`~memforge.BuildContext`, so its parts are the spec's choices.
+    the layer's :class:`~memforge.BuildContext`, so its parts are the spec's choices, and the
+    build-time check of its kind's shapes (:mod:`memforge.conformance`) runs first.
     """
     registry = registry or default_registry()
     if isinstance(target, nn.Module):
         if dim is None or heads is None:
             raise TypeError("memory_layer(module) needs dim= and heads=")
+        check_module("memory_layer", target, dim=dim, heads=heads, name=type(target).__name__)
         return LayerUnderTest(copy.deepcopy(target).double().train(), type(target).__name__,
                               dim, heads)
     if isinstance(target, str) and target in registry.names("memory_layer"):
@@ -170,6 +173,7 @@ def build_part(kind: str, name: str, registry: ComponentRegistry | None = None, 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         module = component.factory(config if config is not None else component.config_cls(), ctx)
+    check_component(kind, name, module, ctx)  # its kind's shapes first (memforge.conformance)
     return module.double()
 
 
