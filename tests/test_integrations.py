@@ -291,7 +291,7 @@ def test_trains_on_a_copy_task(name: str) -> None:
         losses.append(loss.item())
     first, last = losses[0], sum(losses[-5:]) / 5
     assert math.isfinite(last) and last < 0.6 * first, losses
-    if name != "titans.lmm_tiny":  # memory alone needs far more steps to learn copying
+    if not name.endswith("lmm_tiny"):  # memory alone needs far more steps to learn copying
         assert last < 0.75 * math.log(alphabet), losses
 
 

@@ -32,6 +32,10 @@ from memforge_delta.ops import delta_rule, gated_delta_rule
 
 #: The eps of the l2 normalisation of q and k (a zero vector stays zero).
 L2_EPS = 1e-6
+#: Standard deviation of the projections' normal initialisation, as in the paper's code (FLA's
+#: ``initializer_range``): the layer starts with a small output, and trains far faster than
+#: with ``nn.Linear``'s uniform initialisation (docs/delta.md, "The memory layers").
+INIT_STD = 0.02
 
 
 class DeltaState(NamedTuple):
@@ -97,6 +101,9 @@ class DeltaLayer(nn.Module):
         self.out_norm = RMSNorm(self.head_dim, eps=norm_eps)
         self.out_gate = Linear(dim, dim, bias=False)
         self.out_proj = Linear(dim, dim, bias=False)
+        for module in self.modules():
+            if isinstance(module, Linear):
+                nn.init.normal_(module.weight, std=INIT_STD)
 
     # -- input checks --------------------------------------------------------------------------
     def _check_input(self, x: Any) -> None:
