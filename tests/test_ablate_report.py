@@ -110,13 +110,13 @@ def test_results_table_reports_the_selected_lr_over_seeds(study: Path):
 
     markdown = (study / "report" / "results.md").read_text()
     assert "| mac       | 0.001 | 2 (1 failed) |" in markdown
-    assert "0.6 [" in markdown  # lmm's test accuracy with its interval
+    assert "0.600 [" in markdown  # lmm's test accuracy with its interval
     assert "highest mean `validation/accuracy`" in markdown
     assert "loss is NaN at step 40" in markdown and MISSING in markdown and "no results file yet" in markdown
     assert "## By length and depth" in markdown and "## Learning-rate selection" in markdown
     by_length = markdown.split("### test/accuracy by length\n")[1].split("###")[0]
     lmm_128 = bootstrap_mean([0.50, 0.51, 0.55])
-    assert f"| lmm       | 0.003 | 0.52 [{lmm_128.low:.3g}, {lmm_128.high:.3g}] |" in by_length
+    assert f"| lmm       | 0.003 | 0.520 [{lmm_128.low:#.3g}, {lmm_128.high:#.3g}] |" in by_length
     assert "### s-niah/accuracy by length (mean over depths)" in markdown
     assert "A toy study.\n" in markdown and "- `lmm`: the full memory\n" in markdown
     assert "`linear`" not in markdown  # no description, no line
@@ -152,7 +152,7 @@ def test_differences_are_paired_by_seed(study: Path):
     # Identical s-niah offsets per seed on both sides: a zero difference with a zero-width interval.
     col = "s-niah/accuracy[length=256,depth=0] "
     assert diff.loc["linear", [col + "mean", col + "low", col + "high"]].tolist() == pytest.approx([0, 0, 0])
-    assert "+0.085 [+0.07, +0.1]" in (study / "report" / "differences.md").read_text()
+    assert "+0.0850 [+0.0700, +0.100]" in (study / "report" / "differences.md").read_text()
 
 
 def test_tidy_file_has_one_row_per_run_and_metric(study: Path):
@@ -211,7 +211,7 @@ def test_console_gets_the_tables(study: Path):
     write_report(study, console=console)
     text = console.export_text()
     assert "toy: mean [95% CI] over seeds" in text and "minus lmm, paired by seed" in text
-    assert "2 (1 failed)" in text and "0.69 [0.68, 0.7]" in text
+    assert "2 (1 failed)" in text and "0.690 [0.680, 0.700]" in text
 
 
 def test_diverged_evaluations_are_counted_not_averaged_away(tmp_path: Path):
@@ -254,9 +254,9 @@ def test_diverged_evaluations_are_counted_not_averaged_away(tmp_path: Path):
     # The Markdown shows the primary metric's kind; the losses are in the CSV only.
     assert "Shown: the `accuracy` metrics; every metric is in results.csv." in md
     assert "test/loss" not in md and "test/loss mean" in table.columns
-    assert "| mac       | 0.001 | 0.93 [0.925, 0.935] | 0.875 (n=1; 1 diverged) |" in md
+    assert "| mac       | 0.001 | 0.930 [0.925, 0.935] | 0.875 (n=1; 1 diverged) |" in md
     differences = (study / "report" / "differences.md").read_text()
-    assert "| mac       | 0.001 | +0.1 [+0.1, +0.1] | +0.1 (n=1)   |" in differences
+    assert "| mac       | 0.001 | +0.100 [+0.100, +0.100] | +0.100 (n=1) |" in differences
     diff = pd.read_csv(study / "report" / "differences.csv").set_index("variant")
     assert diff.loc["mac", broken + "n"] == 1 and diff.loc["mac", broken + "mean"] == pytest.approx(0.1)
     tidy = pd.read_csv(study / "report" / "tidy.csv")

@@ -459,13 +459,14 @@ def _num_plain(x: float) -> str:
 
 
 def _num(x: float | None, signed: bool = False) -> str:
-    """A number for a table cell: thousands grouped from 1,000, else three significant digits (a
-    few seeds' interval is not worth more; the CSVs keep full precision)."""
+    """A number for a table cell: thousands grouped from 1,000 up, else three significant digits with
+    their trailing zeros (0.9996 is "1.00", not a perfect "1"; a few seeds' interval is not worth
+    more digits, and the CSVs keep full precision)."""
     if x is None or (isinstance(x, float) and math.isnan(x)):
         return "–"
-    if abs(x) >= 1000:
+    if abs(x) >= 999.5:  # what would round to 1000 at three digits
         return f"{x:+,.0f}" if signed else f"{x:,.0f}"
-    return f"{x:+.3g}" if signed else f"{x:.3g}"
+    return (f"{x:+#.3g}" if signed else f"{x:#.3g}").rstrip(".")
 
 
 def _cell(iv: Interval, n_expected: int, diverged: int = 0, signed: bool = False) -> str:
