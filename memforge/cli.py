@@ -29,7 +29,7 @@ _COMMANDS: dict[str, tuple[str, Configure, Command]] = {}
 #: Modules whose import registers more sub-commands (the jobs), imported when the parser is made
 #: for any command but this module's own.
 COMMAND_MODULES = ("memforge.training.commands", "memforge.training.generate_command",
-                   "memforge.ablate.commands")
+                   "memforge.ablate.commands", "memforge.inspect.command")
 
 
 def command(name: str, help: str, configure: Configure) -> Callable[[Command], Command]:

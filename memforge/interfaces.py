@@ -322,6 +322,50 @@ class ReadsMemoryStatically(Protocol):
         ...
 
 
+#: The series an inspected memory layer may emit (docs/inspect.md), with their shapes: ``[B, H, T]``
+#: per token and head, ``[B, H, T, d]`` for the two vector series. A layer emits those it has and
+#: may add series of its own (namespaced, e.g. ``"delta.beta"``).
+INSPECT_SERIES: dict[str, str] = {
+    "surprise": "norm of the token's gradient of the inner loss (Titans' momentary surprise)",
+    "step_size": "the token's step size theta (write strength)",
+    "momentum": "the token's momentum gate eta",
+    "decay": "the token's forgetting gate alpha (fraction of the memory forgotten at the token)",
+    "state_norm": "Frobenius norm of the memory after the token has written",
+    "read_norm": "norm of the head's share of the layer's output at the token",
+    "read": "the raw memory read (vector; before the layer's norm, gate and projection)",
+    "written_value": "the value the token writes (vector)",
+}
+
+
+@runtime_checkable
+class MemoryRecorder(Protocol):
+    """Receives what an inspected memory layer computes (``memforge.inspect.recording``)."""
+
+    def record(self, series: str, values: Tensor) -> None:
+        """Take ``values`` of the named series for the ``T`` tokens of this call: ``[B, H, T]``
+        (``[B, H, T, d]`` for a vector series), detached. Called once per series and call."""
+        ...
+
+
+@runtime_checkable
+class InspectsMemory(Protocol):
+    """Capability of a memory layer: emit its internals per token and head while inspected.
+
+    ``memforge.inspect.recording(model)`` hands each such layer a :class:`MemoryRecorder` and
+    takes it back (``None``) on leaving. A layer keeps it in one attribute and, in ``forward``,
+    records only when that attribute is not ``None``: not being inspected then costs one
+    attribute check. Recording must not change any output bit: the layer records tensors it
+    computes anyway, and computes anything more from detached copies, after its own result.
+    """
+
+    #: The series names (:data:`INSPECT_SERIES` or the layer's own) the layer emits.
+    inspect_series: tuple[str, ...]
+
+    def set_memory_recorder(self, recorder: MemoryRecorder | None) -> None:
+        """Record into ``recorder`` from the next ``forward`` on (``None``: stop recording)."""
+        ...
+
+
 @runtime_checkable
 class Attention(Protocol):
     """Kind ``attention``: short-term causal self-attention with an incremental cache.

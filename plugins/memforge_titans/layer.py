@@ -26,6 +26,7 @@ from memforge.errors import InputError, NonFiniteError
 from memforge.interfaces import (
     ForgettingRule,
     MemoryNetwork,
+    MemoryRecorder,
     Projection,
     RetrievalRule,
     SurpriseGates,
@@ -33,6 +34,7 @@ from memforge.interfaces import (
 )
 from memforge.linear import Linear
 from memforge_titans.chunked import FastWeightState, current_weights, initial_state, memory_scan
+from memforge_titans.inspection import SERIES, record_forward
 from memforge_titans.static_chunk import StaticChunk, clone_tree, copy_into, static_chunk, static_chunk_step
 
 
@@ -90,7 +92,8 @@ class NeuralMemoryLayer(nn.Module):
     """Neural long-term memory (LMM): ``forward(x [B, T, D], state) -> (y [B, T, D], state)``.
 
     A :class:`memforge.interfaces.MemoryLayer` with every capability: ``ReadsMemory``,
-    ``DecodesMemoryStatically``, ``ReadsMemoryStatically`` and ``CompilesSteps``.
+    ``DecodesMemoryStatically``, ``ReadsMemoryStatically``, ``CompilesSteps`` and
+    ``InspectsMemory`` (:mod:`memforge_titans.inspection` says what it records).
 
     Args:
         dim: model width ``D``.
@@ -102,6 +105,9 @@ class NeuralMemoryLayer(nn.Module):
         retrieval: which weights a token reads (kind ``retrieval``).
         chunk_size: tokens whose surprise is taken at the same (chunk-start) weights.
     """
+
+    inspect_series = SERIES
+    _memory_recorder: MemoryRecorder | None = None
 
     def __init__(
         self,
@@ -185,7 +191,15 @@ class NeuralMemoryLayer(nn.Module):
                 self.memory, self.surprise, self.retrieval, state.fast, *flat,
                 lr=gate_lr, momentum=gate_momentum, decay=gate_decay, chunk_size=self.chunk_size,
             )
-        return self._output(read, x), MemoryLayerState(fast, projection_cache)
+        y = self._output(read, x)
+        if self._memory_recorder is not None:
+            record_forward(self, self._memory_recorder, x, state.fast, flat,
+                           (gate_lr, gate_momentum, gate_decay), read)
+        return y, MemoryLayerState(fast, projection_cache)
+
+    def set_memory_recorder(self, recorder: MemoryRecorder | None) -> None:
+        """Record every later ``forward`` into ``recorder`` (``None``: stop); InspectsMemory."""
+        self._memory_recorder = recorder
 
     def _kernel_inputs(self, x: Tensor, gates: SurpriseGates, decay: Tensor | None,
                        projection_cache: Any, dtype: torch.dtype
