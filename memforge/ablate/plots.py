@@ -11,6 +11,7 @@ from pathlib import Path
 
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.ticker import NullLocator
 
 from memforge.ablate.stats import Interval
 
@@ -102,6 +103,10 @@ def curve_plot(
                             fontsize=7, color=color)
     if xs_all and min(xs_all) > 0 and max(xs_all) / min(xs_all) >= 4:
         ax.set_xscale("log", base=2)
+    if xs_all and len(set(xs_all)) <= 12:
+        # Ticks at the evaluated values themselves (32, 128, 256), not at powers of 2.
+        ax.set_xticks(sorted(set(xs_all)), [f"{x:g}" for x in sorted(set(xs_all))])
+        ax.xaxis.set_minor_locator(NullLocator())
     ax.set_xlabel(xlabel)
     ax.set_ylabel(metric)
     ax.set_title(title, fontsize=10)
