@@ -23,11 +23,12 @@ from torch import Tensor, nn
 
 import memforge
 from memforge.errors import InputError
+from memforge.interfaces import MemoryRecorder
 
 
 class GatedLinearAttention(nn.Module):
-    """A ``memforge.MemoryLayer`` with ``ReadsMemory``, ``DecodesMemoryStatically`` and
-    ``ReadsMemoryStatically``; its state is ``S`` ``[B, H, d, d]``.
+    """A ``memforge.MemoryLayer`` with ``ReadsMemory``, ``DecodesMemoryStatically``,
+    ``ReadsMemoryStatically`` and ``InspectsMemory``; its state is ``S`` ``[B, H, d, d]``.
 
     Args:
         dim: model width ``D``.
@@ -35,6 +36,10 @@ class GatedLinearAttention(nn.Module):
         chunk_size: tokens per step of the chunked form (exact at any size).
         temperature: divides the log decay, so that decays start near 1 (long memory).
     """
+
+    # InspectsMemory (docs/inspect.md): decay is 1 - a_t, the share of S forgotten at the token.
+    inspect_series = ("decay", "state_norm", "read_norm", "read", "written_value")
+    _memory_recorder: MemoryRecorder | None = None
 
     def __init__(self, dim: int, heads: int, *, chunk_size: int, temperature: float) -> None:
         super().__init__()
@@ -79,7 +84,34 @@ class GatedLinearAttention(nn.Module):
             outputs.append((qc * b.exp()[..., None]) @ memory + ((qc @ kc.mT) * decay) @ vc)
             last = b[..., -1:]
             memory = last.exp()[..., None] * memory + (kc * (last - b).exp()[..., None]).mT @ vc
-        return self._output(torch.cat(outputs, 2), x), memory
+        o = torch.cat(outputs, 2)
+        y = self._output(o, x)
+        if self._memory_recorder is not None:
+            self._record(self._memory_recorder, x, self._start(state, x), k, v, g, o)
+        return y, memory
+
+    def set_memory_recorder(self, recorder: MemoryRecorder | None) -> None:
+        """Record every later ``forward`` into ``recorder`` (``None``: stop); InspectsMemory."""
+        self._memory_recorder = recorder
+
+    @torch.no_grad()
+    def _record(self, recorder: MemoryRecorder, x: Tensor, memory: Tensor, k: Tensor, v: Tensor,
+                g: Tensor, o: Tensor) -> None:
+        """The inspected series, from detached copies after the output is made: the decay
+        ``1 - a_t``, ``||S_t||_F`` by the token recurrence, each head's share of the output."""
+        recorder.record("decay", -torch.expm1(g))
+        norms = []
+        for t in range(x.shape[1]):
+            memory = (g[:, :, t, None, None].exp() * memory
+                      + k[:, :, t, :, None] * v[:, :, t, None, :])
+            norms.append(memory.flatten(2).norm(dim=-1))
+        recorder.record("state_norm", torch.stack(norms, -1))
+        heads = F.rms_norm(o, (self.head_dim,)) * F.silu(self.out_gate(x)).unflatten(
+            -1, (self.heads, self.head_dim)).transpose(1, 2)                     # [B, H, T, d]
+        weight = self.out.weight.unflatten(1, (self.heads, self.head_dim))     # [D, H, d]
+        recorder.record("read_norm", torch.einsum("bhtd,ehd->bhte", heads, weight).norm(dim=-1))
+        recorder.record("read", o)
+        recorder.record("written_value", v)
 
     def reference_forward(self, x: Tensor, state: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """The recurrence token by token, from the equations (slow; for tests)."""
