@@ -1,0 +1,139 @@
+"""Benchmark: a model that is not being inspected pays nothing for the inspection hooks.
+
+``titans.neural_memory`` checks one attribute in ``forward`` (``self._memory_recorder is not
+None``; docs/inspect.md, "Cost"). This times the forward of a ``titans.lmm`` model as shipped
+(hooks present, not inspected) against the same model whose memory layers run a forward without
+the check (a subclass with the hook-free copy of ``forward``, set on the same modules, so the
+weights and everything else are shared), and, for scale, the model while it is inspected (in the
+first ``--inspected-rounds`` rounds only: recording replays the memory token by token).
+
+The cases take turns (one forward of each per round, the order alternating between rounds), so a
+busy spell of the shared machine falls on all of them alike; the figure is the median over
+rounds, and the ratio is hooks-present over hook-free (1.00 = no cost). Before timing, both
+builds are checked to give bit-identical logits.
+
+Usage: ``python benchmarks/bench_inspect.py [--rounds 40] [--batch 8] [--length 256]
+[--threads 1] [--inspected-rounds 3]``. Prints a table and one JSON line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import time
+
+import torch
+from memforge_titans.chunked import initial_state, memory_scan
+from memforge_titans.layer import MemoryLayerState, NeuralMemoryLayer, _without_autocast
+
+import memforge
+from memforge.inspect import recording
+
+
+class HookFreeLayer(NeuralMemoryLayer):
+    """``NeuralMemoryLayer.forward`` without the recorder check: the build the hooks are measured
+    against (outputs are checked bit-identical before timing)."""
+
+    def forward(self, x, state=None):
+        self._check_input(x)
+        batch = x.shape[0]
+        gates = self.surprise(x)
+        decay = self.forgetting(x)
+        if state is None:
+            fast = initial_state(self.memory, batch, momentum_enabled=gates.momentum is not None,
+                                 decay_enabled=decay is not None)
+            state = MemoryLayerState(fast, None)
+        else:
+            state = self._check_state(state, batch)
+        flat, (gate_lr, gate_momentum, gate_decay), projection_cache = self._kernel_inputs(
+            x, gates, decay, state.projection, state.fast.weights[0].dtype)
+        with _without_autocast(x.device):
+            read, fast = memory_scan(
+                self.memory, self.surprise, self.retrieval, state.fast, *flat,
+                lr=gate_lr, momentum=gate_momentum, decay=gate_decay, chunk_size=self.chunk_size,
+            )
+        return self._output(read, x), MemoryLayerState(fast, projection_cache)
+
+
+def cpu_name() -> str:
+    """The processor's model name (from ``/proc/cpuinfo`` on Linux), and the threads torch uses."""
+    name = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as handle:
+            for line in handle:
+                if line.startswith("model name"):
+                    name = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return f"{name}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}"
+
+
+def _set_layer_class(model: torch.nn.Module, cls: type) -> None:
+    for module in model.modules():
+        if isinstance(module, NeuralMemoryLayer):
+            module.__class__ = cls
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=40)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--length", type=int, default=256)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--inspected-rounds", type=int, default=3,
+                        help="rounds that also time the inspected model (slow: it replays)")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    model = memforge.build_model(memforge.preset("titans.lmm")).eval()
+    tokens = torch.randint(0, model.vocab_size, (args.batch, args.length))
+
+    def forward_plain() -> torch.Tensor:
+        _set_layer_class(model, NeuralMemoryLayer)
+        return model(tokens).logits
+
+    def forward_hook_free() -> torch.Tensor:
+        _set_layer_class(model, HookFreeLayer)
+        return model(tokens).logits
+
+    def forward_inspected() -> torch.Tensor:
+        _set_layer_class(model, NeuralMemoryLayer)
+        with recording(model):
+            return model(tokens).logits
+
+    cases = {"hooks present, not inspected": forward_plain, "hook-free build": forward_hook_free,
+             "inspected": forward_inspected}
+    with torch.no_grad():
+        reference = forward_hook_free()
+        for name, run in cases.items():
+            if not torch.equal(run(), reference):
+                raise SystemExit(f"{name}: logits differ from the hook-free build's")
+        times: dict[str, list[float]] = {name: [] for name in cases}
+        order = list(cases)
+        for round_index in range(args.rounds):
+            for name in order if round_index % 2 == 0 else order[::-1]:
+                if name == "inspected" and round_index >= args.inspected_rounds:
+                    continue
+                start = time.perf_counter()
+                cases[name]()
+                times[name].append(time.perf_counter() - start)
+    medians = {name: statistics.median(values) for name, values in times.items()}
+    ratio = medians["hooks present, not inspected"] / medians["hook-free build"]
+    print(f"titans.lmm forward, batch {args.batch} x {args.length} tokens, {args.rounds} rounds; "
+          f"{cpu_name()}")
+    for name, median in medians.items():
+        spread = (max(times[name]) - min(times[name])) / median
+        print(f"  {name:30s} {median * 1e3:9.2f} ms  (spread {spread:.0%})")
+    print(f"  hooks present / hook-free:     {ratio:.3f}")
+    print(json.dumps({"benchmark": "inspect", "cpu": cpu_name(), "batch": args.batch,
+                      "length": args.length, "rounds": args.rounds,
+                      "median_ms": {k: round(v * 1e3, 3) for k, v in medians.items()},
+                      "ratio_hooks_over_hook_free": round(ratio, 4)}))
+
+
+if __name__ == "__main__":
+    main()
