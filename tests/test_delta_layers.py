@@ -6,6 +6,7 @@ a time in float64, written from the equations of docs/delta.md ("The memory laye
 
 from __future__ import annotations
 
+import attrs
 import pytest
 import torch
 from hypothesis import given, settings
@@ -87,7 +88,7 @@ def test_odd_lengths_at_the_chunk_sizes_of_the_issue(name, chunk):
        cuts=st.lists(st.integers(1, 59), max_size=4))
 def test_split_anywhere_with_state_equals_whole(seed, name, data, steps, cuts):
     config = data.draw(configs(LAYERS[name]))
-    layer = make_layer(name, seed, **{f: getattr(config, f) for f in ("chunk_size", "conv_size")})
+    layer = make_layer(name, seed, **attrs.asdict(config))
     x = inputs(seed, 2, steps)
     with torch.no_grad():
         whole, whole_state = layer(x, None)
