@@ -8,9 +8,10 @@ weights and everything else are shared), and, for scale, the model while it is i
 first ``--inspected-rounds`` rounds only: recording replays the memory token by token).
 
 The cases take turns (one forward of each per round, the order alternating between rounds), so a
-busy spell of the shared machine falls on all of them alike; the figure is the median over
-rounds, and the ratio is hooks-present over hook-free (1.00 = no cost). Before timing, both
-builds are checked to give bit-identical logits.
+busy spell of the shared machine falls on all of them alike; the figures are the median over
+rounds and the ratio hooks-present over hook-free (1.00 = no cost), also per round (the two
+forwards of a round run back to back) with a 95% bootstrap interval of its median. Before timing,
+all builds are checked to give bit-identical logits.
 
 Usage: ``python benchmarks/bench_inspect.py [--rounds 40] [--batch 8] [--length 256]
 [--threads 1] [--inspected-rounds 3]``. Prints a table and one JSON line.
@@ -25,6 +26,7 @@ import platform
 import statistics
 import time
 
+import scipy.stats
 import torch
 from memforge_titans.chunked import initial_state, memory_scan
 from memforge_titans.layer import MemoryLayerState, NeuralMemoryLayer, _without_autocast
@@ -123,16 +125,24 @@ def main() -> None:
                 times[name].append(time.perf_counter() - start)
     medians = {name: statistics.median(values) for name, values in times.items()}
     ratio = medians["hooks present, not inspected"] / medians["hook-free build"]
+    # Paired by round (the two ran back to back), so a busy spell cancels out of each ratio.
+    paired = [a / b for a, b in zip(times["hooks present, not inspected"], times["hook-free build"],
+                                    strict=True)]
+    interval = scipy.stats.bootstrap((paired,), statistics.median, confidence_level=0.95,
+                                     random_state=0).confidence_interval
     print(f"titans.lmm forward, batch {args.batch} x {args.length} tokens, {args.rounds} rounds; "
           f"{cpu_name()}")
     for name, median in medians.items():
         spread = (max(times[name]) - min(times[name])) / median
         print(f"  {name:30s} {median * 1e3:9.2f} ms  (spread {spread:.0%})")
-    print(f"  hooks present / hook-free:     {ratio:.3f}")
+    print(f"  hooks present / hook-free:     {ratio:.3f} (ratio of medians); per round: median "
+          f"{statistics.median(paired):.3f}, 95% CI {interval.low:.3f} to {interval.high:.3f}")
     print(json.dumps({"benchmark": "inspect", "cpu": cpu_name(), "batch": args.batch,
                       "length": args.length, "rounds": args.rounds,
                       "median_ms": {k: round(v * 1e3, 3) for k, v in medians.items()},
-                      "ratio_hooks_over_hook_free": round(ratio, 4)}))
+                      "ratio_hooks_over_hook_free": round(ratio, 4),
+                      "paired_ratio_median": round(statistics.median(paired), 4),
+                      "paired_ratio_ci95": [round(interval.low, 4), round(interval.high, 4)]}))
 
 
 if __name__ == "__main__":
