@@ -1,13 +1,24 @@
-"""The evaluation budget: the measured state growth matches what the models hold, and plans that
-cannot fit are refused with their figures."""
+"""The evaluation budget: the measured state growth matches what the models hold, the time
+follows how a token's cost grows with the context, and plans that cannot fit are refused with
+their figures."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import memforge
-from memforge.training.budget import MAX_EVAL_SECONDS, EvalCost, check_costs, estimate_costs, state_bytes
+from memforge.training.budget import (
+    MAX_EVAL_SECONDS,
+    EvalCost,
+    TimeModel,
+    check_costs,
+    estimate_costs,
+    fit_time,
+    state_bytes,
+)
 from memforge.training.config import TrainingError
 
 CPU = torch.device("cpu")
@@ -56,3 +67,39 @@ def test_a_plan_beyond_a_day_is_refused_with_its_figure():
                                             r"than the 24 hours"):
         check_costs(costs, CPU)
     check_costs(costs[:1], CPU)  # 18 hours fits
+
+
+@pytest.mark.parametrize(("preset", "low", "high"), [("baseline.transformer_tiny", 3.0, 4.5),
+                                                     ("titans.lmm_tiny", 1.9, 2.1)])
+def test_time_follows_how_a_tokens_cost_grows(preset: str, low: float, high: float):
+    """Full attention reads a cache that grows with the context: twice the length, about four
+    times the time. A memory's fast weights do not grow: twice the length, twice the time."""
+    short, long = _costs(preset, [1 << 20, 2 << 20])
+    assert low <= long.seconds / short.seconds <= high
+
+
+@settings(deadline=None)
+@given(a=st.floats(0, 1e-3), b=st.floats(0, 1e-9),
+       states=st.lists(st.integers(0, 1 << 30), min_size=2, max_size=12, unique=True),
+       noise=st.integers(0, 11))
+def test_fit_recovers_a_line_despite_one_slow_piece(a: float, b: float, states: list[int], noise: int):
+    """Theil-Sen: among five pieces or more, one slowed down by another process does not move
+    the slope, and the fitted rates are never negative."""
+    seconds = [a + b * s for s in states]
+    if len(states) >= 5:
+        seconds[noise % len(states)] *= 10
+    fitted_a, fitted_b = fit_time(states, seconds)
+    assert fitted_a >= 0 and fitted_b >= 0
+    if len(states) >= 5:
+        assert fitted_b == pytest.approx(b, rel=1e-6, abs=1e-18)
+
+
+def test_a_falling_time_gives_no_negative_rate():
+    assert fit_time([1, 2, 3], [3.0, 2.0, 1.0]) == (2.0, 0.0)
+    assert fit_time([5, 5], [1.0, 3.0]) == (2.0, 0.0)
+
+
+def test_time_model_integrates_the_rate():
+    rate = TimeModel(base=2.0, slope=0.5)
+    assert rate.seconds(0, 10) == 2.0 * 10 + 0.5 * 100 / 2
+    assert rate.seconds(0, 4) + rate.seconds(4, 10) == rate.seconds(0, 10)
