@@ -323,17 +323,16 @@ class ReadsMemoryStatically(Protocol):
 
 
 #: The series an inspected memory layer may emit (docs/inspect.md), with their shapes: ``[B, H, T]``
-#: per token and head, ``[B, H, T, d]`` for the two vector series. A layer emits those it has and
-#: may add series of its own (namespaced, e.g. ``"delta.beta"``).
+#: per token and head, ``[B, H, T, D]`` for ``read_output``. A layer emits those it has and may
+#: add series of its own (namespaced, e.g. ``"delta.beta"``).
 INSPECT_SERIES: dict[str, str] = {
     "surprise": "norm of the token's gradient of the inner loss (Titans' momentary surprise)",
     "step_size": "the token's step size theta (write strength)",
     "momentum": "the token's momentum gate eta",
     "decay": "the token's forgetting gate alpha (fraction of the memory forgotten at the token)",
     "state_norm": "Frobenius norm of the memory after the token has written",
-    "read_norm": "norm of the head's share of the layer's output at the token",
-    "read": "the raw memory read (vector; before the layer's norm, gate and projection)",
-    "written_value": "the value the token writes (vector)",
+    "read_output": "the head's share of the layer's output at the token (vector of width D; "
+                   "the shares of all heads sum to the output)",
 }
 
 
@@ -343,7 +342,7 @@ class MemoryRecorder(Protocol):
 
     def record(self, series: str, values: Tensor) -> None:
         """Take ``values`` of the named series for the ``T`` tokens of this call: ``[B, H, T]``
-        (``[B, H, T, d]`` for a vector series), detached. Called once per series and call."""
+        (``[B, H, T, D]`` for ``read_output``), detached. Called once per series and call."""
         ...
 
 

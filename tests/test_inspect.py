@@ -13,13 +13,13 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from memforge_titans.inspection import head_shares
 from memforge_titans.reference import chunk_start_reference
 
 import memforge
 from memforge.cli import main
 from memforge.errors import InputError
 from memforge.inspect import TRACE_SCHEMA, recording, retrieval_checks, trace_json
+from memforge.inspect.export import DERIVED_SERIES
 from memforge.interfaces import INSPECT_SERIES, InspectsMemory
 from memforge.plugins import load_plugins
 from memforge.tasks import MQAR
@@ -98,15 +98,14 @@ def test_titans_series_equal_what_the_layer_used_float64():
 
         # The heads' shares of the output sum to the layer's output.
         y, _ = module(x)
-        read = trace.series(layer, "read").flatten(0, 1)
-        torch.testing.assert_close(head_shares(module, read, x).sum(1), y.detach())
+        torch.testing.assert_close(trace.series(layer, "read_output").sum(1), y.detach())
         torch.testing.assert_close(trace.series(layer, "read_norm"),
-                                   head_shares(module, read, x).norm(dim=-1))
+                                   trace.series(layer, "read_output").norm(dim=-1))
     # read_contribution: the head's share over the norm of its block's output.
     last = trace.layers[-1]
     torch.testing.assert_close(trace.series(last, "read_contribution"),
                                trace.series(last, "read_norm") / trace.block_output_norm(last.block)[:, None])
-    assert set(trace.names(last)) <= set(INSPECT_SERIES) | {"read_contribution"}
+    assert set(trace.names(last)) == set(INSPECT_SERIES) | set(DERIVED_SERIES)
 
 
 # -- a second family: the example plugin's gated linear attention ----------------------------------
@@ -119,7 +118,7 @@ def test_gla_series_equal_what_the_layer_used_float64():
         module, x = layer.layer, inputs[layer.name]
         _, k, v, g = module._inputs(x)
         assert torch.equal(trace.series(layer, "decay"), -torch.expm1(g))   # alpha = 1 - a_t
-        assert torch.equal(trace.series(layer, "written_value"), v)
+        torch.testing.assert_close(trace.series(layer, "read_output").sum(1), module(x)[0].detach())
         # ||S_t||: the float64 token-loop reference's state after each prefix.
         norms = [module.reference_forward(x[:, :t + 1])[1].flatten(2).norm(dim=-1) for t in range(10)]
         torch.testing.assert_close(trace.series(layer, "state_norm"), torch.stack(norms, -1).detach())
@@ -156,17 +155,33 @@ def test_a_model_without_an_inspectable_memory_is_refused():
 
 
 # -- the retrieval criterion -----------------------------------------------------------------------
+def test_decoding_the_last_hidden_states_gives_the_logits():
+    """The decode is linear with the model's own norm scale: decoding h itself gives the logits,
+    so the decoded branches (reads among them) sum to them."""
+    model = _model("titans.lmm_tiny")
+    tokens = torch.randint(0, model.vocab_size, (2, 20))
+    with recording(model) as trace:
+        logits = model(tokens).logits
+    torch.testing.assert_close(trace.decode(trace.hidden), logits.detach())
+    assert trace.decoded(trace.layers[0]).shape == (2, 2, 20, model.vocab_size)
+
+
 @settings(max_examples=20, deadline=None)
-@given(position=st.integers(3, 30), source=st.integers(0, 29), seed=st.integers(0, 2**16))
-def test_a_read_equal_to_a_written_value_is_matched_to_it(position: int, source: int, seed: int):
-    source %= position
-    written = torch.randn(2, 32, 8, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
-    read = torch.zeros_like(written)
-    read[:, position] = 3.0 * written[:, source]   # the norm does not matter, the direction does
-    rows = retrieval_checks(read, written, [{"position": position, "evidence": [source]}])
-    assert rows[0]["best_match"] == source and rows[0]["retrieved"]
-    assert rows[0]["head_retrieved"] == [True, True]
-    assert rows[0]["chance"] == pytest.approx(1 / position)
+@given(target=st.integers(0, 3), boost=st.floats(0.5, 10.0), seed=st.integers(0, 2**16))
+def test_a_read_that_favours_the_target_retrieves(target: int, boost: float, seed: int):
+    decoded = torch.randn(2, 8, 32, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    candidates = [10, 11, 12, 13]
+    decoded[:, 5, candidates] = 0.0
+    decoded[:, 5, candidates[target]] = boost           # every head ranks the target first
+    rows = retrieval_checks(decoded, [{"position": 5, "target": candidates[target],
+                                       "candidates": candidates}])
+    assert rows[0]["retrieved"] and rows[0]["best"] == candidates[target]
+    assert rows[0]["target_rank"] == 0 and rows[0]["head_retrieved"] == [True, True]
+    assert rows[0]["chance"] == 0.25
+    decoded[1, 5, candidates[target]] = -3 * boost      # one head against: the sum decides
+    rows = retrieval_checks(decoded, [{"position": 5, "target": candidates[target],
+                                       "candidates": candidates}])
+    assert rows[0]["head_retrieved"] == [True, False] and not rows[0]["retrieved"]
 
 
 # -- the trace file and the command ----------------------------------------------------------------

@@ -73,7 +73,7 @@ def _task_sample(args: argparse.Namespace, spec: Any, run_task: dict[str, Any]
     """``(task name, description, tokens [T], targets [T] or None, queries)``."""
     from memforge import tasks
     from memforge.inspect.retrieval import mqar_queries, needle_queries
-    from memforge.tasks.niah import MARK
+    from memforge.tasks.niah import FIRST_DIGIT, MARK
     from memforge.training.config import resolve_task
 
     if args.text is not None:
@@ -104,7 +104,9 @@ def _task_sample(args: argparse.Namespace, spec: Any, run_task: dict[str, Any]
         queries = mqar_queries(tokens, targets, task.num_pairs)
     elif name == "s-niah":
         start = tokens.tolist().index(MARK)
-        queries = needle_queries(tokens, targets, (start, start + 2 + task.key_len + task.value_len))
+        digits = list(range(FIRST_DIGIT, FIRST_DIGIT + (16 if task.variant == "uuid" else 10)))
+        queries = needle_queries(tokens, targets, (start, start + 2 + task.key_len + task.value_len),
+                                 digits)
     else:
         queries = []
     return name, task.describe(), tokens, targets, queries

@@ -10,8 +10,8 @@ Shape (``TRACE_SCHEMA`` is the JSON Schema a test validates against)::
                  "retrieval": {"summary": {...}, "queries": [one row per query]}}],
      "predictions": [{"position", "target", "predicted", "correct"}]}
 
-Series are indexed ``[head][token]``. Vector series (``read``, ``written_value``) are used for
-the retrieval check and left out of the file.
+Series are indexed ``[head][token]``. The vector series ``read_output`` is used for the derived
+series and the retrieval check, and left out of the file.
 """
 
 from __future__ import annotations
@@ -28,20 +28,22 @@ SCHEMA_VERSION = "memforge.inspect/1"
 
 #: Derived series (from the recorded ones and the block hooks) and what they are.
 DERIVED_SERIES: dict[str, str] = {
+    "read_norm": "norm of the head's share of the layer's output at the token",
     "read_contribution": "read_norm over the norm of the block's output at the token",
 }
 
 _NUMBERS = {"type": "array", "items": {"type": ["number", "null"]}}
 _QUERY_ROW = {
     "type": "object",
-    "required": ["position", "evidence", "best_match", "retrieved", "head_matches",
+    "required": ["position", "target", "best", "retrieved", "target_rank", "head_best",
                  "head_retrieved", "chance"],
     "properties": {
-        "position": {"type": "integer", "minimum": 1},
-        "evidence": {"type": "array", "items": {"type": "integer"}},
-        "best_match": {"type": "integer", "minimum": 0},
+        "position": {"type": "integer", "minimum": 0},
+        "target": {"type": "integer", "minimum": 0},
+        "best": {"type": "integer", "minimum": 0},
         "retrieved": {"type": "boolean"},
-        "head_matches": {"type": "array", "items": {"type": "integer"}},
+        "target_rank": {"type": "integer", "minimum": 0},
+        "head_best": {"type": "array", "items": {"type": "integer"}},
         "head_retrieved": {"type": "array", "items": {"type": "boolean"}},
         "chance": {"type": "number", "minimum": 0, "maximum": 1},
     },
@@ -90,8 +92,9 @@ TRACE_SCHEMA: dict[str, Any] = {
     },
 }
 
-#: Series that are vectors per token: used for the retrieval check, not written out.
-VECTOR_SERIES = ("read", "written_value")
+#: Series that are vectors per token: used for derived series and the retrieval check, not
+#: written out.
+VECTOR_SERIES = ("read_output",)
 
 
 def _rounded(values: torch.Tensor) -> list[list[float | None]]:
@@ -113,7 +116,8 @@ def trace_json(trace: Trace, *, sample: int, tokens: torch.Tensor, source: str,
         tokens: that sequence's tokens ``[T]``.
         source: the run or preset inspected.
         task: the task's description (or ``{"text": path}``).
-        queries: ``{"position", "evidence", "target"}`` per query, for the retrieval check.
+        queries: ``{"position", "evidence", "target", "candidates"}`` per query, for the
+            retrieval check (:mod:`memforge.inspect.retrieval`).
         components: registry names of the memory layers by block (else the module's class).
         logits, targets: ``[T, V]`` and ``[T]`` of that sequence, for the model's own predictions.
     """
@@ -127,9 +131,8 @@ def trace_json(trace: Trace, *, sample: int, tokens: torch.Tensor, source: str,
             "component": (components or {}).get(layer.block, type(layer.layer).__name__),
             "heads": len(next(iter(series.values()))), "series": series,
         }
-        if queries and all(n in layer.calls for n in VECTOR_SERIES):
-            rows = retrieval_checks(trace.series(layer, "read")[sample],
-                                    trace.series(layer, "written_value")[sample], queries)
+        if queries and "read_output" in layer.calls and trace.can_decode:
+            rows = retrieval_checks(trace.decoded(layer)[sample], queries)
             entry["retrieval"] = {"summary": summary(rows), "queries": rows}
         layers.append(entry)
     predictions = []

@@ -10,9 +10,8 @@ Per token ``t`` and head, for the ``T`` tokens of one ``forward`` call:
   ``u_t`` is an outer product ``x_i^T g_i``.
 * ``state_norm``: ``||M_t||_F`` over every matrix, the exact per-token weights after token ``t``
   has written (not the chunk-start weights a chunk-start read uses).
-* ``read_norm``: the norm of the head's share of the layer's output (its slice of the output
-  projection applied to its normalised, gated read; the shares sum to the output).
-* ``read`` and ``written_value``: the raw read ``M(q_t)`` and the value ``v_t`` written.
+* ``read_output``: the head's share of the layer's output, ``[B, H, T, D]`` (its slice of the
+  output projection applied to its normalised, gated read; the shares sum to the output).
 
 Surprise and state norms are not kept by the kernel, so they are replayed after the layer's own
 result, without gradients, from detached copies of its inputs: the same kernel fed one token at a
@@ -41,8 +40,8 @@ if TYPE_CHECKING:
     from memforge_titans.layer import NeuralMemoryLayer
 
 #: The series the Titans layer emits (memforge.interfaces.INSPECT_SERIES).
-SERIES: tuple[str, ...] = ("surprise", "step_size", "momentum", "decay", "state_norm", "read_norm",
-                           "read", "written_value")
+SERIES: tuple[str, ...] = ("surprise", "step_size", "momentum", "decay", "state_norm",
+                           "read_output")
 
 
 def record_forward(layer: NeuralMemoryLayer, recorder: MemoryRecorder, x: Tensor,
@@ -65,9 +64,7 @@ def record_forward(layer: NeuralMemoryLayer, recorder: MemoryRecorder, x: Tensor
                                   *(None if g is None else g.detach() for g in gates))
         recorder.record("surprise", per_head(surprise))
         recorder.record("state_norm", per_head(norms))
-        recorder.record("read_norm", head_shares(layer, read.detach(), x.detach()).norm(dim=-1))
-        recorder.record("read", per_head(read))
-        recorder.record("written_value", per_head(v))
+        recorder.record("read_output", head_shares(layer, read.detach(), x.detach()))
 
 
 def head_shares(layer: NeuralMemoryLayer, read: Tensor, x: Tensor) -> Tensor:

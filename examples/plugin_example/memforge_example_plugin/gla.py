@@ -38,7 +38,7 @@ class GatedLinearAttention(nn.Module):
     """
 
     # InspectsMemory (docs/inspect.md): decay is 1 - a_t, the share of S forgotten at the token.
-    inspect_series = ("decay", "state_norm", "read_norm", "read", "written_value")
+    inspect_series = ("decay", "state_norm", "read_output")
     _memory_recorder: MemoryRecorder | None = None
 
     def __init__(self, dim: int, heads: int, *, chunk_size: int, temperature: float) -> None:
@@ -109,9 +109,7 @@ class GatedLinearAttention(nn.Module):
         heads = F.rms_norm(o, (self.head_dim,)) * F.silu(self.out_gate(x)).unflatten(
             -1, (self.heads, self.head_dim)).transpose(1, 2)                     # [B, H, T, d]
         weight = self.out.weight.unflatten(1, (self.heads, self.head_dim))     # [D, H, d]
-        recorder.record("read_norm", torch.einsum("bhtd,ehd->bhte", heads, weight).norm(dim=-1))
-        recorder.record("read", o)
-        recorder.record("written_value", v)
+        recorder.record("read_output", torch.einsum("bhtd,ehd->bhte", heads, weight))
 
     def reference_forward(self, x: Tensor, state: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """The recurrence token by token, from the equations (slow; for tests)."""
