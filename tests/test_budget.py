@@ -4,12 +4,16 @@ their figures."""
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import memforge
+from memforge.cli import main
 from memforge.training.budget import (
     MAX_EVAL_SECONDS,
     EvalCost,
@@ -103,3 +107,50 @@ def test_time_model_integrates_the_rate():
     rate = TimeModel(base=2.0, slope=0.5)
     assert rate.seconds(0, 10) == 2.0 * 10 + 0.5 * 100 / 2
     assert rate.seconds(0, 4) + rate.seconds(4, 10) == rate.seconds(0, 10)
+
+
+@pytest.fixture(scope="module")
+def transformer_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("budget") / "run"
+    assert main(["train", "--preset", "baseline.transformer_tiny", "--steps", "2", "--batch-size", "4",
+                 "--eval-every", "2", "--eval-batches", "1", "--task-option", "seq_len=32",
+                 "--task-option", "num_pairs=4", "--device", "cpu", "--out", str(out),
+                 "--no-progress"]) == 0
+    return out
+
+
+def test_a_million_tokens_of_full_attention_is_refused_with_the_hours(
+        transformer_run: Path, capsys: pytest.CaptureFixture[str]):
+    """The plan that once ran for minutes in silence: the cache a token reads grows to a million
+    rows, so the time is quadratic (hundreds of hours on a CPU at 128 sequences; the estimate is
+    a lower bound, the probe's cache being small). Refused before scoring, nothing written."""
+    capsys.readouterr()
+    code = main(["eval", str(transformer_run), "--lengths", "64,1m", "--batch-size", "2",
+                 "--batches", "64", "--device", "cpu"])
+    captured = capsys.readouterr()
+    assert code == 2
+    assert re.fullmatch(r"memforge: error: this evaluation would take about [\d,]+ hours \([\d,]+ "
+                        r"at length 1048576\), more than the 24 hours memforge runs one for; use "
+                        r"shorter --lengths, fewer --batches or a smaller --batch-size\n",
+                        captured.err)
+    assert "plan:" not in captured.out
+    assert not list(transformer_run.glob("eval-*"))
+
+
+def test_eval_prints_its_plan_and_progress_lines_off_a_terminal(
+        transformer_run: Path, capsys: pytest.CaptureFixture[str]):
+    capsys.readouterr()
+    assert main(["eval", str(transformer_run), "--lengths", "32,64", "--batches", "1",
+                 "--batch-size", "2", "--device", "cpu", "--progress-every", "1000"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert re.fullmatch(r"plan: mqar on .*step-00000002 \(step 2\), lengths 32, 64 = 2 cells of 1 "
+                        r"batch of 2 sequences, cpu; estimated [\d.]+ s, at least .* of memory",
+                        lines[0])
+    # After the first piece, then (the interval being long) at the last one.
+    assert re.fullmatch(r"cell 1/2 \(length 32\) \| \d+% \| elapsed 0:00:\d\d \| left \d:\d\d:\d\d",
+                        lines[1])
+    assert re.fullmatch(r"cell 2/2 \(length 64\) \| 100% \| elapsed 0:00:\d\d \| left 0:00:00",
+                        lines[2])
+    assert main(["eval", str(transformer_run), "--lengths", "32", "--batches", "1",
+                 "--batch-size", "2", "--device", "cpu", "--no-progress"]) == 0
+    assert "plan:" not in capsys.readouterr().out

@@ -137,9 +137,7 @@ def resume_command(args: argparse.Namespace, run_dir: Path, *, drop: tuple[str, 
          _configure_train)
 def _train(args: argparse.Namespace, console: Console) -> int:
     keep_freed_memory()
-    if not math.isfinite(args.progress_every) or args.progress_every <= 0:
-        raise TrainingError(f"--progress-every must be a number of seconds > 0, got "
-                            f"{args.progress_every}")
+    _check_progress_every(args.progress_every)
     config = TrainConfig(
         model=args.spec or args.preset or DEFAULT_PRESET, overrides=args.set, task=args.task,
         task_options=parse_task_options(args.task, args.task_option), steps=args.steps,
@@ -173,6 +171,11 @@ def _train(args: argparse.Namespace, console: Console) -> int:
     return 0
 
 
+def _check_progress_every(seconds: float) -> None:
+    if not math.isfinite(seconds) or seconds <= 0:
+        raise TrainingError(f"--progress-every must be a number of seconds > 0, got {seconds}")
+
+
 def _print_stop(console: Console, stopped: TrainingInterrupted, command: str) -> None:
     """What a run stopped by a signal says: where it stopped and how to continue."""
     result = stopped.result
@@ -202,18 +205,24 @@ def _configure_eval(p: argparse.ArgumentParser) -> None:
     p.add_argument("--piece-size", type=int, default=_EVAL["piece_size"],
                    help="tokens per model call; longer sequences carry the state (default: %(default)s)")
     p.add_argument("--device", choices=DEVICES, default=_EVAL["device"])
+    p.add_argument("--no-progress", action="store_true", help="no plan, progress bar or lines")
+    p.add_argument("--progress-every", type=float, default=DEFAULT_EVERY, metavar="SECONDS",
+                   help="seconds between progress lines when the output is not a terminal "
+                        "(default: %(default)s)")
 
 
 @command("eval", "evaluate a trained run by context length (and needle depth)", _configure_eval)
 def _eval(args: argparse.Namespace, console: Console) -> int:
     keep_freed_memory()
+    _check_progress_every(args.progress_every)
     config = EvalConfig(
         source=args.source, task=args.task, task_options=parse_task_options(args.task, args.task_option),
         lengths=parse_lengths(args.lengths) if args.lengths else (),
         depths=parse_depths(args.depths) if args.depths else None, batches=args.batches,
         batch_size=args.batch_size, piece_size=args.piece_size, device=args.device,
     )
-    report = evaluate(config)
+    report = evaluate(config, console=None if args.no_progress else console,
+                      progress_every=args.progress_every)
     json_path, png_path = write_report(report)
     console.print(report_table(report))
     console.print(f"saved {json_path} and {png_path}", markup=False, highlight=False)

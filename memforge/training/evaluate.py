@@ -16,14 +16,23 @@ from pathlib import Path
 from typing import Any
 
 import attrs
+from rich.console import Console
 from rich.table import Table
 
 from memforge.builder import build_model
 from memforge.errors import NonFiniteError
 from memforge.io import load_spec
+from memforge.resources import format_bytes
 from memforge.spec import ModelSpec
 from memforge.training import rundir
-from memforge.training.budget import check_batch_memory, check_costs, estimate_costs
+from memforge.training.budget import (
+    PROBE_BATCH,
+    PROBE_TOKENS,
+    check_batch_memory,
+    check_costs,
+    costs_of,
+    probe_model,
+)
 from memforge.training.checkpoint import (
     SPEC,
     find_checkpoint,
@@ -39,8 +48,10 @@ from memforge.training.config import (
     validate_device,
     validate_mapping,
 )
+from memforge.training.eval_progress import EvalProgress
 from memforge.training.metrics import DEFAULT_PIECE_SIZE, score_batches, task_batches
 from memforge.training.plots import plot_heatmap
+from memforge.training.progress import DEFAULT_EVERY, clock, say
 
 #: Needle depths of an S-NIAH evaluation unless given.
 DEFAULT_DEPTHS = (0.0, 0.25, 0.5, 0.75, 1.0)
@@ -203,8 +214,14 @@ def _task_plan(config: EvalConfig, run_task: Mapping[str, Any]) -> tuple[str, di
     return name, {**options, **config.task_options}
 
 
-def evaluate(config: EvalConfig) -> EvalReport:
-    """Score the run at every length (and depth); everything is checked before scoring."""
+def evaluate(config: EvalConfig, *, console: Console | None = None,
+             progress_every: float = DEFAULT_EVERY) -> EvalReport:
+    """Score the run at every length (and depth); everything is checked before scoring.
+
+    With a ``console``, the plan (lengths, cells, estimated time) is printed before scoring and
+    then the progress: a bar per cell on a terminal, else a plain line every ``progress_every``
+    seconds (see ``memforge.training.eval_progress``).
+    """
     checkpoint_dir = find_checkpoint(config.source)
     run_dir = run_dir_of(checkpoint_dir)
     spec = _run_spec(checkpoint_dir, run_dir)
@@ -232,22 +249,45 @@ def evaluate(config: EvalConfig) -> EvalReport:
     checkpoint = load_checkpoint(checkpoint_dir)
     model = build_model(spec, device)
     load_weights(model, checkpoint)
-    check_costs(estimate_costs(
-        model, vocab_size=spec.vocab_size, lengths=lengths, cells_per_length=len(depths or (None,)),
-        batch_size=config.batch_size, batches=config.batches, piece_size=config.piece_size,
-        device=device), device)
+    probe = probe_model(model, spec.vocab_size, min(config.batch_size, PROBE_BATCH),
+                        min(config.piece_size, PROBE_TOKENS), device)
+    costs = costs_of(probe, lengths=lengths, cells_per_length=len(depths or (None,)),
+                     batch_size=config.batch_size, batches=config.batches,
+                     piece_size=config.piece_size, vocab_size=spec.vocab_size)
+    check_costs(costs, device)
+    if console is not None:
+        say(console, f"plan: {name} on {checkpoint_dir} (step {checkpoint.step}), lengths "
+                     f"{', '.join(map(str, lengths))}"
+                     f"{f' x {len(depths)} depths' if depths else ''} = "
+                     f"{_count(len(grid), 'cell')} of {_count(config.batches, 'batch')} of "
+                     f"{config.batch_size} sequences, {device}; estimated "
+                     f"{_duration(sum(c.seconds for c in costs))}, at least "
+                     f"{format_bytes(max(c.bytes for c in costs))} of memory")
+
+    def cell_seconds(length: int) -> float:
+        return config.batches * config.batch_size * probe.time.seconds(0, length)
+
+    labels = [(f"length {length}" + (f", depth {depth:g}" if depth is not None else ""),
+               cell_seconds(length)) for length, depth, _ in grid]
     byte_level = name == "text"
     cells = []
-    for length, depth, task in grid:
-        batches = task_batches(task, config.batch_size, config.batches, split="test")
-        try:
-            metrics = score_batches(model, batches, vocab_size=spec.vocab_size, device=device,
-                                    piece_size=config.piece_size, byte_level=byte_level)
-        except NonFiniteError as exc:
-            # A model that overflows at this length (typically a memory diverging past the
-            # training length) is a result to report, not a reason to lose the other cells.
-            metrics = {"diverged": str(exc)}
-        cells.append({"length": length, "depth": depth, **metrics})
+    with EvalProgress(labels, console=console, every=progress_every) as progress:
+        for index, (length, depth, task) in enumerate(grid):
+            progress.start_cell(index)
+            batches = task_batches(task, config.batch_size, config.batches, split="test")
+
+            def on_piece(start: int, end: int) -> None:
+                progress.advance(config.batch_size * probe.time.seconds(start, end))
+
+            try:
+                metrics = score_batches(model, batches, vocab_size=spec.vocab_size, device=device,
+                                        piece_size=config.piece_size, byte_level=byte_level,
+                                        on_piece=on_piece)
+            except NonFiniteError as exc:
+                # A model that overflows at this length (typically a memory diverging past the
+                # training length) is a result to report, not a reason to lose the other cells.
+                metrics = {"diverged": str(exc)}
+            cells.append({"length": length, "depth": depth, **metrics})
     train_length = run_task.get("seq_len") if run_task.get("task") == name else None
     return EvalReport(
         run_dir=run_dir, checkpoint=checkpoint_dir, step=checkpoint.step, task=name,
@@ -255,6 +295,14 @@ def evaluate(config: EvalConfig) -> EvalReport:
         metric="bits_per_byte" if byte_level else "accuracy", lengths=tuple(lengths),
         depths=depths, cells=cells,
     )
+
+
+def _count(number: int, noun: str) -> str:
+    return f"{number} {noun}{'' if number == 1 else 'es' if noun.endswith('ch') else 's'}"
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds:.1f} s" if seconds < 60 else clock(seconds)
 
 
 def _length_label(report: EvalReport, length: int) -> str:

@@ -8,7 +8,7 @@ however long the sequence (what a model's state itself holds is up to the model)
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from contextlib import nullcontext
 from typing import Any
 
@@ -97,8 +97,12 @@ def score_batches(
     device: torch.device,
     piece_size: int = DEFAULT_PIECE_SIZE,
     byte_level: bool = False,
+    on_piece: Callable[[int, int], None] | None = None,
 ) -> dict[str, float]:
-    """Metrics of ``model`` over ``batches``, each sequence read in pieces of ``piece_size``."""
+    """Metrics of ``model`` over ``batches``, each sequence read in pieces of ``piece_size``.
+
+    ``on_piece(start, end)``, when given, is called after each piece (tokens ``start..end-1``).
+    """
     metrics = TaskMetrics(vocab_size, device, byte_level=byte_level)
     was_training = model.training
     model.eval()
@@ -115,6 +119,8 @@ def score_batches(
                     raise NonFiniteError(f"the model's logits became non-finite within tokens "
                                          f"{start}..{start + logits.shape[1] - 1}")
                 all_right &= metrics.update(logits, targets[:, start:end])
+                if on_piece is not None:
+                    on_piece(start, start + logits.shape[1])
             metrics.update_rows(all_right, (targets != IGNORE_INDEX).any(dim=1))
     finally:
         model.train(was_training)
