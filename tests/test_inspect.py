@@ -131,7 +131,7 @@ def test_gla_series_equal_what_the_layer_used_float64():
 def test_recording_changes_no_output_bit(preset: str, length: int, split: int):
     model = _model(preset, dtype=torch.float32)
     tokens = torch.randint(0, model.vocab_size, (2, length), generator=torch.Generator().manual_seed(length))
-    cut = min(split, length - 1) if length > 1 else 1
+    cut = max(1, min(split, length - 1))
     with torch.no_grad():
         plain = model(tokens)
         plain_next = model(tokens[:, cut:], model(tokens[:, :cut]).state) if length > 1 else None

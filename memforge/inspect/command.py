@@ -3,7 +3,7 @@
 The sequence is one sample of a task (the run's own task and options by default) or a text file
 read as bytes. The command writes ``trace.json`` (:mod:`memforge.inspect.export`),
 ``series.png`` and ``summary.png`` (:mod:`memforge.inspect.plots`) into ``--out`` and prints,
-per memory layer, how many query reads retrieved their evidence (docs/inspect.md).
+per memory layer, how many query reads retrieved the answer (docs/inspect.md, "Retrieval").
 """
 
 from __future__ import annotations
