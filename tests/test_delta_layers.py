@@ -238,3 +238,38 @@ def test_bad_input_and_state_are_one_line_errors():
         layer(x[:1], state)
     with pytest.raises(InputError, match=r"must be the DeltaState it returned, got tuple"):
         layer(x, tuple(state))
+
+
+class _Recorder:
+    """A MemoryRecorder that keeps what it is given."""
+
+    def __init__(self) -> None:
+        self.series: dict[str, torch.Tensor] = {}
+
+    def record(self, series: str, values: torch.Tensor) -> None:
+        self.series[series] = values
+
+
+@pytest.mark.parametrize("name", sorted(LAYERS))
+def test_inspected_series_are_what_the_layer_used_and_change_nothing(name):
+    layer = make_layer(name, 4, chunk_size=3)
+    x = inputs(4, 2, 9)
+    with torch.no_grad():
+        _, start = layer(x[:, :4], None)
+        plain, _ = layer(x[:, 4:], start)
+        recorder = _Recorder()
+        layer.set_memory_recorder(recorder)
+        seen, _ = layer(x[:, 4:], start)
+        layer.set_memory_recorder(None)
+    assert torch.equal(plain, seen)
+    series = recorder.series
+    assert set(series) == set(layer.inspect_series)
+    torch.testing.assert_close(series["read_output"].sum(1), plain, **EXACT)
+    beta, g = layer._gates(x[:, 4:])
+    torch.testing.assert_close(series["step_size"], beta.transpose(1, 2), **EXACT)
+    if g is not None:
+        torch.testing.assert_close(series["decay"], -torch.expm1(g).transpose(1, 2), **EXACT)
+    # ||S_t||: the float64 token-loop reference's memory after each prefix.
+    norms = [layer_token_loop(layer, x[:, 4:5 + t], start)[1].memory.flatten(2).norm(dim=-1)
+             for t in range(5)]
+    torch.testing.assert_close(series["state_norm"], torch.stack(norms, -1), **EXACT)

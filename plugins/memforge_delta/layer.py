@@ -26,6 +26,7 @@ from torch import Tensor, nn
 
 from memforge.checks import checks_values
 from memforge.errors import InputError, NonFiniteError
+from memforge.interfaces import MemoryRecorder
 from memforge.linear import Linear
 from memforge.nn import RMSNorm
 from memforge_delta.ops import delta_rule, gated_delta_rule
@@ -60,8 +61,8 @@ class DeltaDecodeBuffers(NamedTuple):
 class DeltaLayer(nn.Module):
     """DeltaNet (``gated=False``) or Gated DeltaNet (``gated=True``): ``forward(x, state)``.
 
-    A :class:`memforge.interfaces.MemoryLayer` with ``ReadsMemory``, ``DecodesMemoryStatically``
-    and ``ReadsMemoryStatically``.
+    A :class:`memforge.interfaces.MemoryLayer` with ``ReadsMemory``, ``DecodesMemoryStatically``,
+    ``ReadsMemoryStatically`` and ``InspectsMemory``.
 
     Args:
         dim: model width ``D``.
@@ -76,6 +77,7 @@ class DeltaLayer(nn.Module):
 
     #: Token-exact at every kernel chunk, so the framework's cycle is one token.
     chunk_size = 1
+    _memory_recorder: MemoryRecorder | None = None
 
     def __init__(self, dim: int, heads: int, *, gated: bool, kernel_chunk: int = 64,
                  conv_size: int = 4, norm_eps: float = 1e-6,
@@ -88,6 +90,9 @@ class DeltaLayer(nn.Module):
             raise ValueError(f"kernel_chunk={kernel_chunk} and conv_size={conv_size} must be >= 1")
         self.dim, self.heads, self.head_dim = dim, heads, dim // heads
         self.gated, self.kernel_chunk, self.conv_size = gated, kernel_chunk, conv_size
+        # InspectsMemory (docs/inspect.md): decay is 1 - exp(g), the share of S forgotten.
+        self.inspect_series = ("step_size", *(("decay",) if gated else ()), "state_norm",
+                               "read_output")
         self.qkv = Linear(dim, 3 * dim, bias=False)
         # Depthwise over the concatenated q, k, v channels: the same as three separate short convs.
         self.conv = nn.Conv1d(3 * dim, 3 * dim, conv_size, groups=3 * dim, bias=False)
@@ -164,12 +169,45 @@ class DeltaLayer(nn.Module):
         mixed = F.conv1d(window, self.conv.weight, groups=3 * self.dim).transpose(1, 2)
         q, k, v = (t.transpose(1, 2) for t in self._qkv(mixed))                # [B, H, T, d]
         beta, g = (None if t is None else t.transpose(1, 2) for t in self._gates(x))
+        start = memory
         if g is None:
             o, memory = delta_rule(q, k, v, beta, memory, chunk_size=self.kernel_chunk)
         else:
             o, memory = gated_delta_rule(q, k, v, beta, g, memory, chunk_size=self.kernel_chunk)
         cache = window[:, :, window.shape[2] - (self.conv_size - 1):]
-        return self._output(o.transpose(1, 2), x), DeltaState(memory, cache)
+        y = self._output(o.transpose(1, 2), x)
+        if self._memory_recorder is not None:
+            self._record(self._memory_recorder, x, start, k, v, beta, g, o)
+        return y, DeltaState(memory, cache)
+
+    # -- inspection (InspectsMemory) -----------------------------------------------------------
+    def set_memory_recorder(self, recorder: MemoryRecorder | None) -> None:
+        """Record every later ``forward`` into ``recorder`` (``None``: stop); InspectsMemory."""
+        self._memory_recorder = recorder
+
+    @torch.no_grad()
+    def _record(self, recorder: MemoryRecorder, x: Tensor, start: Tensor | None, k: Tensor,
+                v: Tensor, beta: Tensor, g: Tensor | None, o: Tensor) -> None:
+        """The inspected series from detached copies, after the output is made: ``beta``,
+        ``1 - exp(g)``, ``||S_t||_F`` by the token recurrence, each head's share of the output."""
+        recorder.record("step_size", beta)
+        if g is not None:
+            recorder.record("decay", -torch.expm1(g))
+        batch, _, steps, _ = k.shape
+        memory = (start if start is not None
+                  else k.new_zeros(batch, self.heads, self.head_dim, self.head_dim)).to(o.dtype)
+        norms = []
+        for t in range(steps):
+            if g is not None:
+                memory = g[:, :, t, None, None].exp() * memory
+            error = v[:, :, t] - (k[:, :, t, None, :] @ memory).squeeze(-2)
+            memory = memory + beta[:, :, t, None, None] * k[:, :, t, :, None] * error[:, :, None, :]
+            norms.append(memory.flatten(2).norm(dim=-1))
+        recorder.record("state_norm", torch.stack(norms, -1))
+        gate = F.silu(self.out_gate(x)).unflatten(-1, (self.heads, self.head_dim)).transpose(1, 2)
+        heads = self.out_norm(o.to(x.dtype)) * gate                              # [B, H, T, d]
+        weight = self.out_proj.weight.unflatten(1, (self.heads, self.head_dim))   # [D, H, d]
+        recorder.record("read_output", torch.einsum("bhtd,ehd->bhte", heads, weight))
 
     # -- read-only access (ReadsMemory: MAC retrieves without writing) -------------------------
     def read_state(self, state: DeltaState | None, batch: int) -> Tensor:
