@@ -10,9 +10,9 @@
     trace.series(layer, "surprise")          # [B, H, T]: per sequence, head and token
 
 Memory layers take part through the capability :class:`memforge.interfaces.InspectsMemory`
-(``titans.neural_memory``, the delta layers and the example plugin's ``example.gla`` do); the series they emit are
-listed in :data:`memforge.interfaces.INSPECT_SERIES`. ``memforge inspect`` writes a JSON trace and
-plots for one task sample or text file.
+(``titans.neural_memory``, the delta layers and the example plugin's ``example.gla`` do); the
+series they emit are listed in :data:`memforge.interfaces.INSPECT_SERIES`. ``memforge inspect``
+writes a JSON trace and plots for one task sample or text file.
 """
 
 from __future__ import annotations
