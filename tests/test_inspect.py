@@ -239,8 +239,31 @@ def test_inspect_command_reads_a_text_file(tmp_path: Path):
     (["--sample", "-1"], "--sample"),
 ])
 def test_inspect_command_refuses_bad_input_in_one_line(tmp_path: Path, capsys, argv, message):
-    out = tmp_path / "out"
+    out = tmp_path / "out" / "nested"
     assert main(["inspect", "titans.lmm_tiny", *argv, "--out", str(out)]) == 2
     err = capsys.readouterr().err
     assert err.startswith("memforge: error:") and message in err and err.count("\n") == 1
-    assert not out.exists()
+    assert not (tmp_path / "out").exists()
+
+
+def test_inspect_command_refuses_a_bad_out_before_building_the_model(tmp_path: Path, capsys,
+                                                                     monkeypatch):
+    def never(*args, **kwargs):
+        raise AssertionError("the model was built before --out was checked")
+
+    monkeypatch.setattr(memforge.builder, "build_model", never)
+    a_file = tmp_path / "a_file"
+    a_file.write_text("not a folder")
+    for out in (a_file, Path("/proc/nope")):
+        assert main(["inspect", "titans.lmm_tiny", "--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"memforge: error: --out {out}:") and err.count("\n") == 1
+
+
+def test_presets_of_one_family_get_their_own_default_folders(tmp_path: Path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for preset in ("titans.lmm_tiny", "titans.mag_tiny"):
+        assert main(["inspect", preset, "--task-option", "seq_len=32",
+                     "--task-option", "num_pairs=4"]) == 0
+    assert sorted(p.name for p in (tmp_path / "runs" / "inspect").iterdir()) == [
+        "titans.lmm_tiny-mqar-0", "titans.mag_tiny-mqar-0"]

@@ -44,28 +44,66 @@ def _configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", choices=DEVICES, default="cpu", help="default: %(default)s")
 
 
-def _load(source: str, assignments: list[str], seed: int, device: torch.device
-          ) -> tuple[Any, dict[str, Any], Path | None]:
-    """The model, the run's task description (``{}`` without a run) and the run directory."""
-    from memforge.builder import build_model
-    from memforge.cli import resolve_spec
-    from memforge.saving import load_model
+def _run(source: str, assignments: list[str]) -> tuple[Path | None, dict[str, Any], Path | None]:
+    """A run's checkpoint, task description and directory (``None, {}, None`` for a preset)."""
     from memforge.training import rundir
     from memforge.training.checkpoint import find_checkpoint, run_dir_of
 
     path = Path(source)
-    if path.is_dir():
-        if assignments:
-            raise TrainingError("--set changes a spec, but a run's model is fixed by its "
-                                "checkpoint; leave --set out or inspect a preset")
-        checkpoint = find_checkpoint(path)
-        run_dir = run_dir_of(checkpoint)
-        task_file = run_dir / rundir.TASK_FILE
-        task = rundir.read_json(task_file) if task_file.is_file() else {}
-        return load_model(checkpoint, device=device), task, run_dir
+    if not path.is_dir():
+        return None, {}, None
+    if assignments:
+        raise TrainingError("--set changes a spec, but a run's model is fixed by its "
+                            "checkpoint; leave --set out or inspect a preset")
+    checkpoint = find_checkpoint(path)
+    run_dir = run_dir_of(checkpoint)
+    task_file = run_dir / rundir.TASK_FILE
+    task = rundir.read_json(task_file) if task_file.is_file() else {}
+    return checkpoint, task, run_dir
+
+
+def _load(source: str, assignments: list[str], checkpoint: Path | None, seed: int,
+          device: torch.device) -> Any:
+    """The run's model from ``checkpoint``, or the untrained model of a preset or spec file."""
+    from memforge.builder import build_model
+    from memforge.cli import resolve_spec
+    from memforge.saving import load_model
+
+    if checkpoint is not None:
+        return load_model(checkpoint, device=device)
     torch.manual_seed(seed)
-    model = build_model(resolve_spec(source, assignments), device).eval()
-    return model, {}, None
+    return build_model(resolve_spec(source, assignments), device).eval()
+
+
+def _source_name(source: str) -> str:
+    """A preset's name, or a spec file's or path's stem (``titans.mac_tiny`` stays whole)."""
+    path = Path(source)
+    return path.stem if path.suffix in (".toml", ".json") or path.exists() else source
+
+
+def _out_dir(args: argparse.Namespace, run_task: dict[str, Any], run_dir: Path | None) -> Path:
+    """Where the files go: ``--out``, or a folder named after the source, task and sample."""
+    if args.out is not None:
+        return Path(args.out)
+    name = "text" if args.text is not None else args.task or run_task.get("task") or "mqar"
+    if run_dir is not None:
+        return run_dir / "inspect" / f"{name}-{args.sample}"
+    return Path("runs") / "inspect" / f"{_source_name(args.source)}-{name}-{args.sample}"
+
+
+def _make_dir(out: Path) -> list[Path]:
+    """Create ``out`` (and missing parents); the folders created, deepest first.
+
+    Raises TrainingError in one line when it cannot be a folder (a file, a read-only place)."""
+    missing = [d for d in (out, *out.parents) if not d.exists()]
+    if out.exists() and not out.is_dir():
+        raise TrainingError(f"--out {out}: is a file, not a folder; give a folder path")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise TrainingError(f"--out {out}: cannot create the folder ({exc.strerror or exc}); "
+                            f"give a writable folder") from None
+    return missing
 
 
 def _task_sample(args: argparse.Namespace, spec: Any, run_task: dict[str, Any]
@@ -126,20 +164,22 @@ def _inspect(args: argparse.Namespace, console: Console) -> int:
     from memforge.training.config import resolve_device
 
     device = resolve_device(args.device)
-    model, run_task, run_dir = _load(args.source, args.set, args.seed, device)
-    name, described, tokens, targets, queries = _task_sample(args, model.spec, run_task)
-    if args.out is not None:
-        out = Path(args.out)
-    elif run_dir is not None:
-        out = run_dir / "inspect" / f"{name}-{args.sample}"
-    else:
-        out = Path("runs") / "inspect" / f"{Path(args.source).stem}-{name}-{args.sample}"
-    with torch.no_grad(), recording(model) as trace:
-        logits = model(tokens[None].to(device)).logits[0].cpu()
+    checkpoint, run_task, run_dir = _run(args.source, args.set)
+    out = _out_dir(args, run_task, run_dir)
+    created = _make_dir(out)
+    try:
+        model = _load(args.source, args.set, checkpoint, args.seed, device)
+        name, described, tokens, targets, queries = _task_sample(args, model.spec, run_task)
+        with torch.no_grad(), recording(model) as trace:
+            logits = model(tokens[None].to(device)).logits[0].cpu()
+    except BaseException:
+        for folder in created:  # leave nothing behind for a refused input
+            if folder.is_dir() and not any(folder.iterdir()):
+                folder.rmdir()
+        raise
     content = trace_json(trace, sample=0, tokens=tokens, source=args.source, task=described,
                          queries=queries, components=_components(model.spec), logits=logits,
                          targets=targets)
-    out.mkdir(parents=True, exist_ok=True)
     (out / "trace.json").write_text(json.dumps(content))
     plot_series(content, out / "series.png")
     plot_summary(content, out / "summary.png")
