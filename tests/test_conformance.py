@@ -73,7 +73,9 @@ class TestExampleGLA(MemoryLayerConformance):
 
 
 class TestExampleGLAInMAC(MemoryLayerConformance):
-    component = "example.gla"
+    """The documented ``preset =`` form alone: the layer's name (for its chunk sizes) comes from
+    the preset."""
+
     preset = "example.gla_mac_tiny"
     registry = EXAMPLE
 

@@ -551,9 +551,20 @@ class MemoryLayerConformance:
 
     def pytest_generate_tests(self, metafunc: pytest.Metafunc) -> None:
         if "chunk_size" in metafunc.fixturenames:
-            sizes = chunk_sizes(self.component, self.registry)
+            sizes = chunk_sizes(self._component(), self.registry)
             metafunc.parametrize("chunk_size", sizes,
                                  ids=["default" if s is None else f"chunk{s}" for s in sizes])
+
+    def _component(self) -> str:
+        """``component``, or the registered name of the memory layer ``preset`` builds."""
+        if self.component:
+            return self.component
+        if not self.preset:
+            raise TypeError(f"{type(self).__name__} sets neither component nor preset; set one")
+        choice = _preset(self.preset, self.registry or default_registry()).choice("memory_layer", 0)
+        if choice is None:
+            raise ValueError(f"preset {self.preset} has no memory layer in layer 0")
+        return choice.impl
 
     def layer(self, chunk_size: int | None) -> LayerUnderTest:
         """The layer under test, built afresh (float64)."""
