@@ -84,7 +84,8 @@ class TestExampleGLAInMAC(MemoryLayerConformance):
 @attrs.frozen(kw_only=True)
 class FaultConfig:
     fault: str = memforge.option("none", choices=("none", "drops_state", "peeks", "read_writes",
-                                                  "decode_off", "reference_off"),
+                                                  "decode_off", "reference_off",
+                                                  "reference_detached"),
                                  help="the bug to plant")
 
 
@@ -110,6 +111,9 @@ class DecayingSum(nn.Module):
         return torch.stack(outputs, 1), memory
 
     def reference_forward(self, x: Tensor, state: Tensor | None) -> tuple[Tensor, Tensor]:
+        if self.fault == "reference_detached":  # right values, but no gradient into weights
+            return torch.func.functional_call(
+                self, {n: p.detach() for n, p in self.named_parameters()}, (x, state))
         y, memory = self(x, state)
         return (y * 1.001 if self.fault == "reference_off" else y), memory
 
@@ -167,6 +171,9 @@ def test_a_correct_layer_passes_every_check():
                                         r"step 0 \(token 3\) differs by"),
     ("reference_off", check_reference, r"^lab.sum: against the reference \(13 tokens\): output "
                                        r"differs by"),
+    ("reference_detached", check_reference, r"^lab.sum: against the reference \(13 tokens\): the "
+                                            r"reference gives no gradient into qk.weight, the fast "
+                                            r"path does"),
 ])
 def test_each_fault_is_found_naming_component_check_and_numbers(fault, check, message):
     layer = _faulty(fault)

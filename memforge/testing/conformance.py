@@ -390,6 +390,13 @@ def check_reference(layer: LayerUnderTest, reference: Reference | None = None, *
     _, slow = _grads(layer, x, lambda inp: reference(layer.module, inp, None)[0], seed)
     names = [n for n, p in layer.module.named_parameters() if p.requires_grad]
     for name, got, want in zip(names, fast, slow, strict=True):
+        if got is not None and want is None:
+            _fail(layer.name, check, f"the reference gives no gradient into {name}, the fast path "
+                                     f"does; let gradients flow through the reference (no "
+                                     f".detach() or torch.no_grad() on its parameters)")
+        if got is None and want is not None:
+            _fail(layer.name, check, f"the fast path gives no gradient into {name}, the reference "
+                                     f"does")
         if got is not None and want is not None:
             _close(layer.name, check, f"gradient into {name}", got, want)
 
