@@ -28,6 +28,7 @@ import pluggy
 
 from memforge import capabilities, interfaces, nn
 from memforge.builder import build_model
+from memforge.checks import checks_values
 from memforge.compiling import compile_model
 from memforge.config import option
 from memforge.decoding import StaticDecoder
@@ -150,6 +151,7 @@ __all__ = [
     "apply_overrides",
     "available",
     "build_model",
+    "checks_values",
     "compile_model",
     "configure_plugins",
     "hookimpl",

@@ -45,6 +45,7 @@ PINNED = [
     "apply_overrides",
     "available",
     "build_model",
+    "checks_values",
     "compile_model",
     "configure_plugins",
     "hookimpl",
