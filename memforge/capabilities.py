@@ -9,19 +9,23 @@ a forward.
 
 from __future__ import annotations
 
-from typing import Any
+import inspect
+from typing import Any, Generic, Protocol
 
 from memforge.errors import MemforgeError, SpecError
 from memforge.interfaces import READS, retrieval_reads
 
 
 def _methods(protocol: type) -> list[str]:
-    """The members a Protocol declares (its own and those of the Protocols it extends)."""
-    names = getattr(protocol, "__protocol_attrs__", None)
-    if names is None:  # Python < 3.12
-        from typing import _get_protocol_attrs  # type: ignore[attr-defined]
-
-        names = _get_protocol_attrs(protocol)
+    """The members a Protocol declares (its own and those of the Protocols it extends): the
+    public names defined or annotated in each class of its MRO but ``Protocol``, ``Generic`` and
+    ``object``."""
+    names: set[str] = set()
+    for cls in protocol.__mro__:
+        if cls in (Protocol, Generic, object):
+            continue
+        names.update(cls.__dict__)
+        names.update(inspect.get_annotations(cls))
     return sorted(n for n in names if not n.startswith("_"))
 
 

@@ -175,3 +175,13 @@ def test_a_kernel_refuses_a_retrieval_needing_a_read_it_lacks():
                                         r"layer 'lab.layer' does not offer \(it offers "
                                         r"after_write\); choose a retrieval that reads only those"):
         require_reads(rule, ("after_write",), rule_name="lab.rule", layer_name="lab.layer")
+
+
+def test_a_capability_lists_its_own_members_and_those_it_extends():
+    from memforge.capabilities import missing
+    from memforge.interfaces import ChunkReader, InspectsMemory
+
+    assert missing(object(), ChunkReader) == ["after_write", "at_chunk_start", "before_write"]
+    assert missing(object(), InspectsMemory) == ["inspect_series", "set_memory_recorder"]
+    assert missing(type("Reads", (), {"at_chunk_start": print, "after_write": print})(),
+                   ChunkReader) == ["before_write"]
