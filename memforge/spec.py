@@ -338,6 +338,26 @@ def from_dict(data: Mapping[str, Any], registry: ComponentRegistry | None = None
             f"spec has schema_version {version}, but this memforge reads up to {SCHEMA_VERSION}; "
             f"upgrade memforge to load it"
         )
+    try:
+        spec = _spec_from_dict(data, version, registry)
+    except SpecError as exc:
+        if "schema_version" in data or not _looks_like_schema1(data):
+            raise
+        raise SpecError(f"{exc}; a schema-1 file? add schema_version = 1") from None
+    check_spec(spec, registry)
+    return spec
+
+
+def _looks_like_schema1(data: Mapping[str, Any]) -> bool:
+    """Whether a spec without ``schema_version`` has what only schema 1 wrote (docs/architecture.md)."""
+    integration = data.get("integration")
+    return MEMORY_LAYERS in data or (isinstance(integration, Mapping)
+                                     and "chunk_size" in integration)
+
+
+def _spec_from_dict(data: Mapping[str, Any], version: int, registry: ComponentRegistry
+                    ) -> ModelSpec:
+    """The spec of ``data`` at schema ``version``, migrated, before the cross-field checks."""
     for key in data:
         if key not in _TOP_LEVEL and key not in KINDS and key not in (LAYER, MEMORY_LAYERS):
             raise _unknown_key(key, (*_TOP_LEVEL, *KINDS, LAYER), "")
@@ -360,7 +380,6 @@ def from_dict(data: Mapping[str, Any], registry: ComponentRegistry | None = None
         raise
     except (TypeError, ValueError) as exc:
         raise SpecError(str(exc)) from None
-    check_spec(spec, registry)
     return spec
 
 

@@ -92,3 +92,16 @@ def test_memory_layers_is_still_read_as_a_shorthand():
 def test_a_bad_memory_layers_names_the_fix(value, message):
     with pytest.raises(SpecError, match=message):
         memforge.override(memforge.preset("titans.lmm_tiny"), [f"memory_layers={value}"])
+
+
+def test_a_schema1_file_without_its_version_is_told_to_add_it():
+    data = read_spec_dict(SCHEMA1 / "titans.mac_tiny.toml")
+    del data["schema_version"]
+    with pytest.raises(SpecError, match=r"^unknown key integration.'chunk_size' .*; a schema-1 "
+                                        r"file\? add schema_version = 1$"):
+        from_dict(data, REGISTRY)
+    assert from_dict({**data, "schema_version": 1}, REGISTRY) == memforge.preset("titans.mac_tiny")
+    data["integration"].pop("chunk_size")
+    data["integration"]["segment_lenn"] = 16  # an ordinary typo in a schema-2 file: no hint
+    with pytest.raises(SpecError, match=r"segment_lenn(?!.*schema-1)"):
+        from_dict(data, REGISTRY)
