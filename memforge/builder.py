@@ -157,6 +157,19 @@ def build_block(spec: ModelSpec, layer: int, registry: ComponentRegistry,
     return build_component("integration", choice, ctx, registry, record)
 
 
+def build_layer_component(spec: ModelSpec, kind: str, layer: int,
+                          registry: ComponentRegistry | None = None) -> nn.Module:
+    """Build the spec's choice of ``kind`` for block ``layer`` alone, as :func:`build_model` builds
+    it there: with that block's :class:`~memforge.BuildContext` (its parts are the spec's choices)
+    and checked against its kind's shapes (:mod:`memforge.conformance`).
+
+    Raises :class:`SpecError` when the spec has no ``kind`` in that layer.
+    """
+    from memforge.plugins import default_registry
+
+    return _context(spec, registry or default_registry(), layer).build(kind)
+
+
 def check_built_kinds(spec: ModelSpec, registry: ComponentRegistry, record: BuildRecord) -> None:
     """Refuse kinds the spec sets that a layer built by a component declaring no kinds left
     unused (declared layers were checked with the spec)."""

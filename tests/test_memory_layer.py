@@ -7,7 +7,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import memforge
-from memforge.builder import _context
+from memforge.builder import build_layer_component
 from memforge.errors import InputError
 from memforge.plugins import load_plugins
 
@@ -21,7 +21,7 @@ def make_layer(*assignments, dim=16, heads=2, chunk_size=4, dtype=torch.float64,
         f"dim={dim}", f"heads={heads}", f"memory_layer.chunk_size={chunk_size}", *assignments],
         REGISTRY)
     torch.manual_seed(seed)
-    return _context(spec, REGISTRY, 0).build("memory_layer").to(dtype)
+    return build_layer_component(spec, "memory_layer", 0, REGISTRY).to(dtype)
 
 
 def hidden(batch, steps, dim, seed, dtype=torch.float64):
@@ -96,7 +96,7 @@ def test_default_gates_keep_memory_bounded_on_long_random_input():
     """The peer's fast weights reach 1e9 within 512 tokens at its default step size."""
     spec = memforge.preset("titans.lmm", dim=256, heads=4)  # the benchmark's width
     torch.manual_seed(0)
-    layer = _context(spec, REGISTRY, 0).build("memory_layer")
+    layer = build_layer_component(spec, "memory_layer", 0, REGISTRY)
     x = torch.randn(1, 4096, 256, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         out, state = layer(x)

@@ -48,7 +48,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import Tensor, nn
 
-from memforge.builder import _context
+from memforge.builder import build_layer_component
 from memforge.conformance import check_component, check_module
 from memforge.interfaces import BuildContext, DecodesMemoryStatically, ReadsMemory
 from memforge.plugins import default_registry
@@ -155,7 +155,7 @@ def memory_layer(target: str | ModelSpec | nn.Module, registry: ComponentRegistr
     label = choice.impl + (f" (chunk_size={chunk_size})" if chunk_size is not None else "")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        module = _context(spec, registry, layer).build("memory_layer")
+        module = build_layer_component(spec, "memory_layer", layer, registry)
     return LayerUnderTest(module.double().train(), label, spec.dim, spec.heads)
 
 
