@@ -255,11 +255,12 @@ class MemoryLayer(Protocol):
     Causal: ``y[:, t]`` depends on ``x[:, :t + 1]`` only.
 
     ``chunk_size`` is the period of the layer's internal cycle (the tokens whose update is
-    computed together): fixed-shape decoding tells the layer when a cycle completes. A token-
-    recurrent layer has ``chunk_size = 1``; a chunked kernel that is exact per token may still
-    report its chunk. Integrations (``titans.lmm``, ``titans.mac``, ...) take any memory layer;
-    what more they need is a capability: :class:`ReadsMemory` (MAC), :class:`DecodesMemoryStatically`
-    (compiled generation), :class:`CompilesSteps`.
+    computed together): fixed-shape decoding tells the layer when a cycle completes. A token-exact
+    layer reports ``chunk_size = 1``: a token-recurrent one, and one whose chunked kernel gives the
+    token loop's result at any chunk (its ``static_decode_phase`` is always 0); it keeps that
+    kernel chunk under a name of its own. Integrations (``titans.lmm``, ``titans.mac``, ...) take
+    any memory layer; what more they need is a capability: :class:`ReadsMemory` (MAC),
+    :class:`DecodesMemoryStatically` (compiled generation), :class:`CompilesSteps`.
     """
 
     chunk_size: int

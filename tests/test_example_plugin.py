@@ -64,6 +64,9 @@ def test_every_preset_builds_conforms_and_trains(installed, preset: str):
     torch.manual_seed(0)
     model = memforge.build_model(spec, registry=installed)
     assert all(type(block.memory).__name__ == "GatedLinearAttention" for block in model.blocks)
+    # token-exact at any kernel chunk: the framework's cycle is one token (memforge.MemoryLayer)
+    kernel = spec.choice("memory_layer", 0).config.chunk_size
+    assert all((b.memory.chunk_size, b.memory.kernel_chunk) == (1, kernel) for b in model.blocks)
     tokens = torch.randint(0, spec.vocab_size, (4, 32), generator=torch.Generator().manual_seed(0))
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
     losses = []

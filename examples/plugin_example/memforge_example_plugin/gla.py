@@ -33,20 +33,22 @@ class GatedLinearAttention(nn.Module):
     Args:
         dim: model width ``D``.
         heads: heads ``H``, each with its own memory of width ``d = D // H``.
-        chunk_size: tokens per step of the chunked form (exact at any size).
+        chunk_size: tokens per step of the chunked form (``kernel_chunk``; exact at any size).
         temperature: divides the log decay, so that decays start near 1 (long memory).
     """
 
     # InspectsMemory (docs/inspect.md): decay is 1 - a_t, the share of S forgotten at the token.
     inspect_series = ("decay", "state_norm", "read_output")
     _memory_recorder: MemoryRecorder | None = None
+    #: Token-exact at any kernel chunk, so the framework's cycle is one token.
+    chunk_size = 1
 
     def __init__(self, dim: int, heads: int, *, chunk_size: int, temperature: float) -> None:
         super().__init__()
         if dim % heads:
             raise ValueError(f"heads={heads} must divide dim={dim}")
         self.dim, self.heads, self.head_dim = dim, heads, dim // heads
-        self.chunk_size, self.temperature = chunk_size, temperature
+        self.kernel_chunk, self.temperature = chunk_size, temperature
         self.qkv = memforge.Linear(dim, 3 * dim, bias=False)
         self.gate = memforge.Linear(dim, heads)
         self.out_gate = memforge.Linear(dim, dim, bias=False)
@@ -76,8 +78,8 @@ class GatedLinearAttention(nn.Module):
         memory = self._start(state, x)
         q, k, v, g = self._inputs(x)
         outputs = []
-        for start in range(0, x.shape[1], self.chunk_size):
-            part = slice(start, start + self.chunk_size)
+        for start in range(0, x.shape[1], self.kernel_chunk):
+            part = slice(start, start + self.kernel_chunk)
             qc, kc, vc, b = q[:, :, part], k[:, :, part], v[:, :, part], g[:, :, part].cumsum(-1)
             later = torch.ones(b.shape[-1], b.shape[-1], dtype=torch.bool, device=x.device).tril()
             decay = (b[..., :, None] - b[..., None, :]).masked_fill(~later, -torch.inf).exp()
