@@ -180,6 +180,14 @@ class DeltaLayer(nn.Module):
             self._record(self._memory_recorder, x, start, k, v, beta, g, o)
         return y, DeltaState(memory, cache)
 
+    def reference_forward(self, x: Tensor, state: DeltaState | None = None
+                          ) -> tuple[Tensor, DeltaState]:
+        """This layer one token at a time in float64 (:mod:`memforge_delta.layer_reference`): the
+        conformance kit's reference for outputs and gradients."""
+        from memforge_delta.layer_reference import layer_token_loop  # it imports this module
+
+        return layer_token_loop(self, x, state)
+
     # -- inspection (InspectsMemory) -----------------------------------------------------------
     def set_memory_recorder(self, recorder: MemoryRecorder | None) -> None:
         """Record every later ``forward`` into ``recorder`` (``None``: stop); InspectsMemory."""

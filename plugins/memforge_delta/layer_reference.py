@@ -3,8 +3,9 @@
 It reads a :class:`~memforge_delta.layer.DeltaLayer`'s parameters and computes its output one
 token at a time (docs/delta.md, "The memory layers"), sharing none of the layer's code paths: the
 convolution is a sum over taps, the norms and gates are written out, and the recurrence is
-:func:`memforge_delta.reference.token_loop`. It is the tests' oracle for the layer; it does not
-validate its inputs.
+:func:`memforge_delta.reference.token_loop`. It is the tests' oracle for the layer (its
+``reference_forward``, outputs and gradients into every parameter); it does not validate its
+inputs.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ def _softplus(x: Tensor) -> Tensor:
 def layer_token_loop(layer: DeltaLayer, x: Tensor, state: DeltaState | None = None
                      ) -> tuple[Tensor, DeltaState]:
     """``layer(x, state)`` token by token in float64: ``(y [B, T, D], DeltaState)``."""
-    p = {name: t.detach().to(DT) for name, t in layer.named_parameters()}
+    p = {name: t.to(DT) for name, t in layer.named_parameters()}  # gradients flow, for the kit
     x = x.to(DT)
     batch, steps, dim = x.shape
     heads, d, taps = layer.heads, layer.head_dim, layer.conv_size
