@@ -84,16 +84,30 @@ def _code_lines(path: Path) -> int:
                if line.strip() and not line.strip().startswith("#"))
 
 
+#: The memforge modules a plugin may import (docs/plugins.md, "What a plugin may import").
+PUBLIC = {"memforge", "memforge.errors", "memforge.interfaces", "memforge.capabilities",
+          "memforge.nn"}
+
+
+def _check_public_imports(package: Path) -> None:
+    """Every ``memforge*`` import in ``package`` is public API or the package's own module."""
+    own = package.name
+    for path in sorted(package.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("memforge"):
+                assert node.module in PUBLIC or node.module.split(".")[0] == own, (
+                    f"{own}/{path.name} imports {node.module}")
+            if isinstance(node, ast.Import):
+                assert all(a.name in PUBLIC or a.name.split(".")[0] == own
+                           or not a.name.startswith("memforge") for a in node.names), (
+                    f"{own}/{path.name} imports {[a.name for a in node.names]}")
+
+
 def test_the_example_is_small_and_imports_only_the_public_api():
     files = sorted((PACKAGE / "memforge_example_plugin").glob("*.py"))
     assert sum(_code_lines(f) for f in files) <= 300
-    public = {"memforge", "memforge.errors", "memforge.interfaces", "memforge.capabilities",
-              "memforge.nn"}
-    for path in files:
-        for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("memforge"):
-                assert node.module in public or node.module.startswith("memforge_example_plugin"), (
-                    f"{path.name} imports {node.module}")
-            if isinstance(node, ast.Import):
-                assert all(a.name in {"attrs", "torch", "memforge"} or not a.name.startswith(
-                    "memforge") for a in node.names), f"{path.name} imports {node.names}"
+    _check_public_imports(PACKAGE / "memforge_example_plugin")
+
+
+def test_the_delta_plugin_imports_only_the_public_api():
+    _check_public_imports(ROOT / "plugins" / "memforge_delta")

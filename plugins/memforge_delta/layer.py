@@ -24,10 +24,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from memforge.checks import checks_values
+from memforge import Linear, checks_values
 from memforge.errors import InputError, NonFiniteError
 from memforge.interfaces import MemoryRecorder
-from memforge.linear import Linear
 from memforge.nn import RMSNorm
 from memforge_delta.ops import delta_rule, gated_delta_rule
 

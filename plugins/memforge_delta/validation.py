@@ -14,8 +14,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from memforge import InputError
-from memforge.checks import checks_values
+from memforge import InputError, checks_values
 
 #: The largest step for which one delta-rule update cannot amplify the state (see ``check_inputs``).
 MAX_BETA = 2.0
