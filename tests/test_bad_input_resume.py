@@ -228,3 +228,24 @@ def test_resume_without_a_run_is_one_line(tmp_path: Path, capsys: pytest.Capture
     err = capsys.readouterr().err
     assert err.startswith("memforge: error: ") and err.count("\n") == 1 and fragment in err, err
     assert sorted(p.name for p in tmp_path.rglob("*")) == existed
+
+
+@pytest.mark.parametrize(("text", "fragment"), [
+    ("[]", "task.json holds a JSON list, not an object"),
+    ('{"task": 5}', "task.json holds task=5, not a task name"),
+    ('{"task": "mqar", "seq_len": [32]}', "seq_len"),
+], ids=["list", "task-is-a-number", "option-is-a-list"])
+def test_eval_of_a_damaged_task_file_is_one_line(finished: Path, tmp_path: Path,
+                                                 capsys: pytest.CaptureFixture[str],
+                                                 text: str, fragment: str) -> None:
+    run = tmp_path / "run"
+    shutil.copytree(finished, run)
+    (run / "task.json").write_text(text)
+    before = sorted(p.name for p in run.rglob("*"))
+    capsys.readouterr()
+
+    assert main(["eval", str(run), "--device", "cpu"]) == 2
+    out, err = capsys.readouterr()
+    assert err.startswith("memforge: error: ") and err.count("\n") == 1, err
+    assert fragment in err and "Traceback" not in err and out == "", err
+    assert sorted(p.name for p in run.rglob("*")) == before

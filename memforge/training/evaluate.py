@@ -199,11 +199,17 @@ def _run_spec(checkpoint: Path, run_dir: Path) -> ModelSpec:
                         f"rebuilt without its spec")
 
 
-def _task_plan(config: EvalConfig, run_task: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
-    """The task name and its base options: the run's own, when it is the run's task."""
+def _task_plan(config: EvalConfig, run_task: Mapping[str, Any],
+               task_file: Path) -> tuple[str, dict[str, Any]]:
+    """The task name and its base options: the run's own (from ``task_file``), when it is the
+    run's task."""
     from memforge import tasks
 
-    name = config.task or run_task.get("task")
+    recorded = run_task.get("task")
+    if recorded is not None and not isinstance(recorded, str):
+        raise TrainingError(f"{task_file} holds task={recorded!r}, not a task name; the run "
+                            f"directory is damaged: restore the file, or pass --task NAME")
+    name = config.task or recorded
     if name is None:
         raise TrainingError("the run records no task (no task.json); pass --task NAME")
     try:
@@ -226,8 +232,8 @@ def evaluate(config: EvalConfig, *, console: Console | None = None,
     run_dir = run_dir_of(checkpoint_dir)
     spec = _run_spec(checkpoint_dir, run_dir)
     task_file = run_dir / rundir.TASK_FILE
-    run_task = rundir.read_json(task_file) if task_file.is_file() else {}
-    name, options = _task_plan(config, run_task)
+    run_task = rundir.read_json_object(task_file) if task_file.is_file() else {}
+    name, options = _task_plan(config, run_task, task_file)
 
     probe = resolve_task(name, options, spec)
     has_depth = hasattr(probe, "depth")
