@@ -43,6 +43,7 @@ def _results(directory: Path) -> dict[str, dict]:
     return {p.stem: read_json(p) for p in sorted((directory / "results").glob("*.json"))}
 
 
+@pytest.mark.slow
 def test_study_runs_in_worker_processes_and_a_rerun_does_no_work(tmp_path, capsys):
     out = tmp_path / "study"
     assert main(["ablate", str(TINY), "--out", str(out), "--workers", "2", "--no-report"]) == 0
@@ -98,6 +99,7 @@ def test_an_interrupted_run_resumes_from_its_checkpoint(tmp_path):
     assert fresh["metrics"] == outcome["metrics"]
 
 
+@pytest.mark.slow
 def test_a_failing_run_is_recorded_and_the_study_goes_on(tmp_path):
     path = _tiny(tmp_path, ("seeds = [0, 1]", "seeds = [0]"))
     plan = plan_study(path, tmp_path / "study")
@@ -143,6 +145,7 @@ def test_results_files_are_json(tmp_path):
     assert stored["fingerprint"] == plan.jobs["linear__seed=1"]["fingerprint"]
 
 
+@pytest.mark.slow
 def test_a_worker_stopped_by_sigterm_checkpoints_and_records_no_outcome(tmp_path):
     import multiprocessing
     import signal
@@ -176,6 +179,7 @@ def test_a_worker_stopped_by_sigterm_checkpoints_and_records_no_outcome(tmp_path
     assert plan_study(path, tmp_path / "study").done_steps == {"lmm__seed=0": stopped_at}
 
 
+@pytest.mark.slow
 def test_the_same_study_run_twice_gives_the_same_tables(tmp_path):
     import pandas as pd
 

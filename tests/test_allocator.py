@@ -35,6 +35,7 @@ def _probe(**env: str) -> tuple[bool, float]:
     return out[0] == "True", float(out[1])
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="a glibc malloc setting")
 def test_kept_memory_is_reused_without_page_faults() -> None:
     applied, kept = _probe()

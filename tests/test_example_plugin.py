@@ -49,6 +49,7 @@ def installed(tmp_path_factory):
         sys.modules.update(saved)
 
 
+@pytest.mark.slow
 def test_the_installed_plugin_is_found_by_its_entry_point(installed):
     assert installed.names("memory_layer") == sorted(
         ["example.gla", *load_plugins(autoload=False).names("memory_layer")])
@@ -57,6 +58,7 @@ def test_the_installed_plugin_is_found_by_its_entry_point(installed):
     assert Path(sys.modules["memforge_example_plugin"].__file__).parts[-3] == "site"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("preset", PRESETS)
 def test_every_preset_builds_conforms_and_trains(installed, preset: str):
     assert check_memory_layer(preset, installed)  # the kit on the layer as the preset builds it

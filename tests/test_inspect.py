@@ -212,6 +212,7 @@ def _check_outputs(out: Path) -> dict:
     return content
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("task", [["--task-option", "seq_len=32", "--task-option", "num_pairs=4"],
                                   ["--task", "s-niah", "--task-option", "seq_len=40"]])
 def test_inspect_command_writes_the_trace_and_plots(tmp_path: Path, task: list[str]):
@@ -222,6 +223,7 @@ def test_inspect_command_writes_the_trace_and_plots(tmp_path: Path, task: list[s
     assert all("retrieval" in layer for layer in content["layers"])
 
 
+@pytest.mark.slow
 def test_inspect_command_reads_a_text_file(tmp_path: Path):
     text = tmp_path / "note.txt"
     text.write_text("the memory reads this text, byte by byte.")
@@ -260,6 +262,7 @@ def test_inspect_command_refuses_a_bad_out_before_building_the_model(tmp_path: P
         assert err.startswith(f"memforge: error: --out {out}:") and err.count("\n") == 1
 
 
+@pytest.mark.slow
 def test_presets_of_one_family_get_their_own_default_folders(tmp_path: Path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     for preset in ("titans.lmm_tiny", "titans.mag_tiny"):

@@ -177,6 +177,7 @@ def _memforge(target, *args, **extra_env: str):
                           env=env, timeout=120)
 
 
+@pytest.mark.slow
 def test_installed_plugin_is_discovered_by_entry_point(installed_example):
     listing = _memforge(installed_example, "list", "--kind", "memory_layer")
     assert listing.returncode == 0, listing.stderr
@@ -186,6 +187,7 @@ def test_installed_plugin_is_discovered_by_entry_point(installed_example):
     assert 'impl = "example.gla"' in shown.stdout
 
 
+@pytest.mark.slow
 def test_installed_plugin_can_be_blocked(installed_example):
     listing = _memforge(installed_example, "show", "example.gla_lmm_tiny")
     assert listing.returncode == 0, listing.stderr

@@ -113,6 +113,7 @@ def _tensors(tree) -> list[torch.Tensor]:
     return []
 
 
+@pytest.mark.slow
 @settings(deadline=None, max_examples=4)
 @given(seed=seeds, variant=variants, prompt=st.integers(1, 20))
 def test_compiled_steps_equal_eager_static_steps(seed, variant, prompt) -> None:
@@ -142,6 +143,7 @@ def test_compiled_attention_steps_equal_eager_static_steps(name: str, graphs: in
     torch.testing.assert_close(got, want, **EXACT)
 
 
+@pytest.mark.slow
 def test_generate_compiled_with_inductor_gives_the_same_tokens() -> None:
     torch._dynamo.reset()
     model = build("titans.mac_tiny", 3, dtype=torch.float32)

@@ -110,6 +110,7 @@ def test_compiled_steps_equal_the_eager_kernel(counter, depth, momentum, decay, 
     assert counter.frame_count == (2 if momentum else 1)
 
 
+@pytest.mark.slow
 @settings(deadline=None, max_examples=12)
 @given(cases(max_steps=13), st.integers(0, 13))
 def test_compiled_steps_equal_the_eager_kernel_for_drawn_cases(case: Case, cut: int) -> None:
@@ -132,6 +133,7 @@ def test_one_graph_serves_every_sequence_length(counter) -> None:
     assert frames == [2, 2, 2]  # chunks are copied to fixed strides, so no recompilation
 
 
+@pytest.mark.slow
 def test_inductor_compiled_steps_match_in_float32() -> None:
     torch._dynamo.reset()
     case = Case(5, 2, "gelu", True, True, True, True, 1, 10, 4, "after_write")
@@ -159,6 +161,7 @@ def split_logits_and_grads(call, model: torch.nn.Module, tokens: torch.Tensor) -
     return [logits, *torch.autograd.grad(logits.square().mean(), list(model.parameters()))]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["titans.lmm_tiny", "titans.mac_tiny"])
 def test_compile_model_matches_eager_with_state(counter, name: str) -> None:
     import memforge

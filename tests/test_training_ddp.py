@@ -10,11 +10,14 @@ import os
 import socket
 from pathlib import Path
 
+import pytest
 import torch
 import torch.multiprocessing as mp
 
 from memforge.training import TrainConfig, train
 from memforge.training.rundir import read_metrics
+
+pytestmark = pytest.mark.slow
 
 WORLD_SIZE = 2
 

@@ -148,6 +148,7 @@ def children(tmp_path_factory: pytest.TempPathFactory):
             child.communicate()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
 def test_cli_signal_checkpoints_and_the_printed_command_resumes_identically(
         children, whole: Path, signum: int, capsys: pytest.CaptureFixture[str]) -> None:
