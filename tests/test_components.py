@@ -29,9 +29,19 @@ def _base_for(component) -> memforge.ModelSpec:
     return memforge.preset(BASE.get(component.kind, "titans.lmm_tiny"))
 
 
+def _spec_with(component) -> memforge.ModelSpec:
+    """The base preset with ``component`` switched in; the memory parts a memory layer does not
+    use are dropped (a spec may not set kinds its layers ignore)."""
+    changes = [f"{component.kind}={component.name}"]
+    if component.kind == "memory_layer":
+        changes += [f"{kind}=none" for kind in memforge.interfaces.MEMORY_KINDS
+                    if kind != "memory_layer" and kind not in component.uses]
+    return memforge.override(_base_for(component), changes)
+
+
 @pytest.mark.parametrize("component", REGISTRY.components(), ids=lambda c: c.name)
 def test_component_builds_and_trains(component):
-    spec = memforge.override(_base_for(component), [f"{component.kind}={component.name}"])
+    spec = _spec_with(component)
     model = memforge.build_model(spec)
     generator = torch.Generator().manual_seed(0)
     # Longer than the default chunk (64), so the memory's gates influence the loss too.
@@ -48,7 +58,7 @@ def test_component_builds_and_trains(component):
 @pytest.mark.parametrize("component", REGISTRY.components(), ids=lambda c: c.name)
 def test_every_component_behaves_like_its_kind(component):
     """The built module passes its kind's behavioural check (it is called on a tiny input)."""
-    spec = memforge.override(_base_for(component), [f"{component.kind}={component.name}"])
+    spec = _spec_with(component)
     ctx = _context(spec, REGISTRY, 0)
     module = ctx.build(component.kind)
     check_component(component.kind, component.name, module, ctx)
