@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 from pathlib import Path
@@ -117,6 +118,27 @@ def test_a_failing_run_is_recorded_and_the_study_goes_on(tmp_path):
     # Failed runs keep their outcome on a re-run, unless retried.
     assert plan_study(path, tmp_path / "study").todo == []
     assert plan_study(path, tmp_path / "study", retry_failed=True).todo == ["linear__seed=0"]
+
+
+def test_a_second_study_on_a_locked_directory_is_refused_before_any_result_changes(tmp_path):
+    from memforge.ablate.executors import failed_outcome
+    from memforge.ablate.job import write_result
+    from memforge.training.config import TrainingError
+    from memforge.training.runlock import RunLock
+
+    out = tmp_path / "study"
+    plan = plan_study(TINY, out)
+    job = plan.jobs["linear__seed=0"]
+    write_result(Path(job["result_path"]), failed_outcome(job, "boom"))
+    retry = plan_study(TINY, out, retry_failed=True)
+    assert "linear__seed=0" in retry.todo
+    before = Path(job["result_path"]).read_bytes()
+    with RunLock(out):  # what the first study process holds while it runs
+        with pytest.raises(TrainingError, match="is in use by another process"):
+            run_study(retry, console=Console(file=io.StringIO()), executor="local",
+                      resources=Resources(workers=1, threads=1))
+    assert Path(job["result_path"]).read_bytes() == before
+    assert sorted(p.name for p in out.iterdir()) == [".lock", "results"]
 
 
 def test_a_changed_study_is_refused_in_the_same_directory(tmp_path):

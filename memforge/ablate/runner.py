@@ -56,6 +56,7 @@ class StudyPlan:
         outcomes: the recorded outcomes of runs that need no work, by run id.
         todo: ids of the runs still to do, in plan order.
         done_steps: steps already taken by runs that will resume, by run id.
+        retry_failed: whether runs recorded as failed are to do again.
     """
 
     study: Study
@@ -65,6 +66,7 @@ class StudyPlan:
     outcomes: dict[str, dict[str, Any]]
     todo: list[str]
     done_steps: dict[str, int]
+    retry_failed: bool = False
 
     def to_json(self) -> dict[str, Any]:
         """The ``plan.json`` document."""
@@ -125,6 +127,12 @@ def plan_study(path: str | os.PathLike[str], out: str | os.PathLike[str] | None 
     directory = Path(out) if out is not None else DEFAULT_STUDIES_ROOT / study.name
     if directory.exists() and not directory.is_dir():
         raise StudyError(f"study directory {directory} is a file; pass another --out")
+    return _survey(study, runs, directory, retry_failed=retry_failed)
+
+
+def _survey(study: Study, runs: list[PlannedRun], directory: Path, *,
+            retry_failed: bool) -> StudyPlan:
+    """The plan of ``runs`` given what ``directory`` holds now: which runs are done, which resume."""
     _check_same_study(directory, runs)
     jobs = {run.id: _job(study, run, directory) for run in runs}
     outcomes, todo, done_steps = {}, [], {}
@@ -139,7 +147,7 @@ def plan_study(path: str | os.PathLike[str], out: str | os.PathLike[str] | None 
         if step:
             done_steps[run.id] = step
     return StudyPlan(study=study, directory=directory, runs=runs, jobs=jobs, outcomes=outcomes,
-                     todo=todo, done_steps=done_steps)
+                     todo=todo, done_steps=done_steps, retry_failed=retry_failed)
 
 
 def write_plan(plan: StudyPlan) -> None:
@@ -257,17 +265,20 @@ def run_study(plan: StudyPlan, *, console: Console, executor: str = "local",
 
     ``resources`` come from :func:`local_resources` for ``local``; for ``ray`` its ``workers``
     caps the tasks in flight and its ``threads`` is each task's ``num_cpus``. Refused while
-    another process runs a study in the same directory.
+    another process runs a study in the same directory. What is still to do is planned again
+    under the study's lock, since the directory may have changed since ``plan`` was made.
     """
 
     from memforge.ablate.executors import ray_cluster
 
     with ExitStack() as stack:
-        if plan.todo and executor == "ray":  # joined first: a bad address writes nothing
+        # One study process per directory, locked before anything is read, written or started:
+        # a second one would delete and re-run the results of the runs the first is running.
+        stack.enter_context(RunLock(plan.directory))
+        plan = _survey(plan.study, plan.runs, plan.directory, retry_failed=plan.retry_failed)
+        if plan.todo and executor == "ray":
             stack.enter_context(ray_cluster(
                 ray_address, local_cpus=resources.workers * resources.threads))
-        # One study process per directory: a second one would run the same runs twice.
-        stack.enter_context(RunLock(plan.directory))
         return _run_study(plan, console=console, executor=executor, resources=resources)
 
 
