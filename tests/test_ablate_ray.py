@@ -103,3 +103,24 @@ def test_ray_study_killed_halfway_then_rerun_does_only_the_missing_runs(tmp_path
     after = {p.name: p.stat().st_mtime_ns for p in (out / "results").glob("*.json")}
     assert len(after) == 4
     assert {name: after[name] for name in before} == before  # finished runs were not redone
+
+
+def test_a_lost_worker_or_an_interrupted_run_is_stopped_not_failed():
+    from types import SimpleNamespace
+
+    from ray import exceptions
+
+    from memforge.ablate.executors import ray_stopped
+    from memforge.training.stopping import TrainingInterrupted
+
+    interrupted = TrainingInterrupted(signal.SIGTERM, SimpleNamespace(step=3, steps=6, run_dir="r"),
+                                      None)
+    for error in (exceptions.WorkerCrashedError(), exceptions.NodeDiedError("node lost"),
+                  exceptions.TaskCancelledError(), exceptions.RayActorError(),
+                  exceptions.RayTaskError("run_job", "traceback", interrupted),
+                  exceptions.RayTaskError("run_job", "traceback", KeyboardInterrupt()),
+                  exceptions.RayTaskError("run_job", "traceback", interrupted).as_instanceof_cause()):
+        assert ray_stopped(error), error
+    for error in (exceptions.RayTaskError("run_job", "traceback", ValueError("bad spec")),
+                  exceptions.OutOfMemoryError("killed"), RuntimeError("boom")):
+        assert not ray_stopped(error), error

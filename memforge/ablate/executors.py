@@ -183,6 +183,18 @@ def ray_cluster(address: str | None, *, local_cpus: int | None) -> Iterator[None
         ray.shutdown()
 
 
+def ray_stopped(error: BaseException) -> bool:
+    """Whether a Ray task's ``error`` stopped its run rather than ended it: the worker or its node
+    was lost, the task was cancelled, or the run was interrupted by a signal (it checkpointed).
+    Such a run records no outcome and resumes next time, as a signalled local worker's does."""
+    from ray import exceptions
+
+    lost = (exceptions.WorkerCrashedError, exceptions.NodeDiedError, exceptions.TaskCancelledError,
+            exceptions.RayActorError, exceptions.LocalRayletDiedError)
+    cause = getattr(error, "cause", None)  # a RayTaskError carries the task's own exception
+    return isinstance(error, (*lost, KeyboardInterrupt)) or isinstance(cause, KeyboardInterrupt)
+
+
 def run_ray(jobs: Sequence[Mapping[str, Any]], *, workers: int, cpus_per_run: int,
             gpus_per_run: float = 0.0, monitor: Monitor) -> list[dict[str, Any]]:
     """Run ``jobs`` as Ray tasks, at most ``workers`` at a time, inside :func:`ray_cluster`;
@@ -209,7 +221,11 @@ def run_ray(jobs: Sequence[Mapping[str, Any]], *, workers: int, cpus_per_run: in
             job = inflight.pop(ref)
             try:
                 outcome = ray.get(ref)
-            except Exception as exc:  # the task's worker died; the run is failed, not the study
+            except Exception as exc:
+                if ray_stopped(exc):  # like a signalled local worker: it resumes next time
+                    monitor.stopped(job)
+                    continue
+                # Anything else ended this run for good; the run is failed, not the study.
                 outcome = failed_outcome(job, f"Ray task failed: {str(exc).splitlines()[0]}")
             write_result(Path(job["result_path"]), outcome)
             outcomes.append(outcome)
