@@ -312,6 +312,23 @@ def test_unreadable_studies_fail_with_one_line_before_writing(tmp_path: Path, st
     (study / "plan.json").write_text(json.dumps({**plan, "baseline": "lnm"}))
     with pytest.raises(ReportError, match="baseline 'lnm' is not a variant"):
         write_report(study)
+    (study / "plan.json").write_text(json.dumps([plan]))
+    with pytest.raises(ReportError, match="plan.json: the plan is not a JSON object"):
+        write_report(study)
+    assert not (study / "report").exists()
+
+
+@pytest.mark.parametrize("field, value", [("value", "high"), ("value", True), ("length", "64"),
+                                          ("depth", [1])])
+def test_a_results_file_with_a_metric_that_is_no_number_is_named(study: Path, field, value):
+    path = study / "results" / "lmm-lr0.001-s1.json"
+    result = json.loads(path.read_text())
+    result["metrics"][0][field] = value
+    path.write_text(json.dumps(result))
+    with pytest.raises(ReportError, match=r"lmm-lr0\.001-s1\.json: .* must be a number or null, "
+                                          r"got .*; delete the file to re-run that run"):
+        write_report(study)
+    assert not (study / "report").exists()
 
 
 @given(

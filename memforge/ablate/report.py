@@ -190,8 +190,11 @@ def load_plan(study_dir: Path) -> Plan:
         raise ReportError(f"{study_dir} has no plan.json; give the directory that "
                           "`memforge ablate STUDY.toml` created")
     data = _read_json(path)
-    if not isinstance(data, dict) or data.get("schema") != 1:
-        found = data.get("schema") if isinstance(data, dict) else None
+    if not isinstance(data, dict):
+        raise ReportError(f"{path}: the plan is not a JSON object; the plan is damaged, re-create "
+                          "it by running the study again")
+    if data.get("schema") != 1:
+        found = data.get("schema")
         raise ReportError(f"{path}: plan schema {found!r} is not 1; report it with the memforge that ran it")
     runs = data.get("runs")
     if not isinstance(runs, list) or not runs:
@@ -239,6 +242,13 @@ def _read_result(path: Path) -> dict[str, Any]:
     if not isinstance(metrics, list) or any(not isinstance(m, dict) or "name" not in m for m in metrics):
         raise ReportError(f"{path}: 'metrics' must be a list of {{\"name\", \"value\"}} entries; delete the "
                           "file to re-run that run")
+    fields = [("tokens_per_s", data.get("tokens_per_s")), ("params", data.get("params"))]
+    for m in metrics:
+        fields += [(f"{m['name']!r} {key}", m.get(key)) for key in ("value", "length", "depth")]
+    for what, value in fields:
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int | float)):
+            raise ReportError(f"{path}: {what} must be a number or null, got {value!r}; delete the file "
+                              "to re-run that run")
     return data
 
 
