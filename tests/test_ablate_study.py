@@ -101,6 +101,12 @@ def test_variant_with_its_own_preset_and_layer_placement(tmp_path):
     ("[task]", '[grid]\nmemory = ["titans.mlp"]\n\n[task]', "variants.linear: sets 'memory', which is also"),
     ("seeds = [0, 1]", "seeds = [0, 0]", "seeds: lists a seed twice"),
     ('primary_metric = "test/accuracy"', 'primary_metric = "tset/accuracy"', "primary_metric"),
+    ("lengths = [32, 64]", "lengths = [32, 1000000000]",
+     "evaluations[2].lengths: length 1000000000 needs at least"),
+    ('name = "far"', 'name = "validation"', "evaluations[1].name: 'validation' is taken"),
+    ("[task]", '[grid]\nmemroy = ["titans.mlp"]\n\n[task]',
+     "grid: unknown key 'memroy'; did you mean 'memory'? (a spec override like memory.depth = 3 "
+     'or surprise = "titans.gradient")'),
 ])
 def test_bad_study_files_fail_with_one_line(tmp_path, old, new, message):
     path = _tiny(tmp_path, old, new)
@@ -129,6 +135,13 @@ def test_dry_run_shows_plan_and_writes_nothing(tmp_path, capsys):
     assert "study tiny: 4 runs" in text and "10,156" in text and "8,364" in text
     assert "estimated time: about" in text
     assert not out.exists()
+
+
+def test_long_estimates_are_shown_in_hours():
+    from memforge.ablate.runner import _minutes
+
+    assert [_minutes(s) for s in (42, 90 * 60, 120 * 60, 3 * 3600)] == ["42 s", "90.0 min",
+                                                                      "120.0 min", "3.0 h"]
 
 
 def test_plan_of_an_empty_directory_has_everything_to_do(tmp_path):

@@ -235,6 +235,9 @@ def show_plan(plan: StudyPlan, console: Console, *, resources: Resources,
 
 
 def _minutes(seconds: float) -> str:
+    """A duration as seconds, minutes, or (over two hours) hours."""
+    if seconds > 120 * 60:
+        return f"{seconds / 3600:.1f} h"
     return f"{seconds / 60:.1f} min" if seconds >= 60 else f"{seconds:.0f} s"
 
 

@@ -226,8 +226,9 @@ def _check_override_path(path: str, where: str, reserved: Sequence[str]) -> None
     if head not in valid:
         hints = close_matches(head, valid)
         hint = f"; did you mean {hints[0]!r}?" if hints else ""
+        others = f", or one of: {', '.join(reserved)}" if reserved else ""
         raise _fail(where, f"unknown key {path!r}{hint} (a spec override like memory.depth = 3 "
-                           f"or surprise = \"titans.gradient\", or one of: {', '.join(reserved)})")
+                           f"or surprise = \"titans.gradient\"{others})")
 
 
 def _model_choice(table: Mapping[str, Any], where: str, base_dir: Path,
@@ -284,6 +285,9 @@ def _evaluation(table: Any, index: int) -> Evaluation:
     if "name" not in table:
         raise _fail(where, "name the evaluation (name = \"far\"); its metrics are '<name>/accuracy'")
     name = _name(table["name"], f"{where}.name")
+    if name == "validation":  # training writes validation/* already
+        raise _fail(f"{where}.name", "'validation' is taken by the training run's own metrics "
+                                     "(validation/accuracy, ...); name the evaluation otherwise")
     task = table.get("task")
     if task is not None and not isinstance(task, str):
         raise _fail(f"{where}.task", f"must be a task name, got {task!r}")
@@ -303,8 +307,23 @@ def _evaluation(table: Any, index: int) -> Evaluation:
         counts[key] = table.get(key, default)
         if isinstance(counts[key], bool) or not isinstance(counts[key], int) or counts[key] < 1:
             raise _fail(f"{where}.{key}", f"must be an integer >= 1, got {counts[key]!r}")
+    _check_memory(lengths, where, **counts)
     return Evaluation(name=name, task=task, options=options, lengths=tuple(lengths),
                       depths=None if depths is None else tuple(float(d) for d in depths), **counts)
+
+
+def _check_memory(lengths: Sequence[int], where: str, *, batch_size: int, batches: int) -> None:
+    """Refuse, at plan time, lengths whose test batches alone cannot fit in this machine's memory
+    (every run would otherwise fail at its evaluation, after training)."""
+    from memforge.training.budget import check_batch_memory
+    from memforge.training.config import TrainingError
+
+    try:
+        check_batch_memory(lengths, batch_size, batches)
+    except TrainingError as exc:
+        problem = str(exc).split("; use ", 1)[0]
+        raise _fail(f"{where}.lengths", f"{problem}; use shorter lengths or a smaller batch_size "
+                                        f"or batches") from None
 
 
 def parse_study(data: Mapping[str, Any], path: Path) -> Study:
