@@ -9,7 +9,9 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import stat
 import tomllib
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -96,21 +98,36 @@ def _create_temporary(path: Path) -> tuple[int, str]:
             continue
 
 
-def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
-    """Write ``data`` to ``path`` so that readers see the old file or the new one, never half."""
+def atomic_write(path: str | os.PathLike[str], writer: Callable[[str], object]) -> None:
+    """Have ``writer`` write a temporary file next to ``path``, then move it onto ``path``.
+
+    Readers see the old file or the new one, never half of one. ``writer`` gets the temporary
+    file's name and may replace the file (as ``safetensors.torch.save_file`` does, making it
+    0o600): the result gets the mode the umask gives an ordinary new file all the same. The data
+    is fsync-ed before the rename; on any failure the temporary file is removed.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = _create_temporary(path)
     try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
+        mode = stat.S_IMODE(os.fstat(fd).st_mode)
+    finally:
+        os.close(fd)
+    try:
+        writer(tmp)
+        os.chmod(tmp, mode)
+        with open(tmp, "rb") as handle:
             os.fsync(handle.fileno())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
+    """Write ``data`` to ``path`` so that readers see the old file or the new one, never half."""
+    atomic_write(path, lambda tmp: Path(tmp).write_bytes(data))
 
 
 def _check_spec(spec: Any, function: str) -> None:

@@ -18,7 +18,6 @@ both versions, as does a file whose weights no longer fit the layers of this mem
 from __future__ import annotations
 
 import os
-import tempfile
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
@@ -30,7 +29,7 @@ import torch
 from torch import nn
 
 from memforge.errors import InputError, MemforgeError
-from memforge.io import atomic_write_bytes, dumps_spec
+from memforge.io import atomic_write, atomic_write_bytes, dumps_spec
 from memforge.model import MemforgeModel
 from memforge.spec import ModelSpec, from_dict
 
@@ -85,8 +84,11 @@ def save_model(model: nn.Module, directory: str | os.PathLike[str]) -> Path:
     """Save ``model`` (built by :func:`memforge.build_model`, or loaded) into ``directory``.
 
     Writes ``model.safetensors`` (weights in their dtype, moved to the CPU; the spec and versions
-    in its metadata) and ``spec.toml``, each atomically, creating ``directory`` if needed. A
-    ``torch.compile``-d or ``DistributedDataParallel`` model is saved as the model inside.
+    in its metadata), then ``spec.toml``, each atomically and with the mode the umask gives a new
+    file, creating ``directory`` if needed. The weights, which carry the spec, come first: a save
+    interrupted between the two leaves an older ``spec.toml`` that :func:`load_model` refuses as
+    not matching, and saving again mends it. A ``torch.compile``-d or ``DistributedDataParallel``
+    model is saved as the model inside.
     ``directory`` must be new, empty, or an earlier save (which is replaced). Returns it.
     """
     inner = _unwrap(model)
@@ -103,17 +105,8 @@ def save_model(model: nn.Module, directory: str | os.PathLike[str]) -> Path:
     metadata = {"format": FORMAT, "format_version": str(FORMAT_VERSION),
                 "memforge_version": _memforge_version(), "spec": spec_text}
     try:
-        directory.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{WEIGHTS}.", suffix=".tmp")
-        os.close(fd)
-        try:
-            safetensors.torch.save_file(tensors, tmp, metadata=metadata)
-            with open(tmp, "rb") as handle:
-                os.fsync(handle.fileno())
-            os.replace(tmp, directory / WEIGHTS)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        atomic_write(directory / WEIGHTS,
+                     lambda tmp: safetensors.torch.save_file(tensors, tmp, metadata=metadata))
         atomic_write_bytes(directory / SPEC, spec_text.encode("utf-8"))
     except OSError as exc:
         raise ModelFileError(f"cannot write the model into {directory}: "

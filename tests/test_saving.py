@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import stat
 from pathlib import Path
 
 import pytest
@@ -12,6 +14,7 @@ from hypothesis import strategies as st
 
 import memforge
 from memforge.errors import InputError, MemforgeError
+from memforge.io import atomic_write, atomic_write_bytes
 from memforge.plugins import default_registry
 from memforge.saving import FORMAT_VERSION, SPEC, WEIGHTS, ModelFileError
 from memforge.testing.strategies import model_specs
@@ -85,6 +88,32 @@ def test_saving_again_replaces_an_earlier_save(tmp_path: Path) -> None:
     memforge.save_model(first, tmp_path / "m")
     memforge.save_model(second, tmp_path / "m")
     assert torch.equal(memforge.load_model(tmp_path / "m").head.weight, second.head.weight)
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_saved_files_follow_the_umask(tmp_path: Path, umask: int) -> None:
+    model = memforge.build_model(memforge.preset("baseline.transformer_tiny"))
+    previous = os.umask(umask)
+    try:
+        memforge.save_model(model, tmp_path / "m")
+        memforge.save_model(model, tmp_path / "m")  # replacing keeps the mode too
+    finally:
+        os.umask(previous)
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in (tmp_path / "m").iterdir()}
+    assert modes == {WEIGHTS: 0o666 & ~umask, SPEC: 0o666 & ~umask}
+
+
+def test_a_failed_write_leaves_the_old_file_and_no_temporary(tmp_path: Path) -> None:
+    target = tmp_path / "file.bin"
+    atomic_write_bytes(target, b"old")
+
+    def fail(tmp: str) -> None:
+        Path(tmp).write_bytes(b"half")
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(OSError, match="No space left"):
+        atomic_write(target, fail)
+    assert target.read_bytes() == b"old" and sorted(p.name for p in tmp_path.iterdir()) == ["file.bin"]
 
 
 def test_a_run_directory_loads_its_latest_checkpoint(run_dir: Path, tmp_path: Path) -> None:

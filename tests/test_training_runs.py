@@ -19,7 +19,7 @@ import stat
 import subprocess
 import sys
 import time
-from io import FileIO, StringIO
+from io import StringIO
 from pathlib import Path
 from unittest import mock
 
@@ -443,16 +443,6 @@ def test_plain_progress_lines_off_a_terminal_and_a_bar_on_one() -> None:
 # --- atomic writes -------------------------------------------------------------------------
 
 
-class _FullDisk(FileIO):
-    """A file whose writes fail as on a full disk."""
-
-    def __init__(self, fd: int, mode: str) -> None:
-        super().__init__(fd, mode.replace("b", ""))
-
-    def write(self, data: bytes) -> int:
-        raise OSError(28, "No space left on device")
-
-
 @given(old=st.binary(max_size=64), new=st.binary(max_size=64),
        failing=st.sampled_from(["fsync", "replace", "write"]))
 def test_atomic_write_keeps_the_old_file_when_it_fails_before_the_rename(
@@ -461,7 +451,8 @@ def test_atomic_write_keeps_the_old_file_when_it_fails_before_the_rename(
     target = folder / "file.bin"
     memforge_io.atomic_write_bytes(target, old)
     if failing == "write":
-        patch = mock.patch.object(memforge_io.os, "fdopen", side_effect=_FullDisk)
+        patch = mock.patch.object(memforge_io.Path, "write_bytes",
+                                  side_effect=OSError(28, "No space left on device"))
     else:
         patch = mock.patch.object(memforge_io.os, failing, side_effect=OSError("power cut"))
     with patch, pytest.raises(OSError):
