@@ -6,12 +6,17 @@ set). Every profile has ``deadline=None``: torch's
 first calls are slow and would trip hypothesis' per-example deadline.
 
 Installed third-party plugins must not leak into core tests, so entry-point autoload is off for
-the test process (tests of real discovery run memforge in a subprocess).
+the test process (tests of real discovery run memforge in a subprocess, or put the
+``example_plugin_site`` folder on ``sys.path`` themselves).
 """
 
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, settings
@@ -27,6 +32,24 @@ settings.register_profile("ci", max_examples=20, derandomize=True, **_common)
 settings.register_profile("nightly", max_examples=300, **_common)
 # CI runs are derandomised so a red run can be reproduced exactly.
 settings.load_profile(os.getenv("HYPOTHESIS_PROFILE", "ci" if os.getenv("CI") else "dev"))
+
+
+EXAMPLE_PLUGIN = Path(__file__).resolve().parents[1] / "examples" / "plugin_example"
+
+
+@pytest.fixture(scope="session")
+def example_plugin_site(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A folder holding the example plugin really installed (pip, entry points and all).
+
+    A copy of its sources is built, so no build files land in the repository.
+    """
+    work = tmp_path_factory.mktemp("example-plugin")
+    shutil.copytree(EXAMPLE_PLUGIN, work / "src", ignore=shutil.ignore_patterns(
+        "build", "*.egg-info", "__pycache__"))
+    subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps",
+                    "--no-build-isolation", "--target", str(work / "site"), str(work / "src")],
+                   check=True, capture_output=True)
+    return work / "site"
 
 
 @pytest.fixture(autouse=True)

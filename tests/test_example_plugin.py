@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import ast
 import importlib
-import shutil
-import subprocess
 import sys
 from pathlib import Path
 
@@ -25,25 +23,18 @@ PRESETS = ["example.gla_lmm_tiny", "example.gla_mac_tiny", "example.gla_mag_tiny
 
 
 @pytest.fixture(scope="module")
-def installed(tmp_path_factory):
+def installed(example_plugin_site: Path):
     """The registry with the example plugin pip-installed into a private folder on ``sys.path``
-    and found through its entry point (a copy of the sources is built, so no build files land
-    in the repository)."""
-    work = tmp_path_factory.mktemp("example")
-    shutil.copytree(PACKAGE, work / "src", ignore=shutil.ignore_patterns(
-        "build", "*.egg-info", "__pycache__"))
-    subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps",
-                    "--no-build-isolation", "--target", str(work / "site"), str(work / "src")],
-                   check=True, capture_output=True)
+    and found through its entry point."""
     stale = [name for name in sys.modules if name.startswith("memforge_example_plugin")]
     saved = {name: sys.modules.pop(name) for name in stale}
-    sys.path.insert(0, str(work / "site"))
+    sys.path.insert(0, str(example_plugin_site))
     importlib.invalidate_caches()
     try:
         registry = load_plugins(autoload=True, strict=True)
         yield registry
     finally:
-        sys.path.remove(str(work / "site"))
+        sys.path.remove(str(example_plugin_site))
         for name in [n for n in sys.modules if n.startswith("memforge_example_plugin")]:
             del sys.modules[name]
         sys.modules.update(saved)

@@ -4,15 +4,12 @@ import importlib.metadata
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
 import memforge
 from memforge.errors import PluginError
 from memforge.plugins import as_module, load_plugins
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 class FakeEntryPoint:
@@ -155,18 +152,6 @@ def test_model_built_hook_sees_the_model():
     assert seen == [("MemforgeModel", 32)]
 
 
-@pytest.fixture(scope="module")
-def installed_example(tmp_path_factory):
-    """The example plugin really installed (pip, into a private target folder)."""
-    target = tmp_path_factory.mktemp("site")
-    subprocess.run(
-        [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
-         "--target", str(target), str(ROOT / "examples" / "plugin_example")],
-        check=True, capture_output=True,
-    )
-    return target
-
-
 def _memforge(target, *args, **extra_env: str):
     """``python -m memforge ARGS`` with ``target`` ahead on the path and only ``extra_env``'s
     MEMFORGE_ variables set."""
@@ -178,19 +163,19 @@ def _memforge(target, *args, **extra_env: str):
 
 
 @pytest.mark.slow
-def test_installed_plugin_is_discovered_by_entry_point(installed_example):
-    listing = _memforge(installed_example, "list", "--kind", "memory_layer")
+def test_installed_plugin_is_discovered_by_entry_point(example_plugin_site):
+    listing = _memforge(example_plugin_site, "list", "--kind", "memory_layer")
     assert listing.returncode == 0, listing.stderr
     assert "example.gla" in listing.stdout
-    shown = _memforge(installed_example, "show", "example.gla_lmm_tiny")
+    shown = _memforge(example_plugin_site, "show", "example.gla_lmm_tiny")
     assert shown.returncode == 0, shown.stderr
     assert 'impl = "example.gla"' in shown.stdout
 
 
 @pytest.mark.slow
-def test_installed_plugin_can_be_blocked(installed_example):
-    listing = _memforge(installed_example, "show", "example.gla_lmm_tiny")
+def test_installed_plugin_can_be_blocked(example_plugin_site):
+    listing = _memforge(example_plugin_site, "show", "example.gla_lmm_tiny")
     assert listing.returncode == 0, listing.stderr
-    blocked = _memforge(installed_example, "show", "example.gla_lmm_tiny", MEMFORGE_BLOCK="example")
+    blocked = _memforge(example_plugin_site, "show", "example.gla_lmm_tiny", MEMFORGE_BLOCK="example")
     assert blocked.returncode == 2
     assert "unknown preset 'example.gla_lmm_tiny'" in blocked.stderr
