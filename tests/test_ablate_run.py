@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -108,7 +107,7 @@ def test_a_failing_run_is_recorded_and_the_study_goes_on(tmp_path):
     blocked = Path(plan.jobs["linear__seed=0"]["run_dir"])
     blocked.parent.mkdir(parents=True)
     blocked.write_text("in the way")
-    summary = run_study(plan, console=Console(file=open(os.devnull, "w")), executor="local",
+    summary = run_study(plan, console=Console(file=io.StringIO()), executor="local",
                         resources=Resources(workers=2, threads=1))
     assert summary.failed == ["linear__seed=0"]
     failed = summary.outcomes["linear__seed=0"]
@@ -213,7 +212,7 @@ def test_the_same_study_run_twice_gives_the_same_tables(tmp_path):
         write_plan(plan)
         for job in plan.jobs.values():
             assert run_job(job, threads=1)["status"] == "finished"
-        write_report(tmp_path / name, console=Console(file=open(os.devnull, "w")))
+        write_report(tmp_path / name, console=Console(file=io.StringIO()))
     first, second = tmp_path / "first" / "report", tmp_path / "second" / "report"
     for table in ("differences.csv", "tidy.csv"):
         assert (first / table).read_bytes() == (second / table).read_bytes()
