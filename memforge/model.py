@@ -225,10 +225,14 @@ class MemforgeModel(nn.Module):
         times faster per token once compiled; the first generation per process pays a compilation
         of a few graphs. Every block must implement ``DecodesStatically`` (all of memforge's do).
         Sampling and stopping are the same on both paths.
+
+        Prompt and new tokens together may not exceed
+        :data:`memforge.sampling.MAX_SEQUENCE_TOKENS` (2^24); more is refused up front.
         """
         check_sampling_arguments(max_new_tokens=max_new_tokens, temperature=temperature,
                                  top_k=top_k, top_p=top_p, stop_token=stop_token,
-                                 vocab_size=self.vocab_size)
+                                 vocab_size=self.vocab_size,
+                                 prompt_length=prompt.shape[-1] if isinstance(prompt, Tensor) else 0)
         device = self.embedding.weight.device
         if generator is not None and (not isinstance(generator, torch.Generator)
                                       or generator.device.type != device.type):

@@ -26,6 +26,11 @@ def _is_real(value: Any) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
+#: The longest sequence ``generate`` makes, prompt and new tokens together (2^24 = 16M tokens).
+#: The result alone then takes 128 MiB per sequence; far longer runs are typos (``2**40``).
+MAX_SEQUENCE_TOKENS = 2**24
+
+
 def check_sampling_arguments(
     *,
     max_new_tokens: Any,
@@ -34,10 +39,18 @@ def check_sampling_arguments(
     top_p: Any,
     stop_token: Any,
     vocab_size: int,
+    prompt_length: int = 0,
 ) -> None:
-    """Raise an :class:`InputError` naming the first of ``generate``'s arguments that is unusable."""
+    """Raise an :class:`InputError` naming the first of ``generate``'s arguments that is unusable.
+
+    ``prompt_length`` tokens plus ``max_new_tokens`` may not exceed :data:`MAX_SEQUENCE_TOKENS`.
+    """
     if not _is_int(max_new_tokens) or max_new_tokens < 0:
         raise InputError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
+    if prompt_length + max_new_tokens > MAX_SEQUENCE_TOKENS:
+        raise InputError(f"max_new_tokens={max_new_tokens} after a prompt of {prompt_length} tokens "
+                         f"is more than the {MAX_SEQUENCE_TOKENS} tokens a generated sequence may "
+                         f"hold; ask for at most {max(MAX_SEQUENCE_TOKENS - prompt_length, 0)}")
     if not _is_real(temperature) or not math.isfinite(temperature) or temperature < 0:
         raise InputError(f"temperature must be a finite number >= 0 (0: greedy), got "
                          f"{temperature!r}")

@@ -96,6 +96,9 @@ def save_model(model: nn.Module, directory: str | os.PathLike[str]) -> Path:
         raise ModelFileError(f"save_model needs a model made by memforge.build_model or "
                              f"memforge.load_model (it knows its spec), got "
                              f"{type(model).__name__}")
+    if not isinstance(directory, (str, os.PathLike)):
+        raise ModelFileError(f"save_model needs the path of a directory to save into, got "
+                             f"{type(directory).__name__}")
     directory = Path(directory)
     _check_target(directory)
     spec_text = dumps_spec(inner.spec)
@@ -215,6 +218,9 @@ def load_model(
     from memforge.builder import build_model
     from memforge.training.checkpoint import find_checkpoint
 
+    if not isinstance(source, (str, os.PathLike)):
+        raise ModelFileError(f"load_model needs a path to a run, checkpoint or saved model, got "
+                             f"{type(source).__name__}")
     torch_device = _device(device)
     if dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point):
         raise InputError(f"dtype must be a floating-point torch.dtype such as torch.float32, got "

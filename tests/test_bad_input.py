@@ -31,6 +31,7 @@ from memforge.cli import main
 from memforge.errors import InputError, PluginError, SpecError, UnknownNameError
 from memforge.io import dumps_spec, load_spec, read_spec_dict, save_spec
 from memforge.plugins import as_module, load_plugins
+from memforge.saving import ModelFileError
 from memforge.spec import apply_overrides, check_spec, from_dict, override, spec_id, to_dict
 from memforge.training.config import TrainConfig, TrainingError, resolve_task
 from memforge.training.evaluate import EvalConfig
@@ -799,6 +800,15 @@ API: list[Api] = [
         "top_p must be a number in (0, 1], or None to keep every token; got 0.0"),
     Api("generate-stop-token", lambda tmp: _generate(stop_token=10**6), InputError,
         "stop_token must be a token id in [0, 63], or None; got 1000000"),
+    Api("generate-max-new-huge", lambda tmp: _generate(max_new_tokens=2**40), InputError,
+        f"max_new_tokens={2**40} after a prompt of 2 tokens is more than the 16777216 tokens a "
+        f"generated sequence may hold; ask for at most 16777214"),
+    Api("load-model-none", lambda tmp: memforge.load_model(None), ModelFileError,
+        "load_model needs a path to a run, checkpoint or saved model, got NoneType"),
+    Api("load-model-int", lambda tmp: memforge.load_model(5), ModelFileError,
+        "load_model needs a path to a run, checkpoint or saved model, got int"),
+    Api("save-model-none", lambda tmp: memforge.save_model(_model(), None), ModelFileError,
+        "save_model needs the path of a directory to save into, got NoneType"),
 ]
 
 
@@ -818,3 +828,10 @@ def test_the_tables_are_large_and_distinct() -> None:
     assert len({case.id for case in CLI}) == len(CLI)
     assert len({case.id for case in API}) == len(API)
     assert len(CLI) + len(API) >= 150
+
+
+def test_labels_that_are_all_ignored_give_a_nan_loss() -> None:
+    """Documented in ``MemforgeModel.forward``: as in HF transformers, nothing to score is NaN."""
+    tokens = torch.zeros(2, 5, dtype=torch.long)
+    loss = _model()(tokens, labels=torch.full_like(tokens, -100)).loss
+    assert loss is not None and torch.isnan(loss)
