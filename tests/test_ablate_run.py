@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -234,3 +235,20 @@ def test_progress_reads_the_latest_step_and_the_headline(tmp_path):
     assert headline(outcome, "test/accuracy") == "test/accuracy 0.250"
     assert headline(outcome, "far/accuracy") == "far/accuracy diverged"
     assert headline(outcome, "validation/loss") == ""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="parent-death signals are Linux's")
+def test_a_worker_whose_study_process_is_gone_stops_itself():
+    import multiprocessing
+    import os
+    import signal
+
+    from memforge.ablate.job import _stop_with_parent
+
+    context = multiprocessing.get_context("spawn")
+    # Re-parented to a subreaper, not only to init: any parent but the study's own means it died.
+    for parent, exitcode in ((os.getpid(), 0), (1, -signal.SIGTERM), (os.getpid() + 1, -signal.SIGTERM)):
+        worker = context.Process(target=_stop_with_parent, args=(parent,))
+        worker.start()
+        worker.join(60)
+        assert worker.exitcode == exitcode, parent

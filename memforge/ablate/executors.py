@@ -114,7 +114,7 @@ def run_local(jobs: Sequence[Mapping[str, Any]], *, workers: int, threads: int,
                 env = {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
                 if gpus:
                     env["CUDA_VISIBLE_DEVICES"] = gpus[slot]
-                process = context.Process(target=worker_main, args=(dict(job), threads),
+                process = context.Process(target=worker_main, args=(dict(job), threads, os.getpid()),
                                           name=f"memforge-ablate-{job['id']}", daemon=True)
                 with _environment(env):
                     process.start()

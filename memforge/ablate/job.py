@@ -182,9 +182,9 @@ def write_result(path: Path, outcome: Mapping[str, Any]) -> None:
     write_json(path, dict(outcome))
 
 
-def _stop_with_parent() -> None:
-    """Ask Linux to send this process SIGTERM when its parent dies (a killed study's workers then
-    checkpoint and exit instead of running on unwatched)."""
+def _stop_with_parent(parent: int) -> None:
+    """Ask Linux to send this process SIGTERM when its parent (pid ``parent``) dies (a killed
+    study's workers then checkpoint and exit instead of running on unwatched)."""
     if not sys.platform.startswith("linux"):
         return
     import ctypes
@@ -194,12 +194,17 @@ def _stop_with_parent() -> None:
     except OSError:
         return
     libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
-    if os.getppid() == 1:  # the parent died before the request took effect
+    # The parent died before the request took effect: this process was re-parented, to init or
+    # to a subreaper (systemd --user, a container's init), so compare pids rather than test for 1.
+    if os.getppid() != parent:
         os.kill(os.getpid(), signal.SIGTERM)
 
 
-def worker_main(job: Mapping[str, Any], threads: int) -> None:
+def worker_main(job: Mapping[str, Any], threads: int, parent: int | None = None) -> None:
     """Entry point of a local worker process: one run, its outcome in its results file.
+
+    ``parent`` is the pid of the study process that started this one (default: this process's
+    parent as it is now); the worker stops if that process is gone.
 
     A run stopped by SIGINT or SIGTERM checkpoints (see :mod:`memforge.training.stopping`) and
     the process exits with ``128 + signal`` and no outcome, so the run resumes next time.
@@ -209,7 +214,7 @@ def worker_main(job: Mapping[str, Any], threads: int) -> None:
     # Its own process group: a terminal's Ctrl-C reaches the study, which stops its workers
     # with one SIGTERM each (a second signal would cut a worker's checkpoint short).
     os.setpgrp()
-    _stop_with_parent()
+    _stop_with_parent(os.getppid() if parent is None else parent)
     try:
         run_job(job, threads)
     except TrainingInterrupted as stopped:
