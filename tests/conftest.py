@@ -52,6 +52,30 @@ def example_plugin_site(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return work / "site"
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a module (``pytestmark = pytest.mark.usefixtures("one_thread")``):
+    as many as the CLI children running with OMP_NUM_THREADS=1, so runs agree bit for bit, and
+    the fastest for tiny models on a busy machine."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _snapshot(directory: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(directory)): p.read_bytes()
+            for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture
+def snapshot():
+    """``snapshot(directory)``: every file under it with its bytes, to show that nothing changed."""
+    return _snapshot
+
+
 @pytest.fixture(autouse=True)
 def _fresh_plugins():
     """Every test starts from the default built-in plugin set."""

@@ -49,6 +49,8 @@ from memforge.training.rundir import read_metrics
 # The package's ``evaluate`` is the function; the module it lives in is needed for monkeypatching.
 evaluate_module = importlib.import_module("memforge.training.evaluate")
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 TINY = "baseline.transformer_tiny"
 MQAR_SMALL = {"seq_len": 32, "num_pairs": 4}
 
@@ -64,21 +66,6 @@ def tiny_config(out: Path, **changes) -> TrainConfig:
 def train_losses(run_dir: Path) -> list[tuple[int, float]]:
     return [(r["step"], r["loss"]) for r in read_metrics(run_dir / "metrics.jsonl")
             if r["split"] == "train"]
-
-
-def snapshot(directory: Path) -> dict[str, bytes]:
-    """Every file under ``directory`` with its bytes, to show that nothing changed."""
-    return {str(p.relative_to(directory)): p.read_bytes()
-            for p in sorted(directory.rglob("*")) if p.is_file()}
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run fastest on one thread (and do not fight other jobs on a busy machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -197,7 +184,8 @@ def test_checkpoint_write_is_atomic(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     ({"overrides": ("dim=48",)}, "'dim'"),
     ({"seed": 1}, "'seed'"),
 ])
-def test_resume_with_changed_setting_names_it(finished_run, changes: dict, named: str) -> None:
+def test_resume_with_changed_setting_names_it(finished_run, snapshot, changes: dict,
+                                              named: str) -> None:
     _, run_dir = finished_run
     before = snapshot(run_dir)
     with pytest.raises(TrainingError, match="cannot resume") as error:

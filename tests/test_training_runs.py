@@ -47,6 +47,8 @@ from memforge.training.progress import TrainProgress
 from memforge.training.rundir import read_metrics
 from memforge.training.runlock import RunLock
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 TINY = "baseline.transformer_tiny"
 STEPS = 24
 #: ``memforge train`` flags of the runs here, and the same run as a config.
@@ -94,20 +96,6 @@ def wait_for_step(child: subprocess.Popen, out: Path, step: int = 1, timeout: fl
         time.sleep(0.02)
     child.kill()
     raise AssertionError(f"no step {step} logged within {timeout} s")
-
-
-def snapshot(directory: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(directory)): p.read_bytes()
-            for p in sorted(directory.rglob("*")) if p.is_file()}
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The same thread count as the children (OMP_NUM_THREADS=1), so runs agree bit for bit."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -295,7 +283,7 @@ def test_torchrun_processes_stop_after_the_same_step(tmp_path: Path) -> None:
 
 
 def test_run_stopped_before_its_first_checkpoint_starts_again(
-        tmp_path: Path, whole: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        tmp_path: Path, whole: Path, monkeypatch: pytest.MonkeyPatch, snapshot) -> None:
     def crash(seed: int, step: int, rank: int) -> int:
         if step == 3:
             raise KeyboardInterrupt  # a crash: no checkpoint (the first is at step 8)
