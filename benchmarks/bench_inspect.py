@@ -21,13 +21,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import statistics
 import time
 
 import scipy.stats
 import torch
+from _common import cpu_name
 from memforge_titans.chunked import initial_state, memory_scan
 from memforge_titans.layer import MemoryLayerState, NeuralMemoryLayer, _without_autocast
 
@@ -60,18 +59,9 @@ class HookFreeLayer(NeuralMemoryLayer):
         return self._output(read, x), MemoryLayerState(fast, projection_cache)
 
 
-def cpu_name() -> str:
-    """The processor's model name (from ``/proc/cpuinfo`` on Linux), and the threads torch uses."""
-    name = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as handle:
-            for line in handle:
-                if line.startswith("model name"):
-                    name = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    return f"{name}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}"
+def machine() -> str:
+    """The processor and cores (see ``_common.cpu_name``), and the threads torch uses."""
+    return f"{cpu_name()}, torch threads {torch.get_num_threads()}"
 
 
 def _set_layer_class(model: torch.nn.Module, cls: type) -> None:
@@ -131,13 +121,13 @@ def main() -> None:
     interval = scipy.stats.bootstrap((paired,), statistics.median, confidence_level=0.95,
                                      random_state=0).confidence_interval
     print(f"titans.lmm forward, batch {args.batch} x {args.length} tokens, {args.rounds} rounds; "
-          f"{cpu_name()}")
+          f"{machine()}")
     for name, median in medians.items():
         spread = (max(times[name]) - min(times[name])) / median
         print(f"  {name:30s} {median * 1e3:9.2f} ms  (spread {spread:.0%})")
     print(f"  hooks present / hook-free:     {ratio:.3f} (ratio of medians); per round: median "
           f"{statistics.median(paired):.3f}, 95% CI {interval.low:.3f} to {interval.high:.3f}")
-    print(json.dumps({"benchmark": "inspect", "cpu": cpu_name(), "batch": args.batch,
+    print(json.dumps({"benchmark": "inspect", "cpu": machine(), "batch": args.batch,
                       "length": args.length, "rounds": args.rounds,
                       "median_ms": {k: round(v * 1e3, 3) for k, v in medians.items()},
                       "ratio_hooks_over_hook_free": round(ratio, 4),

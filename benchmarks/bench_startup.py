@@ -27,6 +27,8 @@ import sys
 import tempfile
 import time
 
+from _common import cpu_name
+
 #: (name, arguments after the interpreter), in table order.
 CASES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("python", ("-c", "pass")),
@@ -37,20 +39,6 @@ CASES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("memforge --help", ("-m", "memforge", "--help")),
 )
 TARGET = 1.3
-
-
-def cpu_name() -> str:
-    """The processor's model name (from ``/proc/cpuinfo`` on Linux), and the cores Python sees."""
-    name = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as handle:
-            for line in handle:
-                if line.startswith("model name"):
-                    name = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    return f"{name}, {os.cpu_count()} cores"
 
 
 def time_once(arguments: tuple[str, ...], env: dict[str, str]) -> float:
