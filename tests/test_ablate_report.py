@@ -14,7 +14,9 @@ from hypothesis import strategies as st
 from PIL import Image
 from rich.console import Console
 
-from memforge.ablate.report import ReportError, build_differences, build_rows, load_results, write_report
+from memforge.ablate.report import write_report
+from memforge.ablate.results import ReportError, load_results
+from memforge.ablate.rows import build_differences, build_rows
 from memforge.ablate.stats import bootstrap_mean
 from memforge.errors import MemforgeError
 

@@ -1,11 +1,13 @@
 """The study report's figures, drawn with matplotlib's Agg canvas (no display, no pyplot state):
 a metric per variant with its confidence intervals and the seeds' own values, and a metric
 against a numeric quantity (sequence length, a grid axis) with one line and interval band per
-series. Inputs are plain numbers; the same inputs give byte-identical PNGs."""
+series. Inputs are plain numbers; the same inputs give byte-identical PNGs. :func:`write_plots`
+draws a report's figures from its rows (``memforge/ablate/report.py`` lists them)."""
 
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -13,7 +15,10 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import NullLocator
 
-from memforge.ablate.stats import Interval
+from memforge.ablate.results import MetricKey, Plan, Row, StudyResults, num_plain
+from memforge.ablate.rows import at_length, metric_keys
+from memforge.ablate.stats import Interval, bootstrap_mean
+from memforge.ablate.tables import of_primary_kind
 
 DPI = 110
 
@@ -114,3 +119,75 @@ def curve_plot(
     if ax.get_legend_handles_labels()[0]:
         ax.legend(fontsize=8)
     return _save(fig, path)
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9]+", "_", text).strip("_").lower()
+
+
+def _series_labels(plan: Plan, rows: Sequence[Row], skip_axis: str | None = None,
+                   skip_lr: bool = False) -> list[str]:
+    """Short labels for rows: only the parts (variant, axes, lr) that differ between them."""
+    parts = []
+    for row in rows:
+        p = [("", row.variant)]
+        p += [(a, v) for a, v in zip(plan.axes, row.cell, strict=True) if a != skip_axis]
+        if not skip_lr:
+            p.append(("lr", row.lr))
+        parts.append(p)
+    varying = [i for i in range(len(parts[0])) if len({repr(p[i][1]) for p in parts}) > 1] if parts else []
+    labels = []
+    for p in parts:
+        shown = [p[i] for i in varying] or [p[0]]
+        labels.append(", ".join(v if not name else f"{name}={num_plain(v) if isinstance(v, float) else v}"
+                                for name, v in shown))
+    return labels
+
+
+def _numeric_axis(results: StudyResults, axis: str) -> bool:
+    values = [v for v in results.runs[axis] if v is not None]
+    numeric = all(isinstance(v, int | float) and not isinstance(v, bool) for v in values)
+    return numeric and len(set(values)) > 1
+
+
+def _length_point(row: Row, keys: Sequence[MetricKey], length: float) -> tuple[float, Interval, int]:
+    values, diverged = at_length(row, keys, length)
+    return length, bootstrap_mean(values.values()), diverged
+
+
+def write_plots(results: StudyResults, rows: Sequence[Row], out: Path) -> list[Path]:
+    """The report's PNGs (see the module docstring), in a fixed order."""
+    plan = results.plan
+    keys = metric_keys(results)
+    written = []
+    labels = _series_labels(plan, rows, skip_lr=plan.selection is not None)
+    shown = set(of_primary_kind(plan, [k.name for k in keys]))
+    for key in [k for k in keys if k.plain and k.name in shown]:
+        written.append(variant_plot(
+            out / f"variants_{_slug(key.name)}.png", title=f"{plan.name}: {key.name} per variant",
+            metric=key.name, labels=labels, intervals=[r.stats[key] for r in rows],
+            seed_values=[list(r.seed_values[key].values()) for r in rows]))
+    for name in of_primary_kind(plan, [k.name for k in keys if k.length is not None]):
+        own = [k for k in keys if k.name == name and k.length is not None]
+        has_depth = any(k.depth is not None for k in own)
+        series = {label: [_length_point(row, own, length) for length in sorted({k.length for k in own})]
+                  for label, row in zip(labels, rows, strict=True)}
+        written.append(curve_plot(
+            out / f"length_{_slug(name)}.png", metric=name, xlabel="length",
+            title=f"{plan.name}: {name} by length" + (" (mean over depths)" if has_depth else ""),
+            series=series))
+    primary = next((k for k in keys if k.name == plan.primary_metric and k.plain), None)
+    for axis in plan.axes:
+        if primary is None or not _numeric_axis(results, axis):
+            continue
+        index = plan.axes.index(axis)
+        axis_labels = _series_labels(plan, rows, skip_axis=axis, skip_lr=plan.selection is not None)
+        series: dict[str, list[tuple[float, Interval, int]]] = {}
+        for label, row in zip(axis_labels, rows, strict=True):
+            if row.cell[index] is not None:
+                point = (float(row.cell[index]), row.stats[primary], len(row.diverged[primary]))
+                series.setdefault(label, []).append(point)
+        written.append(curve_plot(
+            out / f"axis_{_slug(axis)}_{_slug(primary.name)}.png", metric=primary.name, xlabel=axis,
+            title=f"{plan.name}: {primary.name} by {axis}", series=series))
+    return written
