@@ -134,8 +134,11 @@ def test_loading_never_unpickles(run_dir: Path, monkeypatch: pytest.MonkeyPatch)
     def refuse(*args, **kwargs):
         raise AssertionError("load_model called torch.load")
 
+    expected = memforge.load_model(run_dir).state_dict()
     monkeypatch.setattr(torch, "load", refuse)
-    memforge.load_model(run_dir)
+    loaded = memforge.load_model(run_dir).state_dict()
+    assert loaded.keys() == expected.keys()
+    assert all(torch.equal(loaded[name], expected[name]) for name in expected)
 
 
 def test_a_newer_format_names_both_versions(tmp_path: Path) -> None:

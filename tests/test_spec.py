@@ -249,7 +249,9 @@ def test_an_integration_declaring_no_kinds_is_exempt_from_the_unused_check():
         "legacy", memforge_register_components=memforge_register_components)])
     spec = memforge.override(memforge.preset("baseline.transformer_tiny"),
                              ["integration=legacy.block", "memory=titans.mlp"], registry)
-    memforge.build_model(spec, registry=registry)
+    assert spec.memory.impl == "titans.mlp"
+    model = memforge.build_model(spec, registry=registry)
+    assert model(torch.zeros(1, 3, dtype=torch.long)).logits.shape == (1, 3, spec.vocab_size)
 
 
 # --------------------------------------------------------------------------------------------
