@@ -8,8 +8,9 @@ from memforge import option
 
 
 @attrs.frozen(kw_only=True)
-class DeltaNetConfig:
-    """``delta.deltanet``: the delta rule with no decay (DeltaNet)."""
+class _LayerConfig:
+    """The settings both delta layers share. Neither config derives from the other, so a gated
+    config is never accepted where an ungated one is expected (its decay fields would be ignored)."""
 
     chunk_size: int = option(64, ge=1, le=4096, typical=(1, 128),
                              help="tokens per chunk of the WY kernel (the result is the same at "
@@ -22,17 +23,14 @@ class DeltaNetConfig:
 
 
 @attrs.frozen(kw_only=True)
-class GatedDeltaNetConfig:
+class DeltaNetConfig(_LayerConfig):
+    """``delta.deltanet``: the delta rule with no decay (DeltaNet)."""
+
+
+@attrs.frozen(kw_only=True)
+class GatedDeltaNetConfig(_LayerConfig):
     """``delta.gated_deltanet``: the delta rule taken at the decayed state (Gated DeltaNet)."""
 
-    chunk_size: int = option(64, ge=1, le=4096, typical=(1, 128),
-                             help="tokens per chunk of the WY kernel (the result is the same at "
-                                  "every size: only speed changes)")
-    conv_size: int = option(4, ge=1, le=64, typical=(1, 8),
-                            help="taps of the causal depthwise convolution on q, k, v (1: none "
-                                 "across tokens)")
-    norm_eps: float = option(1e-6, gt=0, le=1.0, typical=(1e-8, 1e-3),
-                             help="epsilon of the per-head output RMSNorm")
     decay_min: float = option(1.0, gt=0, typical=(0.1, 4.0),
                               help="smallest initial decay rate A (per head, drawn uniformly "
                                    "in [decay_min, decay_max])")
