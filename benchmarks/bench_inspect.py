@@ -27,8 +27,8 @@ import time
 import scipy.stats
 import torch
 from _common import cpu_name
-from memforge_titans.chunked import initial_state, memory_scan
-from memforge_titans.layer import MemoryLayerState, NeuralMemoryLayer, _without_autocast
+from memforge.engine.chunked import initial_state, memory_scan
+from memforge.engine.layer import MemoryLayerState, NeuralMemoryLayer, _without_autocast
 
 import memforge
 from memforge.inspect import recording

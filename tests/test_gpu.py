@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from memforge_titans.chunked import FastWeightState
+from memforge.engine.chunked import FastWeightState
 
 import memforge
 from memforge.training import TrainConfig, train

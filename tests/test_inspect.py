@@ -13,7 +13,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from memforge_titans.reference import chunk_start_reference
+from memforge.engine.reference import chunk_start_reference
 
 import memforge
 from memforge.cli import main

@@ -32,7 +32,7 @@ def test_importing_memforge_does_not_import_the_compiler() -> None:
 
 def test_memory_layers_make_their_compiled_scan_only_when_asked_to_compile() -> None:
     """``torch.compiler.disable`` imports the compiler stack, so the layer calls it lazily."""
-    code = ("import torch, memforge\nfrom memforge_titans import layer\n"
+    code = ("import torch, memforge\nfrom memforge.engine import layer\n"
             "model = memforge.build_model(memforge.preset('titans.mac_tiny'))\n"
             "model.generate(torch.zeros(1, 3, dtype=torch.long), 2)\n"
             "print(layer._hidden_scan is None)\n"

@@ -15,8 +15,8 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from memforge_titans import chunked
-from memforge_titans.chunked import current_weights, memory_scan
+from memforge.engine import chunked
+from memforge.engine.chunked import current_weights, memory_scan
 from torch._dynamo.testing import CompileCounterWithBackend
 
 from tests.test_titans_kernel import (

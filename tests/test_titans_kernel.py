@@ -10,14 +10,14 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from memforge_titans.chunked import (
+from memforge.engine.chunked import (
     FastWeightState,
     current_weights,
     initial_state,
     memory_scan,
 )
-from memforge_titans.fast_weights import ACTIVATIONS, MLPMemory
-from memforge_titans.reference import ReferenceResult, chunk_start_reference, token_recurrence
+from memforge.engine.networks import ACTIVATIONS, MLPMemory
+from memforge.engine.reference import ReferenceResult, chunk_start_reference, token_recurrence
 from torch import Tensor
 
 from memforge.conformance import check_module

@@ -30,14 +30,14 @@ from memforge_titans.mal import MALIntegrationConfig
 
 
 def _mlp(config: c.MLPMemoryConfig, ctx: BuildContext):
-    from memforge_titans.fast_weights import MLPMemory
+    from memforge.engine.networks import MLPMemory
 
     return MLPMemory(ctx.heads, ctx.head_dim, config.depth, expansion=config.expansion,
                      activation=config.activation, residual=config.residual, norm=config.norm)
 
 
 def _linear(config: c.LinearMemoryConfig, ctx: BuildContext):
-    from memforge_titans.fast_weights import MLPMemory
+    from memforge.engine.networks import MLPMemory
 
     return MLPMemory(ctx.heads, ctx.head_dim, 1, residual=False, norm=False)
 
@@ -96,7 +96,7 @@ def _plain_qkv(config: c.PlainProjectionConfig, ctx: BuildContext):
 
 
 def _neural_memory(config: c.NeuralMemoryConfig, ctx: BuildContext):
-    from memforge_titans.layer import NeuralMemoryLayer
+    from memforge.engine.layer import NeuralMemoryLayer
 
     return NeuralMemoryLayer(
         ctx.dim, ctx.heads, projection=ctx.build("projection"), memory=ctx.build("memory"),

@@ -62,7 +62,7 @@ from memforge.interfaces import (
 from memforge.linear import Linear
 from memforge.nn import attend, attend_visible, batch_persistent_kv, causal_mask
 from memforge_titans.mag import check_hidden, check_state
-from memforge_titans.static_chunk import clone_tree, copy_into
+from memforge.engine.static_chunk import clone_tree, copy_into
 
 
 @attrs.frozen(kw_only=True)

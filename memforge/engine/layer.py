@@ -2,7 +2,7 @@
 ``titans.neural_memory``.
 
 ``x -> q, k, v`` (projection), per-token gates (surprise and forgetting rules), the chunk-parallel
-test-time update and read (:func:`memforge_titans.chunked.memory_scan`), then a per-head RMS norm,
+test-time update and read (:func:`memforge.engine.chunked.memory_scan`), then a per-head RMS norm,
 a SiLU output gate from ``x`` and the output projection (docs/memory.md, "The memory layer";
 after Gated State Spaces / GDN).
 
@@ -33,9 +33,9 @@ from memforge.interfaces import (
     SurpriseRule,
 )
 from memforge.linear import Linear
-from memforge_titans.chunked import FastWeightState, current_weights, initial_state, memory_scan
-from memforge_titans.inspection import SERIES, record_forward
-from memforge_titans.static_chunk import StaticChunk, clone_tree, copy_into, static_chunk, static_chunk_step
+from memforge.engine.chunked import FastWeightState, current_weights, initial_state, memory_scan
+from memforge.engine.inspection import SERIES, record_forward
+from memforge.engine.static_chunk import StaticChunk, clone_tree, copy_into, static_chunk, static_chunk_step
 
 
 def _without_autocast(device: torch.device):
@@ -93,7 +93,7 @@ class NeuralMemoryLayer(nn.Module):
 
     A :class:`memforge.interfaces.MemoryLayer` with every capability: ``ReadsMemory``,
     ``DecodesMemoryStatically``, ``ReadsMemoryStatically``, ``CompilesSteps`` and
-    ``InspectsMemory`` (:mod:`memforge_titans.inspection` says what it records).
+    ``InspectsMemory`` (:mod:`memforge.engine.inspection` says what it records).
 
     Args:
         dim: model width ``D``.
@@ -263,7 +263,7 @@ class NeuralMemoryLayer(nn.Module):
         """Run the memory's chunk loop with a ``torch.compile``-d chunk step (or back to eager).
 
         The loop over chunks stays in Python and each whole chunk goes through one compiled graph
-        (:func:`memforge_titans.chunked.compiled_chunk_step`), which fuses the element-wise work
+        (:func:`memforge.engine.chunked.compiled_chunk_step`), which fuses the element-wise work
         between the matmuls: compiling the layer or model as a whole would instead unroll the loop,
         compile one graph per sequence length and take minutes. With this on, an outer
         ``torch.compile`` of the model compiles everything around the scan and leaves the scan to

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from memforge.interfaces import MemoryRecorder
-from memforge_titans.chunked import (
+from memforge.engine.chunked import (
     FastWeightState,
     PendingChunk,
     _surprise_pairs,
@@ -37,7 +37,7 @@ from memforge_titans.chunked import (
 )
 
 if TYPE_CHECKING:
-    from memforge_titans.layer import NeuralMemoryLayer
+    from memforge.engine.layer import NeuralMemoryLayer
 
 #: The series the Titans layer emits (memforge.interfaces.INSPECT_SERIES).
 SERIES: tuple[str, ...] = ("surprise", "step_size", "momentum", "decay", "state_norm",

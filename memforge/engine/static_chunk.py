@@ -1,6 +1,6 @@
 """Fixed-shape single-token decoding of the memory kernel, for compiled generation.
 
-:func:`memforge_titans.chunked.memory_scan` takes any call; in a decoding step there the unfinished
+:func:`memforge.engine.chunked.memory_scan` takes any call; in a decoding step there the unfinished
 chunk is a set of tensors that grow by one row per token, so every step has new shapes and a
 compiled step would recompile for each. Here the unfinished chunk lives in buffers of the full
 chunk size, and a step writes its token's row in place: every step of a decode has the same
@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from memforge.interfaces import MemoryNetwork
-from memforge_titans.chunked import (
+from memforge.engine.chunked import (
     FastWeightState,
     Retrieval,
     SurpriseLoss,
