@@ -27,10 +27,10 @@ import time
 import scipy.stats
 import torch
 from _common import cpu_name
-from memforge.engine.chunked import initial_state, memory_scan
-from memforge.engine.layer import MemoryLayerState, NeuralMemoryLayer, _without_autocast
 
 import memforge
+from memforge.engine.chunked import initial_state, memory_scan
+from memforge.engine.layer import MemoryLayerState, NeuralMemoryLayer, _without_autocast
 from memforge.inspect import recording
 
 

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from memforge.engine.chunked import FastWeightState
 
 import memforge
+from memforge.engine.chunked import FastWeightState
 from memforge.training import TrainConfig, train
 from memforge.training.checkpoint import load_checkpoint
 from memforge.training.rundir import read_metrics

@@ -13,10 +13,10 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from memforge.engine.reference import chunk_start_reference
 
 import memforge
 from memforge.cli import main
+from memforge.engine.reference import chunk_start_reference
 from memforge.errors import InputError
 from memforge.inspect import TRACE_SCHEMA, recording, retrieval_checks, trace_json
 from memforge.inspect.export import DERIVED_SERIES

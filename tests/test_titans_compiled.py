@@ -15,10 +15,10 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from memforge.engine import chunked
-from memforge.engine.chunked import current_weights, memory_scan
 from torch._dynamo.testing import CompileCounterWithBackend
 
+from memforge.engine import chunked
+from memforge.engine.chunked import current_weights, memory_scan
 from tests.test_titans_kernel import (
     EXACT,
     Case,

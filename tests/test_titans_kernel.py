@@ -10,6 +10,9 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from torch import Tensor
+
+from memforge.conformance import check_module
 from memforge.engine.chunked import (
     FastWeightState,
     current_weights,
@@ -18,9 +21,6 @@ from memforge.engine.chunked import (
 )
 from memforge.engine.networks import ACTIVATIONS, MLPMemory
 from memforge.engine.reference import ReferenceResult, chunk_start_reference, token_recurrence
-from torch import Tensor
-
-from memforge.conformance import check_module
 from memforge.interfaces import ChunkReader
 
 #: Reference read name -> ChunkReader method.

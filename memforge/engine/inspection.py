@@ -27,7 +27,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from memforge.interfaces import MemoryRecorder
 from memforge.engine.chunked import (
     FastWeightState,
     PendingChunk,
@@ -35,6 +34,7 @@ from memforge.engine.chunked import (
     current_weights,
     memory_scan,
 )
+from memforge.interfaces import MemoryRecorder
 
 if TYPE_CHECKING:
     from memforge.engine.layer import NeuralMemoryLayer

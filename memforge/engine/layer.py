@@ -22,6 +22,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from memforge.checks import checks_values
+from memforge.engine.chunked import FastWeightState, current_weights, initial_state, memory_scan
+from memforge.engine.inspection import SERIES, record_forward
+from memforge.engine.static_chunk import StaticChunk, clone_tree, copy_into, static_chunk, static_chunk_step
 from memforge.errors import InputError, NonFiniteError
 from memforge.interfaces import (
     ForgettingRule,
@@ -33,9 +36,6 @@ from memforge.interfaces import (
     SurpriseRule,
 )
 from memforge.linear import Linear
-from memforge.engine.chunked import FastWeightState, current_weights, initial_state, memory_scan
-from memforge.engine.inspection import SERIES, record_forward
-from memforge.engine.static_chunk import StaticChunk, clone_tree, copy_into, static_chunk, static_chunk_step
 
 
 def _without_autocast(device: torch.device):

@@ -24,7 +24,6 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
-from memforge.interfaces import MemoryNetwork
 from memforge.engine.chunked import (
     FastWeightState,
     Retrieval,
@@ -36,6 +35,7 @@ from memforge.engine.chunked import (
     _ReadCoefficients,
     _surprise_pairs,
 )
+from memforge.interfaces import MemoryNetwork
 
 
 class StaticChunk(NamedTuple):

@@ -50,6 +50,7 @@ from torch import Tensor, nn
 
 from memforge import option
 from memforge.capabilities import require
+from memforge.engine.static_chunk import clone_tree, copy_into
 from memforge.errors import InputError
 from memforge.interfaces import (
     ComposesAttention,
@@ -62,7 +63,6 @@ from memforge.interfaces import (
 from memforge.linear import Linear
 from memforge.nn import attend, attend_visible, batch_persistent_kv, causal_mask
 from memforge_titans.mag import check_hidden, check_state
-from memforge.engine.static_chunk import clone_tree, copy_into
 
 
 @attrs.frozen(kw_only=True)
