@@ -170,6 +170,145 @@ class ForgettingRule(Protocol):
         ...
 
 
+#: Exactness tiers of a learning rule's fast path (docs/memory.md, "Exactness tiers"):
+#: ``token-exact`` (each token's step uses the state after every earlier token), ``chunk-start``
+#: (each token's gradient is taken at the state at the start of its chunk; momentum, retention
+#: and reads still run per token; equals token-exact at chunk size 1) and ``rule-specific`` (an
+#: approximation a paper chose for parallel training, documented by the rule).
+TIERS: tuple[str, ...] = ("token-exact", "chunk-start", "rule-specific")
+
+
+class StepGates(NamedTuple):
+    """Per-token gates of an optimiser, each ``[B, T, H]``.
+
+    Attributes:
+        lr: step size ``theta_t >= 0`` on the token's gradient.
+        momentum: ``eta_t`` in ``[0, 1]``, how much of the past update is carried; ``None`` means
+            no momentum (plain gradient descent, exactly ``eta = 0``).
+    """
+
+    lr: Tensor
+    momentum: Tensor | None
+
+
+class ObjectiveInputs(NamedTuple):
+    """Per-token inputs of an objective, each ``[B, T, H]`` or ``None`` when the objective has none.
+
+    Attributes:
+        side: a per-token, per-head input of the loss (Yaad's Huber threshold ``delta_t``); passed
+            to :meth:`Objective.loss` / :meth:`Objective.loss_grad` as ``side`` ``[..., t]``.
+        window: ``gamma_t`` in ``[0, 1]``, the weight of token ``t``'s pair in every window that
+            contains it (ATLAS' Omega rule); ``None`` weighs every pair 1.
+    """
+
+    side: Tensor | None
+    window: Tensor | None
+
+
+@runtime_checkable
+class Objective(Protocol):
+    """Kind ``objective``: the loss of one (key, value) pair, and which pairs a token's step sums.
+
+    A token's step descends ``sum_{i = t - c + 1}^{t} gamma_i * loss(M(k_i), v_i; side_i)`` with
+    ``c = window`` (``1``: the online rule, the token's own pair). ``loss_grad`` is the loss's
+    gradient with respect to the memory's *output*; the executor back-propagates it through the
+    memory network. The loss is not the optimiser: step sizes and momentum are the
+    :class:`Optimizer`'s.
+
+    Declared capabilities (class attributes, read by the executors' dispatch):
+
+    * ``window: int`` (default 1): ``c``, pairs per step.
+    * ``squared_error: bool`` (default ``False``): the loss is exactly ``0.5 * ||p - t||^2``
+      (what the token-exact WY executor needs).
+    """
+
+    def loss(self, prediction: Tensor, target: Tensor, side: Tensor | None) -> Tensor:
+        """Per-token loss ``[..., t]`` of ``prediction`` against ``target`` (both ``[..., t, d]``);
+        ``side`` ``[..., t]`` is the token's :attr:`ObjectiveInputs.side` (``None`` without one)."""
+        ...
+
+    def loss_grad(self, prediction: Tensor, target: Tensor, side: Tensor | None) -> Tensor:
+        """``d loss / d prediction`` for every token, shaped like ``prediction``."""
+        ...
+
+    def forward(self, x: Tensor) -> ObjectiveInputs:
+        """The per-token inputs for the layer input ``x`` ``[B, T, D]``."""
+        ...
+
+
+@runtime_checkable
+class Optimizer(Protocol):
+    """Kind ``optimizer``: how a token's gradient becomes a step of the fast weights.
+
+    With ``u_t`` the gradient of the token's objective at the weights its tier prescribes::
+
+        S_t = eta_t * S_{t-1} + theta_t * u_t        (S_t = theta_t * u_t without momentum)
+        W_t = keep_t * W_{t-1} - transform(S_t)      (transform: identity unless declared)
+
+    ``forward`` gives the gates. An optimiser whose step is linear in past gradients (GD, momentum)
+    has nothing more; one that is not (Muon) also has the capability :class:`TransformsUpdate`,
+    which only the executors that can apply it run.
+    """
+
+    def forward(self, x: Tensor) -> StepGates:
+        """Step sizes (and momentum) for the layer input ``x`` ``[B, T, D]``."""
+        ...
+
+
+@runtime_checkable
+class TransformsUpdate(Protocol):
+    """Capability of an optimiser: a non-linear map of the update before it is applied (Muon's
+    Newton-Schulz orthogonalisation of the momentum).
+
+    ``applies_at`` (class attribute) is ``"token"`` (every token's update; the chunk-start tier)
+    or ``"chunk_end"`` (once per chunk, to the chunk's summed update; rule-specific tier).
+    """
+
+    applies_at: str
+
+    def transform(self, update: Tensor) -> Tensor:
+        """The update ``[N, d_in, d_out]`` of one fast-weight matrix, transformed (same shape)."""
+        ...
+
+
+@runtime_checkable
+class Retention(Protocol):
+    """Kind ``retention``: how the old state is kept (Titans' forgetting, GDN's decay).
+
+    ``forward`` returns the scalar decay per token and head *in log space*: ``log_keep_t <= 0``
+    ``[B, T, H]``, the log of the fraction of the state kept at token ``t`` (Titans'
+    ``log(1 - alpha_t)``), or ``None`` for full retention (exactly ``keep = 1``). Log space keeps
+    near-full forgetting finite: ``keep = 0`` is a large negative number with a finite gradient,
+    never ``log(0)``.
+
+    Declared capability (class attribute): ``decay_before_gradient: bool`` (default ``False``):
+    the token's gradient is taken at the *decayed* state ``keep_t * W_{t-1}`` (GDN), instead of
+    at ``W_{t-1}`` with the decay applied after the step (Titans). A retention that is not a scalar
+    decay (ℓq normalisation, KL, row renormalisation) also has :class:`ProjectsWeights`.
+    """
+
+    def forward(self, x: Tensor) -> Tensor | None:
+        """``log_keep`` ``[B, T, H]`` (``<= 0``) for the layer input ``x`` ``[B, T, D]``, or ``None``."""
+        ...
+
+
+@runtime_checkable
+class ProjectsWeights(Protocol):
+    """Capability of a retention: a map of the fast weights after a step (Moneta's ℓq
+    normalisation, Memora's softmax onto a scaled simplex, LaCT's row renormalisation).
+
+    ``applies_at`` (class attribute) is ``"token"`` or ``"chunk_end"`` (as the paper's parallel
+    form does; rule-specific tier when chunks are longer than one token).
+    """
+
+    applies_at: str
+
+    def project(self, weights: tuple[Tensor, ...], initial: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+        """The fast weights ``[N, d_in_i, d_out_i]`` after the projection; ``initial`` are the
+        weights at the start of the sequence (for a renormalisation to their norms)."""
+        ...
+
+
 @runtime_checkable
 class ReadsAtChunkStart(Protocol):
     """A reader that can read a chunk's queries with the weights at the start of their chunk."""
