@@ -30,13 +30,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import time
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+from _common import cpu_name
 from memforge_delta.ops import gated_delta_rule
 from memforge_delta.reference import chunkwise_rowwise, token_loop
 from memforge_delta.triangular import unit_lower_inverse
@@ -46,18 +46,6 @@ DIM, HEADS, CHUNK, BATCH = 256, 4, 64, 2
 TARGETS = {"vs_token_loop": 10.0, "vs_rowwise": 1.5, "float64_abs": 1e-10, "float32_rel": 1e-4}
 
 Op = Callable[..., tuple[Tensor, Tensor]]
-
-
-def cpu_name() -> str:
-    """The CPU's ``model name`` from /proc/cpuinfo (the platform's processor string elsewhere)."""
-    try:
-        with open("/proc/cpuinfo") as info:
-            for line in info:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def make_inputs(tokens: int, dtype: torch.dtype, seed: int = 0) -> list[Tensor]:
