@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from memforge.engine.derived_backward import with_backward
 from memforge.interfaces import ChunkReader, LinearFn, MemoryNetwork
 
 
@@ -508,6 +509,7 @@ def _surprise_pairs(
     values: Tensor,
 ) -> list[tuple[Tensor, Tensor]]:
     """Per-token gradients at the chunk-start weights, as ``(inputs_i, grads_i)`` per matrix."""
+    network = with_backward(network)  # a network without backward gets autograd's
     prediction, tape = network.forward(keys, lambda i, h: h @ weights[i])
     error = surprise.loss_grad(prediction, values)
     return network.backward(tape, error, lambda i, g: g @ weights[i].mT)
