@@ -20,13 +20,15 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from memforge.engine.derived_backward import derivability_problem
 from memforge.errors import SpecError
 from memforge.interfaces import READS, BuildContext, retrieval_reads
 
 #: What each kind must do, for error messages (the Protocol in :mod:`memforge.interfaces`).
 CONTRACTS: dict[str, tuple[str, str]] = {
-    "memory": ("MemoryNetwork", "offer initial_weights() -> [H, d_in, d_out] matrices, "
-                                "forward(x, linear) -> (y, tape) and backward(tape, grad, linear_t)"),
+    "memory": ("MemoryNetwork", "offer initial_weights() -> [H, d_in, d_out] matrices and "
+                                "forward(x, linear) -> (y, tape), and optionally "
+                                "backward(tape, grad, linear_t)"),
     "surprise": ("SurpriseRule", "offer loss(pred, target), loss_grad(pred, target) and "
                                  "forward(x [B, T, D]) -> SurpriseGates(lr [B, T, H], momentum)"),
     "forgetting": ("ForgettingRule", "map x [B, T, D] to a decay gate [B, T, H] or None"),
@@ -88,7 +90,7 @@ class _IdentityReader:
 
 
 def _memory(module: nn.Module, ctx: BuildContext, like: Tensor) -> None:
-    _methods(module, ("initial_weights", "forward", "backward"))
+    _methods(module, ("initial_weights", "forward"))
     weights = list(module.initial_weights())
     if not weights or not all(isinstance(w, Tensor) and w.ndim == 3 for w in weights):
         raise _Mismatch(f"initial_weights() returned {[_shape(w) for w in weights]}, expected "
@@ -108,6 +110,11 @@ def _memory(module: nn.Module, ctx: BuildContext, like: Tensor) -> None:
 
     y, tape = _pair(module(x, linear), "forward(x, linear)")
     _expect(y, (ctx.heads, _STEPS, ctx.head_dim), "forward's output")
+    if not callable(getattr(module, "backward", None)):  # autograd derives it, if it can
+        problem = derivability_problem(module)
+        if problem is not None:
+            raise _Mismatch(problem)
+        return
     grads = module.backward(tape, torch.ones_like(y), linear_transposed)
     if not isinstance(grads, Sequence) or len(grads) != len(weights):
         raise _Mismatch(f"backward() returned {type(grads).__name__}, expected a list of "

@@ -94,8 +94,13 @@ class MemoryNetwork(Protocol):
     per sequence and then update the copies at test time. All of the network's fast weights are
     matrices applied through the ``linear`` callback, so a per-token gradient of weight ``i`` is the
     outer product ``inputs_i[t]^T @ grads_i[t]`` and a chunk of such gradients is one batched matmul.
-    Element-wise parts (activations, residuals, parameter-free norms) live in :meth:`forward` and
-    :meth:`backward`.
+    Element-wise parts (activations, residuals, norms) live in :meth:`forward` and :meth:`backward`.
+
+    :meth:`backward` is optional: a network without one gets a backward derived by autograd
+    (:func:`memforge.engine.derived_backward.with_backward`), provided it applies every fast-weight
+    matrix exactly once through ``linear`` and reads no fast weight otherwise (checked when the
+    memory is built). A hand-written one is a speed-up, compared with the derived one by the
+    conformance kit.
     """
 
     def initial_weights(self) -> Sequence[Tensor]:
@@ -114,7 +119,9 @@ class MemoryNetwork(Protocol):
     ) -> list[tuple[Tensor, Tensor]]:
         """Back-propagate ``grad_output`` ``[N, t, d_value]`` through the forward that made ``tape``.
 
-        ``linear_transposed(i, g)`` applies weight ``i`` transposed. Returns, for each weight ``i``,
+        Optional (see the class docstring); outer gradients must flow through it (build it from
+        differentiable torch ops). ``linear_transposed(i, g)`` applies weight ``i`` transposed.
+        Returns, for each weight ``i``,
         ``(inputs_i [N, t, d_in_i], grads_i [N, t, d_out_i])`` such that the gradient of token
         ``t``'s loss with respect to weight ``i`` is ``inputs_i[:, t, :, None] * grads_i[:, t, None, :]``.
         """
@@ -459,6 +466,36 @@ class ReadsMemoryStatically(Protocol):
     def static_read_state(self, buffers: Any) -> Any:
         """The :meth:`ReadsMemory.read_state` snapshot of the memory in ``buffers``, valid right
         after a step that completed a cycle (views into the buffers: copy it to keep it)."""
+        ...
+
+
+class RuleDescription(NamedTuple):
+    """A memory layer's learning rule in words (what ``memforge show`` prints per layer).
+
+    Attributes:
+        objective: the loss a step descends (a component name, or a short phrase).
+        retention: how old memory is kept (``"none"`` without decay).
+        optimizer: how a gradient becomes a step.
+        schedule: which tokens update together (``"chunks of 64"``, ``"token by token"``).
+        tier: the exactness tier, one of :data:`TIERS`.
+        executor: the kernel that runs the rule (``"closed_form"``, ``"sequential"``, ``"wy"``).
+    """
+
+    objective: str
+    retention: str
+    optimizer: str
+    schedule: str
+    tier: str
+    executor: str
+
+
+@runtime_checkable
+class DescribesRule(Protocol):
+    """Capability of a memory layer: say which learning rule it runs, at which tier, on which
+    executor (docs/memory.md, "Executors")."""
+
+    def describe_rule(self) -> RuleDescription:
+        """The layer's rule, schedule, tier and executor."""
         ...
 
 
