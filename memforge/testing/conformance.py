@@ -10,7 +10,8 @@ This kit checks its *behaviour*, in float64, the way memforge tests its own comp
   (:class:`~memforge.interfaces.ReadsMemory`), static decoding equal to ``forward`` token by
   token (:class:`~memforge.interfaces.DecodesMemoryStatically`), and agreement with the layer's
   slow reference (``reference_forward``, below) when it has one;
-* a memory network (kind ``memory``): its hand-written ``backward`` against autograd of ``forward``;
+* a memory network (kind ``memory``): its hand-written ``backward`` against the one autograd
+  derives, outer gradients included (or, without one, that autograd can derive it);
 * a surprise rule (kind ``surprise``): ``loss_grad`` against autograd of ``loss``.
 
 Three ways to use it, from the least to the most typing:
@@ -50,6 +51,7 @@ from torch import Tensor, nn
 
 from memforge.builder import build_layer_component
 from memforge.conformance import check_component, check_module
+from memforge.engine.derived_backward import DerivedBackward, derivability_problem
 from memforge.interfaces import BuildContext, DecodesMemoryStatically, ReadsMemory
 from memforge.plugins import default_registry
 from memforge.registry import ComponentRegistry
@@ -60,6 +62,9 @@ Reference = Callable[[nn.Module, Tensor, Any], tuple[Tensor, Any]]
 
 #: Relative tolerance of every float64 comparison (of the largest difference to the largest value).
 TOLERANCE = 1e-8
+
+#: Tolerance of a hand-written memory backward against the one autograd derives (both exact).
+BACKWARD_TOLERANCE = 1e-10
 
 #: The Titans memory layer's parts, set to ``none`` for a layer that does not use them.
 _PARTS = ("projection", "memory", "surprise", "forgetting", "retrieval")
@@ -457,32 +462,60 @@ def check_memory_layer(target: str | ModelSpec | nn.Module, registry: ComponentR
 # -- memory networks and surprise rules --------------------------------------------------------------
 def check_memory_network(module: nn.Module, *, name: str, heads: int, head_dim: int,
                          tokens: int = 5, batch: int = 2, seed: int = 0) -> bool:
-    """A memory network's hand-written ``backward`` equals autograd of its ``forward`` in float64,
-    token by token, for weights perturbed away from the initial ones. Returns ``False`` (nothing to
-    compare) for a network without ``backward``."""
-    if not callable(getattr(module, "backward", None)):
-        return False
+    """A memory network's backward, in float64, for weights perturbed away from the initial ones.
+
+    With a hand-written ``backward``: every token's gradient into every matrix, and the outer
+    gradients through those (into the weights, the input and the back-propagated error), equal the
+    ones of the backward autograd derives (:mod:`memforge.engine.derived_backward`) to
+    :data:`BACKWARD_TOLERANCE`. Without one: autograd can derive it (the network applies every
+    matrix once through ``linear`` and reads no fast weight otherwise). Returns whether a
+    hand-written backward was compared.
+    """
     module = copy.deepcopy(module).double()
+    if not callable(getattr(module, "backward", None)):
+        problem = derivability_problem(module)
+        if problem is not None:
+            _fail(name, "derived backward", problem)
+        return False
     check = f"backward against autograd ({tokens} tokens)"
     generator = torch.Generator().manual_seed(seed)
+
+    def draw(*shape: int) -> Tensor:
+        return torch.randn(*shape, generator=generator, dtype=torch.float64)
+
     weights = [(w.detach().double().repeat(batch, 1, 1)
-                + 0.3 * torch.randn(batch * w.shape[0], *w.shape[1:], generator=generator,
-                                    dtype=torch.float64)).requires_grad_(True)
+                + 0.3 * draw(batch * w.shape[0], *w.shape[1:])).requires_grad_(True)
                for w in module.initial_weights()]
-    x = torch.randn(batch * heads, tokens, head_dim, generator=generator, dtype=torch.float64)
-    y, tape = module(x, lambda i, h: torch.bmm(h, weights[i]))
-    grad_out = torch.randn(y.shape, generator=generator, dtype=torch.float64)
-    with torch.no_grad():
-        pairs = module.backward(tape, grad_out, lambda i, g: torch.bmm(g, weights[i].transpose(1, 2)))
-    if len(pairs) != len(weights):
-        _fail(name, check, f"backward returned {len(pairs)} pairs for {len(weights)} weights")
+    x = draw(batch * heads, tokens, head_dim).requires_grad_(True)
+    grad_out = draw(batch * heads, tokens, weights[-1].shape[2]).requires_grad_(True)
+    probes = [draw(batch * heads, tokens, w.shape[1], w.shape[2]) for w in weights]
+
+    def run(network: Any) -> tuple[list[Tensor], list[Tensor]]:
+        """Every token's gradient into every weight, and the gradients of a random scalar of them
+        into the weights, the input and the error (the outer gradients)."""
+        _, tape = network.forward(x, lambda i, h: torch.bmm(h, weights[i]))
+        pairs = network.backward(tape, grad_out, lambda i, g: torch.bmm(g, weights[i].mT))
+        if len(pairs) != len(weights):
+            _fail(name, check, f"backward returned {len(pairs)} pairs for {len(weights)} weights")
+        per_token = [inputs[..., :, None] * grads[..., None, :] for inputs, grads in pairs]
+        scalar = sum((g * p).sum() for g, p in zip(per_token, probes, strict=True))
+        if not scalar.requires_grad:
+            _fail(name, check, "backward's result takes no outer gradient (it is detached from "
+                               "the weights, the input and the error); build it from "
+                               "differentiable torch ops")
+        outer = torch.autograd.grad(scalar, [*weights, x, grad_out], allow_unused=True,
+                                    materialize_grads=True)
+        return per_token, list(outer)
+
+    (got, got_outer), (want, want_outer) = run(module), run(DerivedBackward(module))
     for t in range(tokens):
-        auto = torch.autograd.grad((y[:, t] * grad_out[:, t]).sum(), weights, retain_graph=True,
-                                   allow_unused=True)
-        for i, ((inputs, grads), want) in enumerate(zip(pairs, auto, strict=True)):
-            got = inputs[:, t, :, None] * grads[:, t, None, :]
-            _close(name, check, f"token {t}'s gradient into weight {i}", got,
-                   torch.zeros_like(got) if want is None else want)
+        for i, (mine, derived) in enumerate(zip(got, want, strict=True)):
+            _close(name, check, f"token {t}'s gradient into weight {i}", mine[:, t], derived[:, t],
+                   BACKWARD_TOLERANCE)
+    targets = [f"weight {i}" for i in range(len(weights))] + ["the input", "the error"]
+    for target, mine, derived in zip(targets, got_outer, want_outer, strict=True):
+        _close(name, check, f"the outer gradient into {target} through backward (build it from "
+                            f"differentiable torch ops)", mine, derived, BACKWARD_TOLERANCE)
     return True
 
 
@@ -622,7 +655,7 @@ class MemoryLayerConformance:
 
 
 __all__ = [
-    "GRID", "TOLERANCE", "ConformanceError", "LayerUnderTest", "MemoryLayerConformance",
+    "BACKWARD_TOLERANCE", "GRID", "TOLERANCE", "ConformanceError", "LayerUnderTest", "MemoryLayerConformance",
     "Reference", "build_part", "capabilities", "check_batch_independent", "check_causal",
     "check_finite_gradients", "check_memory_layer", "check_memory_network", "check_read_pure",
     "check_reference", "check_split", "check_static_decode", "check_surprise_rule", "chunk_sizes",
