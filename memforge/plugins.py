@@ -37,6 +37,8 @@ BUILTIN_PLUGINS: tuple[tuple[str, str], ...] = (
     ("baseline", "memforge_baselines"),
     ("titans", "memforge_titans"),
     ("delta", "memforge_delta"),
+    ("lact", "memforge_lact"),
+    ("atlas", "memforge_atlas"),
 )
 #: Plugins that cannot be blocked: every spec falls back on their components.
 ESSENTIAL_PLUGINS: frozenset[str] = frozenset({"baseline"})

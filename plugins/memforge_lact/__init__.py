@@ -1,0 +1,94 @@
+"""The built-in plugin ``lact``: large-chunk test-time training (LaCT; docs/zoo.md, "LaCT").
+
+Components:
+
+* memory_layer ``lact.layer``: SwiGLU fast weights per head, trained once per chunk of 2048
+  tokens (any size) by gradient descent on a dot-product loss with learned per-token steps,
+  optional momentum and Muon, and weight renormalisation; its own fast path of large batched
+  matmuls (:mod:`memforge_lact.ops`). It uses none of the Titans memory's sub-kinds and goes into
+  every integration by registry name (``titans.lmm``, ``titans.mac``, ``titans.mag``,
+  ``titans.mal``).
+* integration ``lact.block``: the paper's block, sliding-window attention beside the memory.
+
+Presets ``lact.lact``, ``lact.lmm``, ``lact.mac``, ``lact.mag``, ``lact.mal`` and their ``_tiny``
+sizes. ``memforge_lact.reference`` holds the float64 token loop the fast path is tested against.
+"""
+
+from __future__ import annotations
+
+from memforge import BuildContext, ComponentSpec, SpecError, hookimpl
+from memforge.registry import ComponentRegistry
+from memforge.spec import ModelSpec, used_kinds
+from memforge_lact.configs import LaCTBlockConfig, LaCTLayerConfig
+
+LACT = "Zhang, Bi, Hong, et al. 2025, Test-Time Training Done Right (LaCT), arXiv 2505.23884"
+
+
+def _layer(config: LaCTLayerConfig, ctx: BuildContext):
+    from memforge_lact.layer import LaCTLayer
+
+    return LaCTLayer(ctx.dim, ctx.heads, chunk_size=config.chunk_size, expansion=config.expansion,
+                     base_lr=config.base_lr, momentum=config.momentum,
+                     muon=config.muon_coefficients if config.muon else None,
+                     renormalize=config.renormalize, output_scale=config.output_scale,
+                     norm_eps=config.norm_eps)
+
+
+def _block(config: LaCTBlockConfig, ctx: BuildContext):
+    from memforge_lact.block import LaCTBlock
+
+    attention = ctx.build("attention")
+    if getattr(attention, "window", None) is None:
+        raise SpecError(f"lact.block (layer {ctx.layer_index}) puts sliding-window attention beside "
+                        f"the memory, but its attention has no window; set "
+                        f"attention=baseline.sliding_window and attention.window (the paper: the "
+                        f"memory's chunk_size)")
+    return LaCTBlock(ctx.dim, attention, ctx.build("memory_layer"), ctx.build("feedforward"))
+
+
+@hookimpl
+def memforge_register_components():
+    return [
+        ComponentSpec(kind="memory_layer", name="lact.layer", config_cls=LaCTLayerConfig,
+                      factory=_layer, paper=LACT,
+                      summary="LaCT: SwiGLU fast weights trained per large chunk (dot-product "
+                              "loss, momentum, optional Muon, renormalisation)"),
+        ComponentSpec(kind="integration", name="lact.block", config_cls=LaCTBlockConfig,
+                      factory=_block, paper=LACT,
+                      requires=("attention", "memory_layer", "feedforward"),
+                      summary="LaCT block: sliding-window attention + memory layer, then the "
+                              "feed-forward"),
+    ]
+
+
+@hookimpl
+def memforge_validate_spec(spec: ModelSpec, registry: ComponentRegistry) -> list[str]:
+    """Sizes the LaCT layer cannot work with, in any layer that uses it, found before building."""
+    problems: list[str] = []
+    head_dim = spec.dim // spec.heads
+    for layer in range(spec.num_layers):
+        if "memory_layer" not in used_kinds(spec, registry, layer):
+            continue
+        choice = spec.choice("memory_layer", layer)
+        if choice is None or not isinstance(choice.config, LaCTLayerConfig):
+            continue
+        config = choice.config
+        if round(head_dim * config.expansion) < 1:
+            problems.append(f"memory_layer.expansion={config.expansion:g} gives lact.layer a hidden "
+                            f"width of 0 at head width {head_dim} (dim / heads); use "
+                            f"memory_layer.expansion >= {1 / head_dim:.4g}")
+        integration = spec.choice("integration", layer)
+        segment = getattr(integration.config, "segment_len", None)
+        if integration.impl == "titans.mac" and segment is not None and segment % config.chunk_size:
+            divisors = [d for d in range(1, segment + 1) if segment % d == 0]
+            problems.append(f"titans.mac's 'segment_len'={segment} must be a multiple of "
+                            f"lact.layer's 'chunk_size'={config.chunk_size}; choose "
+                            f"memory_layer.chunk_size among {divisors}")
+    return list(dict.fromkeys(problems))
+
+
+@hookimpl
+def memforge_register_presets():
+    from memforge_lact.presets import PRESETS
+
+    return PRESETS
