@@ -3,12 +3,14 @@
 Semantics, per sequence and head (``N = B * H`` of them), for token ``t`` in the chunk that starts
 at ``t'`` (chunks are ``[0, b), [b, 2b), ...`` counted from the start of the sequence)::
 
-    u_t = grad_W loss(M_{t'}(k_t), v_t)          # surprise, at the chunk-start weights
+    u_t = grad_W loss(M_{t'}(k_t), v_t; side_t)  # surprise, at the chunk-start weights
     S_t = eta_t * S_{t-1} - theta_t * u_t        # momentum (eta = 0 when it is off)
-    M_t = (1 - alpha_t) * M_{t-1} + S_t          # forgetting (alpha = 0 when it is off)
+    M_t = keep_t * M_{t-1} + S_t                 # retention, keep_t = exp(log_keep_t) (1 when off)
 
-applied to every fast-weight matrix separately. Inside a chunk the recurrences are linear, so with
-``E_l = prod_{j<=l} eta_j``, ``A_l = prod_{j<=l} (1 - alpha_j)``, ``Q[i, j] = E_i / E_j`` and
+applied to every fast-weight matrix separately (docs/memory.md, "The update rule"). The retention
+arrives in log space and stays there: full forgetting is a large negative ``log_keep`` with a
+finite gradient, never ``log 0``. Inside a chunk the recurrences are linear, so with
+``E_l = prod_{j<=l} eta_j``, ``A_l = prod_{j<=l} keep_j``, ``Q[i, j] = E_i / E_j`` and
 ``P[l, i] = A_l / A_i`` (both causal) the state after chunk position ``l`` is::
 
     M_l = A_l M_0 + c_l S_0 - sum_j W[l, j] u_j,   c = P @ E,   W = (P @ Q) * theta[None, :]
@@ -23,6 +25,7 @@ same coefficients in the TTT dual form (see :class:`_ChunkReader`).
 from __future__ import annotations
 
 import functools
+import math
 from typing import Any, NamedTuple, Protocol
 
 import torch
@@ -44,14 +47,16 @@ class PendingChunk(NamedTuple):
         values: ``[N, r, d_value]``.
         lr: step sizes ``theta`` ``[N, r]``.
         momentum: ``eta`` ``[N, r]``, or ``None`` when momentum is off.
-        decay: ``alpha`` ``[N, r]``, or ``None`` when forgetting is off.
+        log_keep: ``log keep`` ``[N, r]`` (``<= 0``), or ``None`` without retention decay.
+        side: the objective's side input ``[N, r]``, or ``None`` when it takes none.
     """
 
     keys: Tensor
     values: Tensor
     lr: Tensor
     momentum: Tensor | None
-    decay: Tensor | None
+    log_keep: Tensor | None
+    side: Tensor | None = None
 
 
 class FastWeightState(NamedTuple):
@@ -70,11 +75,12 @@ class FastWeightState(NamedTuple):
     pending: PendingChunk
 
 
-class SurpriseLoss(Protocol):
-    """The part of a surprise rule the kernel needs: the gradient of the inner loss."""
+class LossGradient(Protocol):
+    """The part of an objective the kernel needs: the gradient of the inner loss."""
 
-    def loss_grad(self, prediction: Tensor, target: Tensor) -> Tensor:
-        """``d loss / d prediction`` per token, shaped like ``prediction``."""
+    def loss_grad(self, prediction: Tensor, target: Tensor, side: Tensor | None) -> Tensor:
+        """``d loss / d prediction`` per token, shaped like ``prediction`` (``side`` ``[N, t]``
+        or ``None``)."""
         ...
 
 
@@ -85,14 +91,15 @@ class Retrieval(Protocol):
 
 
 def initial_state(
-    network: MemoryNetwork, batch: int, *, momentum_enabled: bool, decay_enabled: bool
+    network: MemoryNetwork, batch: int, *, momentum_enabled: bool, decay_enabled: bool,
+    side_enabled: bool = False,
 ) -> FastWeightState:
     """The state at the start of ``batch`` sequences: ``M_0`` per sequence, ``S_0 = 0``, no pending.
 
     The weights are the network's initial weights repeated to ``[batch * H, d_in, d_out]``
     (sequence-major, head-minor, i.e. ``n = b * H + h``) and stay connected to the parameters, so
-    outer gradients reach them. ``momentum_enabled`` / ``decay_enabled`` fix whether later calls
-    pass ``momentum`` / ``decay`` gates.
+    outer gradients reach them. ``momentum_enabled`` / ``decay_enabled`` / ``side_enabled`` fix
+    whether later calls pass ``momentum`` / ``log_keep`` / ``side``.
     """
     if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
         raise ValueError(f"batch must be an int >= 1, got {batch!r}")
@@ -106,14 +113,15 @@ def initial_state(
         values=weights[0].new_zeros(n, 0, d_value),
         lr=empty,
         momentum=empty if momentum_enabled else None,
-        decay=empty if decay_enabled else None,
+        log_keep=empty if decay_enabled else None,
+        side=empty if side_enabled else None,
     )
     return FastWeightState(weights, momentum, pending)
 
 
 def memory_scan(
     network: MemoryNetwork,
-    surprise: SurpriseLoss,
+    objective: LossGradient,
     retrieval: Retrieval,
     state: FastWeightState,
     queries: Tensor,
@@ -121,7 +129,8 @@ def memory_scan(
     values: Tensor,
     lr: Tensor,
     momentum: Tensor | None,
-    decay: Tensor | None,
+    log_keep: Tensor | None,
+    side: Tensor | None = None,
     *,
     chunk_size: int,
     compiled: bool = False,
@@ -130,7 +139,7 @@ def memory_scan(
 
     Args:
         network: the memory network (its ``forward`` / ``backward`` give the surprise).
-        surprise: gives ``loss_grad(prediction, target)``, the inner loss's gradient.
+        objective: gives ``loss_grad(prediction, target, side)``, the inner loss's gradient.
         retrieval: called once per chunk as ``retrieval(reader, chunk_queries)``; ``reader`` offers
             ``at_chunk_start`` / ``before_write`` / ``after_write`` (a ``ChunkReader``). It sees
             this call's queries of that chunk only (``<= chunk_size`` rows; the first chunk's
@@ -142,7 +151,10 @@ def memory_scan(
         values: ``[N, T, d_value]``.
         lr: ``theta >= 0`` ``[N, T]``.
         momentum: ``eta`` in ``[0, 1]`` ``[N, T]``, or ``None`` for none (exactly ``eta = 0``).
-        decay: ``alpha`` in ``[0, 1]`` ``[N, T]``, or ``None`` for none (exactly ``alpha = 0``).
+        log_keep: ``log keep <= 0`` ``[N, T]`` (``log(1 - alpha)`` in Titans' terms), or ``None``
+            for none (exactly ``keep = 1``).
+        side: the objective's per-token side input ``[N, T]``, handed to ``loss_grad`` with each
+            chunk's rows, or ``None`` for none.
         chunk_size: ``b >= 1``; chunk boundaries are multiples of ``b`` from the sequence start.
         compiled: run every chunk that this call reads whole through :func:`compiled_chunk_step`
             (``torch.compile`` of :func:`chunk_step`, one graph per chunk shape, reused by every
@@ -153,10 +165,12 @@ def memory_scan(
         ``(outputs [N, T, d_value], new_state)``. Calls may end mid-chunk: the partial chunk's
         tokens are visible to exact reads and :func:`current_weights`, and stay pending.
 
-    Gates are clamped to ``>= tiny`` (of the dtype) before taking logs, so ``eta = 0`` and
-    ``alpha = 1`` are exact up to that tiny number and give finite gradients (zero at the clamp).
+    ``eta`` is clamped to ``>= tiny`` (of the dtype) before its log, and ``log_keep`` to
+    ``>= log(tiny)``, so ``eta = 0`` and full forgetting are exact up to that tiny number and give
+    finite gradients (zero below the clamp, where the true one is below ``tiny`` too).
     """
-    _check_scan_inputs(network, state, queries, keys, values, lr, momentum, decay, chunk_size)
+    _check_scan_inputs(network, state, queries, keys, values, lr, momentum, log_keep, side,
+                       chunk_size)
     n, steps = keys.shape[0], keys.shape[1]
     if steps == 0:
         return queries.new_zeros(n, 0, state.pending.values.shape[2]), state
@@ -169,7 +183,8 @@ def memory_scan(
         values=torch.cat((pending.values, values), 1) if done else values,
         lr=torch.cat((pending.lr, lr), 1) if done else lr,
         momentum=_join_gate(pending.momentum, momentum),
-        decay=_join_gate(pending.decay, decay),
+        log_keep=_join_gate(pending.log_keep, log_keep),
+        side=_join_gate(pending.side, side),
     )
     # Complete chunks share one vectorised bank; an unfinished last chunk gets its own, sized to
     # its tokens. Nothing is padded: a decoding step with r pending tokens costs O(r) surprise
@@ -180,13 +195,17 @@ def memory_scan(
 
     complete, unfinished = (PendingChunk(*fields) for fields in zip(*map(halves, stream), strict=True))
     pieces: list[tuple[_CoefficientBank, int, Tensor, Tensor]] = []
+    side_chunks: list[Tensor | None] = []
     if full:
         bank = _CoefficientBank(complete, chunk_size)
         key_chunks = _split_chunks(complete.keys, chunk_size)
         value_chunks = _split_chunks(complete.values, chunk_size)
         pieces += [(bank, i, key_chunks[i], value_chunks[i]) for i in range(full)]
+        side_chunks += ([None] * full if complete.side is None
+                        else list(complete.side.unflatten(1, (-1, chunk_size)).unbind(1)))
     if partial:
         pieces.append((_CoefficientBank(unfinished, partial), 0, unfinished.keys, unfinished.values))
+        side_chunks.append(unfinished.side)
     # This call's queries per chunk, unpadded: the first chunk starts `done` rows in, the last
     # may end early. Padding them to whole chunks would multiply the read cost of decoding by b.
     first = min(chunk_size - done, steps)
@@ -201,10 +220,11 @@ def memory_scan(
         if index in step_inputs:
             chunk, chunk_queries = step_inputs[index]
             out, weights, moments = compiled_chunk_step()(
-                network, surprise, retrieval, weights, moments, chunk, chunk_queries)
+                network, objective, retrieval, weights, moments, chunk, chunk_queries)
             outputs.append(out)
             continue
-        pairs = _LazyPairs(network, surprise, weights, chunk_keys, chunk_values)
+        pairs = _LazyPairs(network, objective, weights, chunk_keys, chunk_values,
+                           side_chunks[index])
         offset = done if index == 0 else 0
         rows = slice(offset, offset + query_chunks[index].shape[1])
         reader = _ChunkReader(network, weights, moments, pairs, bank, local, rows)
@@ -219,7 +239,7 @@ def memory_scan(
 
 def chunk_step(
     network: MemoryNetwork,
-    surprise: SurpriseLoss,
+    objective: LossGradient,
     retrieval: Retrieval,
     weights: tuple[Tensor, ...],
     moments: tuple[Tensor, ...],
@@ -235,7 +255,7 @@ def chunk_step(
     between the matmuls. :func:`memory_scan` with ``compiled=True`` runs it per chunk.
     """
     bank = _CoefficientBank(chunk, queries.shape[1])
-    pairs = _LazyPairs(network, surprise, weights, chunk.keys, chunk.values)
+    pairs = _LazyPairs(network, objective, weights, chunk.keys, chunk.values, chunk.side)
     reader = _ChunkReader(network, weights, moments, pairs, bank, 0, slice(0, queries.shape[1]))
     outputs = retrieval(reader, queries)
     return (outputs, *_advance(weights, moments, pairs.get(), bank.end(0)))
@@ -263,7 +283,7 @@ INDUCTOR_OPTIONS: dict[str, Any] = {"inplace_buffers": False}
 
 
 def current_weights(
-    network: MemoryNetwork, surprise: SurpriseLoss, state: FastWeightState
+    network: MemoryNetwork, objective: LossGradient, state: FastWeightState
 ) -> tuple[Tensor, ...]:
     """Materialise ``M`` at the current position, i.e. after the pending tokens have written.
 
@@ -275,7 +295,8 @@ def current_weights(
     if done == 0:
         return state.weights
     bank = _CoefficientBank(pending, done)  # the pending tokens as one chunk of `done`
-    pairs = _surprise_pairs(network, surprise, state.weights, pending.keys, pending.values)
+    pairs = _surprise_pairs(network, objective, state.weights, pending.keys, pending.values,
+                            pending.side)
     return _advance(state.weights, state.momentum, pairs, bank.end(0))[0]
 
 
@@ -334,8 +355,9 @@ class _CoefficientBank:
     exact read. A decoding step that does neither (chunk-start reads inside a chunk) builds nothing.
 
     Args:
-        gates: ``theta``, ``eta`` (or ``None``: no momentum) and ``alpha`` (or ``None``: no decay),
-            each ``[N, L]``, as the ``lr``, ``momentum`` and ``decay`` of a :class:`PendingChunk`.
+        gates: ``theta``, ``eta`` (or ``None``: no momentum) and ``log keep`` (or ``None``: no
+            decay), each ``[N, L]``, as the ``lr``, ``momentum`` and ``log_keep`` of a
+            :class:`PendingChunk`.
         chunk_size: ``b``, a divisor of ``L``.
     """
 
@@ -359,9 +381,16 @@ class _CoefficientBank:
 
     @_cached
     def log_keep(self) -> Tensor | None:
-        """``log (1 - alpha)`` ``[N, C, b]``, or ``None`` without decay."""
-        decay = self._gates.decay
-        return _log_gate(None if decay is None else 1.0 - decay, self._chunk_size)
+        """``log keep`` ``[N, C, b]`` clamped at ``log(tiny)``, or ``None`` without decay.
+
+        The clamp keeps a retention that returns ``-inf`` (forget everything) away from
+        ``-inf - -inf`` in the segment sums; below it the kept fraction is under ``tiny`` anyway.
+        """
+        log_keep = self._gates.log_keep
+        if log_keep is None:
+            return None
+        floor = math.log(torch.finfo(log_keep.dtype).tiny)
+        return log_keep.clamp_min(floor).unflatten(1, (-1, self._chunk_size))
 
     def end(self, index: int) -> _EndCoefficients:
         """The chunk-end coefficients of chunk ``index``."""
@@ -503,15 +532,17 @@ def _unbind_fields(fields: tuple, chunks: int) -> list[Any]:
 
 def _surprise_pairs(
     network: MemoryNetwork,
-    surprise: SurpriseLoss,
+    objective: LossGradient,
     weights: tuple[Tensor, ...],
     keys: Tensor,
     values: Tensor,
+    side: Tensor | None,
 ) -> list[tuple[Tensor, Tensor]]:
-    """Per-token gradients at the chunk-start weights, as ``(inputs_i, grads_i)`` per matrix."""
+    """Per-token gradients at the chunk-start weights, as ``(inputs_i, grads_i)`` per matrix
+    (``side`` ``[N, t]``: the rows' side input of the objective, or ``None``)."""
     network = with_backward(network)  # a network without backward gets autograd's
     prediction, tape = network.forward(keys, lambda i, h: h @ weights[i])
-    error = surprise.loss_grad(prediction, values)
+    error = objective.loss_grad(prediction, values, side)
     return network.backward(tape, error, lambda i, g: g @ weights[i].mT)
 
 
@@ -522,9 +553,10 @@ class _LazyPairs:
     chunk-start reads) never needs them, and skips a forward and backward over the chunk.
     """
 
-    def __init__(self, network: MemoryNetwork, surprise: SurpriseLoss, weights: tuple[Tensor, ...],
-                 keys: Tensor, values: Tensor) -> None:
-        self._args = (network, surprise, weights, keys, values)
+    def __init__(self, network: MemoryNetwork, objective: LossGradient,
+                 weights: tuple[Tensor, ...], keys: Tensor, values: Tensor,
+                 side: Tensor | None) -> None:
+        self._args = (network, objective, weights, keys, values, side)
         self._pairs: list[tuple[Tensor, Tensor]] | None = None
 
     def get(self) -> list[tuple[Tensor, Tensor]]:
@@ -671,7 +703,7 @@ def _compiled_step_inputs(
 
     fields = [chunks(x, first * chunk_size) for x in complete]
     rows = zip(*fields, chunks(queries, offset), strict=True)
-    return {first + i: (PendingChunk(*row[:5]), row[5]) for i, row in enumerate(rows)}
+    return {first + i: (PendingChunk(*row[:-1]), row[-1]) for i, row in enumerate(rows)}
 
 
 def _join_gate(pending: Tensor | None, gate: Tensor | None) -> Tensor | None:
@@ -689,7 +721,8 @@ def _check_scan_inputs(
     values: Tensor,
     lr: Tensor,
     momentum: Tensor | None,
-    decay: Tensor | None,
+    log_keep: Tensor | None,
+    side: Tensor | None,
     chunk_size: int,
 ) -> None:
     """Raise a ValueError naming the first input whose shape or kind is not what is expected."""
@@ -704,7 +737,7 @@ def _check_scan_inputs(
             raise ValueError(
                 f"{name} must share [N, T] = {(n, steps)} with keys, got {tuple(x.shape[:2])}"
             )
-    for name, x in (("lr", lr), ("momentum", momentum), ("decay", decay)):
+    for name, x in (("lr", lr), ("momentum", momentum), ("log_keep", log_keep), ("side", side)):
         if x is not None and tuple(x.shape) != (n, steps):
             raise ValueError(f"{name} must be [N, T] = {(n, steps)}, got {tuple(x.shape)}")
     pending = state.pending
@@ -724,8 +757,11 @@ def _check_scan_inputs(
         raise ValueError(
             "momentum must be given exactly when the state was made with momentum_enabled=True"
         )
-    if (decay is None) != (pending.decay is None):
-        raise ValueError("decay must be given exactly when the state was made with decay_enabled=True")
+    if (log_keep is None) != (pending.log_keep is None):
+        raise ValueError("log_keep must be given exactly when the state was made with "
+                         "decay_enabled=True")
+    if (side is None) != (pending.side is None):
+        raise ValueError("side must be given exactly when the state was made with side_enabled=True")
     if pending.keys.shape[1] >= chunk_size:
         raise ValueError(
             f"the state has {pending.keys.shape[1]} pending tokens, so chunk_size must be larger "

@@ -1,20 +1,21 @@
-"""The Titans neural long-term memory as a sequence layer (docs/memory.md), the memory layer
-``titans.neural_memory``.
+"""The fast-weight memory layer (docs/memory.md): one sequence layer for every test-time learning
+rule the executors run; ``titans.neural_memory`` builds it, and so can any plugin's memory layer.
 
-``x -> q, k, v`` (projection), per-token gates (surprise and forgetting rules), the chunk-parallel
-test-time update and read (:func:`memforge.engine.chunked.memory_scan`), then a per-head RMS norm,
-a SiLU output gate from ``x`` and the output projection (docs/memory.md, "The memory layer";
-after Gated State Spaces / GDN).
+``x -> q, k, v`` (projection), per-token inputs of the rule (the optimiser's step sizes and
+momentum, the retention's log-decay, the objective's side input and window weights), the
+executor's scan (:mod:`memforge.engine.executors`: the test-time update and the read), then a
+per-head RMS norm, a SiLU output gate from ``x`` and the output projection (docs/memory.md, "The
+memory layer"; after Gated State Spaces / GDN).
 
 Every sequence in the batch owns its memory: the learned initial weights are copied per sequence
-at the start and updated while the layer reads. The layer's state carries them (plus momentum,
-the convolution cache and the unfinished chunk), so feeding a sequence in pieces equals feeding it
-whole at any split point.
+at the start and updated while the layer reads. The layer's state carries them (plus whatever
+the executor keeps, and the projection's cache), so feeding a sequence in pieces equals feeding
+it whole at any split point.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
 import torch
@@ -22,18 +23,25 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from memforge.checks import checks_values
-from memforge.engine.chunked import FastWeightState, current_weights, initial_state, memory_scan
+from memforge.engine.executors import (
+    DecodesRuleStatically,
+    Executor,
+    LearningRule,
+    RuleInputs,
+    select_executor,
+)
 from memforge.engine.inspection import SERIES, record_forward
-from memforge.engine.static_chunk import StaticChunk, clone_tree, copy_into, static_chunk, static_chunk_step
+from memforge.engine.static_chunk import clone_tree, copy_into
 from memforge.errors import InputError, NonFiniteError
 from memforge.interfaces import (
-    ForgettingRule,
     MemoryNetwork,
     MemoryRecorder,
+    Objective,
+    Optimizer,
     Projection,
+    Retention,
     RetrievalRule,
-    SurpriseGates,
-    SurpriseRule,
+    RuleDescription,
 )
 from memforge.linear import Linear
 
@@ -43,15 +51,16 @@ def _without_autocast(device: torch.device):
     return torch.autocast(device.type, enabled=False)
 
 
-def _scan_with_compiled_steps(*args: Any, **kwargs: Any) -> tuple[Tensor, FastWeightState]:
-    """:func:`memory_scan` with its compiled chunk step."""
-    return memory_scan(*args, compiled=True, **kwargs)
+def _scan_with_compiled_steps(executor: Executor, rule: LearningRule, state: Any,
+                              inputs: RuleInputs) -> tuple[Tensor, Any]:
+    """The executor's scan with its compiled chunk step."""
+    return executor.scan(rule, state, inputs, compiled=True)
 
 
-_hidden_scan: Callable[..., tuple[Tensor, FastWeightState]] | None = None
+_hidden_scan: Callable[..., tuple[Tensor, Any]] | None = None
 
 
-def _scan_hidden_from_compile() -> Callable[..., tuple[Tensor, FastWeightState]]:
+def _scan_hidden_from_compile() -> Callable[..., tuple[Tensor, Any]]:
     """:func:`_scan_with_compiled_steps` hidden from any outer ``torch.compile`` (which would
     otherwise trace into the loop, unroll it and inline the step).
 
@@ -65,45 +74,61 @@ def _scan_hidden_from_compile() -> Callable[..., tuple[Tensor, FastWeightState]]
 
 
 class MemoryLayerState(NamedTuple):
-    """State of a :class:`NeuralMemoryLayer` between calls on the same sequences.
+    """State of a :class:`FastWeightMemoryLayer` between calls on the same sequences.
 
     Attributes:
-        fast: fast weights and momentum at the current chunk start, plus the unfinished chunk.
+        fast: the executor's state (fast weights at the current chunk start in ``fast.weights``,
+            momentum, the unfinished chunk).
         projection: the projection's cache (``None`` when it keeps none).
     """
 
-    fast: FastWeightState
+    fast: Any
     projection: Any
 
 
 class MemoryDecodeBuffers(NamedTuple):
-    """What a fixed-shape decode of a :class:`NeuralMemoryLayer` keeps (changed in place).
+    """What a fixed-shape decode of a :class:`FastWeightMemoryLayer` keeps (changed in place).
 
     Attributes:
-        chunk: fast weights, momentum and the current chunk's rows.
+        chunk: the executor's buffers (fast weights, momentum and the current chunk's rows).
         projection: a copy of the projection's cache (``None`` when it keeps none).
     """
 
-    chunk: StaticChunk
+    chunk: Any
     projection: Any
 
 
-class NeuralMemoryLayer(nn.Module):
-    """Neural long-term memory (LMM): ``forward(x [B, T, D], state) -> (y [B, T, D], state)``.
+class FastWeightMemoryLayer(nn.Module):
+    """A fast-weight memory: ``forward(x [B, T, D], state) -> (y [B, T, D], state)``.
 
-    A :class:`memforge.interfaces.MemoryLayer` with every capability: ``ReadsMemory``,
-    ``DecodesMemoryStatically``, ``ReadsMemoryStatically``, ``CompilesSteps`` and
-    ``InspectsMemory`` (:mod:`memforge.engine.inspection` says what it records).
+    A :class:`memforge.interfaces.MemoryLayer` with the capabilities ``ReadsMemory``,
+    ``CompilesSteps``, ``InspectsMemory`` (:mod:`memforge.engine.inspection` says what it
+    records) and ``DescribesRule``; and ``DecodesMemoryStatically`` with
+    ``ReadsMemoryStatically`` when its executor decodes with fixed shapes (the closed form does).
+    A capability is a set of methods that callers look for, so a layer whose executor cannot
+    decode that way must not have them: it is then a plain :class:`FastWeightMemoryLayer`, and
+    otherwise a :class:`StaticDecodingMemoryLayer` (chosen at construction, once the executor is
+    known).
 
     Args:
         dim: model width ``D``.
         heads: memory heads ``H``; each has its own memory of width ``d = D // H``.
         projection: makes ``q, k, v`` ``[B, H, T, d]`` from ``x`` (kind ``projection``).
         memory: the memory network ``M`` (kind ``memory``).
-        surprise: inner loss and step-size/momentum gates (kind ``surprise``).
-        forgetting: decay gate (kind ``forgetting``).
+        objective: the loss a step descends (kind ``objective``).
+        optimizer: step sizes and momentum (kind ``optimizer``).
+        retention: the decay of old memory in log space (kind ``retention``).
         retrieval: which weights a token reads (kind ``retrieval``).
-        chunk_size: tokens whose surprise is taken at the same (chunk-start) weights.
+        chunk_size: tokens whose updates are computed together (their gradients at the
+            chunk-start weights, for the closed form).
+        executor: ``"auto"`` (the first executor that runs the rule,
+            :func:`memforge.engine.executors.select_executor`) or an executor's name.
+        names: the components' names by kind (``{"objective": "titans.l2", ...}``) for
+            :meth:`describe_rule`; a kind without one is described by its class name.
+
+    Raises:
+        SpecError: no executor (or not the one asked for) can run the rule; one line naming the
+            components and the fix.
     """
 
     inspect_series = SERIES
@@ -116,10 +141,13 @@ class NeuralMemoryLayer(nn.Module):
         *,
         projection: Projection,
         memory: MemoryNetwork,
-        surprise: SurpriseRule,
-        forgetting: ForgettingRule,
+        objective: Objective,
+        optimizer: Optimizer,
+        retention: Retention,
         retrieval: RetrievalRule,
         chunk_size: int,
+        executor: str = "auto",
+        names: Mapping[str, str] | None = None,
     ) -> None:
         super().__init__()
         if dim % heads:
@@ -129,13 +157,39 @@ class NeuralMemoryLayer(nn.Module):
         self.dim, self.heads, self.head_dim, self.chunk_size = dim, heads, dim // heads, chunk_size
         self.projection = projection
         self.memory = memory
-        self.surprise = surprise
-        self.forgetting = forgetting
+        self.objective = objective
+        self.optimizer = optimizer
+        self.retention = retention
         self.retrieval = retrieval
+        self.rule = LearningRule(memory, objective, optimizer, retention, retrieval, chunk_size)
+        self.executor = select_executor(self.rule, executor)
+        self.component_names = dict(names or {})
         self.compiled_steps = False
         self.out_norm = nn.RMSNorm(self.head_dim)
         self.out_gate = Linear(dim, dim, bias=False)
         self.out_proj = Linear(dim, dim, bias=False)
+        if type(self) is FastWeightMemoryLayer and isinstance(self.executor, DecodesRuleStatically):
+            self.__class__ = StaticDecodingMemoryLayer
+
+    def extra_repr(self) -> str:
+        return f"chunk_size={self.chunk_size}, executor={self.executor.name!r}"
+
+    def describe_rule(self) -> RuleDescription:
+        """The rule's parts (names where the builder gave them, else class names), its schedule,
+        tier and executor (:class:`memforge.interfaces.DescribesRule`)."""
+
+        def name(kind: str, part: Any) -> str:
+            return self.component_names.get(kind) or type(part).__name__
+
+        schedule = "token by token" if self.chunk_size == 1 else f"chunks of {self.chunk_size}"
+        return RuleDescription(
+            objective=name("objective", self.objective),
+            retention=name("retention", self.retention),
+            optimizer=name("optimizer", self.optimizer),
+            schedule=schedule,
+            tier=self.executor.tier(self.rule),
+            executor=self.executor.name,
+        )
 
     # -- input checks --------------------------------------------------------------------------
     def _check_input(self, x: Any) -> None:
@@ -165,57 +219,56 @@ class NeuralMemoryLayer(nn.Module):
         return state
 
     # -- the layer -----------------------------------------------------------------------------
-    def _heads_first(self, gate: Tensor) -> Tensor:
-        # [B, T, H] -> [B * H, T], matching the kernel's sequence-major, head-minor order.
-        return gate.permute(0, 2, 1).flatten(0, 1)
-
     def forward(self, x: Tensor, state: MemoryLayerState | None = None
                 ) -> tuple[Tensor, MemoryLayerState]:
         """Write ``x`` into the memory and read it; returns the layer output and the new state."""
         self._check_input(x)
         batch = x.shape[0]
-        gates = self.surprise(x)
-        decay = self.forgetting(x)
-        if state is None:
-            # Whether momentum/decay state exists follows from the rules' gates (None = off).
-            fast = initial_state(self.memory, batch, momentum_enabled=gates.momentum is not None,
-                                 decay_enabled=decay is not None)
-            state = MemoryLayerState(fast, None)
-        else:
+        if state is not None:
             state = self._check_state(state, batch)
-        flat, (gate_lr, gate_momentum, gate_decay), projection_cache = self._kernel_inputs(
-            x, gates, decay, state.projection, state.fast.weights[0].dtype)
-        scan = _scan_hidden_from_compile() if self.compiled_steps else memory_scan
+        dtype = (state.fast.weights if state is not None else self.memory.initial_weights())[0].dtype
+        inputs, projection_cache = self._rule_inputs(
+            x, None if state is None else state.projection, dtype)
+        # Which optional inputs the state carries follows from the first call's (None = off).
+        fast = (self.executor.initial_state(self.rule, batch, inputs) if state is None
+                else state.fast)
         with _without_autocast(x.device):
-            read, fast = scan(
-                self.memory, self.surprise, self.retrieval, state.fast, *flat,
-                lr=gate_lr, momentum=gate_momentum, decay=gate_decay, chunk_size=self.chunk_size,
-            )
+            if self.compiled_steps:
+                read, new_fast = _scan_hidden_from_compile()(self.executor, self.rule, fast, inputs)
+            else:
+                read, new_fast = self.executor.scan(self.rule, fast, inputs)
         y = self._output(read, x)
         if self._memory_recorder is not None:
-            record_forward(self, self._memory_recorder, x, state.fast, flat,
-                           (gate_lr, gate_momentum, gate_decay), read)
-        return y, MemoryLayerState(fast, projection_cache)
+            record_forward(self, self._memory_recorder, x, fast, inputs, read)
+        return y, MemoryLayerState(new_fast, projection_cache)
 
     def set_memory_recorder(self, recorder: MemoryRecorder | None) -> None:
         """Record every later ``forward`` into ``recorder`` (``None``: stop); InspectsMemory."""
         self._memory_recorder = recorder
 
-    def _kernel_inputs(self, x: Tensor, gates: SurpriseGates, decay: Tensor | None,
-                       projection_cache: Any, dtype: torch.dtype
-                       ) -> tuple[list[Tensor], list[Tensor | None], Any]:
-        """``q, k, v`` as ``[B * H, T, d]`` and the gates ``theta, eta, alpha`` as ``[B * H, T]``
-        (``None`` when off), in the fast weights' ``dtype``, and the projection's new cache.
+    def _heads_first(self, gate: Tensor | None, dtype: torch.dtype) -> Tensor | None:
+        """``[B, T, H] -> [B * H, T]`` in ``dtype``, the kernel's sequence-major, head-minor order."""
+        return None if gate is None else gate.permute(0, 2, 1).flatten(0, 1).to(dtype)
+
+    def _rule_inputs(self, x: Tensor, projection_cache: Any, dtype: torch.dtype
+                     ) -> tuple[RuleInputs, Any]:
+        """The rule's per-token inputs in kernel layout (``q, k, v`` ``[B * H, T, d]``, the rest
+        ``[B * H, T]`` or ``None``) in the fast weights' ``dtype``, and the projection's new cache.
 
         The test-time update runs at the fast weights' precision even under autocast: momentum and
         decay accumulate over thousands of tokens, and bfloat16 steps would drift (the attention
         and projections around it still take autocast's low precision).
         """
         q, k, v, cache = self.projection(x, projection_cache)
-        flat = [t.flatten(0, 1).to(dtype) for t in (q, k, v)]
-        gate_values = [None if g is None else self._heads_first(g).to(dtype)
-                       for g in (gates.lr, gates.momentum, decay)]
-        return flat, gate_values, cache
+        gates = self.optimizer(x)
+        log_keep = self.retention(x)
+        extra = self.objective(x)
+        inputs = RuleInputs(
+            *(t.flatten(0, 1).to(dtype) for t in (q, k, v)),
+            *(self._heads_first(g, dtype)
+              for g in (gates.lr, gates.momentum, log_keep, extra.side, extra.window)),
+        )
+        return inputs, cache
 
     def _output(self, read: Tensor, x: Tensor) -> Tensor:
         """The raw reads ``[B * H, T, d]`` normalised, gated by ``x`` ``[B, T, D]`` and projected."""
@@ -224,50 +277,15 @@ class NeuralMemoryLayer(nn.Module):
         y = y.transpose(1, 2).reshape(batch, steps, self.dim)
         return self.out_proj(y * F.silu(self.out_gate(x)))
 
-    # -- fixed-shape decoding (compiled generation) --------------------------------------------
-    def static_decode_buffers(self, state: MemoryLayerState, batch: int) -> MemoryDecodeBuffers:
-        """Fixed-shape buffers holding ``state`` (after at least one token), for
-        :meth:`static_decode_step`; copies, so the decode never changes ``state`` itself."""
-        state = self._check_state(state, batch)
-        with _without_autocast(state.fast.weights[0].device):
-            chunk = static_chunk(self.memory, self.surprise, state.fast, self.chunk_size)
-        return MemoryDecodeBuffers(chunk, clone_tree(state.projection))
-
-    def static_decode_phase(self, state: MemoryLayerState) -> int:
-        """How many tokens of the current chunk ``state`` has read (the row the next one writes)."""
-        return state.fast.pending.keys.shape[1]
-
-    def static_decode_step(self, x: Tensor, buffers: MemoryDecodeBuffers, completes_chunk: bool
-                           ) -> Tensor:
-        """One token ``x`` ``[B, 1, D]`` through the layer, updating ``buffers`` in place.
-
-        Equals :meth:`forward` on that token with the state the buffers hold; every call has the
-        same shapes. ``completes_chunk``: this token is the last of its chunk (the decoder knows
-        the position, so the branch is a Python bool and a compiled step never reads a tensor).
-        No input checks: the decoder feeds the model's own hidden states.
-        """
-        flat, gate_values, cache = self._kernel_inputs(
-            x, self.surprise(x), self.forgetting(x), buffers.projection, buffers.chunk.weights[0].dtype)
-        copy_into(buffers.projection, cache)
-        with _without_autocast(x.device):
-            read = static_chunk_step(self.memory, self.surprise, self.retrieval, buffers.chunk, *flat,
-                                     *gate_values, completes=completes_chunk)
-        return self._output(read, x)
-
-    def static_read_state(self, buffers: MemoryDecodeBuffers) -> tuple[Tensor, ...]:
-        """The fast weights ``buffers`` hold (views), the :meth:`read_state` snapshot right after a
-        step that completed a chunk (:class:`memforge.interfaces.ReadsMemoryStatically`)."""
-        return tuple(buffers.chunk.weights)
-
     def compile_steps(self, enabled: bool = True) -> None:
-        """Run the memory's chunk loop with a ``torch.compile``-d chunk step (or back to eager).
+        """Run the executor's chunk loop with a ``torch.compile``-d chunk step (or back to eager).
 
         The loop over chunks stays in Python and each whole chunk goes through one compiled graph
-        (:func:`memforge.engine.chunked.compiled_chunk_step`), which fuses the element-wise work
-        between the matmuls: compiling the layer or model as a whole would instead unroll the loop,
-        compile one graph per sequence length and take minutes. With this on, an outer
-        ``torch.compile`` of the model compiles everything around the scan and leaves the scan to
-        its step. Results agree with the eager path up to float rounding.
+        (the closed form's :func:`memforge.engine.chunked.compiled_chunk_step`), which fuses the
+        element-wise work between the matmuls: compiling the layer or model as a whole would
+        instead unroll the loop, compile one graph per sequence length and take minutes. With
+        this on, an outer ``torch.compile`` of the model compiles everything around the scan and
+        leaves the scan to its step. Results agree with the eager path up to float rounding.
         """
         if enabled:
             _scan_hidden_from_compile()
@@ -284,7 +302,7 @@ class NeuralMemoryLayer(nn.Module):
             return tuple(w.repeat(batch, 1, 1) for w in self.memory.initial_weights())
         state = self._check_state(state, batch)
         with _without_autocast(state.fast.weights[0].device):
-            return current_weights(self.memory, self.surprise, state.fast)
+            return self.executor.current_weights(self.rule, state.fast)
 
     def read(self, queries: Tensor, weights: tuple[Tensor, ...]) -> Tensor:
         """``M(queries)`` with fixed fast ``weights`` (from :meth:`read_state`); pure.
@@ -295,3 +313,47 @@ class NeuralMemoryLayer(nn.Module):
         flat = queries.flatten(0, 1)
         out, _ = self.memory.forward(flat, lambda i, h: h @ weights[i])
         return out.unflatten(0, queries.shape[:2])
+
+
+class StaticDecodingMemoryLayer(FastWeightMemoryLayer):
+    """A :class:`FastWeightMemoryLayer` whose executor decodes with fixed shapes (compiled
+    generation): adds ``DecodesMemoryStatically`` and ``ReadsMemoryStatically``. Built by
+    :class:`FastWeightMemoryLayer` itself; never constructed directly."""
+
+    executor: DecodesRuleStatically
+
+    def static_decode_buffers(self, state: MemoryLayerState, batch: int) -> MemoryDecodeBuffers:
+        """Fixed-shape buffers holding ``state`` (after at least one token), for
+        :meth:`static_decode_step`; copies, so the decode never changes ``state`` itself."""
+        state = self._check_state(state, batch)
+        with _without_autocast(state.fast.weights[0].device):
+            chunk = self.executor.static_buffers(self.rule, state.fast)
+        return MemoryDecodeBuffers(chunk, clone_tree(state.projection))
+
+    def static_decode_phase(self, state: MemoryLayerState) -> int:
+        """How many tokens of the current chunk ``state`` has read (the row the next one writes)."""
+        return self.executor.static_phase(self.rule, state.fast)
+
+    def static_decode_step(self, x: Tensor, buffers: MemoryDecodeBuffers, completes_chunk: bool
+                           ) -> Tensor:
+        """One token ``x`` ``[B, 1, D]`` through the layer, updating ``buffers`` in place.
+
+        Equals :meth:`forward` on that token with the state the buffers hold; every call has the
+        same shapes. ``completes_chunk``: this token is the last of its chunk (the decoder knows
+        the position, so the branch is a Python bool and a compiled step never reads a tensor).
+        No input checks: the decoder feeds the model's own hidden states.
+        """
+        inputs, cache = self._rule_inputs(x, buffers.projection, buffers.chunk.weights[0].dtype)
+        copy_into(buffers.projection, cache)
+        with _without_autocast(x.device):
+            read = self.executor.static_step(self.rule, buffers.chunk, inputs, completes_chunk)
+        return self._output(read, x)
+
+    def static_read_state(self, buffers: MemoryDecodeBuffers) -> tuple[Tensor, ...]:
+        """The fast weights ``buffers`` hold (views), the :meth:`read_state` snapshot right after a
+        step that completed a chunk (:class:`memforge.interfaces.ReadsMemoryStatically`)."""
+        return tuple(buffers.chunk.weights)
+
+
+__all__ = ["FastWeightMemoryLayer", "MemoryDecodeBuffers", "MemoryLayerState",
+           "StaticDecodingMemoryLayer"]

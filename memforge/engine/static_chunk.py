@@ -26,8 +26,8 @@ from torch import Tensor
 
 from memforge.engine.chunked import (
     FastWeightState,
+    LossGradient,
     Retrieval,
-    SurpriseLoss,
     _advance,
     _ChunkReader,
     _CoefficientBank,
@@ -46,7 +46,8 @@ class StaticChunk(NamedTuple):
         moments: ``S`` at the start of the current chunk (``()`` without momentum).
         lr: ``theta`` of the chunk's rows ``[N, b]``.
         momentum: ``eta`` ``[N, b]``, or ``None`` without momentum.
-        decay: ``alpha`` ``[N, b]``, or ``None`` without forgetting.
+        log_keep: ``log keep`` ``[N, b]``, or ``None`` without retention decay.
+        side: the objective's side input ``[N, b]``, or ``None`` when it takes none.
         keys: the rows' keys ``[N, b, d_key]``.
         values: the rows' values ``[N, b, d_value]``.
         inputs: per matrix, the input of each row's surprise ``[N, b, d_in_i]`` (kept up to date
@@ -59,7 +60,8 @@ class StaticChunk(NamedTuple):
     moments: tuple[Tensor, ...]
     lr: Tensor
     momentum: Tensor | None
-    decay: Tensor | None
+    log_keep: Tensor | None
+    side: Tensor | None
     keys: Tensor
     values: Tensor
     inputs: tuple[Tensor, ...]
@@ -87,7 +89,7 @@ class _NoPairs(NamedTuple):
 
 
 def static_chunk(
-    network: MemoryNetwork, surprise: SurpriseLoss, state: FastWeightState, chunk_size: int
+    network: MemoryNetwork, objective: LossGradient, state: FastWeightState, chunk_size: int
 ) -> StaticChunk:
     """A :class:`StaticChunk` holding ``state`` (from :func:`memory_scan`, same ``chunk_size``).
 
@@ -105,14 +107,16 @@ def static_chunk(
         buffer[:, :done] = filled
         return buffer
 
-    pairs = _surprise_pairs(network, surprise, weights, pending.keys, pending.values) if done else [
+    pairs = _surprise_pairs(network, objective, weights, pending.keys, pending.values,
+                            pending.side) if done else [
         (w.new_zeros(n, 0, w.shape[1]), w.new_zeros(n, 0, w.shape[2])) for w in weights]
     return StaticChunk(
         weights=tuple(w.clone() for w in weights),
         moments=tuple(s.clone() for s in state.momentum),
         lr=rows(pending.lr, ()),
         momentum=None if pending.momentum is None else rows(pending.momentum, ()),
-        decay=None if pending.decay is None else rows(pending.decay, ()),
+        log_keep=None if pending.log_keep is None else rows(pending.log_keep, ()),
+        side=None if pending.side is None else rows(pending.side, ()),
         keys=rows(pending.keys, pending.keys.shape[2:]),
         values=rows(pending.values, pending.values.shape[2:]),
         inputs=tuple(rows(x, x.shape[2:]) for x, _ in pairs),
@@ -123,7 +127,7 @@ def static_chunk(
 
 def static_chunk_step(
     network: MemoryNetwork,
-    surprise: SurpriseLoss,
+    objective: LossGradient,
     retrieval: Retrieval,
     chunk: StaticChunk,
     query: Tensor,
@@ -131,7 +135,8 @@ def static_chunk_step(
     value: Tensor,
     lr: Tensor,
     momentum: Tensor | None,
-    decay: Tensor | None,
+    log_keep: Tensor | None,
+    side: Tensor | None = None,
     *,
     completes: bool,
 ) -> Tensor:
@@ -148,13 +153,13 @@ def static_chunk_step(
     chunk's pairs are computed at once when it completes, from the stored keys and values.
     """
     row = chunk.row.view(1)
-    for buffer, new in ((chunk.lr, lr), (chunk.momentum, momentum), (chunk.decay, decay),
-                        (chunk.keys, key), (chunk.values, value)):
+    for buffer, new in ((chunk.lr, lr), (chunk.momentum, momentum), (chunk.log_keep, log_keep),
+                        (chunk.side, side), (chunk.keys, key), (chunk.values, value)):
         if buffer is not None:
             buffer.index_copy_(1, row, new)
     stored = _StoredPairs(list(zip(chunk.inputs, chunk.grads, strict=True)))
     if getattr(retrieval, "reads_within_chunk", True):
-        new_pairs = _surprise_pairs(network, surprise, chunk.weights, key, value)
+        new_pairs = _surprise_pairs(network, objective, chunk.weights, key, value, side)
         for inputs, grads, (x, g) in zip(chunk.inputs, chunk.grads, new_pairs, strict=True):
             inputs.index_copy_(1, row, x)
             grads.index_copy_(1, row, g)
@@ -166,8 +171,8 @@ def static_chunk_step(
     out = retrieval(reader, query)
     if completes:
         if pairs is not stored:
-            pairs = _StoredPairs(_surprise_pairs(network, surprise, chunk.weights, chunk.keys,
-                                                 chunk.values))
+            pairs = _StoredPairs(_surprise_pairs(network, objective, chunk.weights, chunk.keys,
+                                                 chunk.values, chunk.side))
         weights, moments = _advance(chunk.weights, chunk.moments, pairs.get(), bank.end(0))
         for old, new in zip(chunk.weights + chunk.moments, weights + moments, strict=True):
             old.copy_(new)
@@ -182,14 +187,14 @@ class _Gates(NamedTuple):
 
     lr: Tensor
     momentum: Tensor | None
-    decay: Tensor | None
+    log_keep: Tensor | None
 
 
 class _RowBank:
     """The coefficients of a static step: the exact reads of its one row, and the chunk end.
 
     The state after the first ``k`` rows of a chunk is the end state of a chunk whose other rows
-    write nothing and change nothing: ``theta = 0``, ``alpha = 0`` and ``eta = 0`` (``eta = 1``
+    write nothing and change nothing: ``theta = 0``, ``log keep = 0`` and ``eta = 0`` (``eta = 1``
     would carry the momentum on into ``M`` row after row). So a read takes the chunk-end
     coefficients of the gates with the rows from ``k`` on neutralised, as ``[N, 1(, b)]`` read
     coefficients: ``O(b^2)`` element-wise work and no ``b x b`` matrix product, where the bank's
@@ -217,7 +222,7 @@ class _RowBank:
         chunk = self._chunk
         written = torch.arange(self._size, device=chunk.lr.device) < count
         masked = _Gates(*(None if gate is None else torch.where(written, gate, 0.0)
-                          for gate in (chunk.lr, chunk.momentum, chunk.decay)))
+                          for gate in (chunk.lr, chunk.momentum, chunk.log_keep)))
         end = _CoefficientBank(masked, self._size).end(0)
         return _ReadCoefficients(keep=None if end.keep is None else end.keep[:, None],
                                  carry=None if end.carry is None else end.carry[:, None],

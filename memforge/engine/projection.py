@@ -1,0 +1,65 @@
+"""The memory layer's projection: hidden states to per-head queries, keys and values
+(docs/memory.md, "The memory layer"); the titans plugin registers it as ``titans.conv_qkv`` and
+``titans.plain_qkv``."""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from memforge.linear import Linear
+
+
+class ProjectionCache(NamedTuple):
+    """The last ``kernel - 1`` projected (pre-convolution) inputs ``[B, kernel - 1, 3 * H * d]``."""
+
+    history: Tensor
+
+
+class QKVProjection(nn.Module):
+    """Queries, keys and values for the memory (docs/memory.md, "The memory layer"; GDN order).
+
+    ``linear -> causal depthwise conv (optional) -> SiLU``, then q and k are l2-normalised per
+    head. The convolution keeps its last ``kernel - 1`` inputs as a cache, so a sequence fed in
+    pieces gives the same q, k, v as fed whole.
+
+    Args:
+        dim: input width ``D``.
+        heads: heads ``H``.
+        head_dim: per-head width ``d``.
+        conv_kernel: depthwise convolution width; ``0`` turns the convolution off.
+    """
+
+    def __init__(self, dim: int, heads: int, head_dim: int, *, conv_kernel: int) -> None:
+        super().__init__()
+        if conv_kernel < 0:
+            raise ValueError(f"conv_kernel must be >= 0 (0 = off), got {conv_kernel}")
+        self.heads, self.head_dim, self.kernel = heads, head_dim, conv_kernel
+        width = 3 * heads * head_dim
+        self.proj = Linear(dim, width, bias=False)
+        self.conv = nn.Conv1d(width, width, conv_kernel, groups=width, bias=False) if conv_kernel else None
+
+    def forward(self, x: Tensor, cache: ProjectionCache | None) -> tuple[Tensor, Tensor, Tensor, Any]:
+        """``x`` ``[B, T, D]`` -> ``q, k, v`` ``[B, H, T, d]`` and the new cache."""
+        h = self.proj(x)
+        if self.conv is not None:
+            batch = x.shape[0]
+            history = (cache.history if cache is not None
+                       else h.new_zeros(batch, self.kernel - 1, h.shape[-1]))
+            window = torch.cat((history, h), dim=1)
+            if h.shape[1] == 1:
+                # Decoding: one output is a weighted sum of the window, far cheaper than a conv call.
+                h = (window * self.conv.weight[:, 0].t()).sum(1, keepdim=True)
+            else:
+                h = self.conv(window.transpose(1, 2)).transpose(1, 2)
+            cache = ProjectionCache(window[:, window.shape[1] - (self.kernel - 1):])
+        h = F.silu(h)
+        q, k, v = (t.unflatten(-1, (self.heads, self.head_dim)).transpose(1, 2)
+                   for t in h.chunk(3, dim=-1))
+        return F.normalize(q, dim=-1), F.normalize(k, dim=-1), v, cache
+
+
+__all__ = ["ProjectionCache", "QKVProjection"]
