@@ -128,3 +128,38 @@ def ttt_reference(network: nn.Module, queries: Tensor, keys: Tensor, values: Ten
     out = torch.stack(outputs, 1) if outputs else queries.new_zeros(n, 0, values.shape[-1])
     keep = slice(total - rest, total)
     return out, ReferenceState(start, all_keys[:, keep], all_values[:, keep], all_steps[:, keep])
+
+
+class LayerReferenceState(NamedTuple):
+    """Where :func:`ttt_layer_reference` stopped: the rule's state and the projection's cache."""
+
+    rule: ReferenceState
+    projection: object
+
+
+def ttt_layer_reference(layer: nn.Module, x: Tensor, state: object | None
+                        ) -> tuple[Tensor, LayerReferenceState]:
+    """The whole ``ttt.layer`` with :func:`ttt_reference` in place of the engine's executor: the
+    layer's own projection, step and output stage around the token loop (the conformance kit's
+    ``reference=``).
+
+    ``state`` is ``None``, the layer's own state (the engine's: chunk-start weights plus the
+    pending tokens of the unfinished mini-batch, and the projection's cache) or a
+    :class:`LayerReferenceState` from an earlier call.
+    """
+    if state is None:
+        rule_state, cache = None, None
+    elif isinstance(state, LayerReferenceState):
+        rule_state, cache = state
+    else:
+        pending = state.fast.pending
+        rule_state = ReferenceState(tuple(state.fast.weights), pending.keys, pending.values,
+                                    pending.lr)
+        cache = state.projection
+    q, k, v, cache = layer.projection(x, cache)
+    steps = layer.optimizer(x).lr.permute(0, 2, 1).flatten(0, 1)  # [B, T, H] -> [B * H, T]
+    flat = [t.flatten(0, 1) for t in (q, k, v)]
+    read, rule_state = ttt_reference(layer.memory, *flat, steps, chunk_size=layer.chunk_size,
+                                     state=rule_state)
+    output = getattr(layer, "output", None) or layer._output
+    return output(read.to(x.dtype), x), LayerReferenceState(rule_state, cache)
