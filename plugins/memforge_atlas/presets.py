@@ -1,0 +1,91 @@
+"""Presets of the ``atlas`` plugin: OmegaNet, DeepTransformers and Atlas in every integration.
+
+Each comes in a ``_tiny`` size (tests) and a small size that trains on a laptop CPU, the sizes of
+the ``titans`` and ``delta`` presets, so the families compare at equal width and depth. The
+integration, attention, feed-forward, projection, retention and retrieval are other plugins'
+components, chosen by registry name through :func:`memforge.apply_overrides` (never imported):
+the q/k/v pipeline ``titans.conv_qkv``, the decay ``titans.adaptive_decay`` (every model here
+forgets, so its fast weights stay bounded on long input), chunk-start reads.
+
+The three models (docs/zoo.md, "ATLAS"):
+
+* OmegaNet: Omega rule (``c = 4``), ``phi_2`` features, a matrix memory on them, plain gradient
+  descent: the sequential executor's closed-form chunk path (the window rules the closed form out).
+* DeepTransformers: ``phi_2`` features, a 2-layer MLP memory, the dot-product (Hebbian) objective,
+  plain gradient descent: the closed-form executor.
+* Atlas: Omega rule (``c = 4``), ``phi_2`` features, a 2-layer MLP memory, Muon: the sequential
+  executor's token loop. Its MLP keeps the head width (expansion 1, not App. E's 4): per-token
+  Newton-Schulz on a ``C(d + 2, 2) x 4d`` matrix would make the small size hours, not minutes.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import memforge
+from memforge import ModelSpec, PresetSpec
+
+#: (vocab, dim, layers, heads, chunk) of the two sizes.
+SIZES = {"tiny": (64, 32, 2, 2, 8), "small": (256, 128, 2, 4, 16)}
+#: (MAC segment, sliding window, persistent tokens) of the two sizes, as in the titans presets.
+ATTENTION_SIZES = {"tiny": (16, 8, 2), "small": (64, 64, 4)}
+#: The spec the presets start from: a plain transformer (its kinds are all replaced below).
+BASE = "baseline.transformer_tiny"
+
+#: Each model's memory layer and parts, as dotted overrides.
+MODELS: dict[str, dict[str, Any]] = {
+    "omeganet": {"memory_layer": "atlas.omeganet", "memory": "atlas.poly_mlp", "memory.depth": 1,
+                 "objective": "atlas.omega", "optimizer": "atlas.gd",
+                 "optimizer.momentum": False},
+    "deep_transformer": {"memory_layer": "atlas.deep_transformer", "memory": "atlas.poly_mlp",
+                         "memory.depth": 2, "objective": "atlas.dot", "optimizer": "atlas.gd",
+                         "optimizer.momentum": False},
+    "atlas": {"memory_layer": "atlas.atlas", "memory": "atlas.poly_mlp", "memory.depth": 2,
+              "memory.expansion": 1.0, "objective": "atlas.omega", "optimizer": "atlas.muon"},
+}
+SUMMARIES = {"omeganet": "OmegaNet (Omega rule c=4, poly features, GD)",
+             "deep_transformer": "DeepTransformers (Hebbian deep memory, poly features)",
+             "atlas": "Atlas (Omega rule c=4, poly features, deep memory, Muon)"}
+
+
+def atlas_spec(size: str, model: str, integration: str, attention: str = "baseline.causal",
+               **settings: Any) -> ModelSpec:
+    """A spec of ``size`` with ``model`` (a key of :data:`MODELS`) in the registered
+    ``integration``, ``attention`` and ``baseline.swiglu``; ``settings`` are further dotted
+    overrides (``{"attention.window": 8}``)."""
+    vocab, dim, layers, heads, chunk = SIZES[size]
+    return memforge.apply_overrides(memforge.preset(BASE), {
+        "vocab_size": vocab, "dim": dim, "num_layers": layers, "heads": heads,
+        "integration": integration, "attention": attention, "feedforward": "baseline.swiglu",
+        "projection": "titans.conv_qkv", "retention": "titans.adaptive_decay",
+        "retrieval": "titans.chunk_start", **MODELS[model], "memory_layer.chunk_size": chunk,
+        **settings})
+
+
+def _build(size: str, model: str, integration: str) -> ModelSpec:
+    segment, window, persistent = ATTENTION_SIZES[size]
+    if integration == "lmm":
+        return atlas_spec(size, model, "titans.lmm")
+    if integration == "mac":
+        return atlas_spec(size, model, "titans.mac", **{"integration.segment_len": segment,
+                                                         "attention.persistent_tokens": persistent})
+    return atlas_spec(size, model, f"titans.{integration}", "baseline.sliding_window",
+                      **{"attention.window": window, "attention.persistent_tokens": persistent})
+
+
+INTEGRATIONS = {"lmm": "blocks (layer + SwiGLU), no attention",
+                "mac": "as context of segment attention (titans.mac)",
+                "mag": "gating sliding-window attention (titans.mag)",
+                "mal": "layer, then sliding-window attention (titans.mal)"}
+
+
+def _presets(model: str, integration: str) -> list[PresetSpec]:
+    name, summary = f"atlas.{model}_{integration}", f"{SUMMARIES[model]} {INTEGRATIONS[integration]}"
+    return [PresetSpec(name=name, summary=f"{summary}, small",
+                       build=lambda: _build("small", model, integration)),
+            PresetSpec(name=f"{name}_tiny", summary=f"{summary}, tiny",
+                       build=lambda: _build("tiny", model, integration))]
+
+
+PRESETS = [preset for model in MODELS for integration in INTEGRATIONS
+           for preset in _presets(model, integration)]
