@@ -92,21 +92,24 @@ class Retrieval(Protocol):
 
 def initial_state(
     network: MemoryNetwork, batch: int, *, momentum_enabled: bool, decay_enabled: bool,
-    side_enabled: bool = False,
+    side_enabled: bool = False, key_width: int | None = None,
 ) -> FastWeightState:
     """The state at the start of ``batch`` sequences: ``M_0`` per sequence, ``S_0 = 0``, no pending.
 
     The weights are the network's initial weights repeated to ``[batch * H, d_in, d_out]``
     (sequence-major, head-minor, i.e. ``n = b * H + h``) and stay connected to the parameters, so
     outer gradients reach them. ``momentum_enabled`` / ``decay_enabled`` / ``side_enabled`` fix
-    whether later calls pass ``momentum`` / ``log_keep`` / ``side``.
+    whether later calls pass ``momentum`` / ``log_keep`` / ``side``. ``key_width``: the keys'
+    width when the network's input is not its first matrix's (a feature map first, like
+    ``atlas.poly_mlp``); default that matrix's ``d_in``.
     """
     if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
         raise ValueError(f"batch must be an int >= 1, got {batch!r}")
     initial = tuple(network.initial_weights())
     weights = tuple(w.repeat(batch, 1, 1) for w in initial)
     momentum = tuple(torch.zeros_like(w) for w in weights) if momentum_enabled else ()
-    n, d_key, d_value = weights[0].shape[0], weights[0].shape[1], weights[-1].shape[2]
+    n, d_value = weights[0].shape[0], weights[-1].shape[2]
+    d_key = weights[0].shape[1] if key_width is None else key_width
     empty = weights[0].new_zeros(n, 0)
     pending = PendingChunk(
         keys=weights[0].new_zeros(n, 0, d_key),
@@ -743,7 +746,7 @@ def _check_scan_inputs(
     pending = state.pending
     if state.weights[0].shape[0] != n:
         raise ValueError(f"state holds N = {state.weights[0].shape[0]} memories, inputs have {n}")
-    d_key, d_value = state.weights[0].shape[1], state.weights[-1].shape[2]
+    d_key, d_value = pending.keys.shape[2], state.weights[-1].shape[2]
     if keys.shape[2] != d_key or queries.shape[2] != d_key:
         raise ValueError(
             f"queries and keys must have d_key = {d_key} features, got "

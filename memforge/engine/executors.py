@@ -179,7 +179,8 @@ class ClosedFormExecutor:
 
         return initial_state(rule.network, batch, momentum_enabled=inputs.momentum is not None,
                              decay_enabled=inputs.log_keep is not None,
-                             side_enabled=inputs.side is not None)
+                             side_enabled=inputs.side is not None,
+                             key_width=inputs.keys.shape[-1])
 
     def scan(self, rule: LearningRule, state: Any, inputs: RuleInputs, *,
              compiled: bool = False) -> tuple[Tensor, Any]:
