@@ -22,9 +22,9 @@ from memforge.engine.chunked import current_weights, memory_scan
 from tests.test_titans_kernel import (
     EXACT,
     Case,
-    L2Surprise,
     Reading,
     cases,
+    loss_of,
     make_inputs,
     make_network,
     start,
@@ -68,10 +68,10 @@ def run(case: Case, inputs: dict, *, compiled: bool, cuts: tuple[int, ...] = ())
     bounds = [0, *cuts, case.steps]
     for lo, hi in zip(bounds[:-1], bounds[1:], strict=True):
         part = {k: None if v is None else v[:, lo:hi] for k, v in inputs.items()}
-        out, state = memory_scan(net, L2Surprise(), Reading(case.read), state, **part,
+        out, state = memory_scan(net, loss_of(case), Reading(case.read), state, **part,
                                  chunk_size=case.chunk, compiled=compiled)
         outs.append(out)
-    return net, torch.cat(outs, 1), current_weights(net, L2Surprise(), state), state.momentum
+    return net, torch.cat(outs, 1), current_weights(net, loss_of(case), state), state.momentum
 
 
 def grads(case: Case, *, compiled: bool, cuts: tuple[int, ...] = ()) -> list[torch.Tensor]:
@@ -86,20 +86,21 @@ def grads(case: Case, *, compiled: bool, cuts: tuple[int, ...] = ()) -> list[tor
 
 
 @pytest.mark.parametrize(
-    ("depth", "momentum", "decay", "read", "norm"),
+    ("depth", "momentum", "decay", "read", "norm", "side"),
     [
-        (2, True, True, "chunk_start", True),
-        (2, True, True, "after_write", False),
-        (2, False, True, "before_write", True),
-        (1, True, False, "after_write", False),
-        (3, False, False, "chunk_start", False),
+        (2, True, True, "chunk_start", True, False),
+        (2, True, True, "after_write", False, True),
+        (2, False, True, "before_write", True, False),
+        (1, True, False, "after_write", False, False),
+        (3, False, False, "chunk_start", False, True),
     ],
 )
-def test_compiled_steps_equal_the_eager_kernel(counter, depth, momentum, decay, read, norm) -> None:
+def test_compiled_steps_equal_the_eager_kernel(counter, depth, momentum, decay, read, norm,
+                                               side) -> None:
     # 3 whole chunks and a partial one, whole and cut: inside a chunk, then on a boundary (the
     # call from 5 reads [5, 8), all eager); inside a chunk only (the call from 5 reads [5, 8)
-    # eager and [8, 12) compiled).
-    case = Case(11, depth, "gelu", True, norm, momentum, decay, 2, 14, 4, read)
+    # eager and [8, 12) compiled). With side, the objective's per-token input rides in the chunk.
+    case = Case(11, depth, "gelu", True, norm, momentum, decay, 2, 14, 4, read, side)
     for cuts in ((), (5, 8), (5,)):
         eager = grads(case, compiled=False, cuts=cuts)
         compiled = grads(case, compiled=True, cuts=cuts)
@@ -142,7 +143,7 @@ def test_inductor_compiled_steps_match_in_float32() -> None:
     results = []
     for compiled in (False, True):
         leaves = {k: v.detach().requires_grad_() for k, v in inputs.items() if v is not None}
-        out, state = memory_scan(net, L2Surprise(), Reading(case.read), start(net, case),
+        out, state = memory_scan(net, loss_of(case), Reading(case.read), start(net, case),
                                  **{k: leaves.get(k) for k in inputs}, chunk_size=case.chunk,
                                  compiled=compiled)
         loss = out.square().sum() + sum(w.square().sum() for w in state.weights)

@@ -31,16 +31,39 @@ FEW = settings(deadline=None, max_examples=20)
 Inputs = dict[str, Tensor | None]
 
 
-class L2Surprise:
-    """``0.5 * ||p - t||^2`` per token and its gradient."""
+class L2Loss:
+    """``0.5 * ||p - t||^2`` per token and its gradient (no side input)."""
 
-    def loss(self, prediction: Tensor, target: Tensor) -> Tensor:
+    def loss(self, prediction: Tensor, target: Tensor, side: Tensor | None = None) -> Tensor:
         """Per-token loss ``[N, t]``."""
+        assert side is None
         return 0.5 * (prediction - target).square().sum(-1)
 
-    def loss_grad(self, prediction: Tensor, target: Tensor) -> Tensor:
+    def loss_grad(self, prediction: Tensor, target: Tensor, side: Tensor | None = None) -> Tensor:
         """Its gradient w.r.t. the prediction."""
+        assert side is None
         return prediction - target
+
+
+class HuberLoss:
+    """Yaad's Huber loss per feature with a per-token threshold ``delta_t = side_t``: a loss
+    whose gradient depends on the side input (docs/memory.md, "The update rule")."""
+
+    def loss(self, prediction: Tensor, target: Tensor, side: Tensor | None) -> Tensor:
+        """Per-token ``sum_f huber_delta(p_f - t_f)``, ``[N, t]``."""
+        delta = side[..., None]
+        error = (prediction - target).abs()
+        return torch.where(error <= delta, 0.5 * error.square(), delta * (error - 0.5 * delta)).sum(-1)
+
+    def loss_grad(self, prediction: Tensor, target: Tensor, side: Tensor | None) -> Tensor:
+        """``clamp(p - t, -delta, delta)``: its gradient w.r.t. the prediction."""
+        delta = side[..., None]
+        return torch.minimum(torch.maximum(prediction - target, -delta), delta)
+
+
+def loss_of(case: Case) -> L2Loss | HuberLoss:
+    """The objective of ``case``: Huber with a side input, else l2."""
+    return HuberLoss() if case.side else L2Loss()
 
 
 class Reading:
@@ -68,6 +91,7 @@ class Case(NamedTuple):
     steps: int
     chunk: int
     read: str
+    side: bool = False
 
 
 @st.composite
@@ -85,6 +109,7 @@ def cases(draw, max_steps: int = 11, max_chunk: int = 5) -> Case:
         steps=draw(st.integers(1, max_steps)),
         chunk=draw(st.integers(1, max_chunk)),
         read=draw(st.sampled_from(list(READS))),
+        side=draw(st.booleans()),
     )
 
 
@@ -118,15 +143,16 @@ def make_inputs(case: Case, dim: int = DIM, lr_scale: float = 0.2) -> Inputs:
         "values": randn(n, t, dim),
         "lr": lr_scale * rand(n, t),
         "momentum": rand(n, t) if case.momentum else None,
-        "decay": 0.5 * rand(n, t) if case.decay else None,
+        "log_keep": torch.log1p(-0.5 * rand(n, t)) if case.decay else None,
+        # Huber thresholds around the errors' size, so both branches of the loss are taken.
+        "side": 0.05 + rand(n, t) if case.side else None,
     }
 
 
 def start(net: MLPMemory, case: Case) -> FastWeightState:
     """The initial kernel state for ``case``."""
-    return initial_state(
-        net, case.batch, momentum_enabled=case.momentum, decay_enabled=case.decay
-    )
+    return initial_state(net, case.batch, momentum_enabled=case.momentum,
+                         decay_enabled=case.decay, side_enabled=case.side)
 
 
 def scan(
@@ -139,7 +165,7 @@ def scan(
 ) -> tuple[Tensor, FastWeightState]:
     """The kernel, with ``case``'s read and chunk size unless overridden."""
     return memory_scan(
-        net, L2Surprise(), Reading(read or case.read), state, **inputs,
+        net, loss_of(case), Reading(read or case.read), state, **inputs,
         chunk_size=chunk or case.chunk,
     )
 
@@ -149,7 +175,7 @@ def reference(
 ) -> ReferenceResult:
     """The chunk-start oracle for ``case``, from ``state``'s (fresh) weights."""
     return chunk_start_reference(
-        net, L2Surprise(), case.read, state.weights, **inputs, chunk_size=case.chunk
+        net, loss_of(case), case.read, state.weights, **inputs, chunk_size=case.chunk
     )
 
 
@@ -169,7 +195,7 @@ def test_chunk_size_one_is_the_token_recurrence(case: Case) -> None:
     net, inputs = make_network(case), make_inputs(case)
     state = start(net, case)
     out, new = scan(net, case, state, inputs, chunk=1)
-    ref = token_recurrence(net, L2Surprise(), case.read, state.weights, **inputs)
+    ref = token_recurrence(net, loss_of(case), case.read, state.weights, **inputs)
     torch.testing.assert_close(out, ref.outputs, **EXACT)
     assert_all_close(new.weights, ref.weights)
     assert_all_close(new.momentum, ref.momentum if case.momentum else ())
@@ -183,7 +209,7 @@ def test_chunk_size_b_is_the_chunk_start_reference(case: Case) -> None:
     out, new = scan(net, case, state, inputs)
     ref = reference(net, case, state, inputs)
     torch.testing.assert_close(out, ref.outputs, **EXACT)
-    assert_all_close(current_weights(net, L2Surprise(), new), ref.weights)
+    assert_all_close(current_weights(net, loss_of(case), new), ref.weights)
     if case.momentum and case.steps % case.chunk == 0:
         assert_all_close(new.momentum, ref.momentum)
 
@@ -206,7 +232,7 @@ def test_outer_gradients_match_the_reference(case: Case) -> None:
     state = start(net, case)
     out, new = scan(net, case, state, inputs)
     got = torch.autograd.grad(
-        objective(out, current_weights(net, L2Surprise(), new)), wrt, materialize_grads=True
+        objective(out, current_weights(net, loss_of(case), new)), wrt, materialize_grads=True
     )
     ref = reference(net, case, start(net, case), inputs)
     want = torch.autograd.grad(objective(ref.outputs, ref.weights), wrt, materialize_grads=True)
@@ -238,7 +264,7 @@ def test_split_with_state_equals_whole(case: Case, cuts: list[int]) -> None:
     assert_all_close(state.weights, whole_state.weights)
     assert_all_close(state.momentum, whole_state.momentum)
     assert_all_close(
-        current_weights(net, L2Surprise(), state), current_weights(net, L2Surprise(), whole_state)
+        current_weights(net, loss_of(case), state), current_weights(net, loss_of(case), whole_state)
     )
     leaves = [v for v in inputs.values() if v is not None]
     gen = torch.Generator().manual_seed(case.seed + 4)
@@ -272,10 +298,10 @@ def test_retrieval_is_pure(case: Case) -> None:
     state = start(net, case)
     before = [t.clone() for t in _state_tensors(state)]
     _, quiet = memory_scan(
-        net, L2Surprise(), Reading("chunk_start"), state, **inputs, chunk_size=case.chunk
+        net, loss_of(case), Reading("chunk_start"), state, **inputs, chunk_size=case.chunk
     )
     busy_out, busy = memory_scan(
-        net, L2Surprise(), ReadEverything(case.read), state, **inputs, chunk_size=case.chunk
+        net, loss_of(case), ReadEverything(case.read), state, **inputs, chunk_size=case.chunk
     )
     assert all(torch.equal(a, b) for a, b in zip(before, _state_tensors(state), strict=True))
     assert all(torch.equal(a, b) for a, b in zip(_state_tensors(quiet), _state_tensors(busy),
@@ -298,7 +324,7 @@ def _state_tensors(state: FastWeightState) -> list[Tensor]:
 def test_full_forgetting_gives_m_equal_s(case: Case) -> None:
     case = case._replace(momentum=True, decay=True, steps=case.chunk * 2)
     net, inputs = make_network(case), make_inputs(case)
-    inputs["decay"][:, -1] = 1.0  # alpha_T = 1
+    inputs["log_keep"][:, -1] = float("-inf")  # keep_T = 0 (alpha_T = 1)
     _, new = scan(net, case, start(net, case), inputs)
     assert_all_close(new.weights, new.momentum)
 
@@ -312,19 +338,20 @@ def test_full_forgetting_gives_m_equal_s(case: Case) -> None:
 def test_zero_gates_leave_the_initial_memory(case: Case) -> None:
     case = case._replace(momentum=True, decay=True)
     net, inputs = make_network(case), make_inputs(case)
-    for gate in ("lr", "momentum", "decay"):
+    for gate in ("lr", "momentum", "log_keep"):  # log_keep = 0: keep everything
         inputs[gate] = torch.zeros_like(inputs[gate])
     state = start(net, case)
     out, new = scan(net, case, state, inputs)
     m0 = net(inputs["queries"], lambda i, h: h @ state.weights[i])[0]
     torch.testing.assert_close(out, m0, **EXACT)
-    assert_all_close(current_weights(net, L2Surprise(), new), state.weights)
+    assert_all_close(current_weights(net, loss_of(case), new), state.weights)
 
 
 @settings(deadline=None, max_examples=100)
 @given(cases(max_steps=80, max_chunk=64), st.floats(0.0, 0.8))
 def test_float32_keeps_its_precision_with_gates_at_the_extremes(case: Case, share: float) -> None:
-    # A clamped eta = 0 adds log(tiny) ~ -87 to the log-sums behind the coefficients. Their
+    # A clamped eta = 0 (and full forgetting, clamped at log(tiny)) adds ~ -87 to the log-sums
+    # behind the coefficients. Their
     # differences taken in float32 were off by up to 4e-5 relative here, this bound's double.
     # A linear memory without norm is well conditioned, so any loss would be the coefficients'.
     case = case._replace(momentum=True, decay=True, depth=1, norm=False)
@@ -332,13 +359,13 @@ def test_float32_keeps_its_precision_with_gates_at_the_extremes(case: Case, shar
     gen = torch.Generator().manual_seed(case.seed + 2)
     pinned = torch.rand(inputs["lr"].shape, generator=gen, dtype=torch.float64) < share
     inputs["momentum"] = inputs["momentum"].masked_fill(pinned, 0.0)
-    inputs["decay"] = inputs["decay"].masked_fill(pinned.roll(1, 1), 1.0)
+    inputs["log_keep"] = inputs["log_keep"].masked_fill(pinned.roll(1, 1), -1000.0)
     expected = reference(net, case, start(net, case), inputs)
     net32 = make_network(case).float()
     inputs32 = {k: None if v is None else v.float() for k, v in inputs.items()}
     out, new = scan(net32, case, start(net32, case), inputs32)
     torch.testing.assert_close(out.double(), expected.outputs, atol=2e-6, rtol=2e-5)
-    for w, e in zip(current_weights(net32, L2Surprise(), new), expected.weights, strict=True):
+    for w, e in zip(current_weights(net32, loss_of(case), new), expected.weights, strict=True):
         torch.testing.assert_close(w.double(), e, atol=2e-6, rtol=2e-5)
 
 
@@ -348,12 +375,12 @@ def test_forgetting_without_writes_is_geometric_decay(case: Case) -> None:
     case = case._replace(decay=True)
     net, inputs = make_network(case), make_inputs(case)
     inputs["lr"] = torch.zeros_like(inputs["lr"])
-    inputs["decay"] = 0.05 + 0.9 * inputs["decay"]
+    inputs["log_keep"] = 4 * inputs["log_keep"]
     state = start(net, case)
     out, new = scan(net, case, state, inputs, read="after_write")
-    beta = (1.0 - inputs["decay"]).cumprod(1)
+    beta = inputs["log_keep"].exp().cumprod(1)
     assert_all_close(
-        current_weights(net, L2Surprise(), new),
+        current_weights(net, loss_of(case), new),
         [beta[:, -1, None, None] * w for w in state.weights],
     )
     for t in range(case.steps):
@@ -365,7 +392,8 @@ def test_forgetting_without_writes_is_geometric_decay(case: Case) -> None:
 @FEW
 @given(cases())
 def test_linear_memory_without_momentum_is_the_delta_rule(case: Case) -> None:
-    case = case._replace(depth=1, residual=False, norm=False, momentum=False, decay=False)
+    case = case._replace(depth=1, residual=False, norm=False, momentum=False, decay=False,
+                         side=False)
     net, inputs = make_network(case), make_inputs(case)
     state = start(net, case)
     out, new = scan(net, case, state, inputs, read="after_write", chunk=1)
@@ -395,7 +423,8 @@ def test_later_tokens_never_change_earlier_outputs(case: Case, position: int) ->
             continue
         x = x.clone()
         noise = torch.rand(x[:, position:].shape, generator=gen, dtype=x.dtype)
-        x[:, position:] = noise if name in ("lr", "momentum", "decay") else 3 * noise - 1
+        gate = {"lr": noise, "momentum": noise, "log_keep": -noise, "side": noise}
+        x[:, position:] = gate.get(name, 3 * noise - 1)
         changed[name] = x
     perturbed, _ = scan(net, case, start(net, case), changed)
     torch.testing.assert_close(perturbed[:, :position], out[:, :position], atol=1e-13, rtol=0)
@@ -436,7 +465,7 @@ def test_components_meet_the_protocols() -> None:
 
     state = initial_state(net, 1, momentum_enabled=False, decay_enabled=False)
     x = torch.randn(HEADS, 3, 4)
-    memory_scan(net, L2Surprise(), spy, state, x, x, x, torch.rand(HEADS, 3), None, None,
+    memory_scan(net, L2Loss(), spy, state, x, x, x, torch.rand(HEADS, 3), None, None,
                 chunk_size=2)
     assert seen == [True, True]
 
@@ -461,9 +490,9 @@ def test_long_sequences_stay_finite(read: str, norm: bool, forget: float) -> Non
     )
     state = initial_state(net, 1, momentum_enabled=True, decay_enabled=True)
     out, new = memory_scan(
-        net, L2Surprise(), Reading(read), state, queries, keys, values,
+        net, L2Loss(), Reading(read), state, queries, keys, values,
         0.1 * torch.sigmoid(gates[..., 0]), torch.sigmoid(gates[..., 1]),
-        forget * torch.sigmoid(gates[..., 2]), chunk_size=64,
+        torch.log1p(-forget * torch.sigmoid(gates[..., 2])), chunk_size=64,
     )
     (out.square().mean() + sum(w.square().mean() for w in new.weights)).backward()
     assert torch.isfinite(out).all()
@@ -488,15 +517,17 @@ def test_bad_arguments_are_named() -> None:
     net, inputs = make_network(case), make_inputs(case)
     state = start(net, case)
     with pytest.raises(ValueError, match="chunk_size"):
-        memory_scan(net, L2Surprise(), Reading("after_write"), state, **inputs, chunk_size=0)
+        memory_scan(net, L2Loss(), Reading("after_write"), state, **inputs, chunk_size=0)
     with pytest.raises(ValueError, match="keys must be"):
         scan(net, case, state, {**inputs, "keys": inputs["keys"][0]})
     with pytest.raises(ValueError, match="lr must be"):
         scan(net, case, state, {**inputs, "lr": inputs["lr"][:, :2]})
     with pytest.raises(ValueError, match="momentum"):
         scan(net, case, state, {**inputs, "momentum": None})
-    with pytest.raises(ValueError, match="decay"):
-        scan(net, case, state, {**inputs, "decay": inputs["lr"]})
+    with pytest.raises(ValueError, match="log_keep"):
+        scan(net, case, state, {**inputs, "log_keep": inputs["lr"]})
+    with pytest.raises(ValueError, match="side"):
+        scan(net, case, state, {**inputs, "side": inputs["lr"]})
     first = {k: None if v is None else v[:, :2] for k, v in inputs.items()}
     _, partial = scan(net, case, state, first, chunk=3)
     with pytest.raises(ValueError, match="pending"):
