@@ -306,6 +306,11 @@ class ProjectsWeights(Protocol):
 
     ``applies_at`` (class attribute) is ``"token"`` or ``"chunk_end"`` (as the paper's parallel
     form does; rule-specific tier when chunks are longer than one token).
+
+    ``mirror`` (class attribute, default ``False``): the projection is a mirror map. The executor
+    then carries the unprojected state ``D`` (starting at the initial weights), applies the
+    decayed steps to ``D`` and uses ``W = project(D)`` for gradients and reads (Moneta's
+    ``W = f(A)``, Memora's ``W = c softmax(L)``); without it the projection maps ``W`` itself.
     """
 
     applies_at: str

@@ -14,7 +14,10 @@ Pairs ``i`` from before the chunk (a window reaching back) are carried and re-ev
 ``W0``. A retention with ``decay_before_gradient`` takes the gradient at ``keep_t W0`` (chunk
 size 1 only). At the chunk's end a ``"chunk_end"`` transform replaces the chunk's summed update
 ``U = keep_prod W0 - W_end`` by ``transform(U)`` and a ``"chunk_end"`` projection maps the
-result; such rules read at the chunk start only.
+result; such rules read at the chunk start only. A *mirror* projection (``mirror = True``:
+Moneta's ℓq link, Memora's softmax) maps an unprojected state ``D`` that the executor carries
+beside the weights: the linear update above moves ``D`` (``D_0`` = the initial weights) and
+``W = project(D)`` is what gradients and reads use.
 
 Every per-token gradient is an outer product ``x_i^T g_i`` of a matrix input and its
 back-propagated error, computed for a whole chunk (and every memory) in one forward/backward.
@@ -85,6 +88,8 @@ class SequentialState(NamedTuple):
             when the retention does not project.
         pending: the tokens of the current chunk seen so far.
         history: the window's pairs from before the current chunk.
+        dual: for a mirror projection, the unprojected state ``D`` at the start of the current
+            chunk (``weights = project(dual)``); ``()`` otherwise.
     """
 
     weights: tuple[Tensor, ...]
@@ -92,6 +97,7 @@ class SequentialState(NamedTuple):
     initial: tuple[Tensor, ...]
     pending: PendingTokens
     history: WindowHistory
+    dual: tuple[Tensor, ...] = ()
 
 
 class _Parts(NamedTuple):
@@ -103,6 +109,7 @@ class _Parts(NamedTuple):
     transform_at: str | None
     project: Callable[[tuple[Tensor, ...], tuple[Tensor, ...]], tuple[Tensor, ...]] | None
     project_at: str | None
+    mirror: bool
 
     @property
     def per_token(self) -> bool:
@@ -127,6 +134,7 @@ def _parts(rule: LearningRule) -> _Parts:
         transform_at=optimizer.applies_at if transforms else None,
         project=retention.project if projects else None,
         project_at=retention.applies_at if projects else None,
+        mirror=projects and bool(getattr(retention, "mirror", False)),
     )
 
 
@@ -176,7 +184,12 @@ class SequentialExecutor:
             raise ValueError(f"batch must be an int >= 1, got {batch!r}")
         weights = tuple(w.repeat(batch, 1, 1) for w in rule.network.initial_weights())
         momentum = tuple(torch.zeros_like(w) for w in weights) if inputs.momentum is not None else ()
-        initial = weights if _parts(rule).project is not None else ()
+        parts = _parts(rule)
+        initial = weights if parts.project is not None else ()
+        dual = ()
+        if parts.mirror:
+            # A mirror map's linear state starts at the initial weights; the memory reads its map.
+            dual, weights = weights, tuple(parts.project(weights, initial))
         n, like = weights[0].shape[0], weights[0]
         empty = like.new_zeros(n, 0)
 
@@ -189,7 +202,7 @@ class SequentialExecutor:
                                 optional(inputs.log_keep), optional(inputs.side),
                                 optional(inputs.window))
         history = WindowHistory(keys, values, optional(inputs.side), optional(inputs.window))
-        return SequentialState(weights, momentum, initial, pending, history)
+        return SequentialState(weights, momentum, initial, pending, history, dual)
 
     def scan(self, rule: LearningRule, state: SequentialState, inputs: RuleInputs, *,
              compiled: bool = False) -> tuple[Tensor, SequentialState]:
@@ -212,7 +225,7 @@ class SequentialExecutor:
         stream = PendingTokens(*(None if old is None else torch.cat((old, new), 1) if done else new
                                  for old, new in zip(pending, _tokens(inputs), strict=True)))
         total = done + steps
-        weights, moments, history = state.weights, state.momentum, state.history
+        weights, moments, history, dual = state.weights, state.momentum, state.history, state.dual
         outputs: list[Tensor] = []
         start, read_from = 0, 0
         while start < total:
@@ -221,12 +234,12 @@ class SequentialExecutor:
             rows = slice(done if start == 0 else 0, stop - start)
             complete = stop - start == size
             step = _ChunkStep(network, rule.objective, parts, weights, moments, state.initial,
-                              history, chunk, exact_reads=exact)
+                              history, chunk, exact_reads=exact, dual=dual)
             chunk_queries = queries[:, read_from : read_from + rows.stop - rows.start]
             read_from += chunk_queries.shape[1]
             outputs.append(rule.retrieval(_ChunkReader(step, rows), chunk_queries))
             if complete:
-                weights, moments = step.end()
+                weights, moments, dual = step.end()
                 history = _advance_history(history, chunk, parts.window)
             start = stop
         new_pending = _slice(stream, total - total % size, total) if total % size else _slice(stream, 0, 0)
@@ -234,7 +247,7 @@ class SequentialExecutor:
         new_pending = PendingTokens(*(None if x is None else x.clone() for x in new_pending))
         history = WindowHistory(*(None if x is None else x.clone() for x in history))
         out = outputs[0] if len(outputs) == 1 else torch.cat(outputs, 1)
-        return out, SequentialState(weights, moments, state.initial, new_pending, history)
+        return out, SequentialState(weights, moments, state.initial, new_pending, history, dual)
 
     def current_weights(self, rule: LearningRule, state: SequentialState) -> tuple[Tensor, ...]:
         """The weights after every token so far (pure). The pending tokens count as a chunk that
@@ -243,7 +256,7 @@ class SequentialExecutor:
             return state.weights
         step = _ChunkStep(with_backward(rule.network), rule.objective, _parts(rule), state.weights,
                           state.momentum, state.initial, state.history, state.pending,
-                          exact_reads=False)
+                          exact_reads=False, dual=state.dual)
         return step.end()[0]
 
 
@@ -259,14 +272,16 @@ class _ChunkStep:
     def __init__(self, network: MemoryNetwork, objective: Any, parts: _Parts,
                  weights: tuple[Tensor, ...], moments: tuple[Tensor, ...],
                  initial: tuple[Tensor, ...], history: WindowHistory, chunk: PendingTokens,
-                 *, exact_reads: bool) -> None:
+                 *, exact_reads: bool, dual: tuple[Tensor, ...] = ()) -> None:
         self.network, self.objective, self.parts = network, objective, parts
+        # What the linear update moves: the unprojected state of a mirror map, else the weights.
+        self.base = dual if parts.mirror else weights
         self.weights, self.moments, self.initial = weights, moments, initial
         self.history, self.chunk, self.exact_reads = history, chunk, exact_reads
         self._pairs: list[tuple[Tensor, Tensor]] | None = None
         self._mix: Tensor | None = None
         self._linear: _LinearCoefficients | None = None
-        self._loop: tuple[list[tuple[Tensor, ...]], tuple[Tensor, ...]] | None = None
+        self._loop: tuple[list[tuple[Tensor, ...]], tuple[Tensor, ...], tuple[Tensor, ...]] | None = None
 
     @property
     def length(self) -> int:
@@ -317,20 +332,21 @@ class _ChunkStep:
             self._linear = _linear_coefficients(self.chunk, self.spread, full=self.exact_reads)
         return self._linear
 
-    def loop(self) -> tuple[list[tuple[Tensor, ...]], tuple[Tensor, ...]]:
-        """The per-token weights ``W_t`` and the momentum after the chunk, token by token."""
+    def loop(self) -> tuple[list[tuple[Tensor, ...]], tuple[Tensor, ...], tuple[Tensor, ...]]:
+        """The per-token weights ``W_t``, the momentum and the linearly moved state (the weights,
+        or a mirror map's unprojected state) after the chunk, token by token."""
         if self._loop is None:
             self._loop = self._run_loop()
         return self._loop
 
-    def _run_loop(self) -> tuple[list[tuple[Tensor, ...]], tuple[Tensor, ...]]:
+    def _run_loop(self) -> tuple[list[tuple[Tensor, ...]], tuple[Tensor, ...], tuple[Tensor, ...]]:
         parts, chunk = self.parts, self.chunk
         if parts.window > 1:
             updates = [torch.einsum("ntj,nja,njb->ntab", self.mix(), x, g) for x, g in self.pairs()]
         else:
             gamma = 1.0 if chunk.window is None else chunk.window[..., None, None]
             updates = [gamma * x[..., :, None] * g[..., None, :] for x, g in self.pairs()]
-        weights, moments = self.weights, self.moments
+        linear, moments = self.base, self.moments
         per_token: list[tuple[Tensor, ...]] = []
         for t in range(self.length):
             theta = chunk.lr[:, t, None, None]
@@ -344,24 +360,28 @@ class _ChunkStep:
                 applied = tuple(parts.transform(s) for s in steps)
             if chunk.log_keep is not None:
                 keep = chunk.log_keep[:, t, None, None].exp()
-                weights = tuple(keep * w - d for w, d in zip(weights, applied, strict=True))
+                linear = tuple(keep * w - d for w, d in zip(linear, applied, strict=True))
             else:
-                weights = tuple(w - d for w, d in zip(weights, applied, strict=True))
+                linear = tuple(w - d for w, d in zip(linear, applied, strict=True))
+            weights = linear
             if parts.project_at == "token":
-                weights = tuple(parts.project(weights, self.initial))
+                weights = tuple(parts.project(linear, self.initial))
+                if not parts.mirror:
+                    linear = weights
             per_token.append(weights)
-        return per_token, moments
+        return per_token, moments, linear
 
-    def end(self) -> tuple[tuple[Tensor, ...], tuple[Tensor, ...]]:
-        """``(W, S)`` after the chunk, with its ``"chunk_end"`` parts applied."""
+    def end(self) -> tuple[tuple[Tensor, ...], tuple[Tensor, ...], tuple[Tensor, ...]]:
+        """``(W, S, D)`` after the chunk, with its ``"chunk_end"`` parts applied; ``D`` is a mirror
+        map's unprojected state (``()`` without one)."""
         parts = self.parts
         if parts.per_token:
-            per_token, moments = self.loop()
-            weights = per_token[-1]
+            per_token, moments, linear = self.loop()
+            weights = linear if parts.mirror else per_token[-1]
         else:
             coef = self.linear()
             weights = tuple(_combine(w, s, x, g, coef.keep_end, coef.carry_end, coef.gain_end)
-                            for w, s, (x, g) in zip(self.weights, self.moments or (None,) * len(self.weights),
+                            for w, s, (x, g) in zip(self.base, self.moments or (None,) * len(self.weights),
                                                     self.pairs(), strict=True))
             moments = self.moments
             if coef.momentum_keep is not None:
@@ -370,11 +390,14 @@ class _ChunkStep:
                                 for s, (x, g) in zip(self.moments, self.pairs(), strict=True))
         if parts.transform_at == "chunk_end":
             keep = None if self.chunk.log_keep is None else self.chunk.log_keep.sum(1).exp()[:, None, None]
-            starts = self.weights if keep is None else tuple(keep * w for w in self.weights)
+            starts = self.base if keep is None else tuple(keep * w for w in self.base)
             weights = tuple(w0 - parts.transform(w0 - w) for w0, w in zip(starts, weights, strict=True))
-        if parts.project_at == "chunk_end":
+        dual: tuple[Tensor, ...] = ()
+        if parts.mirror:
+            dual, weights = weights, tuple(parts.project(weights, self.initial))
+        elif parts.project_at == "chunk_end":
             weights = tuple(parts.project(weights, self.initial))
-        return weights, moments
+        return weights, moments, dual
 
     def exact_linear(self, rows: slice, after: bool) -> LinearFn:
         """A ``linear`` callback applying, to query row ``l``, ``W_l`` (``after``) or ``W_{l-1}``."""
