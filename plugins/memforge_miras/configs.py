@@ -1,0 +1,138 @@
+"""Settings of the ``miras`` plugin's components (docs/zoo.md, "MIRAS"; frozen attrs, every field
+defaulted). Defaults are the MIRAS paper's (Behrouz, Razaviyayn, Zhong, Mirrokni 2025, arXiv
+2504.13173) where it states them; a comment names the choice where it does not."""
+
+from __future__ import annotations
+
+import attrs
+
+from memforge import option
+
+#: The range of the ℓp exponent: p = 1 is ℓ1 (through the smooth surrogates), p = 2 is ℓ2; above
+#: 4 the paper's ablation already degrades ("p = 4 worst") and the gradient grows as |e|^(p-1).
+P_RANGE = (1.0, 4.0)
+#: The range of the ℓq exponent of Moneta's normalisation W = A / ||A||_q^(q-2): q = 2 is no
+#: normalisation (W = A); the paper uses 4.
+Q_RANGE = (2.0, 8.0)
+
+
+@attrs.frozen(kw_only=True)
+class MemoryConfig:
+    """``miras.mlp``: the MIRAS memory ``x + LN(GELU(x W1) W2)`` per head, hidden width 4d (the
+    paper's 2-layer MLP, expansion 4, residual and layer norm); no settings."""
+
+
+@attrs.frozen(kw_only=True)
+class LpObjectiveConfig:
+    """``miras.lp``: Moneta's ℓp attentional bias ``||M(k) - v||_p^p`` with smooth surrogates."""
+
+    p: float = option(3.0, ge=P_RANGE[0], le=P_RANGE[1], typical=(1.0, 4.0),
+                      help="the exponent p of the l_p loss (Moneta: 3; p = 2 is the l2 loss)")
+    surrogate: str = option("tanh", choices=("tanh", "sqrt"),
+                            help="smooth Sign: 'tanh' is the paper's tanh(a e), 'sqrt' is "
+                                 "e / sqrt(e^2 + eps) (the exact gradient of sum (e^2 + eps)^(p/2))")
+    # The paper gives the surrogates' forms, not their constants.
+    sharpness: float = option(10.0, gt=0, le=1e4, typical=(1.0, 100.0),
+                              help="a in Sign(e) ~ tanh(a e) (the 'tanh' surrogate)")
+    eps: float = option(1e-6, gt=0, le=1.0, typical=(1e-8, 1e-2),
+                        help="eps in |e| ~ sqrt(e^2 + eps)")
+
+
+@attrs.frozen(kw_only=True)
+class HuberObjectiveConfig:
+    """``miras.huber``: Yaad's Huber bias, the threshold ``delta_t`` per token and head from a gate
+    on the layer input (``delta_t = softplus(x w + b)``)."""
+
+    # The paper makes delta_t data-dependent without giving its start; 1 is about the error norm
+    # of an l2-normalised key read by a fresh residual memory.
+    delta_init: float = option(1.0, gt=0, le=100.0, typical=(0.1, 10.0),
+                               help="initial threshold delta (at zero input)")
+
+
+@attrs.frozen(kw_only=True)
+class L2ObjectiveConfig:
+    """``miras.l2``: Memora's ℓ2 attentional bias ``0.5 ||M(k) - v||^2``; no settings."""
+
+
+@attrs.frozen(kw_only=True)
+class _Decay:
+    """The scalar decay every MIRAS retention has, ``alpha_t = max_decay * sigmoid(x w + b)``,
+    ``keep_t = 1 - alpha_t``. No config derives from another, so one retention's config is never
+    accepted for another's."""
+
+    init: float = option(0.02, gt=0, lt=1, typical=(1e-3, 0.1), help="initial alpha")
+    max_decay: float = option(1.0, gt=0, le=1, typical=(0.2, 1.0), help="upper bound of alpha")
+
+    def __attrs_post_init__(self) -> None:
+        if self.init >= self.max_decay:
+            raise ValueError(f"'init'={self.init} must be < 'max_decay'={self.max_decay}")
+
+
+@attrs.frozen(kw_only=True)
+class DecayConfig(_Decay):
+    """``miras.l2_decay``: Yaad's ℓ2 retention, the scalar decay alone (log space)."""
+
+
+@attrs.frozen(kw_only=True)
+class LqRetentionConfig(_Decay):
+    """``miras.lq``: Moneta's ℓq retention, ``A_t = keep_t A_{t-1} - theta_t grad``,
+    ``W = A / ||A||_q^(q-2)`` at chunk ends (the paper's parallel form)."""
+
+    q: float = option(4.0, ge=Q_RANGE[0], le=Q_RANGE[1], typical=(2.0, 6.0),
+                      help="the exponent q of the l_q normalisation (Moneta: 4; q = 2 is none)")
+    # docs/zoo.md, "MIRAS": the transcribed W = A / ||A||_q^(q-2) grows as A decays when q > 3
+    # (16K random tokens: weight norms near 1e6); the p-norm link shares its denominator and
+    # shrinks with A.
+    link: str = option("p_norm", choices=("p_norm", "scale"),
+                       help="W from the dual A: 'p_norm' sign(A)|A|^(q-1) / ||A||_q^(q-2), "
+                            "'scale' A / ||A||_q^(q-2)")
+
+
+@attrs.frozen(kw_only=True)
+class KLRetentionConfig(_Decay):
+    """``miras.kl``: Memora's KL retention, ``W = c * softmax(L)`` with
+    ``L_t = keep_t L_{t-1} - theta_t grad``: every column of every matrix on the simplex scaled
+    by ``c``."""
+
+    # The paper leaves c open; 1 keeps every output a convex combination of the inputs.
+    scale: float = option(1.0, gt=0, le=1e3, typical=(0.1, 10.0),
+                          help="c, the l1 norm of every column of the memory's matrices")
+
+
+@attrs.frozen(kw_only=True)
+class GDConfig:
+    """``miras.gd``: plain gradient descent, ``theta_t = max_lr * sigmoid(x w + b)`` per token and
+    head, no momentum (all three MIRAS models)."""
+
+    # As titans.sgd: the loss is summed over features, and theta <= 0.01 stayed finite over 8K
+    # float32 tokens in the titans presets.
+    max_lr: float = option(0.01, gt=0, le=1, typical=(1e-3, 0.1),
+                           help="upper bound of the step size theta")
+    lr_init: float = option(0.005, gt=0, lt=1, typical=(1e-4, 1e-2), help="initial step size theta")
+
+    def __attrs_post_init__(self) -> None:
+        if self.lr_init >= self.max_lr:
+            raise ValueError(f"'lr_init'={self.lr_init} must be < 'max_lr'={self.max_lr}")
+
+
+@attrs.frozen(kw_only=True)
+class ProjectionConfig:
+    """``miras.conv_qkv``: the MIRAS block's q/k/v (linear, short causal convolution, SiLU,
+    ℓ2-normalised q and k)."""
+
+    conv_kernel: int = option(4, ge=1, le=256, typical=(1, 8),
+                              help="depthwise convolution width (MIRAS: 4)")
+
+
+@attrs.frozen(kw_only=True)
+class ChunkStartConfig:
+    """``miras.chunk_start``: every token reads the weights at the start of its chunk; no settings."""
+
+
+@attrs.frozen(kw_only=True)
+class LayerConfig:
+    """``miras.moneta``, ``miras.yaad``, ``miras.memora``: the engine's fast-weight memory layer."""
+
+    # MIRAS §5.3: "b usually is 16 or 64"; 16 is the finer of the two.
+    chunk_size: int = option(16, ge=1, le=4096, typical=(1, 64),
+                             help="tokens whose gradients are taken at the same chunk-start weights")
