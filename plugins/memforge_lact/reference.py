@@ -74,10 +74,11 @@ def layer_token_loop(layer: LaCTLayer, x: Tensor, state: LaCTState | None = None
 
     def gradients(k: Tensor, v: Tensor, lr: Tensor, at: list[Tensor]) -> list[Tensor]:
         """``eta_m * d<f_W(k), v>/dW_m`` at the weights ``at``, for one token of every sequence."""
-        with torch.enable_grad():  # the kit also runs the reference under no_grad
-            leaves = [w if w.requires_grad else w.detach().requires_grad_(True) for w in at]
+        outer = torch.is_grad_enabled()  # the kit also runs the reference under no_grad
+        with torch.enable_grad():
+            leaves = [w if outer and w.requires_grad else w.detach().requires_grad_(True) for w in at]
             score = (_swiglu(leaves[0], leaves[1], leaves[2], k) * v).sum()
-            grads = torch.autograd.grad(score, leaves, create_graph=torch.is_grad_enabled())
+            grads = torch.autograd.grad(score, leaves, create_graph=outer)
         return [lr[:, :, m, None, None] * grads[m] for m in range(3)]
 
     def update(weights: list[Tensor], momentum: list[Tensor], tokens) -> tuple[list, list]:
