@@ -29,34 +29,27 @@ import torch
 from _common import cpu_name
 
 import memforge
-from memforge.engine.chunked import initial_state, memory_scan
-from memforge.engine.layer import MemoryLayerState, NeuralMemoryLayer, _without_autocast
+from memforge.engine.layer import MemoryLayerState, StaticDecodingMemoryLayer, _without_autocast
 from memforge.inspect import recording
 
 
-class HookFreeLayer(NeuralMemoryLayer):
-    """``NeuralMemoryLayer.forward`` without the recorder check: the build the hooks are measured
-    against (outputs are checked bit-identical before timing)."""
+class HookFreeLayer(StaticDecodingMemoryLayer):
+    """``FastWeightMemoryLayer.forward`` without the recorder check: the build the hooks are
+    measured against (outputs are checked bit-identical before timing)."""
 
     def forward(self, x, state=None):
         self._check_input(x)
         batch = x.shape[0]
-        gates = self.surprise(x)
-        decay = self.forgetting(x)
-        if state is None:
-            fast = initial_state(self.memory, batch, momentum_enabled=gates.momentum is not None,
-                                 decay_enabled=decay is not None)
-            state = MemoryLayerState(fast, None)
-        else:
+        if state is not None:
             state = self._check_state(state, batch)
-        flat, (gate_lr, gate_momentum, gate_decay), projection_cache = self._kernel_inputs(
-            x, gates, decay, state.projection, state.fast.weights[0].dtype)
+        dtype = (state.fast.weights if state is not None else self.memory.initial_weights())[0].dtype
+        inputs, projection_cache = self._rule_inputs(
+            x, None if state is None else state.projection, dtype)
+        fast = (self.executor.initial_state(self.rule, batch, inputs) if state is None
+                else state.fast)
         with _without_autocast(x.device):
-            read, fast = memory_scan(
-                self.memory, self.surprise, self.retrieval, state.fast, *flat,
-                lr=gate_lr, momentum=gate_momentum, decay=gate_decay, chunk_size=self.chunk_size,
-            )
-        return self._output(read, x), MemoryLayerState(fast, projection_cache)
+            read, new_fast = self.executor.scan(self.rule, fast, inputs)
+        return self.output(read, x), MemoryLayerState(new_fast, projection_cache)
 
 
 def machine() -> str:
@@ -66,7 +59,7 @@ def machine() -> str:
 
 def _set_layer_class(model: torch.nn.Module, cls: type) -> None:
     for module in model.modules():
-        if isinstance(module, NeuralMemoryLayer):
+        if isinstance(module, StaticDecodingMemoryLayer):
             module.__class__ = cls
 
 
@@ -85,7 +78,7 @@ def main() -> None:
     tokens = torch.randint(0, model.vocab_size, (args.batch, args.length))
 
     def forward_plain() -> torch.Tensor:
-        _set_layer_class(model, NeuralMemoryLayer)
+        _set_layer_class(model, StaticDecodingMemoryLayer)
         return model(tokens).logits
 
     def forward_hook_free() -> torch.Tensor:
@@ -93,7 +86,7 @@ def main() -> None:
         return model(tokens).logits
 
     def forward_inspected() -> torch.Tensor:
-        _set_layer_class(model, NeuralMemoryLayer)
+        _set_layer_class(model, StaticDecodingMemoryLayer)
         with recording(model):
             return model(tokens).logits
 

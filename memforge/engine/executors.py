@@ -25,6 +25,7 @@ from typing import Any, NamedTuple, Protocol, runtime_checkable
 import attrs
 from torch import Tensor
 
+from memforge.engine.sequential import SequentialExecutor
 from memforge.errors import SpecError
 from memforge.interfaces import (
     TIERS,
@@ -218,7 +219,7 @@ class ClosedFormExecutor:
 
 #: Every executor by name, in preference order for ``"auto"``: the closed form first (the WY
 #: kernel, when registered, goes before it; the sequential executor after it).
-EXECUTORS: dict[str, Executor] = {"closed_form": ClosedFormExecutor()}
+EXECUTORS: dict[str, Executor] = {"closed_form": ClosedFormExecutor(), "sequential": SequentialExecutor()}
 
 #: Where a registered executor goes in the preference order (lower first); unknown names last.
 _PREFERENCE = {"wy": 0, "closed_form": 1, "sequential": 2}

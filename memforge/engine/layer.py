@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from memforge.checks import checks_values
+from memforge.engine.derived_backward import check_derivable
 from memforge.engine.executors import (
     DecodesRuleStatically,
     Executor,
@@ -161,6 +162,9 @@ class FastWeightMemoryLayer(nn.Module):
         self.optimizer = optimizer
         self.retention = retention
         self.retrieval = retrieval
+        # A network without a hand-written backward must be derivable by autograd: say so now,
+        # in one line, rather than deep in the first forward.
+        check_derivable(memory, type(memory).__name__)
         self.rule = LearningRule(memory, objective, optimizer, retention, retrieval, chunk_size)
         self.executor = select_executor(self.rule, executor)
         self.component_names = dict(names or {})
@@ -237,7 +241,7 @@ class FastWeightMemoryLayer(nn.Module):
                 read, new_fast = _scan_hidden_from_compile()(self.executor, self.rule, fast, inputs)
             else:
                 read, new_fast = self.executor.scan(self.rule, fast, inputs)
-        y = self._output(read, x)
+        y = self.output(read, x)
         if self._memory_recorder is not None:
             record_forward(self, self._memory_recorder, x, fast, inputs, read)
         return y, MemoryLayerState(new_fast, projection_cache)
@@ -270,8 +274,10 @@ class FastWeightMemoryLayer(nn.Module):
         )
         return inputs, cache
 
-    def _output(self, read: Tensor, x: Tensor) -> Tensor:
-        """The raw reads ``[B * H, T, d]`` normalised, gated by ``x`` ``[B, T, D]`` and projected."""
+    def output(self, read: Tensor, x: Tensor) -> Tensor:
+        """The layer's output stage: the raw reads ``[B * H, T, d]`` normalised per head, gated
+        by ``x`` ``[B, T, D]`` and projected to ``[B, T, D]`` (public for layer-level references
+        that run their own update between the projection and this stage)."""
         batch, steps, _ = x.shape
         y = self.out_norm(read.unflatten(0, (batch, self.heads)))   # [B, H, T, d]
         y = y.transpose(1, 2).reshape(batch, steps, self.dim)
@@ -295,11 +301,18 @@ class FastWeightMemoryLayer(nn.Module):
     def read_state(self, state: MemoryLayerState | None, batch: int) -> tuple[Tensor, ...]:
         """The snapshot of the memory: the fast weights after every token written so far; pure.
 
-        ``state=None`` gives the learned initial weights repeated for ``batch`` sequences. Each
-        tensor is ``[batch * H, d_in_i, d_out_i]``, sequence-major as in the kernel.
+        ``state=None`` gives the memory before any token for ``batch`` sequences: the learned
+        initial weights repeated (as the executor starts from them; a mirror retention reads
+        their projection). Each tensor is ``[batch * H, d_in_i, d_out_i]``, sequence-major as in
+        the kernel.
         """
         if state is None:
-            return tuple(w.repeat(batch, 1, 1) for w in self.memory.initial_weights())
+            like = self.memory.initial_weights()[0]
+            rows, heads_first = like.new_zeros(batch * self.heads, 0, self.head_dim), like.new_zeros(
+                batch * self.heads, 0)
+            nothing = RuleInputs(rows, rows, rows, heads_first, None, None, None, None)
+            start = self.executor.initial_state(self.rule, batch, nothing)
+            return self.executor.current_weights(self.rule, start)
         state = self._check_state(state, batch)
         with _without_autocast(state.fast.weights[0].device):
             return self.executor.current_weights(self.rule, state.fast)
@@ -347,7 +360,7 @@ class StaticDecodingMemoryLayer(FastWeightMemoryLayer):
         copy_into(buffers.projection, cache)
         with _without_autocast(x.device):
             read = self.executor.static_step(self.rule, buffers.chunk, inputs, completes_chunk)
-        return self._output(read, x)
+        return self.output(read, x)
 
     def static_read_state(self, buffers: MemoryDecodeBuffers) -> tuple[Tensor, ...]:
         """The fast weights ``buffers`` hold (views), the :meth:`read_state` snapshot right after a
