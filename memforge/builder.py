@@ -25,7 +25,7 @@ from torch import nn
 
 from memforge.conformance import check_component
 from memforge.errors import InputError, MemforgeError, SpecError
-from memforge.interfaces import MEMORY_KINDS, BuildContext
+from memforge.interfaces import MEMORY_KINDS, BuildContext, DescribesRule, RuleDescription
 from memforge.linear import Linear
 from memforge.model import MemforgeModel
 from memforge.registry import ComponentRegistry, ComponentSpec
@@ -333,7 +333,9 @@ def parameter_count(module: nn.Module) -> int:
 def layer_layout(spec: ModelSpec, model: MemforgeModel,
                  registry: ComponentRegistry | None = None) -> list[dict[str, Any]]:
     """One row per block: index, integration, memory layer (``""`` without one) and the memory
-    parts it is built from (``"memory 'titans.mlp', surprise 'titans.momentum', ..."``), the
+    parts it is built from (``"memory 'titans.mlp', objective 'titans.l2', ..."``), the rule the
+    memory layer describes (a :class:`~memforge.interfaces.RuleDescription`, or ``None`` for a
+    block without a memory layer that has :class:`~memforge.interfaces.DescribesRule`), the
     block's module class and its parameter count."""
     from memforge.plugins import default_registry
 
@@ -346,6 +348,14 @@ def layer_layout(spec: ModelSpec, model: MemforgeModel,
                  if kind in used and kind != "memory_layer"]
         rows.append({"layer": index, "integration": spec.choice("integration", index).impl,
                      "memory_layer": memory_layer.impl if memory_layer else "",
-                     "memory_parts": ", ".join(parts), "module": type(block).__name__,
-                     "parameters": parameter_count(block)})
+                     "memory_parts": ", ".join(parts), "rule": _described_rule(block),
+                     "module": type(block).__name__, "parameters": parameter_count(block)})
     return rows
+
+
+def _described_rule(block: nn.Module) -> RuleDescription | None:
+    """The rule of the first submodule of ``block`` that describes one (its memory layer)."""
+    for module in block.modules():
+        if isinstance(module, DescribesRule):
+            return module.describe_rule()
+    return None

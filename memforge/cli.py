@@ -15,6 +15,7 @@ import importlib
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 from rich.console import Console
 from rich.measure import Measurement
@@ -134,14 +135,20 @@ def _show(args: argparse.Namespace, console: Console) -> int:
                 ("layer", "integration", "memory layer", "module", "parameters"),
                 [(str(row["layer"]), row["integration"], row["memory_layer"] or "-", row["module"],
                   f"{row['parameters']:,}") for row in rows])
-    built_from: dict[tuple[str, str], list[str]] = {}
+    built_from: dict[tuple[str, str, Any], list[str]] = {}
     for row in rows:
-        if row["memory_parts"]:
-            built_from.setdefault((row["memory_layer"], row["memory_parts"]), []).append(
-                str(row["layer"]))
-    for (layer, parts), layers in built_from.items():
-        console.print(f"layer{'s' if len(layers) > 1 else ''} {', '.join(layers)}: {layer} built "
-                      f"from {parts}", markup=False, highlight=False)
+        if row["memory_parts"] or row["rule"] is not None:
+            key = (row["memory_layer"], row["memory_parts"], row["rule"])
+            built_from.setdefault(key, []).append(str(row["layer"]))
+    for (layer, parts, rule), layers in built_from.items():
+        line = f"layer{'s' if len(layers) > 1 else ''} {', '.join(layers)}: {layer}"
+        if parts:
+            line += f" built from {parts}"
+        if rule is not None:
+            line += (f"; rule: objective {rule.objective}, optimizer {rule.optimizer}, retention "
+                     f"{rule.retention}, {rule.schedule}; tier {rule.tier}; executor "
+                     f"{rule.executor}")
+        console.print(line, markup=False, highlight=False)
     return 0
 
 

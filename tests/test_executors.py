@@ -329,3 +329,22 @@ def test_the_layer_hands_the_objectives_side_input_to_the_kernel() -> None:
     buffers = huber.static_decode_buffers(carried, 2)
     step = huber.static_decode_step(tokens[:, 8:9], buffers, completes_chunk=False)
     torch.testing.assert_close(step, huber(tokens[:, 8:9], carried)[0], atol=1e-12, rtol=1e-10)
+
+
+# ----------------------------------------------------------------------------------------------
+# memforge show
+
+
+@pytest.mark.parametrize(("preset", "line"), [
+    ("delta.gdn_lmm_tiny", "rule: objective squared error, optimizer delta step beta, retention "
+                           "gated decay (before the gradient), WY chunks of 8; tier token-exact; "
+                           "executor wy"),
+    ("titans.lmm_tiny", "; tier chunk-start; executor closed_form"),
+])
+def test_show_prints_each_memory_layers_rule_tier_and_executor(capsys, preset: str,
+                                                               line: str) -> None:
+    from memforge.cli import main
+
+    assert main(["show", preset]) == 0
+    out = capsys.readouterr().out
+    assert line in out

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from memforge import Linear, checks_values
 from memforge.errors import InputError, NonFiniteError
-from memforge.interfaces import MemoryRecorder
+from memforge.interfaces import MemoryRecorder, RuleDescription
 from memforge.nn import RMSNorm
 from memforge_delta.ops import delta_rule, gated_delta_rule
 
@@ -61,7 +61,7 @@ class DeltaLayer(nn.Module):
     """DeltaNet (``gated=False``) or Gated DeltaNet (``gated=True``): ``forward(x, state)``.
 
     A :class:`memforge.interfaces.MemoryLayer` with ``ReadsMemory``, ``DecodesMemoryStatically``,
-    ``ReadsMemoryStatically`` and ``InspectsMemory``.
+    ``ReadsMemoryStatically``, ``InspectsMemory`` and ``DescribesRule``.
 
     Args:
         dim: model width ``D``.
@@ -263,6 +263,15 @@ class DeltaLayer(nn.Module):
     def static_read_state(self, buffers: DeltaDecodeBuffers) -> Tensor:
         """The memory the buffers hold (a view): :meth:`read_state`'s snapshot after any step."""
         return buffers.memory
+
+    def describe_rule(self) -> RuleDescription:
+        """The delta rule: one step of l2 regression per token with step ``beta`` (after GDN's
+        decay ``e^g``, applied before the gradient), token-exact through the WY kernel
+        (:class:`memforge.interfaces.DescribesRule`)."""
+        return RuleDescription(
+            objective="squared error", retention="gated decay (before the gradient)" if self.gated
+            else "none", optimizer="delta step beta", schedule=f"WY chunks of {self.kernel_chunk}",
+            tier="token-exact", executor="wy")
 
     def extra_repr(self) -> str:
         return (f"{'gated' if self.gated else 'ungated'}, heads={self.heads}, "
