@@ -161,5 +161,4 @@ def ttt_layer_reference(layer: nn.Module, x: Tensor, state: object | None
     flat = [t.flatten(0, 1) for t in (q, k, v)]
     read, rule_state = ttt_reference(layer.memory, *flat, steps, chunk_size=layer.chunk_size,
                                      state=rule_state)
-    output = getattr(layer, "output", None) or layer._output
-    return output(read.to(x.dtype), x), LayerReferenceState(rule_state, cache)
+    return layer.output(read.to(x.dtype), x), LayerReferenceState(rule_state, cache)
