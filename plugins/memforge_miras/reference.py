@@ -207,4 +207,4 @@ def layer_reference(layer: Any, x: Tensor, state: Any = None) -> tuple[Tensor, L
         _heads_first(layer.optimizer(x).lr), None if log_keep is None else _heads_first(log_keep),
         None if side is None else _heads_first(side), chunk_size=layer.chunk_size,
         read=_READS[reads[0]], state=rule_state)
-    return layer._output(read.to(x.dtype), x), LayerReferenceState(rule_state, cache)
+    return layer.output(read.to(x.dtype), x), LayerReferenceState(rule_state, cache)
