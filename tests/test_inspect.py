@@ -65,31 +65,32 @@ def test_titans_series_equal_what_the_layer_used_float64():
     trace, inputs, out = _layer_inputs(model, tokens)
     for layer in trace.layers:
         module, x = layer.layer, inputs[layer.name]
-        gates, decay = module.surprise(x), module.forgetting(x)
+        gates, log_keep = module.optimizer(x), module.retention(x)
         # The same rules on the same normalised input: [B, T, H] -> [B, H, T], bit for bit.
         assert torch.equal(trace.series(layer, "step_size"), gates.lr.transpose(1, 2))
         assert torch.equal(trace.series(layer, "momentum"), gates.momentum.transpose(1, 2))
-        assert torch.equal(trace.series(layer, "decay"), decay.transpose(1, 2))
+        # The share forgotten at the token, from the retention's log-decay: 1 - exp(log_keep).
+        assert torch.equal(trace.series(layer, "decay"), -torch.expm1(log_keep).transpose(1, 2))
 
         # Surprise: autograd's gradient norm at the chunk-start weights of the float64 reference.
-        flat, (lr, eta, alpha), _ = module._kernel_inputs(x, gates, decay, None, torch.float64)
-        q, k, v = flat
+        rule_inputs, _ = module._rule_inputs(x, None, torch.float64)
+        q, k, v, lr, eta, keep = rule_inputs[:6]
         initial = [w.repeat(2, 1, 1) for w in module.memory.initial_weights()]
         surprise, norms = [], []
         for t in range(11):
             start = t - t % 4
             weights = chunk_start_reference(
-                module.memory, module.surprise, "chunk_start", initial, q[:, :start], k[:, :start],
-                v[:, :start], lr[:, :start], eta[:, :start], alpha[:, :start], chunk_size=4).weights \
+                module.memory, module.objective, "chunk_start", initial, q[:, :start], k[:, :start],
+                v[:, :start], lr[:, :start], eta[:, :start], keep[:, :start], chunk_size=4).weights \
                 if start else initial
             leaves = [w.detach().requires_grad_() for w in weights]
-            loss = module.surprise.loss(module.memory.forward(
+            loss = module.objective.loss(module.memory.forward(
                 k[:, t:t + 1], lambda i, h, leaves=leaves: h @ leaves[i])[0], v[:, t:t + 1]).sum()
             grads = torch.autograd.grad(loss, leaves)
             surprise.append(sum(g.square().sum((-2, -1)) for g in grads).sqrt())
             after = chunk_start_reference(
-                module.memory, module.surprise, "chunk_start", initial, q[:, :t + 1], k[:, :t + 1],
-                v[:, :t + 1], lr[:, :t + 1], eta[:, :t + 1], alpha[:, :t + 1], chunk_size=4).weights
+                module.memory, module.objective, "chunk_start", initial, q[:, :t + 1], k[:, :t + 1],
+                v[:, :t + 1], lr[:, :t + 1], eta[:, :t + 1], keep[:, :t + 1], chunk_size=4).weights
             norms.append(sum(w.square().sum((-2, -1)) for w in after).sqrt())
         expected = torch.stack(surprise, -1).unflatten(0, (2, module.heads)).detach()
         torch.testing.assert_close(trace.series(layer, "surprise"), expected, rtol=1e-10, atol=1e-12)

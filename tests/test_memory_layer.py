@@ -34,12 +34,12 @@ def hidden(batch, steps, dim, seed, dtype=torch.float64):
     split=st.data(),
     read=st.sampled_from(READS),
     chunk=st.integers(1, 6),
-    surprise=st.sampled_from(["titans.momentum", "titans.gradient"]),
-    forgetting=st.sampled_from(["titans.adaptive_decay", "titans.constant_decay", "titans.no_forgetting"]),
+    optimizer=st.sampled_from(["titans.momentum", "titans.sgd"]),
+    retention=st.sampled_from(["titans.adaptive_decay", "titans.constant_decay", "titans.no_forgetting"]),
     projection=st.sampled_from(["titans.conv_qkv", "titans.plain_qkv"]),
 )
-def test_split_with_state_equals_whole(seed, steps, split, read, chunk, surprise, forgetting, projection):
-    layer = make_layer(f"retrieval={read}", f"surprise={surprise}", f"forgetting={forgetting}",
+def test_split_with_state_equals_whole(seed, steps, split, read, chunk, optimizer, retention, projection):
+    layer = make_layer(f"retrieval={read}", f"optimizer={optimizer}", f"retention={retention}",
                        f"projection={projection}", chunk_size=chunk, seed=seed)
     x = hidden(2, steps, 16, seed)
     cut = split.draw(st.integers(1, steps - 1))

@@ -87,7 +87,7 @@ def _registry(layer_cls: type = GatedMemory):
 REGISTRY = _registry()
 
 #: The Titans memory layer's parts, which lab.gated does not use.
-TITANS_PARTS = ("memory", "surprise", "forgetting", "retrieval", "projection")
+TITANS_PARTS = ("memory", "objective", "optimizer", "retention", "retrieval", "projection")
 
 
 def _spec(preset: str, registry=REGISTRY) -> memforge.ModelSpec:
@@ -145,7 +145,7 @@ def test_per_layer_memory_layers_mix_families_in_one_model():
                              ["num_layers=3", "layer.1.memory_layer=lab.gated"], REGISTRY)
     model = memforge.build_model(spec, registry=REGISTRY)
     assert [type(b.memory).__name__ for b in model.blocks] == [
-        "NeuralMemoryLayer", "GatedMemory", "NeuralMemoryLayer"]
+        "StaticDecodingMemoryLayer", "GatedMemory", "StaticDecodingMemoryLayer"]
     rows = memforge.builder.layer_layout(spec, model, REGISTRY)
     assert [r["memory_layer"] for r in rows] == ["titans.neural_memory", "lab.gated",
                                                  "titans.neural_memory"]

@@ -2,7 +2,7 @@
 
 The reference is the model's own full forward pass over the same tokens: every logit a static
 step gives must match it (float64, ~1e-10), across memory-chunk and MAC-segment ends, from any
-prompt length, for every read order, surprise and forgetting rule. The compiled step is checked
+prompt length, for every read order, optimizer and retention. The compiled step is checked
 with ``aot_eager`` (the same captured graphs, run op by op) over drawn cases, and once with the
 real Inductor compiler in float32.
 """
@@ -32,9 +32,9 @@ MEMORY_TINY = [name for name in TINY if name.startswith("titans.")]
 seeds = st.integers(0, 2**31 - 1)
 variants = st.fixed_dictionaries({
     "retrieval": st.sampled_from(["titans.chunk_start", "titans.before_write", "titans.after_write"]),
-    "surprise": st.sampled_from(["titans.momentum", "titans.gradient"]),
-    "forgetting": st.sampled_from(["titans.adaptive_decay", "titans.constant_decay",
-                                   "titans.no_forgetting"]),
+    "optimizer": st.sampled_from(["titans.momentum", "titans.sgd"]),
+    "retention": st.sampled_from(["titans.adaptive_decay", "titans.constant_decay",
+                                  "titans.no_forgetting"]),
     "projection": st.sampled_from(["titans.conv_qkv", "titans.plain_qkv"]),
 })
 
