@@ -82,7 +82,7 @@ def preset(name: str, **overrides: Any) -> ModelSpec:
     """The spec of preset ``name``, with optional overrides.
 
     Keyword overrides are top-level fields (``dim=64``), component switches
-    (``surprise="titans.gradient"``) or a kind's field table (``memory={"depth": 3}``); dotted
+    (``optimizer="titans.sgd"``) or a kind's field table (``memory={"depth": 3}``); dotted
     paths work through a dict: ``preset(name, **{"memory.depth": 3})``.
     """
     spec = default_registry().preset(name).build()

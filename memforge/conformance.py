@@ -1,7 +1,7 @@
 """Build-time checks that a component behaves like its kind, not merely that it has a ``forward``.
 
 The kinds' Protocols (:mod:`memforge.interfaces`) are structural: ``isinstance(nn.Identity(),
-FeedForward)`` holds, and so does it for six of the eight kinds, since they only name ``forward``.
+FeedForward)`` holds, and so does it for most kinds, since they only name ``forward``.
 So :func:`check_component` calls the component once on a tiny input of the right shape (one
 sequence of two tokens) and checks the declared methods and the shapes of what comes back. A
 factory that returns the wrong thing then fails when the model is built, with an error naming the
@@ -24,14 +24,20 @@ from memforge.engine.derived_backward import derivability_problem
 from memforge.errors import SpecError
 from memforge.interfaces import READS, BuildContext, retrieval_reads
 
+#: Where a declared ``applies_at`` of an update transform or weight projection may apply.
+_APPLIES_AT = ("token", "chunk_end")
+
 #: What each kind must do, for error messages (the Protocol in :mod:`memforge.interfaces`).
 CONTRACTS: dict[str, tuple[str, str]] = {
     "memory": ("MemoryNetwork", "offer initial_weights() -> [H, d_in, d_out] matrices and "
                                 "forward(x, linear) -> (y, tape), and optionally "
                                 "backward(tape, grad, linear_t)"),
-    "surprise": ("SurpriseRule", "offer loss(pred, target), loss_grad(pred, target) and "
-                                 "forward(x [B, T, D]) -> SurpriseGates(lr [B, T, H], momentum)"),
-    "forgetting": ("ForgettingRule", "map x [B, T, D] to a decay gate [B, T, H] or None"),
+    "objective": ("Objective", "offer loss(pred, target, side), loss_grad(pred, target, side) "
+                               "and forward(x [B, T, D]) -> ObjectiveInputs(side, window), each "
+                               "[B, T, H] or None"),
+    "optimizer": ("Optimizer", "map x [B, T, D] to StepGates(lr [B, T, H], momentum [B, T, H] "
+                               "or None)"),
+    "retention": ("Retention", "map x [B, T, D] to log_keep [B, T, H] (<= 0) or None"),
     "retrieval": ("RetrievalRule", "map (reader, queries [N, t, d]) to a read-out [N, t, d]"),
     "projection": ("Projection", "map (x [B, T, D], cache) to (q, k, v [B, H, T, d], cache)"),
     "attention": ("Attention", "map (x [B, T, D], cache) to (y [B, T, D], cache)"),
@@ -125,23 +131,69 @@ def _memory(module: nn.Module, ctx: BuildContext, like: Tensor) -> None:
         _expect(grad, (ctx.heads, _STEPS, weight.shape[2]), f"backward()[{i}]'s grads")
 
 
-def _surprise(module: nn.Module, ctx: BuildContext, like: Tensor) -> None:
+def _flag(module: nn.Module, name: str, check: Callable[[Any], bool], expected: str) -> None:
+    """A declared capability attribute (``window``, ``squared_error``, ...) has a usable value."""
+    if hasattr(type(module), name) or hasattr(module, name):
+        value = getattr(module, name)
+        if not check(value):
+            raise _Mismatch(f"its {name} is {value!r}, expected {expected}")
+
+
+def _per_head(value: Any, ctx: BuildContext, what: str) -> Tensor | None:
+    """``value`` checked to be ``None`` or ``[1, T, H]``; returned in the kernels' ``[H, T]``."""
+    if value is None:
+        return None
+    _expect(value, (1, _STEPS, ctx.heads), what)
+    return value[0].t()
+
+
+def _objective(module: nn.Module, ctx: BuildContext, like: Tensor) -> None:
     _methods(module, ("loss", "loss_grad", "forward"))
-    gates = module(like)
-    lr, momentum = getattr(gates, "lr", None), getattr(gates, "momentum", False)
-    _expect(lr, (1, _STEPS, ctx.heads), "forward(x).lr")
-    if momentum is not None:
-        _expect(momentum, (1, _STEPS, ctx.heads), "forward(x).momentum")
+    _flag(module, "window", lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1,
+          "an int >= 1 (pairs per step)")
+    _flag(module, "squared_error", lambda v: isinstance(v, bool), "True or False")
+    inputs = module(like)
+    if not hasattr(inputs, "side") or not hasattr(inputs, "window"):
+        raise _Mismatch(f"forward(x) returned {type(inputs).__name__}, expected "
+                        f"ObjectiveInputs(side, window)")
+    side = _per_head(inputs.side, ctx, "forward(x).side")
+    _per_head(inputs.window, ctx, "forward(x).window")
     prediction = like.new_ones(ctx.heads, _STEPS, ctx.head_dim)
-    _expect(module.loss(prediction, prediction * 0.5), (ctx.heads, _STEPS), "loss(pred, target)")
-    _expect(module.loss_grad(prediction, prediction * 0.5), tuple(prediction.shape),
-            "loss_grad(pred, target)")
+    target = prediction * 0.5
+    _expect(module.loss(prediction, target, side), (ctx.heads, _STEPS), "loss(pred, target, side)")
+    _expect(module.loss_grad(prediction, target, side), tuple(prediction.shape),
+            "loss_grad(pred, target, side)")
 
 
-def _forgetting(module: nn.Module, ctx: BuildContext, like: Tensor) -> None:
-    alpha = module(like)
-    if alpha is not None:
-        _expect(alpha, (1, _STEPS, ctx.heads), "forward(x)")
+def _optimizer(module: nn.Module, ctx: BuildContext, like: Tensor) -> None:
+    gates = module(like)
+    if not hasattr(gates, "lr") or not hasattr(gates, "momentum"):
+        raise _Mismatch(f"forward(x) returned {type(gates).__name__}, expected "
+                        f"StepGates(lr, momentum)")
+    _expect(gates.lr, (1, _STEPS, ctx.heads), "forward(x).lr")
+    _per_head(gates.momentum, ctx, "forward(x).momentum")
+    if callable(getattr(module, "transform", None)):  # TransformsUpdate
+        _flag(module, "applies_at", lambda v: v in _APPLIES_AT, f"one of {list(_APPLIES_AT)}")
+        update = like.new_ones(ctx.heads, ctx.head_dim, ctx.head_dim)
+        _expect(module.transform(update), tuple(update.shape), "transform(update)")
+
+
+def _retention(module: nn.Module, ctx: BuildContext, like: Tensor) -> None:
+    _flag(module, "decay_before_gradient", lambda v: isinstance(v, bool), "True or False")
+    log_keep = module(like)
+    if log_keep is not None:
+        _expect(log_keep, (1, _STEPS, ctx.heads), "forward(x)")
+        if not bool((log_keep <= 0).all()):
+            raise _Mismatch(f"forward(x) has log_keep up to {float(log_keep.max()):.3g}; it is "
+                            f"the log of the fraction of the state kept, so <= 0")
+    if callable(getattr(module, "project", None)):  # ProjectsWeights
+        _flag(module, "applies_at", lambda v: v in _APPLIES_AT, f"one of {list(_APPLIES_AT)}")
+        weights = (like.new_ones(ctx.heads, ctx.head_dim, ctx.head_dim),)
+        projected = module.project(weights, weights)
+        if not isinstance(projected, Sequence) or len(projected) != 1:
+            raise _Mismatch(f"project(weights, initial) returned {type(projected).__name__}, "
+                            f"expected a tuple of one tensor per weight matrix")
+        _expect(projected[0], tuple(weights[0].shape), "project(weights, initial)[0]")
 
 
 def _retrieval(module: nn.Module, ctx: BuildContext, like: Tensor) -> None:
@@ -184,8 +236,9 @@ def _feedforward(module: nn.Module, ctx: BuildContext, like: Tensor) -> None:
 
 _CHECKS: dict[str, Callable[[nn.Module, BuildContext, Tensor], None]] = {
     "memory": _memory,
-    "surprise": _surprise,
-    "forgetting": _forgetting,
+    "objective": _objective,
+    "optimizer": _optimizer,
+    "retention": _retention,
     "retrieval": _retrieval,
     "projection": _projection,
     "attention": _mixer,

@@ -37,8 +37,9 @@ from torch import Tensor, nn
 #: Every kind a :class:`~memforge.spec.ModelSpec` can choose a component for, in build order.
 KINDS: tuple[str, ...] = (
     "memory",
-    "surprise",
-    "forgetting",
+    "objective",
+    "optimizer",
+    "retention",
     "retrieval",
     "projection",
     "memory_layer",
@@ -48,8 +49,8 @@ KINDS: tuple[str, ...] = (
 )
 
 #: Kinds that only memory-bearing layers use; a pure attention model may leave them unset.
-MEMORY_KINDS: tuple[str, ...] = ("memory", "surprise", "forgetting", "retrieval", "projection",
-                                 "memory_layer")
+MEMORY_KINDS: tuple[str, ...] = ("memory", "objective", "optimizer", "retention", "retrieval",
+                                 "projection", "memory_layer")
 
 #: The reads a :class:`ChunkReader` can offer, by method name.
 READS: tuple[str, ...] = ("at_chunk_start", "before_write", "after_write")

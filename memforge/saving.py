@@ -12,7 +12,9 @@ latest checkpoint; see :mod:`memforge.training.checkpoint`), whose weights sit b
 
 Compatibility: :data:`FORMAT_VERSION` changes only when what a saved model holds changes. A newer
 memforge reads every older format; an older one refuses a newer format in one line that names
-both versions, as does a file whose weights no longer fit the layers of this memforge.
+both versions, as does a file whose weights no longer fit the layers of this memforge. The spec
+of an older schema is migrated, and weights named after its kinds are renamed with them
+(:func:`memforge.migrations.migrate_state_dict`).
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from torch import nn
 
 from memforge.errors import InputError, MemforgeError
 from memforge.io import atomic_write, atomic_write_bytes, dumps_spec
+from memforge.migrations import migrate_state_dict
 from memforge.model import MemforgeModel
 from memforge.spec import ModelSpec, from_dict
 
@@ -139,9 +142,10 @@ def _check_format(weights: Path, metadata: Mapping[str, str]) -> None:
                              f"to {FORMAT_VERSION}: upgrade memforge to load it")
 
 
-def _parse_spec(text: str, where: str) -> ModelSpec:
+def _parse_spec(text: str, where: str) -> tuple[ModelSpec, Any]:
     try:
-        return from_dict(tomllib.loads(text))
+        data = tomllib.loads(text)
+        return from_dict(data), data.get("schema_version")
     except tomllib.TOMLDecodeError as exc:
         raise ModelFileError(f"{where}: the saved spec is not valid TOML ({exc}); the file is "
                              f"damaged") from None
@@ -149,21 +153,22 @@ def _parse_spec(text: str, where: str) -> ModelSpec:
         raise type(exc)(f"{where}: {exc}") from None
 
 
-def _spec_of(checkpoint: Path, metadata: Mapping[str, str]) -> ModelSpec:
-    """The spec of a saved model (its metadata) or of a training checkpoint (its spec.toml)."""
-    from memforge.io import load_spec
+def _spec_of(checkpoint: Path, metadata: Mapping[str, str]) -> tuple[ModelSpec, Any]:
+    """The spec of a saved model (its metadata) or of a training checkpoint (its spec.toml), and
+    the ``schema_version`` it was stored in (its weights' names follow that schema)."""
+    from memforge.io import load_spec, read_spec_dict
     from memforge.training.checkpoint import run_dir_of
 
     if "spec" in metadata:
-        spec = _parse_spec(metadata["spec"], f"{checkpoint / WEIGHTS} (metadata)")
+        spec, version = _parse_spec(metadata["spec"], f"{checkpoint / WEIGHTS} (metadata)")
         if (checkpoint / SPEC).is_file() and load_spec(checkpoint / SPEC) != spec:
             raise ModelFileError(f"{checkpoint / SPEC} differs from the spec saved in {WEIGHTS}; "
                                  f"it was edited after save_model: restore it, or build the "
                                  f"edited spec and load the weights yourself")
-        return spec
+        return spec, version
     for path in (checkpoint / SPEC, run_dir_of(checkpoint) / SPEC):
         if path.is_file():
-            return load_spec(path)
+            return load_spec(path), read_spec_dict(path).get("schema_version")
     raise ModelFileError(f"no {SPEC} next to {checkpoint / WEIGHTS} or in its run directory; the "
                          f"model cannot be rebuilt without its spec")
 
@@ -230,11 +235,12 @@ def load_model(
     metadata = _metadata(path)
     if "format" in metadata:
         _check_format(path, metadata)
-    spec = _spec_of(checkpoint, metadata)
+    spec, version = _spec_of(checkpoint, metadata)
     try:
         weights = safetensors.torch.load_file(path, device="cpu")
     except (OSError, safetensors.SafetensorError) as exc:
         raise ModelFileError(f"{path} cannot be read ({exc}); the file is damaged") from None
+    weights = migrate_state_dict(weights, version)
     if dtype is None:
         floating = {t.dtype for t in weights.values() if t.is_floating_point()}
         dtype = floating.pop() if len(floating) == 1 else None

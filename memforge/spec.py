@@ -6,7 +6,7 @@ Any kind can be chosen differently for some layers. Its dict form is one table p
 reserved key ``impl``, and ``[layer.<layers>.<kind>]`` tables for per-layer choices, where
 ``<layers>`` is an index (``1``), a comma list (``0,2``) or a range (``1-3``)::
 
-    schema_version = 2
+    schema_version = 3
     vocab_size = 256
     dim = 128
     num_layers = 4
@@ -42,11 +42,16 @@ from memforge.errors import (
     unknown_name_message,
 )
 from memforge.interfaces import KINDS, MEMORY_KINDS
-from memforge.migrations import expand_memory_layers, migrate
+from memforge.migrations import (
+    REPLACED_KINDS,
+    expand_memory_layers,
+    migrate,
+    replaced_kind_message,
+)
 from memforge.registry import ComponentRegistry, ComponentSpec
 
 #: The schema version this memforge writes and reads.
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 #: Upper limits of the top-level sizes. No model memforge can train comes near them (the largest
 #: public models have widths near 16K, vocabularies near 256K and about 130 blocks); they stop a
@@ -97,7 +102,9 @@ def _layer_choices(value: Any) -> LayerChoices:
             raise SpecError(f"'layers'[{layer}] must map kinds to ComponentChoice, got {kinds!r}")
         for kind, choice in kinds:
             if kind not in KINDS:
-                raise SpecError(f"[layer.{layer}] " + unknown_name_message("kind", str(kind), KINDS))
+                replaced = replaced_kind_message(str(kind))
+                raise SpecError(f"[layer.{layer}] " + (replaced or unknown_name_message(
+                    "kind", str(kind), KINDS)))
             if not isinstance(choice, ComponentChoice):
                 raise SpecError(f"[layer.{layer}.{kind}] must be a ComponentChoice, got {choice!r}")
             merged.setdefault(layer, {})[kind] = choice
@@ -124,8 +131,9 @@ class ModelSpec:
         dim: model width.
         num_layers: number of blocks.
         heads: attention and memory heads; must divide ``dim``.
-        memory, surprise, forgetting, retrieval, projection, memory_layer: the memory parts;
-            ``None`` for models that carry no memory.
+        memory, objective, optimizer, retention, retrieval, projection, memory_layer: the memory
+            parts (the network, its loss, its step, how it keeps old state, how it is read, what
+            it is fed, and the layer built from them); ``None`` for models that carry no memory.
         attention, feedforward, integration: always chosen (the model-wide defaults).
         layers: per-layer choices, ``{layer: {kind: ComponentChoice}}``, which replace the
             model-wide choice of that kind in those layers (hybrids, placement ablations); stored
@@ -141,8 +149,9 @@ class ModelSpec:
     attention: ComponentChoice = attrs.field(validator=_required_choice)
     feedforward: ComponentChoice = attrs.field(validator=_required_choice)
     memory: ComponentChoice | None = attrs.field(default=None, validator=_optional_choice)
-    surprise: ComponentChoice | None = attrs.field(default=None, validator=_optional_choice)
-    forgetting: ComponentChoice | None = attrs.field(default=None, validator=_optional_choice)
+    objective: ComponentChoice | None = attrs.field(default=None, validator=_optional_choice)
+    optimizer: ComponentChoice | None = attrs.field(default=None, validator=_optional_choice)
+    retention: ComponentChoice | None = attrs.field(default=None, validator=_optional_choice)
     retrieval: ComponentChoice | None = attrs.field(default=None, validator=_optional_choice)
     projection: ComponentChoice | None = attrs.field(default=None, validator=_optional_choice)
     memory_layer: ComponentChoice | None = attrs.field(default=None, validator=_optional_choice)
@@ -269,6 +278,9 @@ def _layers_from_dict(value: Any, num_layers: Any, registry: ComponentRegistry
                             f"[layer.{selector}.integration], got {kinds!r}")
         for kind, table in kinds.items():
             if kind not in KINDS:
+                replaced = replaced_kind_message(f"layer.{selector}.{kind}")
+                if replaced:
+                    raise SpecError(replaced)
                 raise _unknown_key(kind, KINDS, f"in [layer.{selector}] ")
             choice = _choice_from_dict(kind, table, registry, f"layer.{selector}.{kind}")
             for index in indices:
@@ -341,27 +353,38 @@ def from_dict(data: Mapping[str, Any], registry: ComponentRegistry | None = None
     try:
         spec = _spec_from_dict(data, version, registry)
     except SpecError as exc:
-        if "schema_version" in data or not _looks_like_schema1(data):
+        older = None if "schema_version" in data else _older_schema(data)
+        if older is None:
             raise
-        raise SpecError(f"{exc}; a schema-1 file? add schema_version = 1") from None
+        raise SpecError(f"{exc}; a schema-{older} file? add schema_version = {older}") from None
     check_spec(spec, registry)
     return spec
 
 
-def _looks_like_schema1(data: Mapping[str, Any]) -> bool:
-    """Whether a spec without ``schema_version`` has what only schema 1 wrote (docs/architecture.md)."""
+def _older_schema(data: Mapping[str, Any]) -> int | None:
+    """The older schema a spec without ``schema_version`` looks written in, from what only that
+    schema wrote (docs/architecture.md, "Schema versions"), else ``None``."""
     integration = data.get("integration")
-    return MEMORY_LAYERS in data or (isinstance(integration, Mapping)
-                                     and "chunk_size" in integration)
+    if MEMORY_LAYERS in data or (isinstance(integration, Mapping) and "chunk_size" in integration):
+        return 1
+    layers = data.get(LAYER)
+    tables = [data, *(layers.values() if isinstance(layers, Mapping) else ())]
+    if any(isinstance(t, Mapping) and set(REPLACED_KINDS) & set(t) for t in tables):
+        return 2
+    return None
 
 
 def _spec_from_dict(data: Mapping[str, Any], version: int, registry: ComponentRegistry
                     ) -> ModelSpec:
     """The spec of ``data`` at schema ``version``, migrated, before the cross-field checks."""
+    data = migrate(data, version)
     for key in data:
         if key not in _TOP_LEVEL and key not in KINDS and key not in (LAYER, MEMORY_LAYERS):
+            replaced = replaced_kind_message(str(key))
+            if replaced:
+                raise SpecError(replaced)
             raise _unknown_key(key, (*_TOP_LEVEL, *KINDS, LAYER), "")
-    data = expand_memory_layers(migrate(data, version), registry)
+    data = expand_memory_layers(data, registry)
     kwargs: dict[str, Any] = {k: data[k] for k in _TOP_LEVEL if k in data}
     kwargs["schema_version"] = SCHEMA_VERSION
     for kind in KINDS:
@@ -548,10 +571,14 @@ def _parse_value(text: str) -> Any:
         return text
 
 
-def _split_path(path: str) -> list[str]:
+def _split_path(path: str, value: Any = None) -> list[str]:
     """A dotted override path as its parts: ``[field]``, ``[kind]``, ``[kind, field]``, or
-    ``[LAYER, layers, kind]`` and ``[LAYER, layers, kind, field]``."""
+    ``[LAYER, layers, kind]`` and ``[LAYER, layers, kind, field]``. A path naming a kind of an
+    older schema is refused saying what to write instead (for ``value``)."""
     parts = path.strip().split(".")
+    replaced = replaced_kind_message(path, value)
+    if replaced:
+        raise SpecError(f"override {replaced}")
     if parts[0] == LAYER:
         if len(parts) not in (3, 4) or parts[2] not in KINDS:
             raise SpecError(f"override {path!r}: per-layer paths are layer.<layers>.<kind> or "
@@ -584,7 +611,7 @@ def apply_overrides(
 ) -> ModelSpec:
     """A new, validated spec with ``{dotted.path: value}`` overrides applied.
 
-    ``"dim"`` sets a top-level field; ``"surprise"`` (or ``"surprise.impl"``) switches a kind's
+    ``"dim"`` sets a top-level field; ``"optimizer"`` (or ``"optimizer.impl"``) switches a kind's
     component, whose settings reset to the new component's defaults unless also overridden;
     ``"memory.depth"`` sets one config field; ``"memory": "none"`` (or ``None``) removes an
     optional (memory) component, e.g. when switching to an integration without memory.
@@ -606,7 +633,7 @@ def apply_overrides(
             raise SpecError(f"override keys must be dotted paths such as 'memory.depth', got {path!r}")
     data = to_dict(spec)
     per_layer: dict[int, dict[str, Any]] = {int(k): v for k, v in data.pop(LAYER, {}).items()}
-    parsed = [(_split_path(path), value) for path, value in overrides.items()]
+    parsed = [(_split_path(path, value), value) for path, value in overrides.items()]
 
     def order(item: tuple[list[str], Any]) -> tuple[int, int]:
         parts = item[0]
@@ -654,7 +681,7 @@ def override(
 ) -> ModelSpec:
     """A new, validated spec with ``"key=value"`` assignments applied (the CLI's ``--set``).
 
-    ``"dim=64"``, ``"surprise=titans.gradient"``, ``"memory.depth=3"``,
+    ``"dim=64"``, ``"optimizer=titans.sgd"``, ``"memory.depth=3"``,
     ``"layer.1.integration=titans.mac"``, ``"layer.0,2.memory.depth=3"``; values are TOML literals
     (``[0, 2]``, ``true``, ``0.5``), anything else is taken as a string. See
     :func:`apply_overrides` for the rules.
@@ -674,7 +701,7 @@ def override(
         path, sep, text = assignment.partition("=")
         if not sep or not path.strip():
             raise SpecError(f"override {assignment!r} must look like 'key=value' "
-                            f"(e.g. memory.depth=3 or surprise=titans.gradient)")
+                            f"(e.g. memory.depth=3 or optimizer=titans.sgd)")
         overrides[path.strip()] = _parse_value(text.strip())
     return apply_overrides(spec, overrides, registry)
 

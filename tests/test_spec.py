@@ -56,9 +56,9 @@ def test_override_sets_field_and_switches_component():
     spec = memforge.preset("titans.lmm_tiny")
     deeper = memforge.override(spec, ["memory.depth=3"])
     assert deeper.memory.config.depth == 3 and deeper != spec
-    switched = memforge.override(spec, ["surprise=titans.gradient", "surprise.max_lr=0.05"])
-    assert switched.surprise.impl == "titans.gradient"
-    assert switched.surprise.config.max_lr == 0.05
+    switched = memforge.override(spec, ["optimizer=titans.sgd", "optimizer.max_lr=0.05"])
+    assert switched.optimizer.impl == "titans.sgd"
+    assert switched.optimizer.config.max_lr == 0.05
     layers = memforge.override(spec, ["memory_layers=[1]"])
     assert [layers.choice("integration", i).impl for i in (0, 1)] == [
         "baseline.transformer", "titans.lmm"]
@@ -73,23 +73,25 @@ def test_switching_component_resets_its_settings():
 
 
 #: A spec with every field written out, and its id: the id names run directories, so a change of
-#: the hashing (or of the canonical form) would orphan every stored run. Schema 2 changed the
-#: canonical form (its schema_version, the memory_layer table), so ids made by schema 1 differ;
-#: a schema-1 file and its migration have the same id (both load to the same spec).
+#: the hashing (or of the canonical form) would orphan every stored run. Every schema changes the
+#: canonical form (its schema_version; schema 2 the memory_layer table, schema 3 the split of
+#: surprise), so ids made by an older schema differ; an older file and its migration have the
+#: same id (both load to the same spec).
 GOLDEN_SPEC = {
-    "schema_version": 2, "vocab_size": 64, "dim": 32, "num_layers": 2, "heads": 2,
+    "schema_version": 3, "vocab_size": 64, "dim": 32, "num_layers": 2, "heads": 2,
     "attention": {"impl": "baseline.causal", "persistent_tokens": 0, "rope_base": 10000.0},
     "feedforward": {"impl": "baseline.swiglu", "multiplier": 2.6666666666666665},
     "integration": {"impl": "baseline.transformer"},
 }
-GOLDEN_ID = "f8cc771a6b"
+GOLDEN_ID = "d2ed5e446e"
 
 
 def test_spec_id_golden_value():
     spec = from_dict(GOLDEN_SPEC, REGISTRY)
     assert to_dict(spec) == GOLDEN_SPEC  # the canonical form itself is unchanged
     assert spec_id(spec) == GOLDEN_ID
-    assert spec_id(from_dict({**GOLDEN_SPEC, "schema_version": 1}, REGISTRY)) == GOLDEN_ID
+    for older in (1, 2):
+        assert spec_id(from_dict({**GOLDEN_SPEC, "schema_version": older}, REGISTRY)) == GOLDEN_ID
 
 
 def test_spec_id_is_stable_and_sensitive():
@@ -106,7 +108,12 @@ def test_spec_id_is_stable_and_sensitive():
         ("memory.depth=0", r"memory: 'depth' must be >= 1, got 0"),
         ("memory.depth=two", r"'depth' must be an integer, got 'two'"),
         ("memmory.depth=3", r"did you mean 'memory'"),
-        ("surprise=titans.momentun", r"did you mean 'titans.momentum'"),
+        ("optimizer=titans.momentun", r"did you mean 'titans.momentum'"),
+        ("surprise=titans.gradient", r"^override 'surprise': the kind 'surprise' was split .* "
+                                     r"write optimizer=titans.sgd$"),
+        ("forgetting=titans.no_forgetting", r"^override 'forgetting': the kind 'forgetting' is "
+                                            r"called 'retention' .* write "
+                                            r"retention=titans.no_forgetting$"),
         ("heads=5", r"'heads'=5 must divide 'dim'=32"),
         ("memory_layers=[7]", r"out of range for num_layers=2"),
         ("nonsense", r"must look like 'key=value'"),
@@ -131,7 +138,7 @@ def test_memory_layers_without_memory_integration_is_reported():
 
 def test_newer_schema_version_is_refused(tmp_path):
     path = tmp_path / "future.toml"
-    text = dumps_spec(memforge.preset("titans.lmm_tiny")).replace("schema_version = 2", "schema_version = 9")
+    text = dumps_spec(memforge.preset("titans.lmm_tiny")).replace("schema_version = 3", "schema_version = 9")
     path.write_text(text)
     with pytest.raises(SpecError, match=r"future.toml: spec has schema_version 9.*upgrade memforge"):
         memforge.load_spec(path)
@@ -168,10 +175,10 @@ def test_save_is_atomic_and_leaves_no_temporary_files(tmp_path):
 
 
 def test_preset_keyword_overrides():
-    spec = memforge.preset("titans.lmm_tiny", memory={"depth": 3}, surprise="titans.gradient",
+    spec = memforge.preset("titans.lmm_tiny", memory={"depth": 3}, optimizer="titans.sgd",
                            **{"memory_layer.chunk_size": 4})
     assert spec.memory.config.depth == 3
-    assert spec.surprise.impl == "titans.gradient"
+    assert spec.optimizer.impl == "titans.sgd"
     assert spec.memory_layer.config.chunk_size == 4
 
 
@@ -218,8 +225,8 @@ def test_an_optional_kind_an_integration_declares_is_accepted():
                              ["integration=lab.maybe_memory"], registry)
     with_memory = memforge.override(base, ["memory=titans.mlp"], registry)
     assert with_memory.memory.impl == "titans.mlp"
-    with pytest.raises(SpecError, match=r"uses no surprise component"):
-        memforge.override(base, ["surprise=titans.momentum"], registry)
+    with pytest.raises(SpecError, match=r"uses no optimizer component"):
+        memforge.override(base, ["optimizer=titans.momentum"], registry)
 
 
 def test_an_integration_declaring_no_kinds_is_exempt_from_the_unused_check():
@@ -344,6 +351,6 @@ def test_show_prints_each_layers_integration_and_memory_layer(capsys):
     assert [[cell for cell in row if cell not in "│┃"][:4] for row in rows] == [
         ["0", "baseline.transformer", "-", "TransformerBlock"],
         ["1", "titans.mag", "titans.neural_memory", "MAGBlock"]]
-    assert ("layer 1: titans.neural_memory built from memory 'titans.mlp', surprise "
-            "'titans.momentum', forgetting 'titans.adaptive_decay', retrieval 'titans.chunk_start', "
-            "projection 'titans.conv_qkv'") in out
+    assert ("layer 1: titans.neural_memory built from memory 'titans.mlp', objective "
+            "'titans.l2', optimizer 'titans.momentum', retention 'titans.adaptive_decay', "
+            "retrieval 'titans.chunk_start', projection 'titans.conv_qkv'") in out

@@ -27,6 +27,7 @@ from typing import Any
 import attrs
 
 from memforge.errors import MemforgeError, close_matches
+from memforge.migrations import replaced_kind_message
 from memforge.spec import ModelSpec
 
 #: Metric the per-variant plot shows first unless the study names another.
@@ -220,7 +221,10 @@ def _spec_keys() -> tuple[str, ...]:
     return OVERRIDE_ROOTS
 
 
-def _check_override_path(path: str, where: str, reserved: Sequence[str]) -> None:
+def _check_override_path(path: str, where: str, reserved: Sequence[str], value: Any = None) -> None:
+    replaced = replaced_kind_message(path, value)
+    if replaced:
+        raise _fail(where, replaced)
     head = path.split(".", 1)[0]
     valid = (*reserved, *_spec_keys())
     if head not in valid:
@@ -228,14 +232,14 @@ def _check_override_path(path: str, where: str, reserved: Sequence[str]) -> None
         hint = f"; did you mean {hints[0]!r}?" if hints else ""
         others = f", or one of: {', '.join(reserved)}" if reserved else ""
         raise _fail(where, f"unknown key {path!r}{hint} (a spec override like memory.depth = 3 "
-                           f"or surprise = \"titans.gradient\"{others})")
+                           f"or optimizer = \"titans.sgd\"{others})")
 
 
 def _model_choice(table: Mapping[str, Any], where: str, base_dir: Path,
                   reserved: Sequence[str]) -> ModelChoice:
-    for key in table:
+    for key, value in table.items():
         if key not in reserved:
-            _check_override_path(key, where, reserved)
+            _check_override_path(key, where, reserved, value)
     preset, spec = table.get("preset"), table.get("spec")
     if preset is not None and spec is not None:
         raise _fail(where, "give either 'preset' or 'spec', not both")

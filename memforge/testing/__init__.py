@@ -4,5 +4,5 @@ never imports at run time.
 
 * :mod:`memforge.testing.strategies`: hypothesis strategies for configs and specs.
 * :mod:`memforge.testing.conformance`: the conformance kit, behavioural checks of a memory layer,
-  memory network or surprise rule (docs/plugins.md, "Testing your plugin with the conformance kit").
+  memory network or objective (docs/plugins.md, "Testing your plugin with the conformance kit").
 """

@@ -12,13 +12,14 @@ This kit checks its *behaviour*, in float64, the way memforge tests its own comp
   slow reference (``reference_forward``, below) when it has one;
 * a memory network (kind ``memory``): its hand-written ``backward`` against the one autograd
   derives, outer gradients included (or, without one, that autograd can derive it);
-* a surprise rule (kind ``surprise``): ``loss_grad`` against autograd of ``loss``.
+* an objective (kind ``objective``): ``loss_grad`` against autograd of ``loss``, with its
+  per-token side input.
 
 Three ways to use it, from the least to the most typing:
 
 * ``check_memory_layer("mylab.layer")`` (or a preset, a :class:`~memforge.ModelSpec`, a built
   module) runs every check on a fixed grid of lengths and split points and returns the names of
-  the checks it ran; ``check_memory_network`` and ``check_surprise_rule`` do the same for parts;
+  the checks it ran; ``check_memory_network`` and ``check_objective`` do the same for parts;
 * ``class TestMyLayer(MemoryLayerConformance): component = "mylab.layer"`` in a test module gives
   one pytest test per check, parametrised over chunk sizes and drawn by hypothesis over lengths
   and split points;
@@ -67,7 +68,7 @@ TOLERANCE = 1e-8
 BACKWARD_TOLERANCE = 1e-10
 
 #: The Titans memory layer's parts, set to ``none`` for a layer that does not use them.
-_PARTS = ("projection", "memory", "surprise", "forgetting", "retrieval")
+_PARTS = ("projection", "memory", "objective", "optimizer", "retention", "retrieval")
 
 
 class ConformanceError(AssertionError):
@@ -166,7 +167,7 @@ def memory_layer(target: str | ModelSpec | nn.Module, registry: ComponentRegistr
 
 def build_part(kind: str, name: str, registry: ComponentRegistry | None = None, *,
                dim: int = 16, heads: int = 2, config: Any = None, seed: int = 0) -> nn.Module:
-    """Build component ``name`` of ``kind`` alone (a memory network, a surprise rule) with its
+    """Build component ``name`` of ``kind`` alone (a memory network, an objective) with its
     default config (or ``config``), in float64."""
     component = (registry or default_registry()).component(kind, name)
 
@@ -459,7 +460,7 @@ def check_memory_layer(target: str | ModelSpec | nn.Module, registry: ComponentR
     return ran
 
 
-# -- memory networks and surprise rules --------------------------------------------------------------
+# -- memory networks and objectives -----------------------------------------------------------------
 def check_memory_network(module: nn.Module, *, name: str, heads: int, head_dim: int,
                          tokens: int = 5, batch: int = 2, seed: int = 0) -> bool:
     """A memory network's backward, in float64, for weights perturbed away from the initial ones.
@@ -519,21 +520,31 @@ def check_memory_network(module: nn.Module, *, name: str, heads: int, head_dim: 
     return True
 
 
-def check_surprise_rule(module: nn.Module, *, name: str, heads: int, head_dim: int,
-                        tokens: int = 5, batch: int = 2, seed: int = 0) -> None:
-    """A surprise rule's ``loss_grad`` equals autograd of its ``loss`` in float64, token by token."""
+def check_objective(module: nn.Module, *, name: str, heads: int, head_dim: int,
+                    tokens: int = 5, batch: int = 2, seed: int = 0) -> None:
+    """An objective's ``loss_grad`` equals autograd of its ``loss`` in float64, token by token,
+    with its own per-token side input (``forward`` of random layer inputs of width
+    ``heads * head_dim``) when it has one."""
     module = copy.deepcopy(module).double()
     check = f"loss_grad against autograd of loss ({tokens} tokens)"
     generator = torch.Generator().manual_seed(seed)
     prediction, target = (torch.randn(batch * heads, tokens, head_dim, generator=generator,
                                       dtype=torch.float64) for _ in range(2))
+    x = torch.randn(batch, tokens, heads * head_dim, generator=generator, dtype=torch.float64)
+    with torch.no_grad():
+        side = module(x).side
+    if side is not None:
+        if tuple(side.shape) != (batch, tokens, heads):
+            _fail(name, check, f"forward(x).side has shape {list(side.shape)}, expected "
+                               f"{[batch, tokens, heads]}")
+        side = side.permute(0, 2, 1).flatten(0, 1)  # [B, T, H] -> the kernels' [B * H, T]
     prediction.requires_grad_(True)
-    loss = module.loss(prediction, target)
+    loss = module.loss(prediction, target, side)
     if tuple(loss.shape) != (batch * heads, tokens):
         _fail(name, check, f"loss has shape {list(loss.shape)}, expected "
                            f"{[batch * heads, tokens]} (one per token)")
     (want,) = torch.autograd.grad(loss.sum(), prediction)
-    _close(name, check, "loss_grad", module.loss_grad(prediction.detach(), target), want)
+    _close(name, check, "loss_grad", module.loss_grad(prediction.detach(), target, side), want)
 
 
 # -- the pytest suite ------------------------------------------------------------------------------
@@ -657,7 +668,7 @@ class MemoryLayerConformance:
 __all__ = [
     "BACKWARD_TOLERANCE", "GRID", "TOLERANCE", "ConformanceError", "LayerUnderTest", "MemoryLayerConformance",
     "Reference", "build_part", "capabilities", "check_batch_independent", "check_causal",
-    "check_finite_gradients", "check_memory_layer", "check_memory_network", "check_read_pure",
-    "check_reference", "check_split", "check_static_decode", "check_surprise_rule", "chunk_sizes",
+    "check_finite_gradients", "check_memory_layer", "check_memory_network", "check_objective",
+    "check_read_pure", "check_reference", "check_split", "check_static_decode", "chunk_sizes",
     "layer_spec", "memory_layer",
 ]

@@ -35,7 +35,9 @@ import safetensors.torch
 import torch
 from torch import nn
 
-from memforge.io import atomic_write_bytes, dumps_spec
+from memforge.errors import MemforgeError
+from memforge.io import atomic_write_bytes, dumps_spec, read_spec_dict
+from memforge.migrations import migrate_state_dict
 from memforge.spec import ModelSpec
 from memforge.training.config import TrainingError
 
@@ -374,6 +376,9 @@ def _load_state(path: Path) -> Any:
 def load_checkpoint(source: str | os.PathLike[str]) -> Checkpoint:
     """Read a checkpoint (see :func:`find_checkpoint` for what ``source`` may be).
 
+    The weights come under today's names: those of a checkpoint whose spec is of an older schema
+    are renamed (:func:`memforge.migrations.migrate_state_dict`).
+
     Raises:
         UnreadableCheckpointError: a file is damaged, from another version, or refused as unsafe
             (``state.pt`` is loaded with ``weights_only=True``: tensors and plain data only).
@@ -384,6 +389,7 @@ def load_checkpoint(source: str | os.PathLike[str]) -> Checkpoint:
     except (OSError, safetensors.SafetensorError) as exc:
         raise UnreadableCheckpointError(f"{path / WEIGHTS} cannot be read ({_first_line(exc)})",
                                         *_DAMAGED) from None
+    weights = migrate_state_dict(weights, _stored_schema(path))
     state = _load_state(path / STATE)
     if not isinstance(state, dict) or state.get("format") != FORMAT_VERSION:
         raise UnreadableCheckpointError(f"{path / STATE} is not a memforge checkpoint of format "
@@ -394,6 +400,18 @@ def load_checkpoint(source: str | os.PathLike[str]) -> Checkpoint:
         raise UnreadableCheckpointError(f"{path / STATE} holds step={step!r}, not a whole number "
                                         f">= 0", *_DAMAGED)
     return Checkpoint(path, step, weights, state)
+
+
+def _stored_schema(checkpoint: Path) -> Any:
+    """The ``schema_version`` the checkpoint's spec file names (``None``: no readable spec file;
+    whoever builds the model from it reports that)."""
+    for path in (checkpoint / SPEC, run_dir_of(checkpoint) / SPEC):
+        if path.is_file():
+            try:
+                return read_spec_dict(path).get("schema_version")
+            except MemforgeError:
+                return None
+    return None
 
 
 def _names(names: list[str], limit: int = 8) -> str:

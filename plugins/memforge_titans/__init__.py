@@ -3,17 +3,21 @@
 Components (each an ablation axis of Titans Table 5):
 
 * memory: ``titans.mlp`` (deep MLP), ``titans.linear`` (matrix memory);
-* surprise: ``titans.momentum``, ``titans.gradient`` (no momentum);
-* forgetting: ``titans.adaptive_decay``, ``titans.constant_decay``, ``titans.no_forgetting``;
+* objective: ``titans.l2`` (the associative loss);
+* optimizer: ``titans.momentum``, ``titans.sgd`` (no momentum);
+* retention: ``titans.adaptive_decay``, ``titans.constant_decay``, ``titans.no_forgetting``;
 * retrieval: ``titans.chunk_start``, ``titans.before_write``, ``titans.after_write``;
 * projection: ``titans.conv_qkv``, ``titans.plain_qkv`` (without convolution);
-* memory_layer: ``titans.neural_memory``, the Titans layer built from the five kinds above;
+* memory_layer: ``titans.neural_memory``, the Titans layer built from the six kinds above;
 * integration: ``titans.lmm`` (memory alone), ``titans.mac``, ``titans.mag``, ``titans.mal``,
   each taking whatever memory layer the spec chooses (MAC one that ``ReadsMemory``).
 
-With ``titans.linear``, ``titans.gradient``, ``titans.no_forgetting`` and chunk size 1 the layer
-is exactly the delta rule (DeltaNet). This plugin can be blocked (``MEMFORGE_BLOCK=titans``) to
-run a spec set against the baselines only. Heavy imports stay inside the factories.
+The objective, optimizer, retention, retrieval and projection modules are the core's generic
+ones (:mod:`memforge.engine.rules`, :mod:`memforge.engine.projection`), registered here under the
+Titans names. With ``titans.linear``, ``titans.sgd``, ``titans.no_forgetting`` and chunk size 1
+the layer is exactly the delta rule (DeltaNet). This plugin can be blocked
+(``MEMFORGE_BLOCK=titans``) to run a spec set against the baselines only. Heavy imports stay
+inside the factories.
 """
 
 from __future__ import annotations
@@ -42,41 +46,47 @@ def _linear(config: c.LinearMemoryConfig, ctx: BuildContext):
     return MLPMemory(ctx.heads, ctx.head_dim, 1, residual=False, norm=False)
 
 
-def _momentum(config: c.MomentumSurpriseConfig, ctx: BuildContext):
-    from memforge_titans.rules import L2Surprise
+def _l2(config: c.L2ObjectiveConfig, ctx: BuildContext):
+    from memforge.engine.rules import L2Objective
 
-    return L2Surprise(ctx.dim, ctx.heads, max_lr=config.max_lr, lr_init=config.lr_init,
-                      momentum=True, momentum_init=config.momentum_init)
+    return L2Objective()
 
 
-def _gradient(config: c.GradientSurpriseConfig, ctx: BuildContext):
-    from memforge_titans.rules import L2Surprise
+def _momentum(config: c.MomentumConfig, ctx: BuildContext):
+    from memforge.engine.rules import GatedStep
 
-    return L2Surprise(ctx.dim, ctx.heads, max_lr=config.max_lr, lr_init=config.lr_init,
-                      momentum=False, momentum_init=0.5)
+    return GatedStep(ctx.dim, ctx.heads, max_lr=config.max_lr, lr_init=config.lr_init,
+                     momentum=True, momentum_init=config.momentum_init)
+
+
+def _sgd(config: c.SGDConfig, ctx: BuildContext):
+    from memforge.engine.rules import GatedStep
+
+    return GatedStep(ctx.dim, ctx.heads, max_lr=config.max_lr, lr_init=config.lr_init,
+                     momentum=False)
 
 
 def _adaptive(config: c.AdaptiveDecayConfig, ctx: BuildContext):
-    from memforge_titans.rules import AdaptiveDecay
+    from memforge.engine.rules import AdaptiveDecay
 
     return AdaptiveDecay(ctx.dim, ctx.heads, init=config.init, max_decay=config.max_decay)
 
 
 def _constant(config: c.ConstantDecayConfig, ctx: BuildContext):
-    from memforge_titans.rules import ConstantDecay
+    from memforge.engine.rules import ConstantDecay
 
     return ConstantDecay(ctx.heads, alpha=config.alpha)
 
 
 def _no_forgetting(config: c.NoForgettingConfig, ctx: BuildContext):
-    from memforge_titans.rules import NoForgetting
+    from memforge.engine.rules import NoForgetting
 
     return NoForgetting()
 
 
 def _reader(name: str):
     def factory(config: c.RetrievalConfig, ctx: BuildContext):
-        from memforge_titans import rules
+        from memforge.engine import rules
 
         return getattr(rules, name)()
 
@@ -84,24 +94,25 @@ def _reader(name: str):
 
 
 def _conv_qkv(config: c.ConvProjectionConfig, ctx: BuildContext):
-    from memforge_titans.rules import QKVProjection
+    from memforge.engine.projection import QKVProjection
 
     return QKVProjection(ctx.dim, ctx.heads, ctx.head_dim, conv_kernel=config.conv_kernel)
 
 
 def _plain_qkv(config: c.PlainProjectionConfig, ctx: BuildContext):
-    from memforge_titans.rules import QKVProjection
+    from memforge.engine.projection import QKVProjection
 
     return QKVProjection(ctx.dim, ctx.heads, ctx.head_dim, conv_kernel=0)
 
 
 def _neural_memory(config: c.NeuralMemoryConfig, ctx: BuildContext):
-    from memforge.engine.layer import NeuralMemoryLayer
+    from memforge.engine.layer import FastWeightMemoryLayer
 
-    return NeuralMemoryLayer(
+    return FastWeightMemoryLayer(
         ctx.dim, ctx.heads, projection=ctx.build("projection"), memory=ctx.build("memory"),
-        surprise=ctx.build("surprise"), forgetting=ctx.build("forgetting"),
-        retrieval=ctx.build("retrieval"), chunk_size=config.chunk_size,
+        objective=ctx.build("objective"), optimizer=ctx.build("optimizer"),
+        retention=ctx.build("retention"), retrieval=ctx.build("retrieval"),
+        chunk_size=config.chunk_size,
     )
 
 
@@ -148,15 +159,17 @@ def memforge_register_components():
         spec("memory", "titans.mlp", c.MLPMemoryConfig, _mlp, "deep MLP memory (L_M >= 1)"),
         spec("memory", "titans.linear", c.LinearMemoryConfig, _linear,
              "linear matrix memory (delta-rule state)"),
-        spec("surprise", "titans.momentum", c.MomentumSurpriseConfig, _momentum,
-             "l2 associative loss, data-dependent step size and momentum"),
-        spec("surprise", "titans.gradient", c.GradientSurpriseConfig, _gradient,
-             "l2 associative loss, plain gradient step (no momentum)"),
-        spec("forgetting", "titans.adaptive_decay", c.AdaptiveDecayConfig, _adaptive,
-             "data-dependent forgetting gate alpha_t"),
-        spec("forgetting", "titans.constant_decay", c.ConstantDecayConfig, _constant,
+        spec("objective", "titans.l2", c.L2ObjectiveConfig, _l2,
+             "l2 associative loss 0.5 ||M(k) - v||^2"),
+        spec("optimizer", "titans.momentum", c.MomentumConfig, _momentum,
+             "gradient step with data-dependent step size and momentum"),
+        spec("optimizer", "titans.sgd", c.SGDConfig, _sgd,
+             "plain gradient step with data-dependent step size (no momentum)"),
+        spec("retention", "titans.adaptive_decay", c.AdaptiveDecayConfig, _adaptive,
+             "data-dependent forgetting gate alpha_t (log-space keep)"),
+        spec("retention", "titans.constant_decay", c.ConstantDecayConfig, _constant,
              "the same alpha for every token"),
-        spec("forgetting", "titans.no_forgetting", c.NoForgettingConfig, _no_forgetting,
+        spec("retention", "titans.no_forgetting", c.NoForgettingConfig, _no_forgetting,
              "no decay (alpha = 0)"),
         spec("retrieval", "titans.chunk_start", c.RetrievalConfig, _reader("ReadAtChunkStart"),
              "read with the chunk-start weights (fastest)"),
@@ -170,7 +183,8 @@ def memforge_register_components():
              "q/k/v: linear, SiLU, l2-norm q/k (no convolution)"),
         spec("memory_layer", "titans.neural_memory", c.NeuralMemoryConfig, _neural_memory,
              "Titans neural memory: chunked test-time update of the memory network",
-             requires=("projection", "memory", "surprise", "forgetting", "retrieval")),
+             requires=("projection", "memory", "objective", "optimizer", "retention",
+                       "retrieval")),
         spec("integration", "titans.lmm", LMMIntegrationConfig, _lmm,
              "memory as the token mixer, no attention (Titans LMM)",
              requires=("memory_layer", "feedforward")),

@@ -12,12 +12,12 @@ ACTIVATIONS = ("gelu", "silu", "relu")
 @attrs.frozen(kw_only=True)
 class NeuralMemoryConfig:
     """The Titans memory layer (``titans.neural_memory``), built from the spec's memory,
-    surprise, forgetting, retrieval and projection."""
+    objective, optimizer, retention, retrieval and projection."""
 
     # The kernel builds chunk_size x chunk_size matrices per sequence and head:
     # 4096 is 64 MB each, beyond what any setting needs.
     chunk_size: int = option(64, ge=1, le=4096, typical=(1, 64),
-                             help="tokens whose surprise uses the same chunk-start weights")
+                             help="tokens whose gradients use the same chunk-start weights")
 
 
 @attrs.frozen(kw_only=True)
@@ -43,8 +43,14 @@ class LinearMemoryConfig:
 
 
 @attrs.frozen(kw_only=True)
-class MomentumSurpriseConfig:
-    """l2 surprise with momentum (``titans.momentum``), Titans Eqs. 9-14."""
+class L2ObjectiveConfig:
+    """The l2 associative loss ``0.5 * ||M(k) - v||^2`` (``titans.l2``), Titans Eq. 12."""
+
+
+@attrs.frozen(kw_only=True)
+class MomentumConfig:
+    """Gradient descent with a data-dependent step size and momentum (``titans.momentum``),
+    Titans Eqs. 9-14."""
 
     # The loss is summed over features: a bound of 0.1 let small MAC/MAG/LMM memories diverge within
     # a few thousand float32 tokens in training; theta <= 0.01 stayed finite up to 8K tokens. Above
@@ -61,10 +67,10 @@ class MomentumSurpriseConfig:
 
 
 @attrs.frozen(kw_only=True)
-class GradientSurpriseConfig:
-    """l2 surprise without momentum (``titans.gradient``): plain gradient descent."""
+class SGDConfig:
+    """Gradient descent with a data-dependent step size, no momentum (``titans.sgd``)."""
 
-    # See MomentumSurpriseConfig for both bounds.
+    # See MomentumConfig for both bounds.
     max_lr: float = option(0.01, gt=0, le=1, typical=(1e-3, 0.1),
                            help="upper bound of the step size theta")
     lr_init: float = option(0.005, gt=0, lt=1, typical=(1e-4, 1e-2), help="initial step size theta")

@@ -34,8 +34,8 @@ ATTENTION_SIZES = {"tiny": (16, 8, 2), "small": (64, 64, 4)}
 
 def titans_spec(size: str, integration: ComponentChoice,
                 attention: ComponentChoice | None = None) -> ModelSpec:
-    """A spec with the Titans memory defaults (deep MLP memory, momentum, adaptive decay, conv)
-    and the size's chunk."""
+    """A spec with the Titans memory defaults (deep MLP memory, l2 loss, momentum, adaptive
+    decay, conv) and the size's chunk."""
     vocab, dim, layers, heads, chunk = SIZES[size]
     return ModelSpec(
         vocab_size=vocab, dim=dim, num_layers=layers, heads=heads,
@@ -44,8 +44,9 @@ def titans_spec(size: str, integration: ComponentChoice,
         feedforward=part("feedforward", "baseline.swiglu"),
         memory_layer=ComponentChoice("titans.neural_memory", c.NeuralMemoryConfig(chunk_size=chunk)),
         memory=ComponentChoice("titans.mlp", c.MLPMemoryConfig()),
-        surprise=ComponentChoice("titans.momentum", c.MomentumSurpriseConfig()),
-        forgetting=ComponentChoice("titans.adaptive_decay", c.AdaptiveDecayConfig()),
+        objective=ComponentChoice("titans.l2", c.L2ObjectiveConfig()),
+        optimizer=ComponentChoice("titans.momentum", c.MomentumConfig()),
+        retention=ComponentChoice("titans.adaptive_decay", c.AdaptiveDecayConfig()),
         retrieval=ComponentChoice("titans.chunk_start", c.RetrievalConfig()),
         projection=ComponentChoice("titans.conv_qkv", c.ConvProjectionConfig()),
     )
