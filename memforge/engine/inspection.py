@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from memforge.engine.chunked import _surprise_pairs
+from memforge.engine.chunk_reads import surprise_pairs
 from memforge.interfaces import MemoryRecorder
 
 if TYPE_CHECKING:
@@ -82,7 +82,7 @@ def _replay(layer: FastWeightMemoryLayer, fast: Any, inputs: RuleInputs) -> tupl
     for t in range(inputs.keys.shape[1]):
         one = type(inputs)(*(None if f is None else f[:, t : t + 1] for f in inputs))
         # fast.weights are always the chunk-start weights: the ones the gradient is taken at.
-        pairs = _surprise_pairs(layer.memory, layer.objective, fast.weights, one.keys, one.values,
+        pairs = surprise_pairs(layer.memory, layer.objective, fast.weights, one.keys, one.values,
                                 one.side)
         surprise.append(sum(x.square().sum(-1) * g.square().sum(-1) for x, g in pairs).sqrt())
         _, fast = executor.scan(rule, fast, one)

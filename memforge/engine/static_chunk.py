@@ -24,17 +24,14 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
-from memforge.engine.chunked import (
-    FastWeightState,
-    LossGradient,
-    Retrieval,
-    _advance,
-    _ChunkReader,
-    _CoefficientBank,
-    _EndCoefficients,
-    _ReadCoefficients,
-    _surprise_pairs,
+from memforge.engine.chunk_coefficients import (
+    CoefficientBank,
+    EndCoefficients,
+    ReadCoefficients,
+    advance,
 )
+from memforge.engine.chunk_reads import ClosedFormReader, surprise_pairs
+from memforge.engine.chunk_state import FastWeightState, LossGradient, Retrieval
 from memforge.interfaces import MemoryNetwork
 
 
@@ -107,7 +104,7 @@ def static_chunk(
         buffer[:, :done] = filled
         return buffer
 
-    pairs = _surprise_pairs(network, objective, weights, pending.keys, pending.values,
+    pairs = surprise_pairs(network, objective, weights, pending.keys, pending.values,
                             pending.side) if done else [
         (w.new_zeros(n, 0, w.shape[1]), w.new_zeros(n, 0, w.shape[2])) for w in weights]
     return StaticChunk(
@@ -159,7 +156,7 @@ def static_chunk_step(
             buffer.index_copy_(1, row, new)
     stored = _StoredPairs(list(zip(chunk.inputs, chunk.grads, strict=True)))
     if getattr(retrieval, "reads_within_chunk", True):
-        new_pairs = _surprise_pairs(network, objective, chunk.weights, key, value, side)
+        new_pairs = surprise_pairs(network, objective, chunk.weights, key, value, side)
         for inputs, grads, (x, g) in zip(chunk.inputs, chunk.grads, new_pairs, strict=True):
             inputs.index_copy_(1, row, x)
             grads.index_copy_(1, row, g)
@@ -167,13 +164,13 @@ def static_chunk_step(
     else:
         pairs = _NoPairs(retrieval)
     bank = _RowBank(chunk)
-    reader = _ChunkReader(network, chunk.weights, chunk.moments, pairs, bank, 0, slice(None))
+    reader = ClosedFormReader(network, chunk.weights, chunk.moments, pairs, bank, 0, slice(None))
     out = retrieval(reader, query)
     if completes:
         if pairs is not stored:
-            pairs = _StoredPairs(_surprise_pairs(network, objective, chunk.weights, chunk.keys,
+            pairs = _StoredPairs(surprise_pairs(network, objective, chunk.weights, chunk.keys,
                                                  chunk.values, chunk.side))
-        weights, moments = _advance(chunk.weights, chunk.moments, pairs.get(), bank.end(0))
+        weights, moments = advance(chunk.weights, chunk.moments, pairs.get(), bank.end(0))
         for old, new in zip(chunk.weights + chunk.moments, weights + moments, strict=True):
             old.copy_(new)
         chunk.row.zero_()
@@ -183,7 +180,7 @@ def static_chunk_step(
 
 
 class _Gates(NamedTuple):
-    """Gates ``[N, b]`` in the form :class:`_CoefficientBank` reads them."""
+    """Gates ``[N, b]`` in the form :class:`CoefficientBank` reads them."""
 
     lr: Tensor
     momentum: Tensor | None
@@ -206,25 +203,25 @@ class _RowBank:
     def __init__(self, chunk: StaticChunk) -> None:
         self._chunk, self._size = chunk, chunk.lr.shape[1]
 
-    def after_write(self, index: int) -> _ReadCoefficients:
+    def after_write(self, index: int) -> ReadCoefficients:
         """``M_l`` for the step's row ``l`` (``index`` is always 0: one chunk)."""
         return self._state_after(self._chunk.row + 1)
 
-    def before_write(self, index: int) -> _ReadCoefficients:
+    def before_write(self, index: int) -> ReadCoefficients:
         """``M_{l-1}`` for the step's row ``l``."""
         return self._state_after(self._chunk.row)
 
-    def end(self, index: int) -> _EndCoefficients:
+    def end(self, index: int) -> EndCoefficients:
         """The chunk-end coefficients, every row written."""
-        return _CoefficientBank(self._chunk, self._size).end(0)
+        return CoefficientBank(self._chunk, self._size).end(0)
 
-    def _state_after(self, count: Tensor) -> _ReadCoefficients:
+    def _state_after(self, count: Tensor) -> ReadCoefficients:
         chunk = self._chunk
         written = torch.arange(self._size, device=chunk.lr.device) < count
         masked = _Gates(*(None if gate is None else torch.where(written, gate, 0.0)
                           for gate in (chunk.lr, chunk.momentum, chunk.log_keep)))
-        end = _CoefficientBank(masked, self._size).end(0)
-        return _ReadCoefficients(keep=None if end.keep is None else end.keep[:, None],
+        end = CoefficientBank(masked, self._size).end(0)
+        return ReadCoefficients(keep=None if end.keep is None else end.keep[:, None],
                                  carry=None if end.carry is None else end.carry[:, None],
                                  gain=end.gain[:, None, :])
 
