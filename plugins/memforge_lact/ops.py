@@ -116,17 +116,16 @@ def chunk_update(weights: FastWeights, momentum: FastWeights | None, keys: Tenso
     """One chunk's update: ``keys``/``values`` ``[N, c, d]``, ``lr`` ``[N, c, 3]``, ``gate``
     ``[N, c]`` (or ``None``); returns the new weights and momentum."""
     hidden = weights.w1.shape[-2]
-    pre = keys @ weights.w02                                   # [N, c, 2h]: W0 k | W2 k
-    a0, a2 = pre.split(hidden, dim=-1)
+    a0, a2 = (keys @ weights.w02).split(hidden, dim=-1)      # W0 k, W2 k: [N, c, h] each
     sig = torch.sigmoid(a0)
     s = a0 * sig                                               # silu(a0)
     back = values @ weights.w1.transpose(-1, -2)               # [N, c, h]: W1^T v
-    back_s = back * s
-    # silu'(a) = sig (1 + a (1 - sig)); the chunk's steps weigh the hidden side of each product.
-    d_a0 = back * a2 * (sig * (1 + a0 * (1 - sig)))
-    d_pre = torch.cat([d_a0 * lr[..., 0:1], back_s * lr[..., 2:3]], dim=-1)
-    d_w02 = keys.transpose(-1, -2) @ d_pre                     # [N, d, 2h]
-    d_w1 = (s * a2 * lr[..., 1:2]).transpose(-1, -2) @ values  # [N, h, d]
+    eta0, eta1, eta2 = lr.unsqueeze(-1).unbind(-2)             # [N, c, 1] each
+    # The steps weigh the hidden side of each product; silu'(a) = sig (1 + a - silu(a)).
+    d_w0 = keys.transpose(-1, -2) @ ((back * a2 * eta0) * (sig * (1 + a0 - s)))
+    d_w2 = keys.transpose(-1, -2) @ (back * s * eta2)
+    d_w02 = torch.cat([d_w0, d_w2], dim=-1)                    # [N, d, 2h]
+    d_w1 = (s * a2 * eta1).transpose(-1, -2) @ values          # [N, h, d]
     if momentum is not None and gate is not None:
         mean = gate.mean(dim=1)[:, None, None]
         d_w02 = torch.addcmul(d_w02, momentum.w02, mean)
@@ -171,15 +170,19 @@ def lact_scan(weights: FastWeights, momentum: FastWeights | None, pending: Pendi
     lr_all, gate_all = _join(pending.lr, lr), _join(pending.momentum, gate)
     total = done + steps
     applied = (total - 1) // c       # chunks with a token after them
+    # Chunks by split, not slicing: the backward of a split is one concatenation, that of each
+    # slice a zero-filled full-length gradient.
+    chunks = list(zip(*(t.split(c, dim=1) for t in (keys_all, values_all, lr_all)), strict=True))
+    gates = [None] * len(chunks) if gate_all is None else gate_all.split(c, dim=1)
+    first = min(c - done % c, steps)   # new tokens up to the first chunk boundary after `done`
+    sizes = [first] + [c] * ((steps - first) // c) + [(steps - first) % c] * bool((steps - first) % c)
+    reads = queries.split(sizes, dim=1)
     outputs = []
-    for j in range(-(-total // c)):
-        start, end = j * c, min((j + 1) * c, total)
-        if end > done:               # the chunk's new queries read its start weights
-            outputs.append(apply(weights, queries[:, max(start, done) - done:end - done]))
+    for j, (k_j, v_j, lr_j) in enumerate(chunks):
+        if (j + 1) * c > done:       # the chunk's new queries read its start weights
+            outputs.append(apply(weights, reads[len(outputs)]))
         if j < applied:
-            weights, momentum = chunk_update(
-                weights, momentum, keys_all[:, start:end], values_all[:, start:end],
-                lr_all[:, start:end], None if gate_all is None else gate_all[:, start:end], config)
+            weights, momentum = chunk_update(weights, momentum, k_j, v_j, lr_j, gates[j], config)
     cut = applied * c
     rest = Pending(keys_all[:, cut:], values_all[:, cut:], lr_all[:, cut:],
                    None if gate_all is None else gate_all[:, cut:])
