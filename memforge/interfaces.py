@@ -1,11 +1,11 @@
 """The contracts every memforge component meets, one Protocol per kind.
 
-A *kind* is a slot in a model: the parametric memory network, the surprise rule that measures
-how badly the memory predicts a value, the forgetting rule that decays old memory, the retrieval
-rule that reads it, the projection that turns hidden states into queries/keys/values, the memory
-layer (a stateful token mixer, e.g. the Titans layer built from the five kinds before it), the
-short-term attention, the feed-forward layer, and the integration strategy that joins them into a
-block. Which kinds a component builds from is declared on its
+A *kind* is a slot in a model: the parametric memory network, the objective (the loss that
+measures how badly the memory predicts a value), the optimizer (how that loss's gradient becomes
+a step), the retention (how much old memory is kept), the retrieval rule that reads it, the
+projection that turns hidden states into queries/keys/values, the memory layer (a stateful token
+mixer, e.g. the fast-weight layer built from the six kinds before it), the short-term attention,
+the feed-forward layer, and the integration strategy that joins them into a block. Which kinds a component builds from is declared on its
 :class:`~memforge.registry.ComponentSpec` (``requires``/``optional``), so a spec that sets a kind
 no component of a layer uses is refused instead of silently ignored (docs/architecture.md).
 
@@ -126,55 +126,6 @@ class MemoryNetwork(Protocol):
         ``(inputs_i [N, t, d_in_i], grads_i [N, t, d_out_i])`` such that the gradient of token
         ``t``'s loss with respect to weight ``i`` is ``inputs_i[:, t, :, None] * grads_i[:, t, None, :]``.
         """
-        ...
-
-
-class SurpriseGates(NamedTuple):
-    """Per-token gates of a surprise rule, each ``[B, T, H]``.
-
-    Attributes:
-        lr: step size ``theta_t >= 0`` on the momentary surprise.
-        momentum: ``eta_t`` in ``[0, 1]``, how much past surprise is carried; ``None`` means no
-            momentum (plain gradient descent, exactly ``eta = 0``).
-    """
-
-    lr: Tensor
-    momentum: Tensor | None
-
-
-@runtime_checkable
-class SurpriseRule(Protocol):
-    """Kind ``surprise``: the inner (associative) loss and how surprise accumulates.
-
-    The momentary surprise is the gradient of :meth:`loss` with respect to the memory's weights;
-    :meth:`loss_grad` returns that loss's gradient with respect to the memory's *output*, which the
-    memory network back-propagates. ``forward`` computes the data-dependent gates from the layer
-    input.
-    """
-
-    def loss(self, prediction: Tensor, target: Tensor) -> Tensor:
-        """Per-token loss ``[..., t]`` of ``prediction`` against ``target`` (both ``[..., t, d]``)."""
-        ...
-
-    def loss_grad(self, prediction: Tensor, target: Tensor) -> Tensor:
-        """``d loss / d prediction`` for every token, shaped like ``prediction``."""
-        ...
-
-    def forward(self, x: Tensor) -> SurpriseGates:
-        """Gates for the layer input ``x`` ``[B, T, D]``."""
-        ...
-
-
-@runtime_checkable
-class ForgettingRule(Protocol):
-    """Kind ``forgetting``: how old memory is retained or decayed.
-
-    ``M_t = (1 - alpha_t) M_{t-1} + S_t``; ``forward`` returns ``alpha`` ``[B, T, H]`` in ``[0, 1]``,
-    or ``None`` for no forgetting (exactly ``alpha = 0``).
-    """
-
-    def forward(self, x: Tensor) -> Tensor | None:
-        """Decay gate for the layer input ``x`` ``[B, T, D]``."""
         ...
 
 
