@@ -10,6 +10,7 @@ block is exactly the variant without them.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import attrs
@@ -55,9 +56,13 @@ class MemoryBlock(nn.Module):
         if state is None and self.persistent is not None:
             prefix = self.persistent.expand(hidden.shape[0], -1, -1).to(hidden.dtype)
             _, state = self.memory(self.mixer_norm(prefix), None)
-        mixed, state = self.memory(self.mixer_norm(hidden), state)
-        hidden = hidden + mixed
-        return hidden + self.feedforward(self.ffn_norm(hidden)), state
+
+        def memory(x: Tensor) -> Tensor:
+            nonlocal state
+            mixed, state = self.memory(x, state)
+            return mixed
+
+        return self._block(hidden, memory), state
 
     def static_decode_start(self, state: Any, batch: int, capacity: int) -> StaticDecodeStart:
         """Buffers for decoding on from ``state`` (after at least one token): the memory layer's.
@@ -72,5 +77,11 @@ class MemoryBlock(nn.Module):
 
     def static_decode_step(self, hidden: Tensor, buffers: Any, completes: tuple[bool, ...]) -> Tensor:
         """One token ``hidden`` ``[B, 1, D]`` on ``buffers`` (updated in place); equals :meth:`forward`."""
-        hidden = hidden + self.memory.static_decode_step(self.mixer_norm(hidden), buffers, completes[0])
+        return self._block(hidden, lambda x: self.memory.static_decode_step(x, buffers, completes[0]))
+
+    def _block(self, hidden: Tensor, memory: Callable[[Tensor], Tensor]) -> Tensor:
+        """The block, written once for :meth:`forward` and :meth:`static_decode_step`: ``memory``
+        runs the memory layer on the normalised input, with its state (forward) or on its
+        fixed-shape buffers (a decode step)."""
+        hidden = hidden + memory(self.mixer_norm(hidden))
         return hidden + self.feedforward(self.ffn_norm(hidden))

@@ -23,6 +23,7 @@ The helpers at the bottom (state checks, the persistent prefix) are shared with 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import attrs
@@ -86,14 +87,16 @@ class MAGBlock(nn.Module):
         else:
             state = check_state(state, MAGState, "titans.mag")
             memory_state, cache = state.memory, state.attention
-        x = self.mixer_norm(hidden)
-        # The memory branch runs first so that its state check catches a mismatched state
-        # (wrong model or batch) with an InputError before the attention sees the cache.
-        m, memory_state = self.memory(x, memory_state)
-        y, cache = self.attention(x, cache)
-        gated = self.attention_out_norm(y) * torch.sigmoid(self.memory_out_norm(m))
-        hidden = hidden + self.out_proj(gated)
-        return hidden + self.feedforward(self.ffn_norm(hidden)), MAGState(memory_state, cache)
+
+        def branches(x: Tensor) -> tuple[Tensor, Tensor]:
+            nonlocal memory_state, cache
+            # The memory branch runs first so that its state check catches a mismatched state
+            # (wrong model or batch) with an InputError before the attention sees the cache.
+            m, memory_state = self.memory(x, memory_state)
+            y, cache = self.attention(x, cache)
+            return m, y
+
+        return self._block(hidden, branches), MAGState(memory_state, cache)
 
     def static_decode_start(self, state: MAGState, batch: int, capacity: int) -> StaticDecodeStart:
         """Buffers for decoding on from ``state``: the memory layer's and the attention's. One
@@ -104,9 +107,15 @@ class MAGBlock(nn.Module):
     def static_decode_step(self, hidden: Tensor, buffers: MemoryAttentionBuffers,
                            completes: tuple[bool, ...]) -> Tensor:
         """One token ``hidden`` ``[B, 1, D]`` on ``buffers`` (updated in place); equals :meth:`forward`."""
-        x = self.mixer_norm(hidden)
-        m = self.memory.static_decode_step(x, buffers.memory, completes[0])
-        y = self.attention.static_decode_step(x, buffers.attention)
+        return self._block(hidden, lambda x: (
+            self.memory.static_decode_step(x, buffers.memory, completes[0]),
+            self.attention.static_decode_step(x, buffers.attention)))
+
+    def _block(self, hidden: Tensor, branches: Callable[[Tensor], tuple[Tensor, Tensor]]) -> Tensor:
+        """The block, written once for :meth:`forward` and :meth:`static_decode_step`:
+        ``branches(x)`` runs the memory and the attention on the normalised input and returns
+        ``(m, y)``, with their states (forward) or on their fixed-shape buffers (a decode step)."""
+        m, y = branches(self.mixer_norm(hidden))
         gated = self.attention_out_norm(y) * torch.sigmoid(self.memory_out_norm(m))
         hidden = hidden + self.out_proj(gated)
         return hidden + self.feedforward(self.ffn_norm(hidden))

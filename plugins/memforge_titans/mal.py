@@ -14,6 +14,7 @@ the memory at the start of every sequence (``x̃ = P || x``, Eq. 29; see
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import attrs
@@ -76,11 +77,18 @@ class MALBlock(nn.Module):
         else:
             state = check_state(state, MALState, "titans.mal")
             memory_state, cache = state.memory, state.attention
-        mixed, memory_state = self.memory(self.memory_norm(hidden), memory_state)
-        hidden = hidden + mixed
-        attended, cache = self.attention(self.attention_norm(hidden), cache)
-        hidden = hidden + attended
-        return hidden + self.feedforward(self.ffn_norm(hidden)), MALState(memory_state, cache)
+
+        def memory(x: Tensor) -> Tensor:
+            nonlocal memory_state
+            mixed, memory_state = self.memory(x, memory_state)
+            return mixed
+
+        def attention(x: Tensor) -> Tensor:
+            nonlocal cache
+            attended, cache = self.attention(x, cache)
+            return attended
+
+        return self._block(hidden, memory, attention), MALState(memory_state, cache)
 
     def static_decode_start(self, state: MALState, batch: int, capacity: int) -> StaticDecodeStart:
         """Buffers for decoding on from ``state``: the memory layer's and the attention's. One
@@ -91,8 +99,15 @@ class MALBlock(nn.Module):
     def static_decode_step(self, hidden: Tensor, buffers: MemoryAttentionBuffers,
                            completes: tuple[bool, ...]) -> Tensor:
         """One token ``hidden`` ``[B, 1, D]`` on ``buffers`` (updated in place); equals :meth:`forward`."""
-        hidden = hidden + self.memory.static_decode_step(self.memory_norm(hidden), buffers.memory,
-                                                         completes[0])
-        hidden = hidden + self.attention.static_decode_step(self.attention_norm(hidden),
-                                                            buffers.attention)
+        return self._block(
+            hidden, lambda x: self.memory.static_decode_step(x, buffers.memory, completes[0]),
+            lambda x: self.attention.static_decode_step(x, buffers.attention))
+
+    def _block(self, hidden: Tensor, memory: Callable[[Tensor], Tensor],
+               attention: Callable[[Tensor], Tensor]) -> Tensor:
+        """The block, written once for :meth:`forward` and :meth:`static_decode_step`: ``memory``
+        and ``attention`` run the two sub-layers on their normalised inputs, with their states
+        (forward) or on their fixed-shape buffers (a decode step)."""
+        hidden = hidden + memory(self.memory_norm(hidden))
+        hidden = hidden + attention(self.attention_norm(hidden))
         return hidden + self.feedforward(self.ffn_norm(hidden))
