@@ -199,7 +199,7 @@ class MACBlock(nn.Module):
         batch, steps, _ = hidden.shape
         state = self._empty_state(hidden) if state is None else self._check_state(state, batch)
         x = self.mixer_norm(hidden)
-        queries = F.normalize(F.silu(self._split_heads(self.query_proj(x))), dim=-1)
+        queries = self._queries(x)
         prefix = self.attention.persistent_kv()
         sizes = _piece_sizes(state.filled, steps, self.segment_len)
         attended, read = [], []
@@ -208,10 +208,7 @@ class MACBlock(nn.Module):
             y, m, state = self._segment_piece(*piece, prefix, state)
             attended.append(y)
             read.append(m)
-        y, m = _join(attended), _join(read)
-        gated = self.attention_out_norm(y) * torch.sigmoid(self.memory_out_norm(m))
-        hidden = hidden + self.out_proj(gated)
-        return hidden + self.feedforward(self.ffn_norm(hidden)), state
+        return self._output(hidden, _join(attended), _join(read)), state
 
     def _segment_piece(self, x: Tensor, queries: Tensor, prefix: tuple[Tensor, Tensor] | None,
                        state: MACState) -> tuple[Tensor, Tensor, MACState]:
@@ -281,8 +278,7 @@ class MACBlock(nn.Module):
         completes_chunk, completes_segment = completes
         batch = hidden.shape[0]
         x = self.mixer_norm(hidden)
-        queries = F.normalize(F.silu(self._split_heads(self.query_proj(x))), dim=-1)
-        retrieved = self._retrieve(queries, buffers.segment_weights)
+        retrieved = self._retrieve(self._queries(x), buffers.segment_weights)
         position = buffers.filled.view(1)
         q, k, v = self.attention.project_qkv(torch.cat((x, retrieved)), position)
         for cache, rows in ((buffers.keys, k[:batch]), (buffers.values, v[:batch]),
@@ -302,6 +298,19 @@ class MACBlock(nn.Module):
             buffers.filled.zero_()
         else:
             buffers.filled.add_(1)
+        return self._output(hidden, y, m)
+
+    # -- the parts forward and the decode step share ---------------------------------------------
+    # Only the attention over [persistent | retrieved | segment] differs between the two: forward
+    # concatenates the segment's rows as they come, a decode step writes one row into buffers of
+    # the segment's full length and masks the rest.
+    def _queries(self, x: Tensor) -> Tensor:
+        """Retrieval queries ``[B, H, T, d]`` of the normalised input ``x`` ``[B, T, D]``."""
+        return F.normalize(F.silu(self._split_heads(self.query_proj(x))), dim=-1)
+
+    def _output(self, hidden: Tensor, y: Tensor, m: Tensor) -> Tensor:
+        """The block's output from the attention ``y`` and the memory's read of it ``m``: the
+        gate, the residual and the feed-forward."""
         gated = self.attention_out_norm(y) * torch.sigmoid(self.memory_out_norm(m))
         hidden = hidden + self.out_proj(gated)
         return hidden + self.feedforward(self.ffn_norm(hidden))
