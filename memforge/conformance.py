@@ -23,6 +23,7 @@ from torch import Tensor, nn
 from memforge.engine.derived_backward import derivability_problem
 from memforge.errors import SpecError
 from memforge.interfaces import READS, BuildContext, retrieval_reads
+from memforge.registry import with_article
 
 #: Where a declared ``applies_at`` of an update transform or weight projection may apply.
 _APPLIES_AT = ("token", "chunk_end")
@@ -102,10 +103,12 @@ def _memory(module: nn.Module, ctx: BuildContext, like: Tensor) -> None:
         raise _Mismatch(f"initial_weights() returned {[_shape(w) for w in weights]}, expected "
                         f"one or more [H, d_in, d_out] tensors")
     first, last = weights[0], weights[-1]
-    if first.shape[0] != ctx.heads or first.shape[1] != ctx.head_dim or last.shape[2] != ctx.head_dim:
-        raise _Mismatch(f"initial_weights() gives matrices {[_shape(w) for w in weights]}; the "
-                        f"first must read [H={ctx.heads}, d={ctx.head_dim}, ...] keys and the last "
-                        f"write [..., d={ctx.head_dim}] values")
+    # The first matrix may be wider than d: a network that lifts its keys first (a feature map,
+    # atlas.poly_mlp) reads d-wide keys through a wider matrix; forward() below checks the keys.
+    if first.shape[0] != ctx.heads or last.shape[2] != ctx.head_dim:
+        raise _Mismatch(f"initial_weights() gives matrices {[_shape(w) for w in weights]}; they "
+                        f"must hold H={ctx.heads} heads and the last write [..., d={ctx.head_dim}] "
+                        f"values")
     x = like.new_ones(ctx.heads, _STEPS, ctx.head_dim)
 
     def linear(i: int, h: Tensor) -> Tensor:
@@ -272,7 +275,7 @@ def check_component(kind: str, impl: str, module: Any, ctx: BuildContext,
     """
     protocol, contract = CONTRACTS.get(kind, ("", "be a torch.nn.Module"))
     where = f"{kind} {impl!r} (layer {ctx.layer_index})"
-    fix = (f"a {kind} component must {contract}"
+    fix = (f"{with_article(kind)} component must {contract}"
            + (f" (memforge.interfaces.{protocol})" if protocol else "")
            + f"; fix the factory of {impl!r}")
     if not isinstance(module, nn.Module):
@@ -292,8 +295,8 @@ def check_component(kind: str, impl: str, module: Any, ctx: BuildContext,
             module.eval()
             _CHECKS[kind](module, ctx, example)
     except _Mismatch as exc:
-        raise SpecError(f"{where}: {type(module).__name__} is not a {kind} component: {exc}; "
-                        f"{fix}") from None
+        raise SpecError(f"{where}: {type(module).__name__} is not {with_article(kind)} component: "
+                        f"{exc}; {fix}") from None
     except Exception as exc:  # the plugin's own code failed on a well-formed input
         detail = " ".join(str(exc).split())[:300]
         raise SpecError(f"{where}: {type(module).__name__} failed on a well-formed input "
@@ -316,4 +319,4 @@ def check_module(kind: str, module: Any, *, dim: int, heads: int, name: str = "m
 
 
 def _no_build(kind: str) -> nn.Module:
-    raise SpecError(f"check_module cannot build a {kind} component; build the module whole first")
+    raise SpecError(f"check_module cannot build {with_article(kind)} component; build the module whole first")

@@ -156,6 +156,11 @@ def _merge(
     return dict(sorted(merged.items()))
 
 
+def with_article(word: str) -> str:
+    """``word`` after its indefinite article, for messages: ``an optimizer``, ``a memory``."""
+    return f"{'an' if word[:1] in 'aeiou' else 'a'} {word}"
+
+
 class ComponentRegistry:
     """Components and presets by name, built from each plugin's hook results.
 
@@ -210,7 +215,8 @@ class ComponentRegistry:
         if spec is None or spec.kind != kind:
             if spec is not None:
                 raise UnknownNameError(
-                    f"{name!r} is a {spec.kind} component, not a {kind} component; "
+                    f"{name!r} is {with_article(spec.kind)} component, not "
+                    f"{with_article(kind)} component; "
                     f"available {kind} components: {', '.join(self.names(kind))}"
                 )
             raise UnknownNameError(unknown_name_message(f"{kind} component", name, self.names(kind)))

@@ -48,7 +48,7 @@ from memforge.migrations import (
     migrate,
     replaced_kind_message,
 )
-from memforge.registry import ComponentRegistry, ComponentSpec
+from memforge.registry import ComponentRegistry, ComponentSpec, with_article
 
 #: The schema version this memforge writes and reads.
 SCHEMA_VERSION = 3
@@ -318,7 +318,7 @@ def _choice_from_dict(kind: str, table: Any, registry: ComponentRegistry,
     if not isinstance(table, Mapping):
         raise SpecError(f"[{where}] must be a table with an 'impl' key, got {table!r}")
     if "impl" not in table:
-        raise SpecError(f"[{where}] has no 'impl' key; name a {kind} component, one of: "
+        raise SpecError(f"[{where}] has no 'impl' key; name {with_article(kind)} component, one of: "
                         f"{', '.join(registry.names(kind))}")
     if not isinstance(table["impl"], str):
         raise SpecError(f"{where}.impl must be a component name in quotes, got {table['impl']!r}; "
@@ -529,7 +529,7 @@ def spec_problems(spec: ModelSpec, registry: ComponentRegistry) -> list[str]:
     if problems:
         return problems
     uses = {layer: layer_use(spec, registry, layer) for layer in range(spec.num_layers)}
-    missing = [(layer, f"{who} needs a {kind} component; add a [{kind}] table (one of: "
+    missing = [(layer, f"{who} needs {with_article(kind)} component; add a [{kind}] table (one of: "
                        f"{', '.join(registry.names(kind))})")
                for layer, use in uses.items() for kind, who in use.missing]
     problems.extend(_grouped(missing, spec.num_layers))

@@ -106,7 +106,14 @@ def test_variant_with_its_own_preset_and_layer_placement(tmp_path):
     ('name = "far"', 'name = "validation"', "evaluations[1].name: 'validation' is taken"),
     ("[task]", '[grid]\nmemroy = ["titans.mlp"]\n\n[task]',
      "grid: unknown key 'memroy'; did you mean 'memory'? (a spec override like memory.depth = 3 "
-     'or surprise = "titans.gradient")'),
+     'or optimizer = "titans.sgd")'),
+    ("[task]", '[grid]\nforgetting = ["titans.no_forgetting"]\n\n[task]',
+     "grid: 'forgetting': the kind 'forgetting' is called 'retention' since spec schema 3 (same "
+     "components and settings); write retention"),
+    ('memory = "titans.linear"', 'surprise = "titans.gradient"',
+     "variants.linear: 'surprise': the kind 'surprise' was split into 'objective' (the loss, "
+     "objective=titans.l2) and 'optimizer' (step size and momentum) in spec schema 3; write "
+     "optimizer=titans.sgd"),
 ])
 def test_bad_study_files_fail_with_one_line(tmp_path, old, new, message):
     path = _tiny(tmp_path, old, new)
@@ -187,7 +194,7 @@ def test_run_ids_are_distinct_safe_directory_names(points):
     assert all(len(keys) == 1 for keys in ids.values())
 
 
-_SWAPS = {"linear": 'memory = "titans.linear"', "no_momentum": 'surprise = "titans.gradient"',
+_SWAPS = {"linear": 'memory = "titans.linear"', "no_momentum": 'optimizer = "titans.sgd"',
           "no_conv": 'projection = "titans.plain_qkv"', "shallow": '"memory.depth" = 1'}
 
 

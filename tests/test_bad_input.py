@@ -150,27 +150,39 @@ CLI: list[Cli] = [
     show('memory.norm="yes"', "memory: 'norm' must be true or false, got 'yes'"),
     show("memory.dept=3", "unknown key memory.'dept'; did you mean 'depth'?"),
     show("memory.depth.x=3", "unknown key in override 'memory.depth.x'"),
-    # Surprise and forgetting.
-    show("surprise.max_lr=inf", "surprise: 'max_lr' must be a finite number, got inf"),
-    show("surprise.max_lr=nan", "surprise: 'max_lr' must be a finite number, got nan"),
-    show("surprise.max_lr=0", "surprise: 'max_lr' must be > 0, got 0.0"),
-    show("surprise.max_lr=2", "surprise: 'max_lr' must be <= 1, got 2.0"),
-    show("surprise.max_lr=1e300", "surprise: 'max_lr' must be <= 1, got 1e+300"),
-    show("surprise.lr_init=0.5", "surprise: 'lr_init'=0.5 must be < 'max_lr'=0.01"),
-    show("surprise.lr_init=-0.1", "surprise: 'lr_init' must be > 0, got -0.1"),
-    show("surprise.momentum_init=1", "surprise: 'momentum_init' must be < 1, got 1.0"),
-    show("surprise.momentum_init=-0.1", "surprise: 'momentum_init' must be > 0, got -0.1"),
-    show(["surprise=titans.gradient", "surprise.momentum_init=0.5"],
-         "unknown key surprise.'momentum_init'"),
-    show("surprise=titans.momentun", "did you mean 'titans.momentum'"),
-    show("forgetting.init=0", "forgetting: 'init' must be > 0, got 0.0"),
-    show("forgetting.init=1.5", "forgetting: 'init' must be < 1, got 1.5"),
-    show("forgetting.max_decay=2", "forgetting: 'max_decay' must be <= 1, got 2.0"),
-    show("forgetting.init=nan", "forgetting: 'init' must be a finite number, got nan"),
-    show(["forgetting=titans.constant_decay", "forgetting.alpha=2"],
-         "forgetting: 'alpha' must be <= 1, got 2.0"),
-    show(["forgetting=titans.constant_decay", "forgetting.alpha=-inf"],
-         "forgetting: 'alpha' must be a finite number, got -inf"),
+    # Objective, optimizer and retention.
+    show("objective.x=1", "unknown key objective.'x'"),
+    show("objective=titans.momentum", "'titans.momentum' is an optimizer component, not "
+                                      "an objective component"),
+    show("optimizer.max_lr=inf", "optimizer: 'max_lr' must be a finite number, got inf"),
+    show("optimizer.max_lr=nan", "optimizer: 'max_lr' must be a finite number, got nan"),
+    show("optimizer.max_lr=0", "optimizer: 'max_lr' must be > 0, got 0.0"),
+    show("optimizer.max_lr=2", "optimizer: 'max_lr' must be <= 1, got 2.0"),
+    show("optimizer.max_lr=1e300", "optimizer: 'max_lr' must be <= 1, got 1e+300"),
+    show("optimizer.lr_init=0.5", "optimizer: 'lr_init'=0.5 must be < 'max_lr'=0.01"),
+    show("optimizer.lr_init=-0.1", "optimizer: 'lr_init' must be > 0, got -0.1"),
+    show("optimizer.momentum_init=1", "optimizer: 'momentum_init' must be < 1, got 1.0"),
+    show("optimizer.momentum_init=-0.1", "optimizer: 'momentum_init' must be > 0, got -0.1"),
+    show(["optimizer=titans.sgd", "optimizer.momentum_init=0.5"],
+         "unknown key optimizer.'momentum_init'"),
+    show("optimizer=titans.momentun", "did you mean 'titans.momentum'"),
+    show("retention.init=0", "retention: 'init' must be > 0, got 0.0"),
+    show("retention.init=1.5", "retention: 'init' must be < 1, got 1.5"),
+    show("retention.max_decay=2", "retention: 'max_decay' must be <= 1, got 2.0"),
+    show("retention.init=nan", "retention: 'init' must be a finite number, got nan"),
+    show(["retention=titans.constant_decay", "retention.alpha=2"],
+         "retention: 'alpha' must be <= 1, got 2.0"),
+    show(["retention=titans.constant_decay", "retention.alpha=-inf"],
+         "retention: 'alpha' must be a finite number, got -inf"),
+    # The kinds schema 3 replaced.
+    show("surprise=titans.gradient", "override 'surprise': the kind 'surprise' was split into "
+         "'objective' (the loss, objective=titans.l2) and 'optimizer' (step size and momentum) in "
+         "spec schema 3; write optimizer=titans.sgd"),
+    show("surprise.max_lr=0.05", "write optimizer.max_lr=0.05"),
+    show("forgetting=titans.no_forgetting", "override 'forgetting': the kind 'forgetting' is "
+         "called 'retention' since spec schema 3 (same components and settings); write "
+         "retention=titans.no_forgetting"),
+    show("layer.1.forgetting.init=0.1", "write layer.1.retention.init=0.1"),
     show("retrieval.x=1", "unknown key retrieval.'x'"),
     show("projection.conv_kernel=0", "projection: 'conv_kernel' must be >= 1, got 0"),
     show("projection.conv_kernel=1000000000", "projection: 'conv_kernel' must be <= 256"),
@@ -197,7 +209,8 @@ CLI: list[Cli] = [
     show("attention=baseline.sliding_window", "titans.mac attends inside each segment "
          "(integration.segment_len bounds the span), so it takes full attention", preset=MAC),
     show("integration=baseline.transformer", "integration 'baseline.transformer' uses no "
-         "memory/surprise/forgetting/retrieval/projection/memory_layer component, but the spec "
+         "memory/objective/optimizer/retention/retrieval/projection/memory_layer component, but "
+         "the spec "
          "sets [memory] 'titans.mlp'"),
     show("memory=titans.mlp", "integration 'baseline.transformer' uses no memory component, but "
          "the spec sets [memory] 'titans.mlp', whose settings would be ignored; remove that table "
@@ -209,7 +222,7 @@ CLI: list[Cli] = [
     show("attention=none", "every model needs its attention component; name one instead"),
     show("feedforward=none", "every model needs its feedforward component"),
     show("integration.impl=none", "every model needs its integration component"),
-    show("memory=titans.momentum", "'titans.momentum' is a surprise component, not a memory "
+    show("memory=titans.momentum", "'titans.momentum' is an optimizer component, not a memory "
                                    "component"),
     show("memory=5", "memory.impl must be a component name in quotes, got 5"),
     show("memory=[1, 2]", "memory.impl must be a component name in quotes, got [1, 2]"),
@@ -256,7 +269,7 @@ CLI: list[Cli] = [
     show("nonsense", "override 'nonsense' must look like 'key=value'"),
     show("=3", "override '=3' must look like 'key=value'"),
     show("dim.x=3", "override 'dim.x': 'dim' has no sub-keys"),
-    show("schema_version=3", "spec has schema_version 3, but this memforge reads up to 2; upgrade"),
+    show("schema_version=4", "spec has schema_version 4, but this memforge reads up to 3; upgrade"),
     show("schema_version=0", "'schema_version' must be a positive integer, got 0"),
     # Names and files.
     Cli("show-unknown-preset", ("show", "titans.lmn_tiny"), "did you mean 'titans.lmm_tiny'"),
@@ -296,9 +309,9 @@ CLI: list[Cli] = [
     spec_file("typo.toml", toml_with("num_layers = 2", "num_layer = 2"),
               "unknown key 'num_layer'; did you mean 'num_layers'?", "file-top-typo"),
     spec_file("nodim.toml", toml_with("dim = 32\n", ""), "spec is missing 'dim'", "file-no-dim"),
-    spec_file("future.toml", toml_with("schema_version = 2", "schema_version = 9"),
-              "schema_version 9, but this memforge reads up to 2; upgrade memforge", "file-schema-9"),
-    spec_file("schemastr.toml", toml_with("schema_version = 2", 'schema_version = "1"'),
+    spec_file("future.toml", toml_with("schema_version = 3", "schema_version = 9"),
+              "schema_version 9, but this memforge reads up to 3; upgrade memforge", "file-schema-9"),
+    spec_file("schemastr.toml", toml_with("schema_version = 3", 'schema_version = "1"'),
               "'schema_version' must be a positive integer, got '1'", "file-schema-str"),
     spec_file("dim1e30.toml", toml_with("dim = 32", "dim = 1e30"),
               "'dim' must be an integer, got 1e+30 (float)", "file-dim-1e30"),
@@ -703,13 +716,17 @@ API: list[Api] = [
     Api("factory-identity-memory", lambda tmp: _build_with("memory", lambda c, ctx: nn.Identity(), LMM),
         SpecError, "memory 'odd.part' (layer 0): Identity is not a memory component: it has no "
         "initial_weights(), backward()"),
-    Api("factory-identity-surprise",
-        lambda tmp: _build_with("surprise", lambda c, ctx: nn.Identity(), LMM), SpecError,
-        "surprise 'odd.part' (layer 0): Identity is not a surprise component: it has no loss(), "
+    Api("factory-identity-objective",
+        lambda tmp: _build_with("objective", lambda c, ctx: nn.Identity(), LMM), SpecError,
+        "objective 'odd.part' (layer 0): Identity is not an objective component: it has no loss(), "
         "loss_grad()"),
-    Api("factory-identity-forgetting",
-        lambda tmp: _build_with("forgetting", lambda c, ctx: nn.Identity(), LMM), SpecError,
-        "forgetting 'odd.part' (layer 0): Identity is not a forgetting component: forward(x) has "
+    Api("factory-identity-optimizer",
+        lambda tmp: _build_with("optimizer", lambda c, ctx: nn.Identity(), LMM), SpecError,
+        "optimizer 'odd.part' (layer 0): Identity is not an optimizer component: forward(x) "
+        "returned Tensor, expected StepGates(lr, momentum)"),
+    Api("factory-identity-retention",
+        lambda tmp: _build_with("retention", lambda c, ctx: nn.Identity(), LMM), SpecError,
+        "retention 'odd.part' (layer 0): Identity is not a retention component: forward(x) has "
         "shape [1, 2, 32], expected [1, 2, 2]"),
     Api("factory-none-feedforward", lambda tmp: _build_with("feedforward", lambda c, ctx: None),
         SpecError, "feedforward 'odd.part' (layer 0): the factory returned NoneType, not a "

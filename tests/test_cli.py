@@ -13,7 +13,7 @@ def test_list_shows_components_and_presets(capsys):
 
 
 def test_list_one_kind(capsys):
-    assert main(["list", "--kind", "forgetting"]) == 0
+    assert main(["list", "--kind", "retention"]) == 0
     out = capsys.readouterr().out
     assert "titans.adaptive_decay" in out and "titans.mlp" not in out
 

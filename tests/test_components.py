@@ -95,7 +95,8 @@ def _registry_with(kind: str, factory) -> memforge.ComponentSpec:
 
     # Declared like the parts they stand in for, so the spec is valid and the build reaches them.
     requires = {"integration": ("attention", "feedforward"),
-                "memory_layer": ("projection", "memory", "surprise", "forgetting", "retrieval"),
+                "memory_layer": ("projection", "memory", "objective", "optimizer", "retention",
+                                 "retrieval"),
                 }.get(kind, ())
     component = memforge.ComponentSpec(kind=kind, name="impostor.thing", config_cls=NoConfig,
                                        factory=factory, summary="returns the wrong thing",

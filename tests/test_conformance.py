@@ -17,6 +17,7 @@ import torch
 from torch import Tensor, nn
 
 import memforge
+from memforge.interfaces import ObjectiveInputs
 from memforge.plugins import as_module, load_plugins
 from memforge.testing.conformance import (
     ConformanceError,
@@ -25,11 +26,11 @@ from memforge.testing.conformance import (
     check_causal,
     check_memory_layer,
     check_memory_network,
+    check_objective,
     check_read_pure,
     check_reference,
     check_split,
     check_static_decode,
-    check_surprise_rule,
     chunk_sizes,
     memory_layer,
 )
@@ -58,10 +59,10 @@ def test_every_registered_memory_network_backward_matches_autograd(name: str):
         pytest.skip(f"{name} has no hand-written backward")
 
 
-@pytest.mark.parametrize("name", REGISTRY.names("surprise"))
-def test_every_registered_surprise_rule_loss_grad_matches_autograd(name: str):
-    check_surprise_rule(build_part("surprise", name, REGISTRY, dim=16, heads=2), name=name,
-                        heads=2, head_dim=8)
+@pytest.mark.parametrize("name", REGISTRY.names("objective"))
+def test_every_registered_objective_loss_grad_matches_autograd(name: str):
+    check_objective(build_part("objective", name, REGISTRY, dim=16, heads=2), name=name,
+                    heads=2, head_dim=8)
 
 
 # -- the example plugin, through the pytest base class a plugin author subclasses ---------------
@@ -161,8 +162,8 @@ def _faulty(fault: str):
     registry = load_plugins(autoload=False, extra=[as_module(
         "lab", memforge_register_components=memforge_register_components)])
     spec = memforge.override(memforge.preset("titans.lmm_tiny"), [
-        "memory_layer=lab.sum", f"memory_layer.fault={fault}", "memory=none", "surprise=none",
-        "forgetting=none", "retrieval=none", "projection=none"], registry)
+        "memory_layer=lab.sum", f"memory_layer.fault={fault}", "memory=none", "objective=none",
+        "optimizer=none", "retention=none", "retrieval=none", "projection=none"], registry)
     return memory_layer(spec, registry)
 
 
@@ -212,14 +213,43 @@ def test_a_wrong_memory_backward_is_found():
 
 
 class _HalfLossGrad(nn.Module):
-    def loss(self, prediction: Tensor, target: Tensor) -> Tensor:
+    def loss(self, prediction: Tensor, target: Tensor, side: Tensor | None) -> Tensor:
         return ((prediction - target) ** 2).sum(-1)
 
-    def loss_grad(self, prediction: Tensor, target: Tensor) -> Tensor:
+    def loss_grad(self, prediction: Tensor, target: Tensor, side: Tensor | None) -> Tensor:
         return prediction - target  # half of the true gradient
+
+    def forward(self, x: Tensor) -> ObjectiveInputs:
+        return ObjectiveInputs(None, None)
 
 
 def test_a_wrong_loss_grad_is_found():
     with pytest.raises(ConformanceError, match=r"^lab.l2: loss_grad against autograd of loss "
                                                r"\(5 tokens\): loss_grad differs by"):
-        check_surprise_rule(_HalfLossGrad(), name="lab.l2", heads=2, head_dim=4)
+        check_objective(_HalfLossGrad(), name="lab.l2", heads=2, head_dim=4)
+
+
+class _WeightedL2(nn.Module):
+    """``0.5 * w_t * ||p - t||^2`` with a per-token, per-head weight ``w_t`` as the side input."""
+
+    def __init__(self, dim: int, heads: int, *, uses_side: bool) -> None:
+        super().__init__()
+        self.gate, self.uses_side = nn.Linear(dim, heads), uses_side
+
+    def loss(self, prediction: Tensor, target: Tensor, side: Tensor | None) -> Tensor:
+        return 0.5 * side * (prediction - target).pow(2).sum(-1)
+
+    def loss_grad(self, prediction: Tensor, target: Tensor, side: Tensor | None) -> Tensor:
+        error = prediction - target
+        return side[..., None] * error if self.uses_side else error  # the second forgets w_t
+
+    def forward(self, x: Tensor) -> ObjectiveInputs:
+        return ObjectiveInputs(torch.sigmoid(self.gate(x)) + 0.5, None)
+
+
+def test_an_objectives_side_input_reaches_loss_and_loss_grad():
+    check_objective(_WeightedL2(8, 2, uses_side=True), name="lab.weighted", heads=2, head_dim=4)
+    with pytest.raises(ConformanceError, match=r"^lab.weighted: loss_grad against autograd of "
+                                               r"loss \(5 tokens\): loss_grad differs by"):
+        check_objective(_WeightedL2(8, 2, uses_side=False), name="lab.weighted", heads=2,
+                        head_dim=4)

@@ -25,7 +25,7 @@ DT = torch.float64
 EXACT = {"atol": 1e-10, "rtol": 1e-9}
 LAYERS = {"delta.deltanet": DeltaNetConfig, "delta.gated_deltanet": GatedDeltaNetConfig}
 DELTA_PRESETS = [name for name in memforge.presets() if name.startswith("delta.")]
-TITANS_PARTS = ("memory", "surprise", "forgetting", "retrieval", "projection")
+TITANS_PARTS = ("memory", "objective", "optimizer", "retention", "retrieval", "projection")
 
 seeds = st.integers(0, 2**31 - 1)
 names = st.sampled_from(sorted(LAYERS))

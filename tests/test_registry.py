@@ -72,8 +72,8 @@ def test_unknown_component_lists_close_matches():
 
 def test_component_of_another_kind_says_so():
     registry = load_plugins(autoload=False)
-    with pytest.raises(UnknownNameError, match="is a memory component, not a surprise"):
-        registry.component("surprise", "titans.mlp")
+    with pytest.raises(UnknownNameError, match="is a memory component, not an optimizer"):
+        registry.component("optimizer", "titans.mlp")
 
 
 def test_unknown_preset_lists_close_matches():

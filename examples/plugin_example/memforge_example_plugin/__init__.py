@@ -21,7 +21,7 @@ import memforge
 memforge_name = "example"
 
 #: The Titans memory layer's parts, which example.gla does not use.
-TITANS_PARTS = ("memory", "surprise", "forgetting", "retrieval", "projection")
+TITANS_PARTS = ("memory", "objective", "optimizer", "retention", "retrieval", "projection")
 
 
 @attrs.frozen(kw_only=True)
