@@ -39,6 +39,7 @@ BUILTIN_PLUGINS: tuple[tuple[str, str], ...] = (
     ("delta", "memforge_delta"),
     ("lact", "memforge_lact"),
     ("atlas", "memforge_atlas"),
+    ("miras", "memforge_miras"),
 )
 #: Plugins that cannot be blocked: every spec falls back on their components.
 ESSENTIAL_PLUGINS: frozenset[str] = frozenset({"baseline"})

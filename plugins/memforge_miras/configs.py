@@ -41,12 +41,13 @@ class LpObjectiveConfig:
 @attrs.frozen(kw_only=True)
 class HuberObjectiveConfig:
     """``miras.huber``: Yaad's Huber bias, the threshold ``delta_t`` per token and head from a gate
-    on the layer input (``delta_t = softplus(x w + b)``)."""
+    on the layer input (``delta_t = sqrt(d) * softplus(x w + b)``, ``d`` the head width)."""
 
-    # The paper makes delta_t data-dependent without giving its start; 1 is about the error norm
-    # of an l2-normalised key read by a fresh residual memory.
+    # The paper makes delta_t data-dependent without giving its start. A fresh MIRAS memory's error
+    # norm is about sqrt(d) (its layer-normed output alone has that norm), so 1 starts the
+    # threshold in the middle of the errors and both branches are taken from the first step.
     delta_init: float = option(1.0, gt=0, le=100.0, typical=(0.1, 10.0),
-                               help="initial threshold delta (at zero input)")
+                               help="initial threshold delta, in units of sqrt(head width)")
 
 
 @attrs.frozen(kw_only=True)

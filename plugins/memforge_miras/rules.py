@@ -112,22 +112,25 @@ class HuberObjective(nn.Module):
     ``delta_t`` times the ℓ1 step ``sign(e)`` (MIRAS, Yaad: ``W_t = a_t W_{t-1} - eta_t grad l_2``
     if ``||M(k_t) - v_t|| <= delta_t``, else ``a_t W_{t-1} - eta_t delta_t grad l_1``). The loss
     is ``0.5 ||e||^2`` below the threshold and ``delta (||e||_1 - delta / 2)`` above it, whose
-    gradients those are. ``delta_t = softplus(x w + b)`` comes from the layer input (the side input
-    of :class:`memforge.interfaces.ObjectiveInputs`).
+    gradients those are. ``delta_t = sqrt(d) * softplus(x w + b)`` comes from the layer input (the
+    side input of :class:`memforge.interfaces.ObjectiveInputs`), in units of ``sqrt(d)``: the
+    error norm of a fresh MIRAS memory, whose layer-normed output alone has norm ``sqrt(d)``.
 
     Args:
         dim: layer input width ``D``.
         heads: memory heads ``H``.
-        delta_init: ``delta`` at zero input (``softplus(b)``).
+        head_dim: per-head width ``d``.
+        delta_init: ``delta / sqrt(d)`` at zero input (``softplus(b)``).
     """
 
     window = 1
     squared_error = False
 
-    def __init__(self, dim: int, heads: int, *, delta_init: float) -> None:
+    def __init__(self, dim: int, heads: int, head_dim: int, *, delta_init: float) -> None:
         super().__init__()
         if not delta_init > 0:
             raise ValueError(f"delta_init must be > 0, got {delta_init}")
+        self.unit = math.sqrt(head_dim)
         self.delta_gate = Linear(dim, heads)
         nn.init.normal_(self.delta_gate.weight, std=0.02)
         # softplus(b) = delta_init.
@@ -152,7 +155,7 @@ class HuberObjective(nn.Module):
 
     def forward(self, x: Tensor) -> ObjectiveInputs:
         """``delta`` ``[B, T, H]`` for the layer input ``x`` ``[B, T, D]``."""
-        return ObjectiveInputs(F.softplus(self.delta_gate(x)), None)
+        return ObjectiveInputs(self.unit * F.softplus(self.delta_gate(x)), None)
 
 
 def _delta(side: Tensor | None) -> Tensor:

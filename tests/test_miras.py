@@ -1,0 +1,336 @@
+"""The ``miras`` plugin: Moneta, Yaad and Memora on the engine against the float64 token loop of
+the paper's equations, their parts' invariants, the conformance kit, stability over 16K tokens,
+the presets and bad settings."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from memforge_miras.reference import final_weights, layer_reference
+from memforge_miras.rules import (
+    HuberObjective,
+    KLRetention,
+    LpObjective,
+    LqRetention,
+    lp_gradient,
+    lq_normalise,
+)
+
+import memforge
+from memforge import SpecError
+from memforge.builder import build_layer_component
+from memforge.cli import main
+from memforge.testing.conformance import MemoryLayerConformance, memory_layer
+
+DT = torch.float64
+MODELS = ("moneta", "yaad", "memora")
+PRESETS = [f"miras.{model}_{integration}_tiny" for model in MODELS
+           for integration in ("lmm", "mac", "mag", "mal")]
+EXACT = {"rtol": 1e-9, "atol": 1e-10}
+
+
+def layer(model: str, chunk: int | None = None):
+    """The memory layer of ``miras.<model>_lmm_tiny`` in float64 (``chunk``: its chunk size)."""
+    return memory_layer(f"miras.{model}_lmm_tiny", chunk_size=chunk).module
+
+
+def inputs(length: int, dim: int = 32, seed: int = 0, batch: int = 2) -> torch.Tensor:
+    return torch.randn(batch, length, dim, generator=torch.Generator().manual_seed(seed), dtype=DT)
+
+
+# -- the objectives ------------------------------------------------------------------------------
+errors = st.lists(st.floats(-3.0, 3.0), min_size=1, max_size=6).map(
+    lambda xs: torch.tensor(xs, dtype=DT)[None, None])
+
+
+@settings(deadline=None, max_examples=30)
+@given(errors, st.floats(1.0, 4.0), st.sampled_from(("tanh", "sqrt")))
+def test_lp_loss_back_propagates_exactly_its_gradient(error, p, surrogate):
+    objective = LpObjective(p=p, surrogate=surrogate, sharpness=10.0, eps=1e-6)
+    prediction = error.clone().requires_grad_()
+    target = torch.zeros_like(error)
+    (grad,) = torch.autograd.grad(objective.loss(prediction, target).sum(), prediction)
+    torch.testing.assert_close(grad, objective.loss_grad(prediction, target), **EXACT)
+
+
+@settings(deadline=None, max_examples=30)
+@given(errors, st.floats(1.0, 4.0))
+def test_the_sqrt_surrogate_is_the_gradient_of_the_smoothed_loss(error, p):
+    error = error.requires_grad_()
+    smoothed = ((error.square() + 1e-6).pow(p / 2) - 1e-6 ** (p / 2)).sum()
+    (want,) = torch.autograd.grad(smoothed, error)
+    torch.testing.assert_close(lp_gradient(error, p, "sqrt", 10.0, 1e-6), want, **EXACT)
+
+
+@settings(deadline=None, max_examples=30)
+@given(errors.filter(lambda e: bool((e.abs() > 0.05).all())), st.floats(1.0, 4.0))
+def test_the_surrogates_approach_the_exact_lp_gradient_as_they_sharpen(error, p):
+    exact = p * torch.sign(error) * error.abs().pow(p - 1)
+    for surrogate in ("tanh", "sqrt"):
+        loose = (lp_gradient(error, p, surrogate, 10.0, 1e-2) - exact).abs().max()
+        sharp = (lp_gradient(error, p, surrogate, 1e4, 1e-12) - exact).abs().max()
+        assert sharp <= loose + 1e-12 and sharp < 1e-5 * max(1.0, float(exact.abs().max()))
+
+
+def test_moneta_at_p_2_is_the_l2_gradient_doubled():
+    error = torch.randn(3, 5, 4, dtype=DT)
+    objective = LpObjective(p=2.0, surrogate="sqrt", sharpness=10.0, eps=1e-6)
+    torch.testing.assert_close(objective.loss_grad(error, torch.zeros_like(error)), 2 * error, **EXACT)
+
+
+def huber(delta: float) -> tuple[HuberObjective, torch.Tensor]:
+    objective = HuberObjective(8, 2, 4, delta_init=delta).to(DT)
+    return objective, objective(torch.zeros(1, 3, 8, dtype=DT)).side
+
+
+def test_huber_threshold_is_a_positive_per_token_per_head_side_input():
+    objective, delta = huber(0.7)
+    assert delta.shape == (1, 3, 2)
+    torch.testing.assert_close(delta, torch.full_like(delta, 2 * 0.7), **EXACT)  # sqrt(4) * 0.7
+    x = torch.randn(2, 5, 8, dtype=DT) * 50
+    assert bool((objective(x).side > 0).all())
+
+
+def test_huber_switches_between_l2_and_l1_per_token():
+    objective, _ = huber(1.0)
+    target = torch.zeros(1, 2, 3, dtype=DT)
+    prediction = torch.tensor([[[0.3, -0.4, 0.1], [2.0, -3.0, 0.5]]], dtype=DT)
+    delta = torch.tensor([[1.0, 1.5]], dtype=DT)
+    grad = objective.loss_grad(prediction, target, delta)
+    torch.testing.assert_close(grad[0, 0], prediction[0, 0])                      # ||e|| <= delta
+    torch.testing.assert_close(grad[0, 1], 1.5 * torch.sign(prediction[0, 1]))   # above: delta sign(e)
+    leaf = prediction.clone().requires_grad_()
+    (want,) = torch.autograd.grad(objective.loss(leaf, target, delta).sum(), leaf)
+    torch.testing.assert_close(grad, want, **EXACT)
+
+
+def test_huber_with_a_huge_threshold_is_the_l2_objective():
+    objective, _ = huber(1.0)
+    prediction, target = torch.randn(2, 7, 4, dtype=DT), torch.randn(2, 7, 4, dtype=DT)
+    grad = objective.loss_grad(prediction, target, torch.full((2, 7), 1e6, dtype=DT))
+    torch.testing.assert_close(grad, prediction - target, **EXACT)
+
+
+def test_huber_needs_its_side_input():
+    objective, _ = huber(1.0)
+    with pytest.raises(ValueError, match="side input"):
+        objective.loss_grad(torch.zeros(1, 1, 2), torch.zeros(1, 1, 2), None)
+
+
+# -- the retentions ------------------------------------------------------------------------------
+matrices = st.integers(0, 2**31 - 1).map(
+    lambda seed: torch.randn(3, 4, 5, generator=torch.Generator().manual_seed(seed), dtype=DT))
+
+
+@settings(deadline=None, max_examples=25)
+@given(matrices, st.floats(2.0, 8.0), st.floats(0.01, 100.0))
+def test_the_p_norm_link_is_homogeneous_of_degree_1_and_keeps_the_dual_norm(a, q, scale):
+    w = lq_normalise(a, q, "p_norm")
+    torch.testing.assert_close(lq_normalise(scale * a, q, "p_norm"), scale * w, rtol=1e-9, atol=1e-12)
+    dual = q / (q - 1)
+    norm = w.abs().pow(dual).sum((-2, -1)).pow(1 / dual)
+    torch.testing.assert_close(norm, a.abs().pow(q).sum((-2, -1)).pow(1 / q), rtol=1e-9, atol=1e-12)
+
+
+@settings(deadline=None, max_examples=25)
+@given(matrices, st.floats(2.0, 8.0), st.floats(0.1, 10.0))
+def test_the_scale_link_is_homogeneous_of_degree_3_minus_q(a, q, scale):
+    torch.testing.assert_close(lq_normalise(scale * a, q, "scale"),
+                               scale ** (3 - q) * lq_normalise(a, q, "scale"), rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("link", ["p_norm", "scale"])
+def test_q_2_is_no_normalisation(link):
+    a = torch.randn(2, 3, 4, dtype=DT)
+    assert lq_normalise(a, 2.0, link) is a
+
+
+@settings(deadline=None, max_examples=25)
+@given(matrices, st.floats(0.1, 10.0))
+def test_memora_weights_lie_on_the_scaled_simplex_and_ignore_a_shift_per_column(logits, scale):
+    retention = KLRetention(8, 2, scale=scale, init=0.02, max_decay=1.0)
+    (w,) = retention.project((logits,), (logits,))
+    assert bool((w >= 0).all())
+    torch.testing.assert_close(w.sum(-2), torch.full_like(w.sum(-2), scale), **EXACT)
+    shifted = logits + torch.randn(3, 1, 5, dtype=DT)
+    torch.testing.assert_close(retention.project((shifted,), (shifted,))[0], w, **EXACT)
+
+
+@pytest.mark.parametrize("retention", [
+    LqRetention(8, 2, q=4.0, link="p_norm", init=0.02, max_decay=1.0),
+    KLRetention(8, 2, scale=1.0, init=0.02, max_decay=1.0)])
+def test_retentions_are_mirror_maps_at_chunk_ends_with_a_log_space_decay(retention):
+    assert retention.applies_at == "chunk_end" and retention.mirror
+    log_keep = retention(torch.randn(2, 5, 8) * 100)
+    assert log_keep.shape == (2, 5, 2) and bool((log_keep <= 0).all() and torch.isfinite(log_keep).all())
+
+
+# -- the layers against the reference ------------------------------------------------------------
+@pytest.mark.parametrize(("model", "executor", "tier"), [
+    ("moneta", "sequential", "rule-specific"), ("yaad", "closed_form", "chunk-start"),
+    ("memora", "sequential", "rule-specific")])
+def test_each_rule_runs_on_its_executor_at_its_tier(model, executor, tier):
+    described = layer(model, 16).describe_rule()
+    assert (described.executor, described.tier) == (executor, tier)
+    assert layer(model, 1).describe_rule().tier == "token-exact"
+
+
+@pytest.mark.parametrize("model", MODELS)
+@pytest.mark.parametrize("chunk", [1, 7, 16])
+def test_the_layer_equals_the_reference_with_outer_gradients(model, chunk):
+    module = layer(model, chunk)
+    x = inputs(23).requires_grad_()
+    params = [p for p in module.parameters() if p.requires_grad]
+    fast, _ = module(x)
+    slow, _ = layer_reference(module, x)
+    torch.testing.assert_close(fast, slow, **EXACT)
+    w = torch.randn_like(fast)
+    got = torch.autograd.grad((fast * w).sum(), [x, *params], allow_unused=True)
+    want = torch.autograd.grad((slow * w).sum(), [x, *params], allow_unused=True)
+    for g, r in zip(got, want, strict=True):
+        assert (g is None) == (r is None)
+        if g is not None:
+            torch.testing.assert_close(g, r, **EXACT)
+
+
+@settings(deadline=None, max_examples=4)
+@given(st.data())
+@pytest.mark.parametrize("model", MODELS)
+@pytest.mark.parametrize("chunk", [1, 7, 16])
+def test_split_anywhere_with_state_equals_the_reference_whole(model, chunk, data):
+    module = layer(model, chunk)
+    length = data.draw(st.integers(2, 40).filter(lambda n: n % 2), label="length")
+    cuts = sorted(set(data.draw(st.lists(st.integers(1, length - 1), max_size=3), label="cuts")))
+    x = inputs(length, seed=length)
+    outs, state = [], None
+    with torch.no_grad():
+        for lo, hi in zip([0, *cuts], [*cuts, length], strict=True):
+            y, state = module(x[:, lo:hi], state)
+            outs.append(y)
+        slow, end = layer_reference(module, x)
+        torch.testing.assert_close(torch.cat(outs, 1), slow, **EXACT)
+        want = final_weights(module.memory, module.objective, module.retention, end.rule,
+                             chunk_size=chunk)
+        for got, ref in zip(module.read_state(state, 2), want, strict=True):
+            torch.testing.assert_close(got, ref, **EXACT)
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_the_reference_continues_from_the_layers_state(model):
+    module = layer(model, 7)
+    x = inputs(20)
+    with torch.no_grad():
+        _, state = module(x[:, :9])
+        torch.testing.assert_close(layer_reference(module, x[:, 9:], state)[0],
+                                   layer_reference(module, x)[0][:, 9:], **EXACT)
+
+
+def test_yaad_takes_both_branches_of_the_huber_switch():
+    module = layer("yaad", 7)
+    x = inputs(29)
+    q, k, v, _ = module.projection(x, None)
+    delta = module.objective(x).side.permute(0, 2, 1).flatten(0, 1)
+    weights = module.read_state(None, 2)
+    prediction = module.memory.forward(k.flatten(0, 1), lambda i, h: h @ weights[i])[0]
+    below = (prediction - v.flatten(0, 1)).norm(dim=-1) <= delta
+    assert bool(below.any()) and bool((~below).any())
+
+
+def test_memora_weights_stay_on_the_simplex():
+    module = layer("memora", 7)
+    with torch.no_grad():
+        _, state = module(inputs(30))
+        for w in module.read_state(state, 2):
+            assert bool((w >= 0).all())
+            torch.testing.assert_close(w.sum(-2), torch.ones_like(w.sum(-2)), **EXACT)
+
+
+# -- the conformance kit -------------------------------------------------------------------------
+class TestMonetaLayer(MemoryLayerConformance):
+    preset = "miras.moneta_lmm_tiny"
+    reference = staticmethod(layer_reference)
+
+
+class TestYaadLayer(MemoryLayerConformance):
+    preset = "miras.yaad_lmm_tiny"
+    reference = staticmethod(layer_reference)
+
+
+class TestMemoraLayer(MemoryLayerConformance):
+    preset = "miras.memora_lmm_tiny"
+    reference = staticmethod(layer_reference)
+
+
+# -- stability -----------------------------------------------------------------------------------
+@pytest.mark.parametrize("model", MODELS)
+def test_16k_random_tokens_stay_finite_and_bounded_with_default_settings(model):
+    """Default components and chunk size on 16K random tokens (width 16, two heads, fed in pieces
+    of 1024): finite outputs, and fast weights that stay within a few times their start."""
+    spec = memforge.override(memforge.preset(f"miras.{model}_lmm_tiny"),
+                             ["dim=16", "memory_layer.chunk_size=16"])
+    torch.manual_seed(0)
+    module = build_layer_component(spec, "memory_layer", 0)
+    state, norms = None, []
+    with torch.no_grad():
+        start = max(float(w.norm(dim=(-2, -1)).max()) for w in module.read_state(None, 2))
+        for piece in range(16):
+            y, state = module(torch.randn(2, 1024, 16, generator=torch.Generator().manual_seed(piece)),
+                              state)
+            assert bool(torch.isfinite(y).all())
+            norms.append(max(float(w.norm(dim=(-2, -1)).max()) for w in module.read_state(state, 2)))
+    assert all(math.isfinite(n) for n in norms)
+    assert max(norms) < 10 * max(start, 1.0), (start, norms)
+
+
+# -- presets, build, bad settings ----------------------------------------------------------------
+@pytest.mark.parametrize("name", PRESETS)
+def test_every_preset_builds_trains_and_splits(name):
+    spec = memforge.preset(name)
+    torch.manual_seed(0)
+    model = memforge.build_model(spec, dtype=DT)
+    tokens = torch.randint(0, spec.vocab_size, (2, 19), generator=torch.Generator().manual_seed(0))
+    whole = model(tokens, labels=tokens)
+    first = model(tokens[:, :6])
+    rest = model(tokens[:, 6:], state=first.state)
+    torch.testing.assert_close(torch.cat([first.logits, rest.logits], 1), whole.logits, **EXACT)
+    whole.loss.backward()
+    assert all(p.grad is not None and bool(torch.isfinite(p.grad).all())
+               for p in model.parameters() if p.requires_grad)
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_small_presets_use_the_papers_parts(model):
+    spec = memforge.preset(f"miras.{model}_lmm")
+    parts = {kind: spec.choice(kind, 0).impl for kind in
+             ("memory", "objective", "optimizer", "retention", "retrieval", "projection")}
+    assert parts["memory"] == "miras.mlp" and parts["optimizer"] == "miras.gd"
+    assert (parts["objective"], parts["retention"]) == {
+        "moneta": ("miras.lp", "miras.lq"), "yaad": ("miras.huber", "miras.l2_decay"),
+        "memora": ("miras.l2", "miras.kl")}[model]
+    assert spec.choice("memory_layer", 0).config.chunk_size == 16
+
+
+@pytest.mark.parametrize(("preset", "assignment", "field"), [
+    ("miras.moneta_lmm_tiny", "objective.p=5", "'p'"),
+    ("miras.moneta_lmm_tiny", "objective.p=0.5", "'p'"),
+    ("miras.moneta_lmm_tiny", "retention.q=1.5", "'q'"),
+    ("miras.moneta_lmm_tiny", "retention.q=9", "'q'"),
+    ("miras.moneta_lmm_tiny", "retention.link=cube", "'link'"),
+    ("miras.yaad_lmm_tiny", "objective.delta_init=0", "'delta_init'"),
+    ("miras.memora_lmm_tiny", "retention.scale=0", "'scale'"),
+    ("miras.memora_mac_tiny", "memory_layer.chunk_size=5", "'segment_len'=16 must be a multiple"),
+])
+def test_bad_settings_are_one_line_spec_errors_naming_the_field(preset, assignment, field):
+    with pytest.raises(SpecError, match=field) as caught:
+        memforge.override(memforge.preset(preset), [assignment])
+    assert "\n" not in str(caught.value)
+
+
+def test_the_cli_refuses_p_out_of_range_in_one_line(capsys):
+    assert main(["show", "miras.moneta_lmm_tiny", "--set", "objective.p=5"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "memforge: error: objective: 'p' must be <= 4.0, got 5.0"
