@@ -40,6 +40,7 @@ BUILTIN_PLUGINS: tuple[tuple[str, str], ...] = (
     ("lact", "memforge_lact"),
     ("atlas", "memforge_atlas"),
     ("miras", "memforge_miras"),
+    ("ttt", "memforge_ttt"),
 )
 #: Plugins that cannot be blocked: every spec falls back on their components.
 ESSENTIAL_PLUGINS: frozenset[str] = frozenset({"baseline"})
