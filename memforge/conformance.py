@@ -191,6 +191,7 @@ def _retention(module: nn.Module, ctx: BuildContext, like: Tensor) -> None:
                             f"the log of the fraction of the state kept, so <= 0")
     if callable(getattr(module, "project", None)):  # ProjectsWeights
         _flag(module, "applies_at", lambda v: v in _APPLIES_AT, f"one of {list(_APPLIES_AT)}")
+        _flag(module, "mirror", lambda v: isinstance(v, bool), "True or False")
         weights = (like.new_ones(ctx.heads, ctx.head_dim, ctx.head_dim),)
         projected = module.project(weights, weights)
         if not isinstance(projected, Sequence) or len(projected) != 1:
