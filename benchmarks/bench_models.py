@@ -71,7 +71,7 @@ PAIRINGS: dict[str, dict[str, dict[str, Any]]] = {
     "refresh128": {
         "memforge": {"integration": {"segment_len": SEGMENT}, "memory_layer": {"chunk_size": 128},
                      "retrieval": "titans.before_write",
-                     "surprise": {"lr_init": 0.001, "max_lr": 0.002}},
+                     "optimizer": {"lr_init": 0.001, "max_lr": 0.002}},
         "titans_pytorch": {"neural_memory_segment_len": 16, "neural_memory_batch_size": 128},
     },
 }
