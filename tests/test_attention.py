@@ -14,12 +14,8 @@ import torch
 import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from memforge_baselines.attention import (
-    AttentionCache,
-    CausalSelfAttention,
-    dense_masked_attention,
-    reference_attention,
-)
+from memforge_baselines.attention import AttentionCache, CausalSelfAttention
+from memforge_baselines.attention_reference import dense_masked_attention, reference_attention
 from memforge_baselines.blocks import TransformerBlock
 
 from memforge.conformance import check_module

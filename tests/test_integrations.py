@@ -17,7 +17,6 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from memforge_baselines.attention import causal_mask
 from memforge_titans.mac import MACBlock, MACState, mac_mask
 from memforge_titans.mag import MAGBlock, MAGState
 from memforge_titans.mal import MALBlock, MALState
@@ -26,6 +25,7 @@ from torch import Tensor, nn
 import memforge
 from memforge import InputError, SpecError
 from memforge.builder import layer_layout
+from memforge.nn import causal_mask
 
 DT = torch.float64
 EXACT = {"atol": 1e-10, "rtol": 1e-9}

@@ -20,20 +20,14 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from memforge.errors import InputError
 from memforge.linear import Linear
-from memforge.nn import RotaryEmbedding, attend, attend_visible, batch_persistent_kv, causal_mask
+from memforge.nn import RotaryEmbedding, attend_visible, batch_persistent_kv
+from memforge_baselines.attention_paths import blockwise_window_attention, dense_attention
 
-__all__ = [
-    "AttentionCache",
-    "AttentionDecodeBuffers",
-    "CausalSelfAttention",
-    "dense_masked_attention",
-    "reference_attention",
-]
+__all__ = ["AttentionCache", "AttentionDecodeBuffers", "CausalSelfAttention"]
 
 
 class AttentionCache(NamedTuple):
@@ -217,9 +211,9 @@ class CausalSelfAttention(nn.Module):
         q, k, v = self.project_qkv(x, positions)
         prefix = self.persistent_kv()
         if self.window is not None and T > self.window:
-            o = self._blockwise(q, k, v, cache_k, cache_v, prefix)
+            o = blockwise_window_attention(q, k, v, cache_k, cache_v, prefix, self.window)
         else:
-            o = self._dense(q, k, v, cache_k, cache_v, prefix)
+            o = dense_attention(q, k, v, cache_k, cache_v, prefix, self.window)
         new_cache = AttentionCache(
             self._visible_tail(cache_k, k), self._visible_tail(cache_v, v), position + T
         )
@@ -285,130 +279,3 @@ class CausalSelfAttention(nn.Module):
             new = torch.cat([old, new], dim=2)
         # Explicit start index: a negative slice start of -0 would keep everything.
         return new[:, :, max(new.shape[2] - keep, 0) :]
-
-    def _dense(
-        self,
-        q: Tensor,
-        k: Tensor,
-        v: Tensor,
-        cache_k: Tensor | None,
-        cache_v: Tensor | None,
-        prefix: tuple[Tensor, Tensor] | None,
-    ) -> Tensor:
-        """Queries attend to ``[persistent | cache | new]`` under one ``[T, P + t + T]`` mask."""
-        B, T = q.shape[0], q.shape[2]
-        cached = 0
-        if cache_k is not None:
-            cached = cache_k.shape[2]
-            k, v = torch.cat([cache_k, k], dim=2), torch.cat([cache_v, v], dim=2)
-        if prefix is None and cached == 0:
-            # Plain causal attention (T <= window here): SDPA's own causal flag enables the
-            # fused flash kernels on GPU.
-            return F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        P = 0
-        if prefix is not None:
-            pk, pv = prefix
-            P = pk.shape[2]
-            k = torch.cat([pk.expand(B, -1, -1, -1), k], dim=2)
-            v = torch.cat([pv.expand(B, -1, -1, -1), v], dim=2)
-        mask = causal_mask(T, cached + T, window=self.window, prefix=P, device=q.device)
-        return attend(q, k, v, mask)
-
-    def _blockwise(
-        self,
-        q: Tensor,
-        k: Tensor,
-        v: Tensor,
-        cache_k: Tensor | None,
-        cache_v: Tensor | None,
-        prefix: tuple[Tensor, Tensor] | None,
-    ) -> Tensor:
-        """Sliding-window attention in ``O(T * (w + P))``: blocks of ``w`` queries, one SDPA call.
-
-        Keys are laid out as ``[lead | new | right pad]``, cut into blocks of ``w``. The lead block
-        is the cache left-padded with zeros to exactly ``w`` keys, so query block ``b`` always
-        attends to key blocks ``b`` (the one before it: the lead block for ``b = 0``) and ``b + 1``
-        (its own). Within that ``2w`` span query ``r`` sees keys ``r + 1 .. r + w``, i.e. its own
-        position and the ``w - 1`` before it. The left padding is masked out; the right padding
-        needs no mask for real queries (it is in their future) and gives padded queries a
-        visible key, so no row is ever fully masked. Padded query rows are dropped at the end.
-        """
-        B, H, T, d = q.shape
-        w = self.window
-        nb = -(-T // w)
-        pad = nb * w - T
-        cached = 0 if cache_k is None else cache_k.shape[2]
-
-        def layout(new: Tensor, old: Tensor | None) -> Tensor:
-            # [B, H, T, d] -> [B, H, nb, 2w, d]: for each query block, its previous and own keys.
-            lead = new.new_zeros(B, H, w - cached, d)
-            parts = [lead, new] if old is None else [lead, old, new]
-            blocks = F.pad(torch.cat(parts, dim=2), (0, 0, 0, pad)).unflatten(2, (nb + 1, w))
-            return torch.cat([blocks[:, :, :-1], blocks[:, :, 1:]], dim=3)
-
-        kb, vb = layout(k, cache_k), layout(v, cache_v)
-        r = torch.arange(w, device=q.device)[:, None]
-        s = torch.arange(2 * w, device=q.device)[None, :]
-        mask = ((s > r) & (s <= r + w)).expand(nb, w, 2 * w).clone()
-        mask[0, :, : w - cached] = False  # lead-block padding: no token there
-        if prefix is not None:
-            pk, pv = prefix
-            P = pk.shape[2]
-            kb = torch.cat([pk[:, :, None].expand(B, H, nb, P, d), kb], dim=3)
-            vb = torch.cat([pv[:, :, None].expand(B, H, nb, P, d), vb], dim=3)
-            mask = torch.cat([mask.new_ones(nb, w, P), mask], dim=2)
-        # Fold blocks into the head axis: 4-D inputs keep SDPA's fused (memory-efficient) kernels
-        # eligible on GPU. Index h * nb + b of the folded axis is head h, block b.
-        qb = F.pad(q, (0, 0, 0, pad)).reshape(B, H * nb, w, d)
-        o = attend(
-            qb,
-            kb.flatten(1, 2),
-            vb.flatten(1, 2),
-            mask.repeat(H, 1, 1),
-        )
-        return o.reshape(B, H, nb * w, d)[:, :, :T]
-
-
-def dense_masked_attention(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    window: int | None,
-    prefix_k: Tensor | None = None,
-    prefix_v: Tensor | None = None,
-) -> Tensor:
-    """Slow, obviously correct attention with an explicit full mask: the test oracle.
-
-    Queries ``q`` ``[B, H, T, d]`` are the last ``T`` positions of the keys ``k``/values ``v``
-    ``[B, H, S, d]`` (``S >= T``; the first ``S - T`` are earlier tokens). The mask is built entry
-    by entry in Python and the softmax is written out (no SDPA), so it shares no code with
-    :class:`CausalSelfAttention`'s fast paths. ``prefix_k``/``prefix_v`` ``[B or 1, H, P, d]`` are
-    visible to every query.
-    """
-    T, S = q.shape[2], k.shape[2]
-    allowed = torch.zeros(T, S, dtype=torch.bool)
-    for i in range(T):
-        query_pos = S - T + i
-        for key_pos in range(S):
-            in_window = window is None or query_pos - key_pos < window
-            allowed[i, key_pos] = key_pos <= query_pos and in_window
-    if prefix_k is not None:
-        shape = (q.shape[0], q.shape[1], *prefix_k.shape[2:])
-        k = torch.cat([prefix_k.expand(shape), k], dim=2)
-        v = torch.cat([prefix_v.expand(shape), v], dim=2)
-        allowed = torch.cat([torch.ones(T, prefix_k.shape[2], dtype=torch.bool), allowed], dim=1)
-    scores = q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5
-    scores = scores.masked_fill(~allowed.to(q.device), float("-inf"))
-    return scores.softmax(dim=-1) @ v
-
-
-def reference_attention(module: CausalSelfAttention, x: Tensor) -> Tensor:
-    """``module``'s output on whole sequences ``x`` ``[B, T, D]`` (from position 0), the slow way.
-
-    Uses the module's projections, rotary and persistent tokens, but attention through
-    :func:`dense_masked_attention` instead of the blocked / masked SDPA paths.
-    """
-    q, k, v = module.project_qkv(x, torch.arange(x.shape[1], device=x.device))
-    prefix = module.persistent_kv()
-    pk, pv = prefix if prefix is not None else (None, None)
-    return module.output(dense_masked_attention(q, k, v, module.window, pk, pv))
