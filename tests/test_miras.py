@@ -24,7 +24,13 @@ import memforge
 from memforge import SpecError
 from memforge.builder import build_layer_component
 from memforge.cli import main
-from memforge.testing.conformance import MemoryLayerConformance, memory_layer
+from memforge.testing.conformance import (
+    MemoryLayerConformance,
+    build_part,
+    check_memory_network,
+    check_objective,
+    memory_layer,
+)
 
 DT = torch.float64
 MODELS = ("moneta", "yaad", "memora")
@@ -263,6 +269,16 @@ class TestYaadLayer(MemoryLayerConformance):
 class TestMemoraLayer(MemoryLayerConformance):
     preset = "miras.memora_lmm_tiny"
     reference = staticmethod(layer_reference)
+
+
+@pytest.mark.parametrize("name", ["miras.lp", "miras.huber", "miras.l2"])
+def test_the_kit_checks_each_objective_against_autograd(name):
+    check_objective(build_part("objective", name), name=name, heads=2, head_dim=8)
+
+
+def test_the_kit_checks_the_memory_networks_backward():
+    network = build_part("memory", "miras.mlp")
+    assert check_memory_network(network, name="miras.mlp", heads=2, head_dim=8) is True
 
 
 # -- stability -----------------------------------------------------------------------------------
