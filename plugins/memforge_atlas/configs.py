@@ -43,7 +43,7 @@ class OmegaConfig:
     # ATLAS Fig. 5 sweeps c in {2, 4, 8, 16}; the headline runs' c is not stated.
     window: int = option(4, ge=1, le=4096, typical=(1, 16),
                          help="c: pairs each step sums, the token's and the c - 1 before it "
-                              "(1: the online delta rule); at most memory_layer.chunk_size + 1")
+                              "(1: the online delta rule); at most max(memory_layer.chunk_size, 16) + 1")
     gated: bool = option(True, help="learn a gate gamma in [0, 1] per pair (in-context pruning); "
                                     "false weighs every pair 1")
     gamma_init: float = option(0.9, gt=0, lt=1, typical=(0.5, 0.99),

@@ -29,14 +29,19 @@ def feature_width(dim: int, degree: int) -> int:
     return math.comb(dim + degree, degree)
 
 
-def _monomials(dim: int, degree: int) -> tuple[Tensor, Tensor]:
-    """The coordinate indices ``[M, degree]`` of every degree-``degree`` monomial (non-decreasing
-    tuples) and ``sqrt`` of their multinomial coefficients ``[M]``."""
+def _monomials(dim: int, degree: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Every degree-``degree`` monomial (a non-decreasing index tuple), built from the block below:
+    ``(parent, last, scale)`` with monomial ``j = block_{degree-1}[parent[j]] * x[last[j]]`` and
+    ``scale[j]`` the square root of its multinomial coefficient."""
     combos = list(itertools.combinations_with_replacement(range(dim), degree))
-    scales = [math.sqrt(math.factorial(degree)
-                        / math.prod(math.factorial(n) for n in Counter(c).values()))
-              for c in combos]
-    return torch.tensor(combos, dtype=torch.long).reshape(len(combos), degree), torch.tensor(scales)
+    below = {c: j for j, c in enumerate(itertools.combinations_with_replacement(range(dim),
+                                                                                 degree - 1))}
+    parent = torch.tensor([below[c[:-1]] for c in combos], dtype=torch.long)
+    last = torch.tensor([c[-1] for c in combos], dtype=torch.long)
+    scale = torch.tensor([math.sqrt(math.factorial(degree)
+                                    / math.prod(math.factorial(n) for n in Counter(c).values()))
+                          for c in combos], dtype=torch.float64)
+    return parent, last, scale
 
 
 class PolynomialFeatures(nn.Module):
@@ -60,23 +65,28 @@ class PolynomialFeatures(nn.Module):
         init = torch.tensor([1.0 / math.factorial(i) for i in range(degree + 1)])
         self.coefficients = nn.Parameter(init.repeat(heads, 1))  # [H, p + 1]
         for i in range(2, degree + 1):
-            index, scale = _monomials(dim, i)
-            self.register_buffer(f"index_{i}", index, persistent=False)
+            parent, last, scale = _monomials(dim, i)
+            self.register_buffer(f"parent_{i}", parent, persistent=False)
+            self.register_buffer(f"last_{i}", last, persistent=False)
             self.register_buffer(f"scale_{i}", scale, persistent=False)
 
     def forward(self, x: Tensor) -> Tensor:
         """``phi_p(x)`` for ``x`` ``[N, t, d]`` (``N`` a multiple of the heads)."""
-        blocks = [x.new_ones(*x.shape[:-1], 1), x]
-        for i in range(2, self.degree + 1):
-            index, scale = getattr(self, f"index_{i}"), getattr(self, f"scale_{i}")
-            blocks.append(x[..., index].prod(-1) * scale.to(x.dtype))
         n, t = x.shape[0], x.shape[1]
-        widths = [b.shape[-1] for b in blocks]
-        # One coefficient per block, per head: [H, p + 1] -> [1, H, 1, width] over the rows.
-        per_column = self.coefficients.to(x.dtype).repeat_interleave(
-            torch.tensor(widths, device=x.device), dim=1, output_size=self.width)
-        features = torch.cat(blocks, -1).reshape(n // self.heads, self.heads, t, self.width)
-        return (features * per_column[None, :, None, :]).reshape(n, t, self.width)
+        coefficients = self.coefficients.to(x.dtype)                          # [H, p + 1]
+        groups = n // self.heads
+        monomials = x
+        blocks = [coefficients[:, None, 0:1].expand(groups, self.heads, t, 1),
+                  x.reshape(groups, self.heads, t, self.dim) * coefficients[:, None, 1:2]]
+        for i in range(2, self.degree + 1):
+            # Monomials of degree i from those of degree i - 1: one gather each, no products
+            # over index tuples (their backward would scatter every factor).
+            monomials = (monomials.index_select(-1, getattr(self, f"parent_{i}"))
+                         * x.index_select(-1, getattr(self, f"last_{i}")))
+            weight = coefficients[:, i, None] * getattr(self, f"scale_{i}").to(x.dtype)  # [H, M]
+            blocks.append(monomials.reshape(groups, self.heads, t, monomials.shape[-1])
+                          * weight[:, None, :])
+        return torch.cat(blocks, -1).reshape(n, t, self.width)
 
     def extra_repr(self) -> str:
         """Shape, for ``print(module)``."""

@@ -11,7 +11,10 @@ and query ``t`` reads ``W0``, ``W_{t-1}`` or ``W_t`` as the retrieval rule asks.
 ``torch.autograd.grad`` of the objective's ``loss`` through the network's ``forward`` with plain
 matmuls (never its ``backward`` or ``loss_grad``), one call per token, with ``create_graph`` so
 outer gradients flow; nothing is shared with an executor. At chunk size 1 this is the token-exact
-recurrence. It does not validate its inputs; keep ``T`` to a few dozen.
+recurrence. A call may start from where another stopped (:class:`RuleState`: the chunk-start
+weights and momentum, the unfinished chunk's tokens, the window's pairs from before it), or from
+the engine's own carried state, so a sequence split anywhere is checked too. It does not validate
+its inputs; keep ``T`` to a few dozen.
 """
 
 from __future__ import annotations

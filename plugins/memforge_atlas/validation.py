@@ -2,10 +2,11 @@
 
 Each problem is one line naming the field, the value it would reach and the fix:
 
-* ``atlas.omega``'s window against the memory layer's chunk: a chunk re-evaluates the ``c - 1``
-  pairs carried from before it at its start weights, so the window may reach back at most one
-  chunk (``window <= chunk_size + 1``); beyond that a chunk spends more on old pairs than on its
-  own.
+* ``atlas.omega``'s window against the memory layer's chunk: every chunk re-evaluates the ``c - 1``
+  pairs carried from before it at its own start weights, so the window may reach back at most
+  ``max(chunk_size, MIN_REACH)`` pairs: at most one chunk's worth for large chunks (re-evaluation
+  then costs at most the chunk's own gradients again), and up to ``MIN_REACH`` pairs for small ones
+  (so ATLAS' windows ``c <= 16`` run at every chunk size, token-exact at chunk size 1).
 * ``atlas.poly_mlp``'s feature width ``C(head width + degree, degree)`` against ``max_width``.
 * an atlas memory layer in ``titans.mac`` whose chunks would straddle segments (MAC reads the
   memory at segment starts).
@@ -24,14 +25,19 @@ from memforge.spec import ModelSpec, used_kinds
 from memforge_atlas.configs import OmegaConfig, PolyMLPConfig
 from memforge_atlas.features import feature_width
 
+#: Pairs a window may reach back at any chunk size (ATLAS sweeps c up to 16).
+MIN_REACH = 16
+
 
 def window_problem(window: int, chunk_size: int) -> str | None:
     """Why ``window`` does not fit ``chunk_size``, or ``None``."""
-    if window - 1 <= chunk_size:
+    reach = max(chunk_size, MIN_REACH)
+    if window - 1 <= reach:
         return None
-    return (f"atlas.omega's 'objective.window'={window} reaches back {window - 1} pairs, further "
-            f"than one chunk (memory_layer.chunk_size={chunk_size}); set objective.window <= "
-            f"{chunk_size + 1} or memory_layer.chunk_size >= {window - 1}")
+    return (f"atlas.omega's 'objective.window'={window} reaches back {window - 1} pairs, more "
+            f"than memory_layer.chunk_size={chunk_size} allows (max(chunk_size, {MIN_REACH}) = "
+            f"{reach}: each chunk re-evaluates them all); set objective.window <= {reach + 1} or "
+            f"memory_layer.chunk_size >= {window - 1}")
 
 
 def width_problem(head_dim: int, config: PolyMLPConfig) -> str | None:
