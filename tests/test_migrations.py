@@ -11,16 +11,20 @@ schema-2 memforge, with the logits the model gave then.
 import shutil
 from pathlib import Path
 
+import attrs
 import pytest
 import safetensors.torch
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import memforge
 from memforge.errors import SpecError
 from memforge.io import read_spec_dict
 from memforge.migrations import migrate, migrate_state_dict
 from memforge.plugins import load_plugins
-from memforge.spec import SCHEMA_VERSION, from_dict, spec_id, to_dict
+from memforge.spec import SCHEMA_VERSION, ComponentChoice, from_dict, spec_id, to_dict
+from memforge.testing.strategies import configs
 
 REGISTRY = load_plugins(autoload=False)
 DATA = Path(__file__).parent / "data"
@@ -133,6 +137,36 @@ def test_the_schema2_migration_is_a_pure_function_of_the_dict():
     assert set(migrated) - set(data) == {"objective", "optimizer", "retention"}
     assert set(data) - set(migrated) == {"surprise", "forgetting"}
     assert migrate(migrated, 3) == migrated
+
+
+#: Today's optimizers and the schema-2 surprise component each was written as.
+_AS_SURPRISE = {"titans.momentum": "titans.momentum", "titans.sgd": "titans.gradient"}
+
+
+@settings(deadline=None, max_examples=25)
+@given(data=st.data(), optimizer=st.sampled_from(sorted(_AS_SURPRISE)),
+       retention=st.sampled_from(["titans.adaptive_decay", "titans.constant_decay",
+                                  "titans.no_forgetting"]),
+       per_layer=st.booleans())
+def test_any_schema3_rule_written_in_schema2_migrates_back_to_itself(data, optimizer, retention,
+                                                                     per_layer):
+    """A rule written the schema-2 way (surprise = the optimizer's old name with its settings,
+    forgetting = the retention), model-wide or in a per-layer table, migrates to that rule."""
+    choices = {kind: ComponentChoice(name, data.draw(configs(
+        REGISTRY.component(kind, name).config_cls))) for kind, name in (
+        ("optimizer", optimizer), ("retention", retention))}
+    base = memforge.preset("titans.lmm_tiny")
+    spec = attrs.evolve(base, layers={1: choices}) if per_layer else attrs.evolve(base, **choices)
+    old = {**to_dict(spec), "schema_version": 2}
+    tables = old["layer"]["1"] if per_layer else old
+    tables.pop("objective", None)  # schema 2 had no objective: the surprise component carried it
+    step = tables.pop("optimizer")
+    tables["surprise"] = {**step, "impl": _AS_SURPRISE[step["impl"]]}
+    tables["forgetting"] = tables.pop("retention")
+    migrated = from_dict(old, REGISTRY)
+    for layer in range(spec.num_layers):
+        assert migrated.layer_choices(layer) == spec.layer_choices(layer)
+    assert migrated.choices() == spec.choices()
 
 
 def test_another_plugins_surprise_component_cannot_be_split_automatically():
