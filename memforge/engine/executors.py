@@ -8,8 +8,9 @@ retention and a retrieval rule, run on a schedule of chunks (:class:`LearningRul
 and scans the per-token inputs (:class:`RuleInputs`) into reads and a carried state.
 
 :data:`EXECUTORS` holds every executor by name, in preference order; ``select_executor(rule)``
-takes the first that does not refuse, or the one asked for. Other modules register theirs with
-:func:`register_executor` (the sequential executor, the WY kernel).
+takes the first that does not refuse, or the one asked for. The closed form and the sequential
+executor (:mod:`memforge.engine.sequential`) are built in; other modules register theirs with
+:func:`register_executor` (the WY kernel).
 
 The closed-form executor (:class:`ClosedFormExecutor`) wraps the chunk kernel
 (:mod:`memforge.engine.chunked`): the gradient of every token of a chunk at the chunk-start
@@ -217,9 +218,10 @@ class ClosedFormExecutor:
                                  *inputs[:7], completes=completes)
 
 
-#: Every executor by name, in preference order for ``"auto"``: the closed form first (the WY
-#: kernel, when registered, goes before it; the sequential executor after it).
-EXECUTORS: dict[str, Executor] = {"closed_form": ClosedFormExecutor(), "sequential": SequentialExecutor()}
+#: Every executor by name, in preference order for ``"auto"``: the closed form, then the
+#: sequential executor, which runs every rule (the WY kernel, when registered, goes first).
+EXECUTORS: dict[str, Executor] = {"closed_form": ClosedFormExecutor(),
+                                  "sequential": SequentialExecutor()}
 
 #: Where a registered executor goes in the preference order (lower first); unknown names last.
 _PREFERENCE = {"wy": 0, "closed_form": 1, "sequential": 2}
