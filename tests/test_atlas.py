@@ -19,7 +19,9 @@ import memforge
 from memforge.errors import SpecError
 from memforge.testing.conformance import (
     MemoryLayerConformance,
+    build_part,
     check_memory_network,
+    check_objective,
     memory_layer,
 )
 
@@ -70,6 +72,17 @@ def test_features_start_at_inverse_factorials_and_degree_one_can_be_the_identity
 def test_poly_mlp_backward_matches_autograd(depth: int) -> None:
     network = PolyMLPMemory(2, 4, degree=2, depth=depth, expansion=1.5)
     assert check_memory_network(network, name="atlas.poly_mlp", heads=2, head_dim=4)
+
+
+@pytest.mark.parametrize("name", ["atlas.omega", "atlas.dot"])
+def test_objective_gradient_matches_autograd(name: str) -> None:
+    check_objective(build_part("objective", name), name=name, heads=2, head_dim=8)
+
+
+def test_omega_gates_lie_in_the_unit_interval() -> None:
+    objective = build_part("objective", "atlas.omega")
+    gamma = objective(100.0 * torch.randn(2, 9, 16, dtype=DT)).window
+    assert gamma.shape == (2, 9, 2) and bool(((gamma >= 0) & (gamma <= 1)).all())
 
 
 # -- Newton-Schulz ----------------------------------------------------------------------------------
