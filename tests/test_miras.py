@@ -318,6 +318,17 @@ def test_every_preset_builds_trains_and_splits(name):
                for p in model.parameters() if p.requires_grad)
 
 
+@pytest.mark.parametrize("model", ["moneta", "memora"])
+def test_compiled_generation_on_the_sequential_executor_is_refused_in_one_line(model):
+    spec = memforge.preset(f"miras.{model}_lmm_tiny")
+    net = memforge.build_model(spec)
+    prompt = torch.randint(0, spec.vocab_size, (1, 5), generator=torch.Generator().manual_seed(0))
+    assert net.generate(prompt, 3, temperature=0.0).shape == (1, 8)
+    with pytest.raises(memforge.InputError, match=r"compile=False") as caught:
+        net.generate(prompt, 3, temperature=0.0, compile=True)
+    assert "\n" not in str(caught.value)
+
+
 @pytest.mark.parametrize("model", MODELS)
 def test_small_presets_use_the_papers_parts(model):
     spec = memforge.preset(f"miras.{model}_lmm")
