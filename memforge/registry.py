@@ -24,9 +24,21 @@ if TYPE_CHECKING:
     from memforge.spec import ModelSpec
 
 
+def unknown_kind_message(kind: str) -> str:
+    """``unknown component kind ...`` with the kinds to choose from, and, for a kind of an older
+    spec schema (``surprise``, ``forgetting``), the kinds that replaced it."""
+    from memforge.migrations import REPLACED_KINDS
+
+    message = unknown_name_message("component kind", kind, KINDS)
+    if kind in REPLACED_KINDS:
+        message += (f"; {kind!r} was replaced by {' and '.join(map(repr, REPLACED_KINDS[kind]))} "
+                    f"in spec schema 3")
+    return message
+
+
 def _check_kind(instance: Any, attribute: attrs.Attribute, value: str) -> None:
     if value not in KINDS:
-        raise PluginError(unknown_name_message("component kind", value, KINDS))
+        raise PluginError(unknown_kind_message(value))
 
 
 def _check_name(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
@@ -54,7 +66,7 @@ def _check_kinds(instance: Any, attribute: attrs.Attribute, value: tuple[str, ..
     for kind in value:
         if kind not in KINDS:
             raise PluginError(f"{attribute.name} of {instance.name!r}: "
-                              + unknown_name_message("component kind", str(kind), KINDS))
+                              + unknown_kind_message(str(kind)))
 
 
 @attrs.frozen(kw_only=True)
@@ -202,7 +214,7 @@ class ComponentRegistry:
     def names(self, kind: str | None = None, pattern: str = "*") -> list[str]:
         """Sorted component names, optionally of one kind and matching an fnmatch ``pattern``."""
         if kind is not None and kind not in KINDS:
-            raise UnknownNameError(unknown_name_message("component kind", kind, KINDS))
+            raise UnknownNameError(unknown_kind_message(kind))
         return [
             name
             for name, spec in self._components.items()

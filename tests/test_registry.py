@@ -70,6 +70,15 @@ def test_unknown_component_lists_close_matches():
     assert "titans.linear" in message  # the names available for that kind
 
 
+def test_a_component_of_a_kind_schema_3_replaced_is_refused_naming_the_replacement():
+    with pytest.raises(PluginError, match=r"^unknown component kind 'surprise'; available: .*; "
+                                          r"'surprise' was replaced by 'objective' and "
+                                          r"'optimizer' in spec schema 3$"):
+        _component("lab.l2", kind="surprise")
+    with pytest.raises(UnknownNameError, match=r"'forgetting' was replaced by 'retention'"):
+        load_plugins(autoload=False).names("forgetting")
+
+
 def test_component_of_another_kind_says_so():
     registry = load_plugins(autoload=False)
     with pytest.raises(UnknownNameError, match="is a memory component, not an optimizer"):
