@@ -257,3 +257,14 @@ def test_bad_input_and_state_are_one_line_errors():
         with pytest.raises(InputError) as error:
             case()
         assert "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize(("chunk", "tier"), [(1, "token-exact"), (64, "rule-specific")])
+def test_the_layer_describes_its_rule(chunk, tier):
+    from memforge.interfaces import DescribesRule
+
+    layer = LaCTLayer(32, 2, chunk_size=chunk, muon="fixed")
+    assert isinstance(layer, DescribesRule)
+    rule = layer.describe_rule()
+    assert (rule.tier, rule.executor) == (tier, "lact.large_chunk")
+    assert "Muon (fixed" in rule.optimizer and "momentum" in rule.optimizer

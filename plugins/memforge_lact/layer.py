@@ -25,6 +25,7 @@ from torch import Tensor, nn
 
 from memforge import Linear, checks_values
 from memforge.errors import InputError, NonFiniteError
+from memforge.interfaces import RuleDescription
 from memforge.nn import RMSNorm
 from memforge_lact.ops import (
     MUON_COEFFICIENTS,
@@ -85,7 +86,8 @@ def _inv_softplus(x: float) -> float:
 class LaCTLayer(nn.Module):
     """Large-chunk test-time training with SwiGLU fast weights: ``forward(x, state)``.
 
-    A :class:`memforge.interfaces.MemoryLayer` with ``ReadsMemory`` and ``DecodesMemoryStatically``.
+    A :class:`memforge.interfaces.MemoryLayer` with ``ReadsMemory``, ``DecodesMemoryStatically``
+    and ``DescribesRule``.
 
     Args:
         dim: model width ``D``.
@@ -134,6 +136,24 @@ class LaCTLayer(nn.Module):
     def extra_repr(self) -> str:
         return (f"heads={self.heads}, hidden={self.hidden}, chunk_size={self.chunk_size}, "
                 f"momentum={self.use_momentum}, muon={self.muon}, renormalize={self.renormalize}")
+
+    def describe_rule(self) -> RuleDescription:
+        """The rule in words (:class:`memforge.interfaces.DescribesRule`). Tier ``rule-specific``:
+        every gradient is taken at the chunk-start weights and momentum, Muon and renormalisation
+        act once per chunk; at chunk size 1 that is the exact token recurrence."""
+        optimizer = "gradient summed over the chunk"
+        if self.use_momentum:
+            optimizer += " + momentum (chunk-mean gate)"
+        if self.muon is not None:
+            optimizer += f" + Muon ({self.muon} coefficients)"
+        one = self.chunk_size == 1
+        return RuleDescription(
+            objective="negative dot product -eta_t <f_W(k_t), v_t> (SwiGLU f_W)",
+            retention="rows renormalised to their initial norms" if self.renormalize else "none",
+            optimizer=optimizer,
+            schedule="token by token" if one else f"chunks of {self.chunk_size}, apply then update",
+            tier="token-exact" if one else "rule-specific",
+            executor="lact.large_chunk")
 
     # -- input checks --------------------------------------------------------------------------
     def _check_input(self, x: Any) -> None:
