@@ -80,10 +80,12 @@ class DecayFirst:
 
 class RowRenormalisation:
     """A weight projection: every row of every matrix rescaled to its norm at the sequence start
-    (LaCT's renormalisation)."""
+    (LaCT's renormalisation); with ``mirror``, a mirror map of a carried dual state."""
 
-    def __init__(self, applies_at: str) -> None:
-        self.applies_at = applies_at
+    decay_before_gradient = False
+
+    def __init__(self, applies_at: str, mirror: bool = False) -> None:
+        self.applies_at, self.mirror = applies_at, mirror
 
     def project(self, weights: tuple[Tensor, ...], initial: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
         return tuple(w * (w0.norm(dim=-1, keepdim=True) / (w.norm(dim=-1, keepdim=True) + 1e-6))
@@ -185,8 +187,9 @@ def check_against_reference(rule: LearningRule, batch: int, inputs: RuleInputs, 
                             tol: float = 1e-9) -> None:
     """Outputs, final weights and outer gradients of the executor fed in pieces equal the
     reference's on the whole sequence."""
-    outputs, weights, first, _ = run(SEQUENTIAL, rule, batch, inputs, splits)
-    expected = rule_reference(rule, first.weights, inputs)
+    outputs, weights, _, _ = run(SEQUENTIAL, rule, batch, inputs, splits)
+    start = tuple(w.repeat(batch, 1, 1) for w in rule.network.initial_weights())
+    expected = rule_reference(rule, start, inputs)
     assert_close(outputs, expected.outputs, tol)
     for w, e in zip(weights, expected.weights, strict=True):
         assert_close(w, e, tol)
@@ -203,7 +206,7 @@ def shapes(draw: st.DrawFn, max_steps: int = 21) -> dict:
     steps = draw(st.integers(0, max_steps // 2)) * 2 + 1
     splits = sorted(draw(st.sets(st.integers(1, steps - 1), max_size=3))) if steps > 1 else []
     return {"seed": draw(st.integers(0, 2**16)), "batch": draw(st.integers(1, 2)),
-            "heads": draw(st.integers(1, 2)), "dim": draw(st.integers(2, 4)),
+            "heads": draw(st.integers(1, 2)), "dim": draw(st.integers(3, 5)),
             "depth": draw(st.integers(1, 2)), "steps": steps,
             "chunk": draw(st.sampled_from([1, 7, 16])), "splits": splits}
 
@@ -232,16 +235,18 @@ def test_linear_rules_match_the_reference(shape: dict, window: int, smooth: bool
 @FAST
 @given(shape=shapes(max_steps=17), transform=st.sampled_from([None, "token", "chunk_end"]),
        projection=st.sampled_from([None, "token", "chunk_end"]), window=st.sampled_from([1, 2]),
-       momentum=st.booleans(), decay=st.booleans(), read=st.sampled_from(sorted(READERS)))
+       mirror=st.booleans(), momentum=st.booleans(), decay=st.booleans(),
+       read=st.sampled_from(sorted(READERS)))
 def test_transforms_and_projections_match_the_reference(
-        shape: dict, transform: str | None, projection: str | None, window: int, momentum: bool,
-        decay: bool, read: str) -> None:
-    """A non-linear update transform and a row renormalisation, per token or at chunk ends."""
+        shape: dict, transform: str | None, projection: str | None, window: int, mirror: bool,
+        momentum: bool, decay: bool, read: str) -> None:
+    """A non-linear update transform and a row renormalisation (of the weights, or as a mirror
+    map of a carried dual state), per token or at chunk ends."""
     if "chunk_end" in (transform, projection):
         read = "at_chunk_start"  # the only read such a rule has
     net = network(shape["heads"], shape["dim"], shape["depth"], shape["seed"])
     optimizer = PlainStep() if transform is None else NormalisedStep(transform)
-    retention = ScalarDecay() if projection is None else RowRenormalisation(projection)
+    retention = ScalarDecay() if projection is None else RowRenormalisation(projection, mirror)
     rule = LearningRule(net, WindowedLoss(window, smooth=True), optimizer, retention,
                         READERS[read](), shape["chunk"])
     assert SEQUENTIAL.refusal(rule) is None

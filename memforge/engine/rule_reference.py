@@ -15,6 +15,11 @@ and, when token ``t`` ends its chunk (or the sequence), with ``K`` the chunk's p
 ``W_{t-1}`` or ``W_t`` through the rule's retrieval (a ``"chunk_end"`` part allows ``W_{t'}``
 only).
 
+A *mirror* projection (``mirror = True``) maps a dual state ``D`` instead: ``D_0 = W_0``, the
+steps and the chunk-end transform above move ``D`` (``D_t = keep_t D_{t-1} - transform(S_t)``),
+and the weights are ``project(D, W_0)``: from the start, after every token (``"token"``) or at
+chunk ends (``"chunk_end"``).
+
 Every ``u_t`` is ``torch.autograd.grad`` of the summed loss through ``network.forward`` with
 plain matmuls and ``create_graph=True``: nothing is shared with an executor's batched pairs,
 closed-form coefficients or a network's hand-written backward, and outer gradients flow through
@@ -60,18 +65,21 @@ def rule_reference(rule: LearningRule, weights: Sequence[Tensor], inputs: RuleIn
     project_at = retention.applies_at if isinstance(retention, ProjectsWeights) else None
     window = int(getattr(objective, "window", 1))
     decay_first = bool(getattr(retention, "decay_before_gradient", False))
+    mirror = project_at is not None and bool(getattr(retention, "mirror", False))
     if decay_first and size != 1:
         raise ValueError("decay_before_gradient is defined here at chunk_size 1 only")
     queries, keys, values, lr, momentum, log_keep, side, gamma = inputs
     steps = keys.shape[1]
     initial = tuple(weights)
-    memory = initial
+    # `memory` is W, what gradients and reads use; `moved` is what the steps move (D or W).
+    moved = initial
+    memory = tuple(retention.project(initial, initial)) if mirror else initial
     moments = tuple(torch.zeros_like(w) for w in initial)
-    start = memory
+    start = moved_start = memory
     outputs = []
     for t in range(steps):
         if t % size == 0:
-            start = memory
+            start, moved_start = memory, moved
         keep = None if log_keep is None else log_keep[:, t, None, None].exp()
         at = tuple(keep * w for w in memory) if decay_first and keep is not None else start
         first = max(0, t - window + 1)
@@ -88,33 +96,27 @@ def rule_reference(rule: LearningRule, weights: Sequence[Tensor], inputs: RuleIn
         if transform_at == "token":
             applied = tuple(optimizer.transform(s) for s in moments)
         previous = memory
-        kept = memory if keep is None else tuple(keep * w for w in memory)
-        memory = tuple(w - d for w, d in zip(kept, applied, strict=True))
+        kept = moved if keep is None else tuple(keep * w for w in moved)
+        moved = memory = tuple(w - d for w, d in zip(kept, applied, strict=True))
         if project_at == "token":
-            memory = tuple(retention.project(memory, initial))
+            memory = tuple(retention.project(moved, initial))
+            moved = moved if mirror else memory
         reader = _TokenReader(network, start, previous, memory,
                               exact="chunk_end" not in (transform_at, project_at))
         outputs.append(rule.retrieval(reader, queries[:, t : t + 1]))
         if t % size == size - 1 or t == steps - 1:
-            memory = _chunk_end(rule, start, memory, log_keep, t - t % size, t + 1, initial,
-                                transform_at, project_at)
+            if transform_at == "chunk_end":
+                kept = moved_start
+                if log_keep is not None:
+                    product = log_keep[:, t - t % size : t + 1].exp().prod(1)[:, None, None]
+                    kept = tuple(product * w for w in moved_start)
+                moved = memory = tuple(k - optimizer.transform(k - w)
+                                       for k, w in zip(kept, moved, strict=True))
+            if mirror or project_at == "chunk_end":
+                memory = tuple(retention.project(moved, initial))
+                moved = moved if mirror else memory
     out = torch.cat(outputs, 1) if outputs else queries.new_zeros(keys.shape[0], 0, values.shape[2])
     return RuleReferenceResult(out, memory, moments)
-
-
-def _chunk_end(rule: LearningRule, start: tuple[Tensor, ...], memory: tuple[Tensor, ...],
-               log_keep: Tensor | None, first: int, stop: int, initial: tuple[Tensor, ...],
-               transform_at: str | None, project_at: str | None) -> tuple[Tensor, ...]:
-    """The weights after the chunk ``first:stop`` with its ``"chunk_end"`` parts applied."""
-    if transform_at == "chunk_end":
-        kept = start
-        if log_keep is not None:
-            product = log_keep[:, first:stop].exp().prod(1)[:, None, None]
-            kept = tuple(product * w for w in start)
-        memory = tuple(k - rule.optimizer.transform(k - w) for k, w in zip(kept, memory, strict=True))
-    if project_at == "chunk_end":
-        memory = tuple(rule.retention.project(memory, initial))
-    return memory
 
 
 def _gradient(network: MemoryNetwork, objective: object, weights: tuple[Tensor, ...], keys: Tensor,
