@@ -102,9 +102,9 @@ def _layer_choices(value: Any) -> LayerChoices:
             raise SpecError(f"'layers'[{layer}] must map kinds to ComponentChoice, got {kinds!r}")
         for kind, choice in kinds:
             if kind not in KINDS:
-                replaced = replaced_kind_message(str(kind))
-                raise SpecError(f"[layer.{layer}] " + (replaced or unknown_name_message(
-                    "kind", str(kind), KINDS)))
+                replaced = replaced_kind_message(f"layer.{layer}.{kind}")
+                raise SpecError(replaced or f"[layer.{layer}] " + unknown_name_message(
+                    "kind", str(kind), KINDS))
             if not isinstance(choice, ComponentChoice):
                 raise SpecError(f"[layer.{layer}.{kind}] must be a ComponentChoice, got {choice!r}")
             merged.setdefault(layer, {})[kind] = choice
