@@ -39,8 +39,9 @@ import torch.nn.functional as F
 from _common import cpu_name
 from memforge_delta.ops import gated_delta_rule
 from memforge_delta.reference import chunkwise_rowwise, token_loop
-from memforge_delta.triangular import unit_lower_inverse
 from torch import Tensor
+
+from memforge.engine.triangular import unit_lower_inverse
 
 DIM, HEADS, CHUNK, BATCH = 256, 4, 64, 2
 TARGETS = {"vs_token_loop": 10.0, "vs_rowwise": 1.5, "float64_abs": 1e-10, "float32_rel": 1e-4}

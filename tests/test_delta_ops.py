@@ -11,10 +11,10 @@ from hypothesis import given
 from hypothesis import strategies as st
 from memforge_delta.ops import delta_rule, gated_delta_rule
 from memforge_delta.reference import chunkwise_rowwise, token_loop
-from memforge_delta.triangular import unit_lower_inverse
 from torch import Tensor
 
 from memforge import InputError
+from memforge.engine.triangular import unit_lower_inverse
 
 EXACT = {"atol": 1e-10, "rtol": 1e-10}
 SAME = {"atol": 1e-12, "rtol": 1e-12}

@@ -9,15 +9,16 @@ i.e. one gradient step of size ``beta_t`` on ``0.5 * ||S^T k_t - v_t||^2`` taken
 state ``gamma_t S_{t-1}``; reads come after the write. Both ops compute it exactly, at any chunk
 size, through the WY form of docs/delta.md ("The chunked form"): a chunk's pseudo-values solve a
 unit lower-triangular system, all chunks at once, and the loop over chunks carries only ``S``.
+The kernel is the core's (:mod:`memforge.engine.wy`, which the engine's ``wy`` executor also
+runs); these ops validate their inputs and call it.
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-from memforge_delta.triangular import unit_lower_inverse
+from memforge.engine.wy import wy_scan
 from memforge_delta.validation import check_inputs
 
 __all__ = ["delta_rule", "gated_delta_rule"]
@@ -90,23 +91,6 @@ def gated_delta_rule(
     return _wy_scan(*checked)
 
 
-def _segment_sums(g: Tensor) -> Tensor:
-    """``[..., C] -> [..., C, C]``: entry ``[t, i] = sum_{i < j <= t} g_j``, ``-inf`` above the diagonal.
-
-    Masked formulation rather than differences of cumulative sums: each entry adds only its own
-    terms, all ``<= 0``, so it carries a relative error of at most ``(t - i)`` roundings with no
-    cancellation, in the gate's own dtype. A difference ``G_t - G_i`` cancels: after one large
-    decay (``g = -1e4``) the float32 error of every later entry would be about ``1e4 * 6e-8``, and
-    ``g = -inf`` would give ``-inf - -inf = NaN``. Here ``-inf`` stays ``-inf``, its ``exp`` is 0 and
-    so is the gradient through it. The ``C x C`` cumulative sum costs less than the ``C x C x d``
-    products that use it.
-    """
-    size = g.shape[-1]
-    causal = torch.ones(size, size, dtype=torch.bool, device=g.device).tril()
-    terms = torch.where(causal.tril(-1), g[..., :, None], 0.0)  # [j, i] = g_j for j > i
-    return terms.cumsum(-2).masked_fill(~causal, float("-inf"))
-
-
 def _wy_scan(
     q: Tensor,
     k: Tensor,
@@ -117,66 +101,18 @@ def _wy_scan(
     chunk_size: int,
     out_dtype: torch.dtype,
 ) -> tuple[Tensor, Tensor]:
-    """The WY chunked kernel on validated inputs (docs/delta.md, "The chunked form")."""
+    """The core WY kernel (:func:`memforge.engine.wy.wy_scan`) on validated ``[B, H, T, d]``
+    inputs, in its ``[B * H, T, d]`` layout."""
     batch, heads, tokens, d_k = q.shape
     d_v = v.shape[-1]
     state = initial_state if initial_state is not None else q.new_zeros(batch, heads, d_k, d_v)
     if tokens == 0:
         return v.new_zeros(batch, heads, 0, d_v, dtype=out_dtype), state
-    size = min(chunk_size, tokens)
-    chunks = -(-tokens // size)
-    pad = chunks * size - tokens
-    if pad:
-        # Padding is exact. A padded token has beta = 0 and g = 0 (and zero q, k, v), so its
-        # pseudo-value u = beta (...) is exactly 0: its row of the triangular system is the unit
-        # row with a zero right-hand side, and it adds exactly 0 to S and to every later u. Its
-        # decay exp(0) = 1 multiplies nothing away. Padded tokens come after every real token, so
-        # by causality no real output sees them; their own outputs are cut off below.
-        q, k, v = (F.pad(x, (0, 0, 0, pad)) for x in (q, k, v))
-        beta = F.pad(beta, (0, pad))
-        g = None if g is None else F.pad(g, (0, pad))
 
-    # [B, H, T, d] -> [B*H, n, C, d], a view of contiguous inputs.
-    def chunked(x: Tensor) -> Tensor:
-        return x.reshape(batch * heads, chunks, size, -1)
+    def flat(x: Tensor) -> Tensor:
+        return x.reshape(batch * heads, *x.shape[2:])
 
-    q, k, v = chunked(q), chunked(k), chunked(v)
-    beta = chunked(beta[..., None])  # [BH, n, C, 1]
-    decay: Tensor | None = None  # D, all ones on and below the diagonal without a gate
-    to_start = chunk_decay = None
-    k_decayed = rhs_k = k
-    if g is not None:
-        log_decay = chunked(g[..., None])[..., 0]  # [BH, n, C]
-        decay = _segment_sums(log_decay).exp()  # D[t, i] = exp(G_t - G_i), 0 above the diagonal
-        to_start = log_decay.cumsum(-1).exp()[..., None]  # exp(G_t), [BH, n, C, 1]
-        rhs_k = to_start * k
-        k_decayed = decay[..., -1, :, None] * k  # exp(G_C - G_i) k_i, the chunk-end weights
-        chunk_decay = to_start[..., -1:, :]  # exp(G_C), [BH, n, 1, 1]
-
-    # (I + strictlower(beta * (D o K K^T))) [U', W] = beta * [V, exp(G) K], for every chunk at once,
-    # through the blocked inverse (docs/delta.md, "Why a blocked inverse").
-    products = k @ k.transpose(-1, -2)
-    inverse = unit_lower_inverse(beta * (products if decay is None else decay * products))
-    solved = inverse @ (beta * torch.cat((v, rhs_k), -1))
-    pseudo_values, wy_weights = solved.split((d_v, d_k), -1)
-
-    # The only sequential part: U = U' - W S and S <- exp(G_C) S + (exp(G_C - G) K)^T U per chunk.
-    # unbind (not indexing) so that the backward stacks the chunks' gradients once.
-    state = state.reshape(batch * heads, d_k, d_v)
-    starts, updates = [], []
-    for u_c, w_c, kd_c, decay_c in zip(pseudo_values.unbind(1), wy_weights.unbind(1),
-                                       k_decayed.transpose(-1, -2).unbind(1),
-                                       chunk_decay.unbind(1) if chunk_decay is not None
-                                       else [None] * chunks, strict=True):
-        starts.append(state)
-        u_c = torch.baddbmm(u_c, w_c, state, alpha=-1)
-        updates.append(u_c)
-        state = torch.baddbmm(state if decay_c is None else decay_c * state, kd_c, u_c)
-
-    # Reads, every chunk at once: O = exp(G) Q S_start + (D o Q K^T) U.
-    scores = q @ k.transpose(-1, -2)
-    scores = scores.tril() if decay is None else decay * scores
-    reads = q if to_start is None else to_start * q
-    outputs = reads @ torch.stack(starts, 1) + scores @ torch.stack(updates, 1)
-    outputs = outputs.reshape(batch, heads, chunks * size, d_v)[:, :, :tokens]
-    return outputs.to(out_dtype), state.reshape(batch, heads, d_k, d_v)
+    outputs, state = wy_scan(flat(q), flat(k), flat(v), flat(beta), None if g is None else flat(g),
+                             flat(state), chunk_size)
+    return (outputs.reshape(batch, heads, tokens, d_v).to(out_dtype),
+            state.reshape(batch, heads, d_k, d_v))
