@@ -111,11 +111,10 @@ class Muon(nn.Module):
         steps: Newton-Schulz iterations.
     """
 
-    #: Orthogonalise every token's momentum (see the class docstring).
+    #: Orthogonalise every token's momentum (see the class docstring). Newton-Schulz of a vector
+    #: is only its direction, so a memory with a width-1 fast weight (a bias, or ``d_in == 1``)
+    #: is refused at build time (:mod:`memforge_atlas.validation`).
     applies_at = "token"
-    #: Newton-Schulz of a vector is only its direction: a memory whose fast weights include a
-    #: width-1 matrix (a bias, or ``d_in == 1``) is refused at build time.
-    needs_matrices = True
 
     def __init__(self, dim: int, heads: int, *, max_lr: float, lr_init: float,
                  momentum_init: float, scale: float, steps: int) -> None:
