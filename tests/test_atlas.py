@@ -13,9 +13,12 @@ from memforge_atlas.features import PolynomialFeatures, feature_width
 from memforge_atlas.network import PolyMLPMemory
 from memforge_atlas.newton_schulz import newton_schulz
 from memforge_atlas.reference import layer_reference
+from memforge_atlas.rules import DotObjective
 from memforge_atlas.validation import matrix_problem
 
 import memforge
+from memforge.engine.executors import LearningRule, RuleInputs, select_executor
+from memforge.engine.rules import GatedStep, NoForgetting, ReadAfterWrite
 from memforge.errors import SpecError
 from memforge.testing.conformance import (
     MemoryLayerConformance,
@@ -143,6 +146,27 @@ def test_layer_equals_reference(model: str, chunk_size: int | None) -> None:
     slow = _outer_grads(layer, lambda inp: layer_reference(layer, inp)[0], x, probe)
     for got, want in zip(fast, slow, strict=True):
         _close(got, want, 1e-8)
+
+
+@pytest.mark.parametrize("chunk_size", [1, 5])
+def test_hebbian_matrix_memory_is_polynomial_kernel_attention(chunk_size: int) -> None:
+    """DeepTransformers' reduction (ATLAS Eq. 26): a matrix memory on phi_p, the dot-product
+    objective, no decay, read after the write, starting empty, reads
+    ``sum_{i <= t} theta_i (phi(k_i) . phi(q_t)) v_i``: unnormalised attention with the kernel
+    ``sum_j a_j^2 (k . q)^j`` (exp's Taylor series with ``a_j = 1 / sqrt(j!)``)."""
+    heads, d, steps = 2, 3, 11
+    network = PolyMLPMemory(heads, d, degree=3, depth=1, residual=False, norm=False).double()
+    rule = LearningRule(network, DotObjective(), GatedStep(4, heads, max_lr=1.0, lr_init=0.5,
+                                                           momentum=False),
+                        NoForgetting(), ReadAfterWrite(), chunk_size)
+    executor = select_executor(rule)
+    q, k, v = torch.randn(3, heads, steps, d, dtype=DT)
+    theta = torch.rand(heads, steps, dtype=DT)
+    inputs = RuleInputs(q, k, v, theta, None, None, None, None)
+    read, _ = executor.scan(rule, executor.initial_state(rule, 1, inputs), inputs)
+    phi = network.features
+    scores = (phi(q) @ phi(k).mT).tril() * theta[:, None, :]          # [H, t, i]
+    _close(read, scores @ v)
 
 
 @pytest.mark.parametrize(("model", "chunk_size", "executor", "tier"), [
