@@ -102,6 +102,10 @@ class MemoryNetwork(Protocol):
     matrix exactly once through ``linear`` and reads no fast weight otherwise (checked when the
     memory is built). A hand-written one is a speed-up, compared with the derived one by the
     conformance kit.
+
+    Declared capability (attribute, read by the executors' dispatch): ``linear_map: bool``
+    (default ``False``): the network is exactly one matrix, ``M(x) = x W_0`` (no residual, norm
+    or bias), what the token-exact WY executor needs.
     """
 
     def initial_weights(self) -> Sequence[Tensor]:
@@ -207,6 +211,10 @@ class Optimizer(Protocol):
     ``forward`` gives the gates. An optimiser whose step is linear in past gradients (GD, momentum)
     has nothing more; one that is not (Muon) also has the capability :class:`TransformsUpdate`,
     which only the executors that can apply it run.
+
+    Declared capability (attribute): ``uses_momentum: bool`` (default ``True``, since nothing
+    says otherwise): ``False`` promises that ``forward`` never returns momentum gates (plain
+    gradient descent), what the token-exact WY executor needs.
     """
 
     def forward(self, x: Tensor) -> StepGates:
@@ -244,6 +252,8 @@ class Retention(Protocol):
     the token's gradient is taken at the *decayed* state ``keep_t * W_{t-1}`` (GDN), instead of
     at ``W_{t-1}`` with the decay applied after the step (Titans). A retention that is not a scalar
     decay (ℓq normalisation, KL, row renormalisation) also has :class:`ProjectsWeights`.
+    ``full_retention: bool`` (default ``False``): ``forward`` always returns ``None`` (no decay,
+    so the order of decay and gradient does not matter; the WY executor runs it).
     """
 
     def forward(self, x: Tensor) -> Tensor | None:

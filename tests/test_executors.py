@@ -148,7 +148,8 @@ def test_a_rule_no_executor_runs_is_one_line_naming_every_refusal(monkeypatch) -
 
 
 def test_unknown_executor_names_the_available_ones() -> None:
-    with pytest.raises(SpecError, match="unknown executor 'fast'; available: auto, closed_form"):
+    with pytest.raises(SpecError, match="unknown executor 'fast'; available: auto, wy, "
+                                        "closed_form, sequential$"):
         layer(executor="fast")
 
 

@@ -8,9 +8,10 @@ retention and a retrieval rule, run on a schedule of chunks (:class:`LearningRul
 and scans the per-token inputs (:class:`RuleInputs`) into reads and a carried state.
 
 :data:`EXECUTORS` holds every executor by name, in preference order; ``select_executor(rule)``
-takes the first that does not refuse, or the one asked for. The closed form and the sequential
-executor (:mod:`memforge.engine.sequential`) are built in; other modules register theirs with
-:func:`register_executor` (the WY kernel).
+takes the first that does not refuse, or the one asked for. The WY kernel
+(:mod:`memforge.engine.wy_executor`: token-exact for the delta rule at the decayed state), the
+closed form and the sequential executor (:mod:`memforge.engine.sequential`) are built in, in that
+order; other modules register theirs with :func:`register_executor`.
 
 The closed-form executor (:class:`ClosedFormExecutor`) wraps the chunk kernel
 (:mod:`memforge.engine.chunked`): the gradient of every token of a chunk at the chunk-start
@@ -27,6 +28,7 @@ import attrs
 from torch import Tensor
 
 from memforge.engine.sequential import SequentialExecutor
+from memforge.engine.wy_executor import WYExecutor
 from memforge.errors import SpecError
 from memforge.interfaces import (
     TIERS,
@@ -218,9 +220,9 @@ class ClosedFormExecutor:
                                  *inputs[:7], completes=completes)
 
 
-#: Every executor by name, in preference order for ``"auto"``: the closed form, then the
-#: sequential executor, which runs every rule (the WY kernel, when registered, goes first).
-EXECUTORS: dict[str, Executor] = {"closed_form": ClosedFormExecutor(),
+#: Every executor by name, in preference order for ``"auto"``: the WY kernel (token-exact where
+#: it runs), the closed form, then the sequential executor, which runs every rule.
+EXECUTORS: dict[str, Executor] = {"wy": WYExecutor(), "closed_form": ClosedFormExecutor(),
                                   "sequential": SequentialExecutor()}
 
 #: Where a registered executor goes in the preference order (lower first); unknown names last.

@@ -101,6 +101,10 @@ class MLPMemory(nn.Module):
     Deeper memories start from ``N(0, 1/d_in)``: all-zero matrices would make every hidden unit's
     inner gradient zero, so the inner layers could never move.
 
+    ``linear_map`` (the declared capability of :class:`memforge.interfaces.MemoryNetwork`) is
+    ``True`` exactly for ``depth == 1`` without residual or norm: ``M(x) = x W``, what the
+    token-exact WY executor runs.
+
     Args:
         heads: number of heads ``H``; each owns its own initial weights.
         dim: per-head key/value width ``d``.
@@ -140,6 +144,8 @@ class MLPMemory(nn.Module):
         self.activation = activation
         self.residual = bool(residual)
         self.norm = bool(norm)
+        #: Declared capability: the network is the single matrix ``x W`` (docs/memory.md).
+        self.linear_map = depth == 1 and not self.residual and not self.norm
         widths = [dim] + [self.hidden] * (depth - 1) + [dim]
         self.weights = nn.ParameterList(
             nn.Parameter(_initial_matrix(heads, d_in, d_out, linear=depth == 1))

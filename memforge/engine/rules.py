@@ -87,6 +87,8 @@ class GatedStep(nn.Module):
     def __init__(self, dim: int, heads: int, *, max_lr: float, lr_init: float, momentum: bool,
                  momentum_init: float = 0.9) -> None:
         super().__init__()
+        #: Declared capability (memforge.interfaces.Optimizer): momentum gates or none.
+        self.uses_momentum = bool(momentum)
         self.lr_gate = _Gate(dim, heads, lr_init, max_lr)
         self.momentum_gate = _Gate(dim, heads, momentum_init) if momentum else None
 
@@ -145,6 +147,9 @@ class ConstantDecay(nn.Module):
 
 class NoForgetting(nn.Module):
     """No decay: ``keep = 1`` exactly (the kernels skip the decay products)."""
+
+    #: Declared capability (memforge.interfaces.Retention): ``forward`` is always ``None``.
+    full_retention = True
 
     def forward(self, x: Tensor) -> None:
         """Always ``None``."""
