@@ -6,9 +6,15 @@ Components (docs/delta.md):
   convolution, SiLU, l2-normalised q and k, per-head step and decay, output norm and gate) with
   and without its decay. They use none of the Titans memory's sub-kinds, and go into every
   integration by registry name (``titans.lmm``, ``titans.mac``, ``titans.mag``, ``titans.mal``).
+* memory_layer: ``delta.engine``, the engine's fast-weight memory layer
+  (:class:`memforge.engine.layer.FastWeightMemoryLayer`) built from the spec's projection,
+  memory, objective, optimizer, retention and retrieval; the engine picks its executor.
+* retention: ``delta.gated_decay``, GDN's decay gate with the gradient at the decayed state. With
+  a linear memory, the l2 objective, plain gradient steps and reads after the write, the engine
+  runs the rule token-exactly on the WY executor (preset ``delta.engine_gdn_lmm``).
 
 Presets ``delta.deltanet_lmm``, ``delta.gdn_lmm``, ``delta.gdn_mac``, ``delta.gdn_mag``,
-``delta.gdn_mal``, ``delta.gdn_hybrid`` and their ``_tiny`` sizes.
+``delta.gdn_mal``, ``delta.gdn_hybrid``, ``delta.engine_gdn_lmm`` and their ``_tiny`` sizes.
 
 Functional ops::
 
@@ -23,7 +29,12 @@ Functional ops::
 from __future__ import annotations
 
 from memforge import BuildContext, ComponentSpec, hookimpl
-from memforge_delta.configs import DeltaNetConfig, GatedDeltaNetConfig
+from memforge_delta.configs import (
+    DeltaNetConfig,
+    EngineLayerConfig,
+    GatedDecayConfig,
+    GatedDeltaNetConfig,
+)
 from memforge_delta.ops import delta_rule, gated_delta_rule
 
 __all__ = ["delta_rule", "gated_delta_rule"]
@@ -48,6 +59,23 @@ def _gated_deltanet(config: GatedDeltaNetConfig, ctx: BuildContext):
                       dt_range=(config.dt_min, config.dt_max))
 
 
+def _gated_decay(config: GatedDecayConfig, ctx: BuildContext):
+    from memforge_delta.retention import GatedDecay
+
+    return GatedDecay(ctx.dim, ctx.heads, decay_range=(config.decay_min, config.decay_max),
+                      dt_range=(config.dt_min, config.dt_max))
+
+
+def _engine(config: EngineLayerConfig, ctx: BuildContext):
+    from memforge.engine.layer import FastWeightMemoryLayer
+
+    return FastWeightMemoryLayer(
+        ctx.dim, ctx.heads, projection=ctx.build("projection"), memory=ctx.build("memory"),
+        objective=ctx.build("objective"), optimizer=ctx.build("optimizer"),
+        retention=ctx.build("retention"), retrieval=ctx.build("retrieval"),
+        chunk_size=config.chunk_size)
+
+
 @hookimpl
 def memforge_register_components():
     return [
@@ -58,6 +86,15 @@ def memforge_register_components():
                       config_cls=GatedDeltaNetConfig, factory=_gated_deltanet, paper=GDN,
                       summary="Gated DeltaNet: delta rule at the decayed state, token-exact WY "
                               "kernel"),
+        ComponentSpec(kind="memory_layer", name="delta.engine", config_cls=EngineLayerConfig,
+                      factory=_engine, paper=GDN,
+                      summary="the engine's memory layer from the spec's parts (executor picked "
+                              "per rule: wy for the gated delta rule)",
+                      requires=("projection", "memory", "objective", "optimizer", "retention",
+                                "retrieval")),
+        ComponentSpec(kind="retention", name="delta.gated_decay", config_cls=GatedDecayConfig,
+                      factory=_gated_decay, paper=GDN,
+                      summary="GDN decay gate, log space, gradient at the decayed state"),
     ]
 
 

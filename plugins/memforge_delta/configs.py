@@ -42,7 +42,40 @@ class GatedDeltaNetConfig(_LayerConfig):
                            help="largest initial time step softplus(dt_bias) (log-uniform)")
 
     def __attrs_post_init__(self) -> None:
-        if self.decay_min > self.decay_max:
-            raise ValueError(f"decay_min={self.decay_min:g} must be <= decay_max={self.decay_max:g}")
-        if self.dt_min > self.dt_max:
-            raise ValueError(f"dt_min={self.dt_min:g} must be <= dt_max={self.dt_max:g}")
+        _check_ranges(self)
+
+
+@attrs.frozen(kw_only=True)
+class GatedDecayConfig:
+    """``delta.gated_decay``: GDN's decay gate as a retention (gradient at the decayed state)."""
+
+    decay_min: float = option(1.0, gt=0, typical=(0.1, 4.0),
+                              help="smallest initial decay rate A (per head, drawn uniformly "
+                                   "in [decay_min, decay_max])")
+    decay_max: float = option(16.0, gt=0, typical=(1.0, 32.0),
+                              help="largest initial decay rate A (Mamba2 and GDN: 16)")
+    dt_min: float = option(0.001, gt=0, lt=1.0, typical=(1e-4, 0.01),
+                           help="smallest initial time step softplus(dt_bias) (log-uniform)")
+    dt_max: float = option(0.1, gt=0, lt=1.0, typical=(0.01, 0.5),
+                           help="largest initial time step softplus(dt_bias) (log-uniform)")
+
+    def __attrs_post_init__(self) -> None:
+        _check_ranges(self)
+
+
+@attrs.frozen(kw_only=True)
+class EngineLayerConfig:
+    """``delta.engine``: the engine's fast-weight memory layer built from the spec's parts."""
+
+    chunk_size: int = option(64, ge=1, le=4096, typical=(1, 128),
+                             help="tokens per chunk of the executor (on the WY executor the "
+                                  "result is the same at every size: only speed changes)")
+
+
+def _check_ranges(config: GatedDeltaNetConfig | GatedDecayConfig) -> None:
+    """The initial decay-rate and time-step ranges are ordered."""
+    if config.decay_min > config.decay_max:
+        raise ValueError(f"decay_min={config.decay_min:g} must be <= "
+                         f"decay_max={config.decay_max:g}")
+    if config.dt_min > config.dt_max:
+        raise ValueError(f"dt_min={config.dt_min:g} must be <= dt_max={config.dt_max:g}")

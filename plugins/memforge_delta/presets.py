@@ -63,6 +63,18 @@ def _hybrid(size: str) -> ModelSpec:
                                            "layer.1,3.integration": "baseline.transformer"})
 
 
+def _engine_gdn(size: str) -> ModelSpec:
+    """Gated DeltaNet as the engine's rule: the ``delta.engine`` layer with a linear memory, the
+    l2 objective, plain gradient steps (``beta = sigmoid``), ``delta.gated_decay`` and reads after
+    the write, which the engine runs on the token-exact WY executor."""
+    spec = delta_spec(size, "gdn", "titans.lmm")
+    return memforge.apply_overrides(spec, {
+        "memory_layer": "delta.engine", "memory_layer.chunk_size": SIZES[size][4],
+        "projection": "titans.conv_qkv", "memory": "titans.linear", "objective": "titans.l2",
+        "optimizer": "titans.sgd", "optimizer.max_lr": 1.0, "optimizer.lr_init": 0.5,
+        "retention": "delta.gated_decay", "retrieval": "titans.after_write"})
+
+
 def _both(name: str, summary: str, build) -> list[PresetSpec]:
     """The small preset ``name`` and its ``_tiny`` size."""
     return [PresetSpec(name=name, summary=f"{summary}, small", build=lambda: build("small")),
@@ -81,4 +93,6 @@ PRESETS = [
            lambda size: _sliding(size, "titans.mal")),
     *_both("delta.gdn_hybrid", "GDN blocks at layers 0, 2; sliding-window attention at 1, 3",
            _hybrid),
+    *_both("delta.engine_gdn_lmm", "Gated DeltaNet rule on the engine layer (WY executor)",
+           _engine_gdn),
 ]
