@@ -78,15 +78,19 @@ class DerivedBackward:
         grad_mode = torch.is_grad_enabled()
         inputs: list[Tensor | None] = [None] * count
         outputs: list[Tensor | None] = [None] * count
-        connected = False  # whether a matrix output already depends on something outer
+        connected = False  # whether a matrix output depends on something outer
+        leaves = False  # whether a matrix output was made a leaf (then later ones depend on it)
 
         def record(i: int, h: Tensor) -> Tensor:
-            nonlocal connected
+            nonlocal connected, leaves
             _check_index(i, count, outputs)
             out = linear(i, h)
-            connected = connected or out.requires_grad
+            if out.requires_grad and not connected:
+                # Through an earlier leaf only? Ask the matrix alone, on zero tokens (no cost).
+                connected = not leaves or linear(i, h[:, :0].detach()).requires_grad
             if not out.requires_grad:  # nothing outer reaches it: a leaf to take the error at
                 out = out.detach().requires_grad_()
+                leaves = True
             inputs[i], outputs[i] = h, out
             return out
 
@@ -220,8 +224,13 @@ def _check_index(i: Any, count: int, outputs: list[Tensor | None]) -> None:
 
 
 def _has_trainable(network: MemoryNetwork) -> bool:
-    """Whether the network has parameters that take outer gradients (an affine norm's, say)."""
-    return isinstance(network, nn.Module) and any(p.requires_grad for p in network.parameters())
+    """Whether the network has parameters besides its initial weights that take outer gradients
+    (an affine norm's, say). The initial weights reach the forward only through ``linear``, where
+    the kernels' weights show whether they carry outer gradients."""
+    if not isinstance(network, nn.Module):
+        return False
+    initial = {id(w) for w in network.initial_weights()}
+    return any(p.requires_grad and id(p) not in initial for p in network.parameters())
 
 
 def _name(network: MemoryNetwork) -> str:
