@@ -258,6 +258,7 @@ def test_degree_that_explodes_the_width_is_one_line() -> None:
 @pytest.mark.parametrize("overrides", [
     ["dim=4", "heads=4"],                                   # head width 1: [3, 1] and [1, 1]
     ["dim=4", "heads=4", "memory=titans.linear"],            # a [1, 1] matrix memory
+    ["memory=ttt.linear"],                                   # an inner bias: a [1, 16] matrix
 ])
 def test_muon_on_a_non_matrix_weight_is_one_line(overrides: list[str]) -> None:
     message = _refused("atlas.atlas_lmm_tiny", overrides)
