@@ -19,6 +19,7 @@ from memforge_delta.retention import GatedDecay
 from torch import Tensor, nn
 
 import memforge
+from memforge.decoding import StaticDecoder
 from memforge.engine import rules
 from memforge.engine.executors import (
     EXECUTORS,
@@ -309,3 +310,24 @@ def test_engine_preset_runs_on_wy() -> None:
     loss.backward()
     assert torch.isfinite(loss)
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+@pytest.mark.parametrize("integration", ["titans.lmm", "titans.mac"])
+def test_engine_preset_decodes_statically_and_splits(integration: str) -> None:
+    """On WY the layer decodes with fixed shapes (one recurrence step per token) and MAC reads
+    its memory (ReadsMemory): both equal the full forward, as does a split with the state."""
+    spec = memforge.preset("delta.engine_gdn_lmm_tiny")
+    if integration == "titans.mac":
+        spec = memforge.apply_overrides(spec, {"integration": "titans.mac",
+                                               "integration.segment_len": 16})
+    torch.manual_seed(1)
+    model = memforge.build_model(spec, dtype=torch.float64).eval()
+    seq = torch.randint(0, spec.vocab_size, (2, 37), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        full = model(seq).logits
+        first = model(seq[:, :11])
+        rest = model(seq[:, 11:], state=first.state).logits
+        torch.testing.assert_close(torch.cat((first.logits, rest), 1), full, **EXACT)
+        decoder = StaticDecoder(model, first.state, capacity=26, compiled=False)
+        steps = torch.stack([decoder.step(seq[:, t:t + 1]) for t in range(11, 37)], 1)
+    torch.testing.assert_close(steps, full[:, 11:], **EXACT)

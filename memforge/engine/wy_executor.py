@@ -12,13 +12,15 @@ either no decay (``full_retention``) or a scalar decay taken *before* the gradie
 which is the kernel's ``S_t = gamma_t S_{t-1} + beta_t k_t (v_t - gamma_t S_{t-1}^T k_t)^T`` with
 ``S = W``, ``beta = theta`` (times the objective's window weight ``gamma_t`` when it has one) and
 ``g = log_keep``. The kernel carries the state exactly at any ``T``, so the executor's state is
-just the weights after every token so far: split anywhere, the scan equals the whole.
+just the weights after every token so far: split anywhere, the scan equals the whole. Fixed-shape
+decoding (``DecodesRuleStatically``) is one recurrence step per token on a copy of the weights.
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, NamedTuple
 
+import torch
 from torch import Tensor
 
 from memforge.engine.wy import WYWrite, wy_read, wy_write
@@ -51,6 +53,35 @@ class _AfterWriteReader:
     def after_write(self, queries: Tensor) -> Tensor:
         """Read query ``t`` ``[N, T, d_k]`` with ``M_t`` (after token ``t`` writes)."""
         return wy_read(self._write, queries)
+
+
+class _StepReader:
+    """The reads of one decode step: its single query after the token's write."""
+
+    def __init__(self, weights: Tensor) -> None:
+        self._weights = weights
+
+    def after_write(self, queries: Tensor) -> Tensor:
+        """``q W`` for the step's queries ``[N, 1, d_k]`` and the weights after its write."""
+        return queries @ self._weights
+
+
+def _step_sizes(rule: LearningRule, inputs: RuleInputs) -> Tensor:
+    """``beta = theta`` (times the window weight ``gamma`` where the objective gives one),
+    after checking the parts gave what they declared.
+
+    Raises:
+        ValueError: momentum gates from an optimiser declaring ``uses_momentum = False``, or a
+            decay from a retention that is neither ``decay_before_gradient`` nor a decay at all.
+    """
+    if inputs.momentum is not None:
+        raise ValueError(f"optimizer {_name(rule.optimizer)} declares uses_momentum = False "
+                         f"but gave momentum gates")
+    if inputs.log_keep is not None and not getattr(rule.retention, "decay_before_gradient",
+                                                   False):
+        raise ValueError(f"retention {_name(rule.retention)} declares full_retention = True "
+                         f"but gave a decay")
+    return inputs.lr if inputs.window is None else inputs.lr * inputs.window
 
 
 def _name(part: object) -> str:
@@ -120,14 +151,7 @@ class WYExecutor:
             ValueError: the optimiser gave momentum gates, or a ``full_retention`` retention a
                 decay, against its declaration.
         """
-        if inputs.momentum is not None:
-            raise ValueError(f"optimizer {_name(rule.optimizer)} declares uses_momentum = False "
-                             f"but gave momentum gates")
-        if inputs.log_keep is not None and not getattr(rule.retention, "decay_before_gradient",
-                                                       False):
-            raise ValueError(f"retention {_name(rule.retention)} declares full_retention = True "
-                             f"but gave a decay")
-        beta = inputs.lr if inputs.window is None else inputs.lr * inputs.window
+        beta = _step_sizes(rule, inputs)
         write = wy_write(inputs.keys, inputs.values, beta, inputs.log_keep, state.weights[0],
                          rule.chunk_size)
         outputs = rule.retrieval(_AfterWriteReader(write), inputs.queries)
@@ -136,3 +160,25 @@ class WYExecutor:
     def current_weights(self, rule: LearningRule, state: WYState) -> tuple[Tensor, ...]:
         """The weights after every token ``state`` has seen (the state itself)."""
         return state.weights
+
+    # -- fixed-shape decoding (memforge.engine.executors.DecodesRuleStatically) ------------------
+    def static_buffers(self, rule: LearningRule, state: WYState) -> WYState:
+        """A copy of the weights (a step updates it in place)."""
+        return WYState(tuple(w.clone() for w in state.weights))
+
+    def static_phase(self, rule: LearningRule, state: WYState) -> int:
+        """Always 0: every token's write is complete when its step returns; nothing is pending."""
+        return 0
+
+    def static_step(self, rule: LearningRule, buffers: WYState, inputs: RuleInputs,
+                    completes: bool) -> Tensor:
+        """One token of the recurrence on ``buffers`` (in place), read after its write:
+        ``[N, 1, d_v]``. ``completes`` changes nothing (there is no pending chunk)."""
+        (weights,) = buffers.weights
+        beta = _step_sizes(rule, inputs)[:, 0, None, None]
+        keys, values = inputs.keys[:, 0], inputs.values[:, 0]
+        decayed = (weights if inputs.log_keep is None
+                   else inputs.log_keep[:, 0, None, None].exp() * weights)
+        error = values - (keys[:, None, :] @ decayed)[:, 0]
+        weights.copy_(torch.baddbmm(decayed, beta * keys[:, :, None], error[:, None, :]))
+        return rule.retrieval(_StepReader(weights), inputs.queries)
