@@ -322,8 +322,12 @@ def test_equals_the_closed_form_where_both_run(shape: dict, momentum: bool, adap
     def flat(gate: Tensor | None) -> Tensor | None:
         return None if gate is None else gate.permute(0, 2, 1).flatten(0, 1)
 
-    qkv = [torch.randn(batch * heads, steps, dim, generator=gen, dtype=torch.float64,
-                       requires_grad=True) for _ in range(3)]
+    # Unit queries and keys, as the layer's projection makes them: steps theta |k|^2 < 2 keep the
+    # memory stable, so the comparison measures the executors, not amplified rounding.
+    qkv = [torch.randn(batch * heads, steps, dim, generator=gen, dtype=torch.float64)
+           for _ in range(3)]
+    qkv = [x.requires_grad_() for x in (*(torch.nn.functional.normalize(x, dim=-1) for x in qkv[:2]),
+                                        qkv[2])]
     inputs = RuleInputs(*qkv, flat(gates.lr), flat(gates.momentum), flat(log_keep), None, None)
     got = run(SEQUENTIAL, rule, batch, inputs, shape["splits"])
     want = run(ClosedFormExecutor(), rule, batch, inputs, shape["splits"])
@@ -403,9 +407,10 @@ def test_batch_independent(shape: dict, parts: tuple[str, str]) -> None:
         rows = slice(b * heads, (b + 1) * heads)
         alone = run(SEQUENTIAL, rule, 1, RuleInputs(*(None if x is None else x[rows] for x in inputs)),
                     shape["splits"])
-        assert_close(together[0][rows], alone[0], 1e-12)
+        # Batched products of other batch sizes may round differently, nothing more.
+        assert_close(together[0][rows], alone[0], 1e-10)
         for w, e in zip(together[1], alone[1], strict=True):
-            assert_close(w[rows], e, 1e-12)
+            assert_close(w[rows], e, 1e-10)
 
 
 @pytest.mark.parametrize("kind", ["plain", "token"])

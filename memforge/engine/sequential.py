@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 from torch import Tensor
+from torch.utils.checkpoint import checkpoint
 
 from memforge.engine.derived_backward import with_backward
 from memforge.interfaces import (
@@ -336,16 +337,25 @@ class _ChunkStep:
         """The per-token weights ``W_t``, the momentum and the linearly moved state (the weights,
         or a mirror map's unprojected state) after the chunk, token by token."""
         if self._loop is None:
-            self._loop = self._run_loop()
+            pairs = self.pairs()  # outside the checkpoint: other parts of the chunk share them
+            mix = self.mix() if self.parts.window > 1 else None
+            if torch.is_grad_enabled():
+                # Recomputed in the backward: the loop's per-token tensors (weight-sized, several
+                # per token) would otherwise be kept for the whole sequence.
+                self._loop = checkpoint(self._run_loop, pairs, mix, use_reentrant=False)
+            else:
+                self._loop = self._run_loop(pairs, mix)
         return self._loop
 
-    def _run_loop(self) -> tuple[list[tuple[Tensor, ...]], tuple[Tensor, ...], tuple[Tensor, ...]]:
+    def _run_loop(self, pairs: list[tuple[Tensor, Tensor]], mix: Tensor | None
+                  ) -> tuple[list[tuple[Tensor, ...]], tuple[Tensor, ...], tuple[Tensor, ...]]:
+        """See :meth:`loop`; keeps every token's weights only when exact reads need them."""
         parts, chunk = self.parts, self.chunk
-        if parts.window > 1:
-            updates = [torch.einsum("ntj,nja,njb->ntab", self.mix(), x, g) for x, g in self.pairs()]
+        if mix is not None:
+            updates = [torch.einsum("ntj,nja,njb->ntab", mix, x, g) for x, g in pairs]
         else:
             gamma = 1.0 if chunk.window is None else chunk.window[..., None, None]
-            updates = [gamma * x[..., :, None] * g[..., None, :] for x, g in self.pairs()]
+            updates = [gamma * x[..., :, None] * g[..., None, :] for x, g in pairs]
         linear, moments = self.base, self.moments
         per_token: list[tuple[Tensor, ...]] = []
         for t in range(self.length):
@@ -368,7 +378,8 @@ class _ChunkStep:
                 weights = tuple(parts.project(linear, self.initial))
                 if not parts.mirror:
                     linear = weights
-            per_token.append(weights)
+            if self.exact_reads or t == self.length - 1:
+                per_token.append(weights)
         return per_token, moments, linear
 
     def end(self) -> tuple[tuple[Tensor, ...], tuple[Tensor, ...], tuple[Tensor, ...]]:
