@@ -79,7 +79,8 @@ def _code_lines(path: Path) -> int:
 
 #: The memforge modules a plugin may import (docs/plugins.md, "What a plugin may import").
 PUBLIC = {"memforge", "memforge.errors", "memforge.interfaces", "memforge.capabilities",
-          "memforge.nn"}
+          "memforge.nn", "memforge.spec", "memforge.engine.layer", "memforge.engine.executors",
+          "memforge.engine.wy"}
 
 
 def _check_public_imports(package: Path) -> None:

@@ -99,6 +99,13 @@ def memforge_register_components():
 
 
 @hookimpl
+def memforge_validate_spec(spec, registry):
+    from memforge_delta.checks import check_spec
+
+    return check_spec(spec, registry)
+
+
+@hookimpl
 def memforge_register_presets():
     from memforge_delta.presets import PRESETS
 

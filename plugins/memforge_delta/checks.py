@@ -1,0 +1,72 @@
+"""Spec checks of the ``delta`` plugin's engine parts (``memforge_validate_spec``), run before
+anything is built (docs/delta.md, "The engine layer").
+
+* ``titans.mac`` reads the memory at segment starts: ``delta.engine``'s chunks must not straddle
+  two segments (its ``chunk_size`` divides ``segment_len``), as for every engine layer.
+* ``delta.gated_decay`` takes the gradient at the decayed state, which only the ``wy`` executor
+  runs at every chunk size (the sequential one at chunk size 1): in a layer that builds an
+  engine rule from the spec's parts, the rule's parts are built alone (no layer, no projection)
+  and the engine's executor selection refuses, in its own words, a rule no executor runs.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+from memforge import BuildContext, ModelSpec, SpecError
+from memforge.engine.executors import LearningRule, select_executor
+from memforge.spec import used_kinds
+
+#: The kinds of a learning rule, in LearningRule's order.
+RULE_KINDS = ("memory", "objective", "optimizer", "retention", "retrieval")
+
+
+def check_spec(spec: ModelSpec, registry: Any) -> list[str]:
+    """Every problem of ``spec``'s use of the delta engine parts, one line each (``registry``:
+    the ``ComponentRegistry`` the hook is given)."""
+    problems: list[str] = []
+    for layer in range(spec.num_layers):
+        used = used_kinds(spec, registry, layer)
+        memory_layer = spec.choice("memory_layer", layer)
+        if memory_layer is None or "memory_layer" not in used:
+            continue
+        chunk = getattr(memory_layer.config, "chunk_size", None)
+        integration = spec.choice("integration", layer)
+        segment = getattr(integration.config, "segment_len", None)
+        if (memory_layer.impl == "delta.engine" and integration.impl == "titans.mac"
+                and isinstance(segment, int) and segment % chunk):
+            divisors = [d for d in range(1, segment + 1) if segment % d == 0]
+            problems.append(f"titans.mac's 'segment_len'={segment} must be a multiple of "
+                            f"delta.engine's 'chunk_size'={chunk}; choose "
+                            f"memory_layer.chunk_size among {divisors}")
+        retention = spec.choice("retention", layer)
+        builds_rule = set(RULE_KINDS) <= set(registry.component("memory_layer",
+                                                                memory_layer.impl).requires)
+        if (builds_rule and isinstance(chunk, int) and retention is not None
+                and retention.impl == "delta.gated_decay"):
+            why = _executor_refusal(spec, registry, layer, chunk)
+            if why is not None:
+                problems.append(f"layer {layer}: {memory_layer.impl} with retention "
+                                f"delta.gated_decay: {why}")
+    return list(dict.fromkeys(problems))
+
+
+def _executor_refusal(spec: ModelSpec, registry: Any, layer: int,
+                      chunk: int) -> str | None:
+    """Why no executor runs the layer's rule (``select_executor``'s message), or ``None``."""
+
+    def build(kind: str) -> nn.Module:
+        choice = spec.choice(kind, layer)
+        return registry.component(kind, choice.impl).factory(choice.config, context)
+
+    head_dim = spec.dim // spec.heads
+    context = BuildContext(dim=spec.dim, heads=spec.heads, head_dim=head_dim, layer_index=layer,
+                           num_layers=spec.num_layers, vocab_size=spec.vocab_size, build=build)
+    rule = LearningRule(*(build(kind) for kind in RULE_KINDS), chunk)
+    try:
+        select_executor(rule)
+    except SpecError as error:
+        return str(error)
+    return None
