@@ -331,3 +331,28 @@ def test_engine_preset_decodes_statically_and_splits(integration: str) -> None:
         decoder = StaticDecoder(model, first.state, capacity=26, compiled=False)
         steps = torch.stack([decoder.step(seq[:, t:t + 1]) for t in range(11, 37)], 1)
     torch.testing.assert_close(steps, full[:, 11:], **EXACT)
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    ({"memory": "titans.mlp"}, r"delta.engine with retention delta.gated_decay \(layers 0, 1\): no "
+                               r"executor can run the rule \(memory MLPMemory, .*wy: memory "
+                               r"MLPMemory is not"),
+    ({"optimizer": "titans.momentum"}, r"wy: optimizer GatedStep may carry momentum"),
+    ({"memory_layer": "titans.neural_memory", "retrieval": "titans.before_write"},
+     r"titans.neural_memory with retention delta.gated_decay \(layers 0, 1\): .*wy: retrieval "
+     r"ReadBeforeWrite reads before_write"),
+    ({"integration": "titans.mac", "integration.segment_len": 12},
+     r"titans.mac's 'segment_len'=12 must be a multiple of delta.engine's 'chunk_size'=8; choose "
+     r"memory_layer.chunk_size among \[1, 2, 3, 4, 6, 12\]"),
+])
+def test_spec_checks_refuse_before_building(overrides: dict, message: str) -> None:
+    """A spec whose delta.gated_decay rule no executor runs, or whose MAC segment splits an engine
+    chunk, is refused by the spec check in one line, before anything is built."""
+    spec = memforge.preset("delta.engine_gdn_lmm_tiny")
+    with pytest.raises(SpecError, match=r"^invalid spec: .*" + message) as info:
+        memforge.apply_overrides(spec, overrides)
+    assert "\n" not in str(info.value)
+    # At chunk size 1 the sequential executor runs GDN's order with any parts: the spec builds.
+    if "integration" not in overrides:
+        memforge.build_model(memforge.apply_overrides(spec, {**overrides,
+                                                             "memory_layer.chunk_size": 1}))

@@ -27,6 +27,7 @@ def check_spec(spec: ModelSpec, registry: Any) -> list[str]:
     """Every problem of ``spec``'s use of the delta engine parts, one line each (``registry``:
     the ``ComponentRegistry`` the hook is given)."""
     problems: list[str] = []
+    refused: dict[tuple[str, str], list[int]] = {}   # (layer impl, reason) -> layers
     for layer in range(spec.num_layers):
         used = used_kinds(spec, registry, layer)
         memory_layer = spec.choice("memory_layer", layer)
@@ -48,8 +49,10 @@ def check_spec(spec: ModelSpec, registry: Any) -> list[str]:
                 and retention.impl == "delta.gated_decay"):
             why = _executor_refusal(spec, registry, layer, chunk)
             if why is not None:
-                problems.append(f"layer {layer}: {memory_layer.impl} with retention "
-                                f"delta.gated_decay: {why}")
+                refused.setdefault((memory_layer.impl, why), []).append(layer)
+    for (impl, why), layers in refused.items():
+        where = f"layer {layers[0]}" if len(layers) == 1 else f"layers {', '.join(map(str, layers))}"
+        problems.append(f"{impl} with retention delta.gated_decay ({where}): {why}")
     return list(dict.fromkeys(problems))
 
 
