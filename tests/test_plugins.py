@@ -81,11 +81,15 @@ def test_duplicate_entry_points_load_once(monkeypatch):
 
 
 def test_block_by_api_and_by_environment(monkeypatch):
-    assert load_plugins(block=["titans"], autoload=False).names("memory") == []
+    def titans(names: list[str]) -> list[str]:  # other plugins register memories too
+        return [name for name in names if name.startswith("titans.")]
+
+    assert titans(load_plugins(autoload=False).names("memory"))
+    assert titans(load_plugins(block=["titans"], autoload=False).names("memory")) == []
     monkeypatch.setenv("MEMFORGE_BLOCK", "titans")
-    assert load_plugins(autoload=False).names("memory") == []
+    assert titans(load_plugins(autoload=False).names("memory")) == []
     memforge.configure_plugins(block=["titans"], autoload=False)
-    assert memforge.available("memory") == []
+    assert titans(memforge.available("memory")) == []
     assert "titans.lmm" not in memforge.presets()
 
 
