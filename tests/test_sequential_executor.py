@@ -510,3 +510,22 @@ def test_registered_after_the_closed_form() -> None:
                        rules.ReadAtChunkStart(), 16)
     with pytest.raises(SpecError, match="sequential: .*chunk_size 1"):
         select_executor(bad)
+
+
+class BreaksItsPromise(torch.nn.Module):
+    """Declares chunk-start reads only, then reads after the write."""
+
+    reads = ("at_chunk_start",)
+
+    def forward(self, reader, queries: Tensor) -> Tensor:  # noqa: ANN001
+        return reader.after_write(queries)
+
+
+def test_a_read_the_retrieval_did_not_declare_is_refused() -> None:
+    """The executor builds per-token weights only for declared exact reads; an undeclared one is
+    an error naming the fix, not a wrong read."""
+    rule = LearningRule(network(1, 3, 1, seed=1), WindowedLoss(), PlainStep(), ScalarDecay(),
+                        BreaksItsPromise(), 4)
+    inputs = random_inputs(2, 6, 3, 1, momentum=False, decay=True)
+    with pytest.raises(ValueError, match="declare every read"):
+        run(SEQUENTIAL, rule, 2, inputs)

@@ -464,6 +464,9 @@ class _ChunkReader:
         if self._step.parts.at_chunk_end:
             raise ValueError("a rule with a chunk_end transform or projection reads at the chunk "
                              "start only (the sequential executor refuses other retrievals)")
+        if not self._step.exact_reads:
+            raise ValueError("the retrieval rule declares reads = ('at_chunk_start',) but read "
+                             "before or after the write; declare every read it makes")
         return self._step.network.forward(queries, self._step.exact_linear(self._rows, after))[0]
 
 
