@@ -27,11 +27,13 @@ from memforge.engine.executors import (
     RuleInputs,
     select_executor,
 )
-from memforge.engine.layer import FastWeightMemoryLayer
+from memforge.engine.layer import FastWeightMemoryLayer, MemoryLayerState
 from memforge.engine.networks import MLPMemory
 from memforge.engine.projection import QKVProjection
+from memforge.engine.wy_executor import WYState
 from memforge.errors import SpecError
 from memforge.interfaces import StepGates
+from memforge.testing.conformance import check_memory_layer, memory_layer
 
 DIM, HEADS = 12, 3
 HEAD = DIM // HEADS
@@ -114,11 +116,17 @@ def hidden(batch: int, steps: int, seed: int) -> Tensor:
                        dtype=torch.float64)
 
 
-def token_loop(layer: FastWeightMemoryLayer, x: Tensor) -> tuple[Tensor, Tensor]:
+def token_loop(layer: FastWeightMemoryLayer, x: Tensor, state: MemoryLayerState | None = None
+               ) -> tuple[Tensor, Tensor]:
     """The layer's output and final weights by the GDN recurrence, token by token (float64), from
-    the layer's own projection, gates and output stage."""
+    the layer's own projection, gates and output stage, continuing ``state`` when given."""
+    return _token_loop(layer, x, state)[:2]
+
+
+def _token_loop(layer: FastWeightMemoryLayer, x: Tensor, state: MemoryLayerState | None
+                ) -> tuple[Tensor, Tensor, object]:
     batch, steps, _ = x.shape
-    q, k, v, _ = layer.projection(x, None)                   # [B, H, T, d]
+    q, k, v, cache = layer.projection(x, None if state is None else state.projection)
     q, k, v = (t.flatten(0, 1) for t in (q, k, v))           # [B * H, T, d]
 
     def heads_first(gate: Tensor) -> Tensor:                 # [B, T, H] -> [B * H, T]
@@ -127,14 +135,22 @@ def token_loop(layer: FastWeightMemoryLayer, x: Tensor) -> tuple[Tensor, Tensor]
     beta = heads_first(layer.optimizer(x).lr)
     log_keep = layer.retention(x)
     keep = torch.ones_like(beta) if log_keep is None else heads_first(log_keep).exp()
-    weights = layer.memory.initial_weights()[0].repeat(batch, 1, 1)   # [B * H, d_k, d_v]
+    weights = (layer.memory.initial_weights()[0].repeat(batch, 1, 1) if state is None
+               else layer.read_state(state, batch)[0])          # [B * H, d_k, d_v]
     reads = []
     for t in range(steps):
         decayed = keep[:, t, None, None] * weights
         error = v[:, t] - (k[:, t, None, :] @ decayed)[:, 0]
         weights = decayed + beta[:, t, None, None] * k[:, t, :, None] * error[:, None, :]
         reads.append((q[:, t, None, :] @ weights)[:, 0])
-    return layer.output(torch.stack(reads, 1), x), weights
+    return layer.output(torch.stack(reads, 1), x), weights, cache
+
+
+def reference(layer: FastWeightMemoryLayer, x: Tensor, state: MemoryLayerState | None
+              ) -> tuple[Tensor, MemoryLayerState]:
+    """:func:`token_loop` as the conformance kit's reference ``(layer, x, state) -> (y, state)``."""
+    y, weights, cache = _token_loop(layer, x, state)
+    return y, MemoryLayerState(WYState((weights,)), cache)
 
 
 def outer_gradients(layer: nn.Module, output: Tensor, weights: Tensor) -> list[Tensor]:
@@ -356,3 +372,15 @@ def test_spec_checks_refuse_before_building(overrides: dict, message: str) -> No
     if "integration" not in overrides:
         memforge.build_model(memforge.apply_overrides(spec, {**overrides,
                                                              "memory_layer.chunk_size": 1}))
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 8])
+def test_the_conformance_kit_passes_on_wy(chunk: int) -> None:
+    """The kit on the engine GDN preset's layer (on WY at every chunk size), with the token loop
+    above as its reference: split, causality, batch independence, gradients, pure reads, static
+    decoding, and the reference whole, after a carried state and in every parameter's gradient."""
+    spec = memforge.preset("delta.engine_gdn_lmm_tiny")
+    assert memory_layer(spec, chunk_size=chunk).module.executor.name == "wy"
+    ran = check_memory_layer(spec, reference=reference, chunk_size=chunk)
+    assert {r.rsplit(": ", 1)[1] for r in ran} >= {"split", "causal", "batch", "gradients",
+                                                    "read", "static_decode", "reference"}
