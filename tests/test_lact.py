@@ -268,3 +268,87 @@ def test_the_layer_describes_its_rule(chunk, tier):
     rule = layer.describe_rule()
     assert (rule.tier, rule.executor) == (tier, "lact.large_chunk")
     assert "Muon (fixed" in rule.optimizer and "momentum" in rule.optimizer
+
+
+# -- the continuum memory (lact.continuum) ------------------------------------------------------------
+class TestContinuumLayer(MemoryLayerConformance):
+    component = "lact.continuum"
+
+
+def _continuum(chunk: int, ratio: int, levels: int, overrides=()):
+    spec = layer_spec("lact.continuum", chunk_size=chunk,
+                      overrides=[f"memory_layer.ratio={ratio}", f"memory_layer.levels={levels}",
+                                 *overrides])
+    return memory_layer(spec).module
+
+
+@pytest.mark.parametrize(("chunk", "ratio", "levels", "steps"),
+                         [(1, 2, 3, 19), (3, 2, 3, 29), (4, 4, 2, 37), (7, 2, 1, 23)])
+def test_the_continuum_equals_its_token_loop(chunk, ratio, levels, steps):
+    """Outputs and the state (every level's weights and gathered gradient, the pending block,
+    the block count) at odd lengths over several periods of the slowest level."""
+    from memforge_lact.continuum_reference import continuum_token_loop
+
+    layer = _continuum(chunk, ratio, levels)
+    x = _inputs(2, steps, layer.dim, steps)
+    with torch.no_grad():
+        y, state = layer(x)
+        y_ref, state_ref = continuum_token_loop(layer, x)
+    torch.testing.assert_close(y, y_ref, rtol=1e-9, atol=1e-10)
+    assert state.blocks == state_ref.blocks
+    for got, want in zip(state[:5], state_ref[:5], strict=True):
+        for a, b in zip(torch.utils._pytree.tree_leaves(got), torch.utils._pytree.tree_leaves(want),
+                        strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10)
+
+
+@pytest.mark.parametrize("overrides", [(), ("memory_layer.renormalize=false",)],
+                         ids=["defaults", "no-renorm"])
+def test_the_continuum_with_outer_gradients_and_carried_state(overrides):
+    layer = memory_layer(layer_spec("lact.continuum", chunk_size=2,
+                                    overrides=["memory_layer.ratio=2", "memory_layer.levels=3",
+                                               *overrides]))
+    for length, split in ((13, 5), (17, 9)):
+        check_reference(layer, length=length, split=split)
+        check_split(layer, length=length, split=split)
+
+
+def test_a_slow_level_changes_only_at_its_period():
+    """Level 2 (period 8) keeps its weights for 7 blocks of 1 and moves at the 8th."""
+    layer = _continuum(1, 8, 2)
+    x = _inputs(1, 10, layer.dim, 1)
+    with torch.no_grad():
+        _, state = layer(x[:, :8])      # 7 blocks applied, the 8th pending
+        before = state.weights[1][0].clone()
+        _, state = layer(x[:, 8:9], state)
+    assert torch.equal(before, layer.w02[1].expand_as(before))
+    assert not torch.allclose(state.weights[1][0], before)
+
+
+def test_the_continuum_is_stable_over_16k_random_tokens():
+    torch.manual_seed(0)
+    from memforge_lact.continuum import ContinuumLayer
+
+    layer = ContinuumLayer(32, 2)
+    with torch.no_grad():
+        y, state = layer(torch.randn(1, 16384, 32) * 3)
+    assert bool(torch.isfinite(y).all())
+    for (w02, w1), init02, init1 in zip(state.weights, layer.w02, layer.w1, strict=True):
+        for w, init in ((w02, init02), (w1, init1)):
+            norms = torch.linalg.vector_norm(w, dim=-2)
+            torch.testing.assert_close(norms, torch.linalg.vector_norm(init, dim=-2).expand_as(norms),
+                                       rtol=1e-3, atol=0)
+
+
+def test_continuum_preset_trains_and_splits():
+    torch.manual_seed(0)
+    spec = memforge.preset("lact.continuum_lmm_tiny")
+    model = memforge.build_model(spec).double()
+    tokens = torch.randint(0, spec.vocab_size, (2, 37))
+    out = model(tokens, labels=tokens)
+    out.loss.backward()
+    with torch.no_grad():
+        first = model(tokens[:, :13])
+        second = model(tokens[:, 13:], first.state)
+    torch.testing.assert_close(torch.cat([first.logits, second.logits], 1), out.logits.detach(),
+                               rtol=1e-9, atol=1e-9)

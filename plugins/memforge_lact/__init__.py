@@ -8,10 +8,13 @@ Components:
   matmuls (:mod:`memforge_lact.ops`). It uses none of the Titans memory's sub-kinds and goes into
   every integration by registry name (``titans.lmm``, ``titans.mac``, ``titans.mag``,
   ``titans.mal``).
+* memory_layer ``lact.continuum``: a continuum memory (Nested Learning), a chain of fast-weight
+  MLPs whose levels update at their own periods.
 * integration ``lact.block``: the paper's block, sliding-window attention beside the memory.
 
-Presets ``lact.lact``, ``lact.lmm``, ``lact.mac``, ``lact.mag``, ``lact.mal`` and their ``_tiny``
-sizes. ``memforge_lact.reference`` holds the float64 token loop the fast path is tested against.
+Presets ``lact.lact``, ``lact.lmm``, ``lact.mac``, ``lact.mag``, ``lact.mal``,
+``lact.continuum_lmm`` and their ``_tiny`` sizes. ``memforge_lact.reference`` and
+``memforge_lact.continuum_reference`` hold the float64 token loops the layers are tested against.
 """
 
 from __future__ import annotations
@@ -19,8 +22,9 @@ from __future__ import annotations
 from memforge import BuildContext, ComponentSpec, SpecError, hookimpl
 from memforge.registry import ComponentRegistry
 from memforge.spec import ModelSpec, used_kinds
-from memforge_lact.configs import LaCTBlockConfig, LaCTLayerConfig
+from memforge_lact.configs import ContinuumConfig, LaCTBlockConfig, LaCTLayerConfig
 
+NESTED = "Behrouz, Razaviyayn, Zhong, Mirrokni 2025, Nested Learning (HOPE), arXiv 2512.24695"
 LACT = "Zhang, Bi, Hong, et al. 2025, Test-Time Training Done Right (LaCT), arXiv 2505.23884"
 
 
@@ -32,6 +36,15 @@ def _layer(config: LaCTLayerConfig, ctx: BuildContext):
                      muon=config.muon_coefficients if config.muon else None,
                      renormalize=config.renormalize, output_scale=config.output_scale,
                      norm_eps=config.norm_eps)
+
+
+def _continuum(config: ContinuumConfig, ctx: BuildContext):
+    from memforge_lact.continuum import ContinuumLayer
+
+    periods = tuple(config.chunk_size * config.ratio**level for level in range(config.levels))
+    return ContinuumLayer(ctx.dim, ctx.heads, periods=periods, expansion=config.expansion,
+                          base_lr=config.base_lr, renormalize=config.renormalize,
+                          norm_eps=config.norm_eps)
 
 
 def _block(config: LaCTBlockConfig, ctx: BuildContext):
@@ -53,6 +66,10 @@ def memforge_register_components():
                       factory=_layer, paper=LACT,
                       summary="LaCT: SwiGLU fast weights trained per large chunk (dot-product "
                               "loss, momentum, optional Muon, renormalisation)"),
+        ComponentSpec(kind="memory_layer", name="lact.continuum", config_cls=ContinuumConfig,
+                      factory=_continuum, paper=NESTED,
+                      summary="continuum memory: a chain of fast-weight MLPs, level l updating "
+                              "every chunk_size * ratio^l tokens"),
         ComponentSpec(kind="integration", name="lact.block", config_cls=LaCTBlockConfig,
                       factory=_block, paper=LACT,
                       requires=("attention", "memory_layer", "feedforward"),
@@ -70,11 +87,11 @@ def memforge_validate_spec(spec: ModelSpec, registry: ComponentRegistry) -> list
         if "memory_layer" not in used_kinds(spec, registry, layer):
             continue
         choice = spec.choice("memory_layer", layer)
-        if choice is None or not isinstance(choice.config, LaCTLayerConfig):
+        if choice is None or not isinstance(choice.config, LaCTLayerConfig | ContinuumConfig):
             continue
         config = choice.config
         if round(head_dim * config.expansion) < 1:
-            problems.append(f"memory_layer.expansion={config.expansion:g} gives lact.layer a hidden "
+            problems.append(f"memory_layer.expansion={config.expansion:g} gives {choice.impl} a hidden "
                             f"width of 0 at head width {head_dim} (dim / heads); use "
                             f"memory_layer.expansion >= {1 / head_dim:.4g}")
         integration = spec.choice("integration", layer)
@@ -82,7 +99,7 @@ def memforge_validate_spec(spec: ModelSpec, registry: ComponentRegistry) -> list
         if integration.impl == "titans.mac" and segment is not None and segment % config.chunk_size:
             divisors = [d for d in range(1, segment + 1) if segment % d == 0]
             problems.append(f"titans.mac's 'segment_len'={segment} must be a multiple of "
-                            f"lact.layer's 'chunk_size'={config.chunk_size}; choose "
+                            f"{choice.impl}'s 'chunk_size'={config.chunk_size}; choose "
                             f"memory_layer.chunk_size among {divisors}")
     return list(dict.fromkeys(problems))
 

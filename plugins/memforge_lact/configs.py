@@ -35,6 +35,29 @@ class LaCTLayerConfig:
 
 
 @attrs.frozen(kw_only=True)
+class ContinuumConfig:
+    """The continuum memory (``lact.continuum``): a chain of ``levels`` fast-weight SwiGLU MLPs,
+    level ``l`` updating every ``chunk_size * ratio^(l-1)`` tokens (Nested Learning's example
+    spectrum 16, 256, 4096 by default)."""
+
+    chunk_size: int = option(16, ge=1, le=65536, typical=(1, 256),
+                             help="period of the fastest level, in tokens (its queries read the "
+                                  "weights from before its block's update)")
+    ratio: int = option(16, ge=2, le=64, typical=(2, 16),
+                        help="each level's period as a multiple of the one before")
+    levels: int = option(3, ge=1, le=8, typical=(2, 4), help="memory MLPs in the chain")
+    expansion: float = option(1.0, gt=0, le=16, typical=(0.5, 4.0),
+                              help="hidden width of each level's SwiGLU as a multiple of the "
+                                   "head width")
+    base_lr: float = option(1e-3, gt=0, le=10.0, typical=(1e-4, 0.1),
+                            help="initial per-token step eta of each level")
+    renormalize: bool = option(True, help="rescale each output row of a level to its initial norm "
+                                          "after each of its updates")
+    norm_eps: float = option(1e-6, gt=0, le=1.0, typical=(1e-8, 1e-3),
+                             help="epsilon of the per-head output RMSNorm")
+
+
+@attrs.frozen(kw_only=True)
 class LaCTBlockConfig:
     """The LaCT block (``lact.block``): sliding-window attention beside the LaCT memory, summed,
     then the feed-forward; its attention and memory layer are the spec's."""

@@ -54,6 +54,15 @@ def _sliding(size: str, integration: str) -> ModelSpec:
                      **{"attention.window": window, "attention.persistent_tokens": persistent})
 
 
+def _continuum(size: str) -> ModelSpec:
+    """Levels every 8, 16 and 32 tokens (small) or 4 and 8 (tiny): inside a 64-token MQAR
+    sequence every level writes before later queries read."""
+    chunk, levels = {"small": (8, 3), "tiny": (4, 2)}[size]
+    return lact_spec(size, "titans.lmm", **{"memory_layer": "lact.continuum",
+                                            "memory_layer.chunk_size": chunk,
+                                            "memory_layer.ratio": 2, "memory_layer.levels": levels})
+
+
 def _both(name: str, summary: str, build) -> list[PresetSpec]:
     """The small preset ``name`` and its ``_tiny`` size."""
     return [PresetSpec(name=name, summary=f"{summary}, small", build=lambda: build("small")),
@@ -69,4 +78,6 @@ PRESETS = [
            lambda size: _sliding(size, "titans.mag")),
     *_both("lact.mal", "LaCT memory layer, then sliding-window attention (titans.mal)",
            lambda size: _sliding(size, "titans.mal")),
+    *_both("lact.continuum_lmm", "continuum memory blocks (levels at 3 periods), no attention",
+           _continuum),
 ]
