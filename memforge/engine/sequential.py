@@ -227,25 +227,24 @@ class SequentialExecutor:
                                  for old, new in zip(pending, _tokens(inputs), strict=True)))
         total = done + steps
         weights, moments, history, dual = state.weights, state.momentum, state.history, state.dual
+        # Split once: slicing a chunk per step would make every slice's backward fill a zero
+        # tensor as long as the call (quadratic in the length).
+        sizes = [min(size, total - start) for start in range(0, total, size)]
+        chunks = [PendingTokens(*fields) for fields in zip(*(
+            [None] * len(sizes) if x is None else x.split(sizes, 1) for x in stream), strict=True)]
+        query_chunks = queries.split([sizes[0] - done, *sizes[1:]], 1)
         outputs: list[Tensor] = []
-        start, read_from = 0, 0
-        while start < total:
-            stop = min(start - start % size + size, total)
-            chunk = _slice(stream, start, stop)
-            rows = slice(done if start == 0 else 0, stop - start)
-            complete = stop - start == size
+        for index, (chunk, chunk_queries) in enumerate(zip(chunks, query_chunks, strict=True)):
+            rows = slice(done if index == 0 else 0, sizes[index])
             step = _ChunkStep(network, rule.objective, parts, weights, moments, state.initial,
                               history, chunk, exact_reads=exact, dual=dual)
-            chunk_queries = queries[:, read_from : read_from + rows.stop - rows.start]
-            read_from += chunk_queries.shape[1]
             outputs.append(rule.retrieval(_ChunkReader(step, rows), chunk_queries))
-            if complete:
+            if sizes[index] == size:
                 weights, moments, dual = step.end()
                 history = _advance_history(history, chunk, parts.window)
-            start = stop
-        new_pending = _slice(stream, total - total % size, total) if total % size else _slice(stream, 0, 0)
+        unfinished = chunks[-1] if sizes[-1] < size else _empty(chunks[-1])
         # Copies, not views: a carried state must not keep the whole call's inputs alive.
-        new_pending = PendingTokens(*(None if x is None else x.clone() for x in new_pending))
+        new_pending = PendingTokens(*(None if x is None else x.clone() for x in unfinished))
         history = WindowHistory(*(None if x is None else x.clone() for x in history))
         out = outputs[0] if len(outputs) == 1 else torch.cat(outputs, 1)
         return out, SequentialState(weights, moments, state.initial, new_pending, history, dual)
@@ -356,21 +355,23 @@ class _ChunkStep:
         else:
             gamma = 1.0 if chunk.window is None else chunk.window[..., None, None]
             updates = [gamma * x[..., :, None] * g[..., None, :] for x, g in pairs]
+        # Unbound once (an index per token would fill a zero tensor per token in the backward).
+        updates = [u.unbind(1) for u in updates]
+        theta = chunk.lr[..., None, None].unbind(1)
+        eta = None if chunk.momentum is None else chunk.momentum[..., None, None].unbind(1)
+        keep = None if chunk.log_keep is None else chunk.log_keep.exp()[..., None, None].unbind(1)
         linear, moments = self.base, self.moments
         per_token: list[tuple[Tensor, ...]] = []
         for t in range(self.length):
-            theta = chunk.lr[:, t, None, None]
-            steps = tuple(theta * u[:, t] for u in updates)
-            if chunk.momentum is not None:
-                eta = chunk.momentum[:, t, None, None]
-                steps = tuple(eta * s + step for s, step in zip(moments, steps, strict=True))
+            steps = tuple(theta[t] * u[t] for u in updates)
+            if eta is not None:
+                steps = tuple(eta[t] * s + step for s, step in zip(moments, steps, strict=True))
                 moments = steps
             applied = steps
             if parts.transform_at == "token":
                 applied = tuple(parts.transform(s) for s in steps)
-            if chunk.log_keep is not None:
-                keep = chunk.log_keep[:, t, None, None].exp()
-                linear = tuple(keep * w - d for w, d in zip(linear, applied, strict=True))
+            if keep is not None:
+                linear = tuple(keep[t] * w - d for w, d in zip(linear, applied, strict=True))
             else:
                 linear = tuple(w - d for w, d in zip(linear, applied, strict=True))
             weights = linear
@@ -582,9 +583,9 @@ def _tokens(inputs: RuleInputs) -> PendingTokens:
                          inputs.side, inputs.window)
 
 
-def _slice(tokens: PendingTokens, start: int, stop: int) -> PendingTokens:
-    """Tokens ``start:stop`` of every field."""
-    return PendingTokens(*(None if x is None else x[:, start:stop] for x in tokens))
+def _empty(tokens: PendingTokens) -> PendingTokens:
+    """No tokens, with the fields (and their ``None``s) of ``tokens``."""
+    return PendingTokens(*(None if x is None else x[:, :0] for x in tokens))
 
 
 def _join(first: Tensor | None, second: Tensor | None) -> Tensor | None:
