@@ -24,7 +24,6 @@ from __future__ import annotations
 
 from typing import Any, NamedTuple, Protocol, runtime_checkable
 
-import attrs
 from torch import Tensor
 
 from memforge.engine.sequential import SequentialExecutor
@@ -42,9 +41,11 @@ from memforge.interfaces import (
 )
 
 
-@attrs.frozen
-class LearningRule:
+class LearningRule(NamedTuple):
     """What an executor looks at: the rule's modules (not their configs) and its schedule.
+
+    A NamedTuple (immutable, and made inside compiled code: ``torch.compile`` traces its
+    construction where it cannot trace a frozen attrs class's).
 
     Attributes:
         network: the memory network ``M`` (kind ``memory``).

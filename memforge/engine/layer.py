@@ -165,7 +165,6 @@ class FastWeightMemoryLayer(nn.Module):
         # A network without a hand-written backward must be derivable by autograd: say so now,
         # in one line, rather than deep in the first forward.
         check_derivable(memory, type(memory).__name__)
-        self.rule = LearningRule(memory, objective, optimizer, retention, retrieval, chunk_size)
         self.executor = select_executor(self.rule, executor)
         self.component_names = dict(names or {})
         self.compiled_steps = False
@@ -174,6 +173,13 @@ class FastWeightMemoryLayer(nn.Module):
         self.out_proj = Linear(dim, dim, bias=False)
         if type(self) is FastWeightMemoryLayer and isinstance(self.executor, DecodesRuleStatically):
             self.__class__ = StaticDecodingMemoryLayer
+
+    @property
+    def rule(self) -> LearningRule:
+        """The rule the executor runs, from the layer's current parts (made on each access, so a
+        part replaced after construction is the one that runs)."""
+        return LearningRule(self.memory, self.objective, self.optimizer, self.retention,
+                            self.retrieval, self.chunk_size)
 
     def extra_repr(self) -> str:
         return f"chunk_size={self.chunk_size}, executor={self.executor.name!r}"
@@ -233,14 +239,14 @@ class FastWeightMemoryLayer(nn.Module):
         dtype = (state.fast.weights if state is not None else self.memory.initial_weights())[0].dtype
         inputs, projection_cache = self._rule_inputs(
             x, None if state is None else state.projection, dtype)
+        rule = self.rule
         # Which optional inputs the state carries follows from the first call's (None = off).
-        fast = (self.executor.initial_state(self.rule, batch, inputs) if state is None
-                else state.fast)
+        fast = self.executor.initial_state(rule, batch, inputs) if state is None else state.fast
         with _without_autocast(x.device):
             if self.compiled_steps:
-                read, new_fast = _scan_hidden_from_compile()(self.executor, self.rule, fast, inputs)
+                read, new_fast = _scan_hidden_from_compile()(self.executor, rule, fast, inputs)
             else:
-                read, new_fast = self.executor.scan(self.rule, fast, inputs)
+                read, new_fast = self.executor.scan(rule, fast, inputs)
         y = self.output(read, x)
         if self._memory_recorder is not None:
             record_forward(self, self._memory_recorder, x, fast, inputs, read)
