@@ -231,7 +231,6 @@ def test_the_layer_defaults_to_the_papers_chunk_and_the_block_to_a_window_of_one
     (["memory_layer.expansion=0.01"], "hidden width of 0"),
     (["memory_layer.muon_coefficients=cubic"], "muon_coefficients"),
     (["memory_layer.base_lr=-1"], "base_lr"),
-    (["attention=baseline.causal"], "sliding-window"),
 ])
 def test_bad_settings_are_one_line_spec_errors(assignments, message):
     with pytest.raises(SpecError, match=message) as error:

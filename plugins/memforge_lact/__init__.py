@@ -19,7 +19,7 @@ Presets ``lact.lact``, ``lact.lmm``, ``lact.mac``, ``lact.mag``, ``lact.mal``,
 
 from __future__ import annotations
 
-from memforge import BuildContext, ComponentSpec, SpecError, hookimpl
+from memforge import BuildContext, ComponentSpec, hookimpl
 from memforge.registry import ComponentRegistry
 from memforge.spec import ModelSpec, used_kinds
 from memforge_lact.configs import ContinuumConfig, LaCTBlockConfig, LaCTLayerConfig
@@ -50,13 +50,8 @@ def _continuum(config: ContinuumConfig, ctx: BuildContext):
 def _block(config: LaCTBlockConfig, ctx: BuildContext):
     from memforge_lact.block import LaCTBlock
 
-    attention = ctx.build("attention")
-    if getattr(attention, "window", None) is None:
-        raise SpecError(f"lact.block (layer {ctx.layer_index}) puts sliding-window attention beside "
-                        f"the memory, but its attention has no window; set "
-                        f"attention=baseline.sliding_window and attention.window (the paper: the "
-                        f"memory's chunk_size)")
-    return LaCTBlock(ctx.dim, attention, ctx.build("memory_layer"), ctx.build("feedforward"))
+    return LaCTBlock(ctx.dim, ctx.build("attention"), ctx.build("memory_layer"),
+                     ctx.build("feedforward"))
 
 
 @hookimpl

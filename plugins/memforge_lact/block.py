@@ -10,7 +10,8 @@ output projection, so the sum is the same form::
 
 The window attends inside the current chunk, whose tokens the memory has not absorbed yet (a
 chunk's queries read the weights from before its update), so the window should be at least the
-memory's chunk size, as in the paper (2048 and 2048).
+memory's chunk size, as in the paper (2048 and 2048) and the ``lact.lact`` presets. Any attention
+component is accepted (full attention beside the memory is an ablation).
 """
 
 from __future__ import annotations
