@@ -13,8 +13,11 @@ For each family's memory-only preset (and the attention references beside them):
   ``memforge eval`` on the test split (``--eval-batches`` batches of 32 sequences).
 
 The trainings run in ``--jobs`` worker processes of ``--threads // --jobs`` threads each, after
-the timing phase; each writes its run under ``--out``. ``--steps`` shortens them (a smoke run;
-the table then says so). Prints a table, one JSON line, and with ``--markdown`` the README table.
+the timing phase; each writes its run under ``--out``. ``--steps`` shortens them all (a smoke
+run). ``--max-train-minutes`` bounds each training instead: a family whose measured step time
+would take longer trains for the steps that fit (its whole cosine schedule over those steps), and
+its ``steps`` cell says so. Prints a table, one JSON line, and with ``--markdown`` the README
+table.
 
 Usage: ``python benchmarks/bench_zoo.py [--families titans deltanet ...] [--jobs 2]
 [--threads 2] [--steps 600] [--markdown]``.
@@ -54,7 +57,7 @@ FAMILIES: dict[str, str] = {
     "Transformer++": "baseline.transformer",
     "Sliding window": "baseline.swa",
 }
-BATCH, SEQ_LEN, GUESS = 64, 64, 0.25
+BATCH, SEQ_LEN, GUESS, DEFAULT_STEPS = 64, 64, 0.25, 600
 
 
 def describe(model: torch.nn.Module) -> tuple[str, str]:
@@ -88,7 +91,19 @@ def throughput(preset: str, repeats: int) -> dict[str, Any]:
     seconds = statistics.median(step() for _ in range(repeats))
     return {"tier": tier, "executor": executor,
             "parameters": sum(p.numel() for p in model.parameters()),
-            "tokens_per_s": BATCH * SEQ_LEN / seconds}
+            "tokens_per_s": BATCH * SEQ_LEN / seconds, "step_s": seconds}
+
+
+def planned_steps(row: dict[str, Any], args: argparse.Namespace) -> int | None:
+    """The training steps of ``row``'s family: ``--steps``, else the default unless
+    ``--max-train-minutes`` at its measured step time (one job's share of the threads is assumed
+    to take ``--threads / share`` times as long, plus a fifth for the validations) cannot fit it."""
+    if args.steps is not None or args.max_train_minutes is None:
+        return args.steps
+    share = max(1, args.threads // args.jobs)
+    step_s = row["step_s"] * args.threads / share * 1.2
+    fits = int(args.max_train_minutes * 60 / step_s)
+    return None if fits >= DEFAULT_STEPS else max(fits, 10)
 
 
 def train_and_score(preset: str, out: Path, steps: int | None, eval_batches: int) -> dict[str, Any]:
@@ -108,14 +123,15 @@ def _worker(preset: str, out: str, steps: int | None, eval_batches: int) -> None
     print(json.dumps(train_and_score(preset, Path(out), steps, eval_batches)))
 
 
-def _train_in_process(preset: str, out: Path, args: argparse.Namespace) -> dict[str, Any]:
+def _train_in_process(preset: str, out: Path, steps: int | None, args: argparse.Namespace
+                      ) -> dict[str, Any]:
     """Run :func:`_worker` for ``preset`` in a subprocess with its share of the threads."""
     threads = max(1, args.threads // args.jobs)
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     command = [sys.executable, __file__, "--worker", preset, str(out), "--threads", str(threads),
                "--eval-batches", str(args.eval_batches)]
-    if args.steps is not None:
-        command += ["--steps", str(args.steps)]
+    if steps is not None:
+        command += ["--steps", str(steps)]
     done = subprocess.run(command, capture_output=True, text=True, env=env)
     if done.returncode != 0:
         lines = [line for line in done.stderr.splitlines() if line.strip()]
@@ -131,11 +147,14 @@ def _cell(row: dict[str, Any], key: str) -> str:
         return f"{value:,.0f}"
     if key == "parameters":
         return f"{value / 1e3:.0f}K"
+    if key == "steps":
+        return "-" if value is None else f"{value}" + ("" if value >= DEFAULT_STEPS else " (budget)")
     return str(value)
 
 
 COLUMNS = [("family", "family"), ("preset", "preset"), ("tier", "tier"), ("executor", "executor"),
-           ("parameters", "params"), ("tokens_per_s", "train tokens/s"), ("accuracy", "MQAR acc")]
+           ("parameters", "params"), ("tokens_per_s", "train tokens/s"), ("steps", "steps"),
+           ("accuracy", "MQAR acc")]
 
 
 def main() -> None:
@@ -146,6 +165,9 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=2, help="trainings at once")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--steps", type=int, help="training steps (default: memforge train's)")
+    parser.add_argument("--max-train-minutes", type=float,
+                        help="bound each training; families that cannot fit the default steps "
+                             "train for fewer (the table says so)")
     parser.add_argument("--eval-batches", type=int, default=16)
     parser.add_argument("--out", type=Path, help="run directories (default: a temporary one)")
     parser.add_argument("--markdown", action="store_true", help="also print the README table")
@@ -159,16 +181,19 @@ def main() -> None:
     rows = [{"family": f, "preset": FAMILIES[f], **throughput(FAMILIES[f], args.repeats)}
             for f in families]
     out = args.out or Path(tempfile.mkdtemp(prefix="memforge-zoo-"))
+    plans = [planned_steps(row, args) for row in rows]
+    # Longest first, so the last job to finish is a short one.
+    order = sorted(range(len(rows)), key=lambda i: -rows[i]["step_s"] * (plans[i] or DEFAULT_STEPS))
     with ThreadPoolExecutor(args.jobs) as pool:
-        scores = list(pool.map(lambda row: _train_in_process(row["preset"], out / row["preset"], args),
-                               rows))
-    for row, score in zip(rows, scores, strict=True):
-        row.update(score)
+        futures = {i: pool.submit(_train_in_process, rows[i]["preset"], out / rows[i]["preset"],
+                                  plans[i], args) for i in order}
+    for i, row in enumerate(rows):
+        row.update(futures[i].result())
 
     from rich.console import Console
     from rich.table import Table
 
-    steps = args.steps or "the default 600"
+    steps = args.steps or f"the default {DEFAULT_STEPS}"
     table = Table(title=f"memory zoo on MQAR ({steps} steps; guessing {GUESS:.0%}); "
                         f"CPU: {cpu_name()}, {args.threads} threads")
     for _, title in COLUMNS:
