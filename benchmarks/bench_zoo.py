@@ -148,7 +148,9 @@ def _cell(row: dict[str, Any], key: str) -> str:
     if key == "parameters":
         return f"{value / 1e3:.0f}K"
     if key == "steps":
-        return "-" if value is None else f"{value}" + ("" if value >= DEFAULT_STEPS else " (budget)")
+        if value is None:
+            return "-"
+        return f"{value}" if value >= DEFAULT_STEPS else f"{value} of {DEFAULT_STEPS}"
     return str(value)
 
 
