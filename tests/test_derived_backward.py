@@ -336,3 +336,24 @@ def test_the_conformance_kit_checks_a_network_without_backward():
 def test_the_conformance_kit_compares_a_hand_written_backward_with_the_derived_one(depth):
     net = _mlp(0, 2, 4, depth, "gelu", True, depth > 1, dtype=torch.float32)
     assert check_memory_network(net, name="titans.mlp", heads=2, head_dim=4) is True
+
+
+@pytest.mark.slow  # compiles two chunk-step graphs (about 20 s on an idle 2-core CPU)
+def test_compiled_chunk_steps_run_the_derived_backward_exactly():
+    """memory_scan(compiled=True) (each whole chunk one torch.compile-d step) equals the eager scan
+    with a network without backward: outputs and outer gradients, outer parameters included."""
+    torch.manual_seed(0)
+    net = AffineMLP(heads=2, dim=3, hidden=4).double()
+    inputs = _scan_inputs(4, 9, 3, 0)
+    params = list(net.parameters())
+    results = []
+    for compiled in (False, True):
+        leaves = {k: v.detach().requires_grad_() for k, v in inputs.items()}
+        state = initial_state(net, 2, momentum_enabled=True, decay_enabled=True)
+        out, _ = memory_scan(net, L2Objective(), ReadAfterWrite(), state, chunk_size=4,
+                             compiled=compiled, **leaves)
+        results.append((out, torch.autograd.grad(out.square().sum(), [*params, *leaves.values()])))
+    (eager, eager_grads), (compiled_out, compiled_grads) = results
+    _assert_close(compiled_out, eager, 1e-8)
+    for got, want in zip(compiled_grads, eager_grads, strict=True):
+        _assert_close(got, want, 1e-8)

@@ -74,6 +74,23 @@ class DerivedBackward:
 
     def forward(self, x: Tensor, linear: LinearFn) -> tuple[Tensor, DerivedTape]:
         """Run the network on ``x`` ``[N, t, d_key]``, recording every matrix's input and output."""
+        if torch.compiler.is_compiling():
+            return torch.compiler.disable(self._forward)(x, linear)
+        return self._forward(x, linear)
+
+    def backward(
+        self, tape: DerivedTape, grad_output: Tensor, linear_transposed: LinearFn
+    ) -> list[tuple[Tensor, Tensor]]:
+        """``[(inputs_i, grads_i)]``: ``grads_i`` is ``d <prediction, grad_output> / d output_i``."""
+        if torch.compiler.is_compiling():
+            return torch.compiler.disable(self._backward)(tape, grad_output)
+        return self._backward(tape, grad_output)
+
+    # Both run eagerly inside a compiled chunk step: traced by torch.compile (torch 2.13, aot_eager
+    # and inductor alike), the leaves, the grad-mode switches and autograd.grad over the
+    # graph-broken forward gave wrong outputs and gradients in training
+    # (tests/test_derived_backward.py, the compiled test).
+    def _forward(self, x: Tensor, linear: LinearFn) -> tuple[Tensor, DerivedTape]:
         count = len(self.network.initial_weights())
         grad_mode = torch.is_grad_enabled()
         inputs: list[Tensor | None] = [None] * count
@@ -109,10 +126,7 @@ class DerivedBackward:
         tape = DerivedTape(tuple(inputs), tuple(outputs), prediction, outer)
         return (prediction if outer else prediction.detach()), tape
 
-    def backward(
-        self, tape: DerivedTape, grad_output: Tensor, linear_transposed: LinearFn
-    ) -> list[tuple[Tensor, Tensor]]:
-        """``[(inputs_i, grads_i)]``: ``grads_i`` is ``d <prediction, grad_output> / d output_i``."""
+    def _backward(self, tape: DerivedTape, grad_output: Tensor) -> list[tuple[Tensor, Tensor]]:
         create = torch.is_grad_enabled() and (tape.outer or grad_output.requires_grad)
         grads = torch.autograd.grad(tape.prediction, tape.outputs, grad_output,
                                     retain_graph=create, create_graph=create,
