@@ -338,7 +338,7 @@ def test_the_conformance_kit_compares_a_hand_written_backward_with_the_derived_o
     assert check_memory_network(net, name="titans.mlp", heads=2, head_dim=4) is True
 
 
-@pytest.mark.slow  # compiles two chunk-step graphs (about 20 s on an idle 2-core CPU)
+@pytest.mark.slow  # compiles two chunk-step graphs (93 s on the shared 2-core CPU under load)
 def test_compiled_chunk_steps_run_the_derived_backward_exactly():
     """memory_scan(compiled=True) (each whole chunk one torch.compile-d step) equals the eager scan
     with a network without backward: outputs and outer gradients, outer parameters included."""
