@@ -5,9 +5,10 @@ measures how badly the memory predicts a value), the optimizer (how that loss's 
 a step), the retention (how much old memory is kept), the retrieval rule that reads it, the
 projection that turns hidden states into queries/keys/values, the memory layer (a stateful token
 mixer, e.g. the fast-weight layer built from the six kinds before it), the short-term attention,
-the feed-forward layer, and the integration strategy that joins them into a block. Which kinds a component builds from is declared on its
-:class:`~memforge.registry.ComponentSpec` (``requires``/``optional``), so a spec that sets a kind
-no component of a layer uses is refused instead of silently ignored (docs/architecture.md).
+the feed-forward layer, and the integration strategy that joins them into a block. Which kinds
+a component builds from is declared on its :class:`~memforge.registry.ComponentSpec`
+(``requires``/``optional``), so a spec that sets a kind no component of a layer uses is refused
+instead of silently ignored (docs/architecture.md).
 
 Besides the one Protocol per kind, *capabilities* are Protocols a component may also satisfy
 (:class:`ReadsMemory`, :class:`DecodesMemoryStatically`, :class:`ComposesAttention`, ...). A
