@@ -155,8 +155,9 @@ def derivability_problem(network: MemoryNetwork) -> str | None:
     are no values; the size estimate builds there).
     """
     weights = tuple(network.initial_weights())
-    if not weights or any(w.device.type == "meta" for w in weights):
-        return None
+    if not weights or not all(isinstance(w, Tensor) and w.ndim == 3 for w in weights) or any(
+            w.device.type == "meta" for w in weights):
+        return None  # no values to run on, or not matrices (the kind check names that)
     first = weights[0]
     x = torch.linspace(-1.0, 1.0, first.shape[0] * _CHECK_TOKENS * first.shape[1],
                        dtype=torch.float64).sin().reshape(first.shape[0], _CHECK_TOKENS, -1)
@@ -211,11 +212,18 @@ def check_derivable(network: MemoryNetwork, name: str) -> None:
     ``network`` has no ``backward`` and autograd cannot derive one (:func:`derivability_problem`).
 
     A network with a hand-written ``backward`` passes (the conformance kit compares that one with
-    the derived backward).
+    the derived backward). So does what is not a memory network at all, or one that fails on the
+    check's input: the build-time kind check (:func:`memforge.conformance.check_component`) names
+    those in one line of its own.
     """
-    if callable(getattr(network, "backward", None)):
+    if callable(getattr(network, "backward", None)) or not (
+            callable(getattr(network, "initial_weights", None))
+            and callable(getattr(network, "forward", None))):
+        return  # a hand-written backward, or not a memory network (the kind check names that)
+    try:
+        problem = derivability_problem(network)
+    except Exception:  # it fails on a well-formed input: the kind check reports that
         return
-    problem = derivability_problem(network)
     if problem is not None:
         raise SpecError(f"memory network {name!r}: {problem}")
 
