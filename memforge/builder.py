@@ -112,6 +112,7 @@ def _context(spec: ModelSpec, registry: ComponentRegistry, layer: int,
         num_layers=spec.num_layers,
         vocab_size=spec.vocab_size,
         build=build,
+        component_name=lambda kind: getattr(spec.choice(kind, layer), "impl", None),
     )
     return context
 

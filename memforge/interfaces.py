@@ -77,6 +77,9 @@ class BuildContext:
             same layer (its per-layer choice where it has one); an integration's factory calls it
             for its memory layer, attention and feed-forward, a memory layer's for its parts.
             Only the kinds the component declares (``requires``/``optional``) may be built.
+        component_name: ``component_name(kind)`` is the registered name of the spec's choice of
+            ``kind`` for the same layer (``None`` where the spec sets none), for a component
+            that describes itself by its parts' names (``memforge show``'s rule line).
     """
 
     dim: int
@@ -86,6 +89,8 @@ class BuildContext:
     num_layers: int
     vocab_size: int
     build: Callable[[str], nn.Module] = attrs.field(eq=False, repr=False)
+    component_name: Callable[[str], str | None] = attrs.field(
+        default=lambda kind: None, eq=False, repr=False)
 
 
 @runtime_checkable

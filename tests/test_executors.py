@@ -349,3 +349,13 @@ def test_show_prints_each_memory_layers_rule_tier_and_executor(capsys, preset: s
     assert main(["show", preset]) == 0
     out = capsys.readouterr().out
     assert line in out
+
+
+def test_a_built_layer_describes_its_parts_by_their_registered_names() -> None:
+    model = memforge.build_model(memforge.preset("titans.lmm_tiny"))
+    layers = [m for m in model.modules() if isinstance(m, FastWeightMemoryLayer)]
+    assert layers
+    for built in layers:
+        described = built.describe_rule()
+        assert (described.objective, described.optimizer, described.retention) == (
+            "titans.l2", "titans.momentum", "titans.adaptive_decay")

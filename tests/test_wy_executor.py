@@ -319,7 +319,7 @@ def test_engine_preset_runs_on_wy() -> None:
     for layer in layers:
         described = layer.describe_rule()
         assert (described.executor, described.tier) == ("wy", "token-exact")
-        assert described.retention == "GatedDecay"
+        assert described.retention == "delta.gated_decay"  # the registered name, from the builder
     tokens = torch.randint(0, 64, (2, 21), generator=torch.Generator().manual_seed(0))
     out = model(tokens)
     loss = nn.functional.cross_entropy(out.logits[:, :-1].flatten(0, 1), tokens[:, 1:].flatten())

@@ -8,3 +8,8 @@ rule (:mod:`memforge.engine.wy`, :mod:`memforge.engine.wy_executor`), the closed
 (:mod:`memforge.engine.static_chunk`), with float64 token-by-token references beside them
 (:mod:`memforge.engine.reference`). Plugins build on these modules; nothing here names a plugin.
 """
+
+#: The kinds the engine's layer is built from (``FastWeightMemoryLayer.from_context``): what a
+#: ``memory_layer`` component built on the engine declares in its ``requires``.
+LAYER_PARTS: tuple[str, ...] = ("projection", "memory", "objective", "optimizer", "retention",
+                                "retrieval")

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from memforge.checks import checks_values
+from memforge.engine import LAYER_PARTS
 from memforge.engine.derived_backward import check_derivable
 from memforge.engine.executors import (
     DecodesRuleStatically,
@@ -35,6 +36,7 @@ from memforge.engine.inspection import SERIES, record_forward
 from memforge.engine.static_chunk import clone_tree, copy_into
 from memforge.errors import InputError, NonFiniteError
 from memforge.interfaces import (
+    BuildContext,
     MemoryNetwork,
     MemoryRecorder,
     Objective,
@@ -173,6 +175,18 @@ class FastWeightMemoryLayer(nn.Module):
         self.out_proj = Linear(dim, dim, bias=False)
         if type(self) is FastWeightMemoryLayer and isinstance(self.executor, DecodesRuleStatically):
             self.__class__ = StaticDecodingMemoryLayer
+
+    @classmethod
+    def from_context(cls, ctx: BuildContext, *, chunk_size: int, executor: str = "auto"
+                     ) -> FastWeightMemoryLayer:
+        """The layer built from the spec's choices of its six parts for ``ctx``'s layer
+        (``ctx.build(kind)`` for each of :data:`LAYER_PARTS`), described by their registered
+        names: what a ``memory_layer`` factory returns (its ComponentSpec must declare the six
+        kinds in ``requires``)."""
+        parts = {kind: ctx.build(kind) for kind in LAYER_PARTS}
+        names = {kind: name for kind in LAYER_PARTS if (name := ctx.component_name(kind))}
+        return cls(ctx.dim, ctx.heads, **parts, chunk_size=chunk_size, executor=executor,
+                   names=names)
 
     @property
     def rule(self) -> LearningRule:

@@ -22,6 +22,7 @@ Presets ``atlas.{omeganet,deep_transformer,atlas}_{lmm,mac,mag,mal}`` and their 
 from __future__ import annotations
 
 from memforge import BuildContext, ComponentSpec, hookimpl
+from memforge.engine import LAYER_PARTS
 from memforge.registry import ComponentRegistry
 from memforge.spec import ModelSpec
 from memforge_atlas import configs as c
@@ -66,15 +67,13 @@ def _gd(config: c.GDConfig, ctx: BuildContext):
                      momentum=config.momentum, momentum_init=config.momentum_init)
 
 
-#: The kinds every atlas memory layer builds its rule from.
-LAYER_PARTS = ("projection", "memory", "objective", "optimizer", "retention", "retrieval")
 
 
 def _layer(config: c.AtlasLayerConfig, ctx: BuildContext):
     from memforge.engine.layer import FastWeightMemoryLayer
 
-    return FastWeightMemoryLayer(ctx.dim, ctx.heads, **{kind: ctx.build(kind) for kind in LAYER_PARTS},
-                                 chunk_size=config.chunk_size, executor=config.executor)
+    return FastWeightMemoryLayer.from_context(ctx, chunk_size=config.chunk_size,
+                                              executor=config.executor)
 
 
 @hookimpl

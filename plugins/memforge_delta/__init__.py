@@ -29,6 +29,7 @@ Functional ops::
 from __future__ import annotations
 
 from memforge import BuildContext, ComponentSpec, hookimpl
+from memforge.engine import LAYER_PARTS
 from memforge_delta.configs import (
     DeltaNetConfig,
     EngineLayerConfig,
@@ -69,11 +70,7 @@ def _gated_decay(config: GatedDecayConfig, ctx: BuildContext):
 def _engine(config: EngineLayerConfig, ctx: BuildContext):
     from memforge.engine.layer import FastWeightMemoryLayer
 
-    return FastWeightMemoryLayer(
-        ctx.dim, ctx.heads, projection=ctx.build("projection"), memory=ctx.build("memory"),
-        objective=ctx.build("objective"), optimizer=ctx.build("optimizer"),
-        retention=ctx.build("retention"), retrieval=ctx.build("retrieval"),
-        chunk_size=config.chunk_size)
+    return FastWeightMemoryLayer.from_context(ctx, chunk_size=config.chunk_size)
 
 
 @hookimpl
@@ -90,8 +87,7 @@ def memforge_register_components():
                       factory=_engine, paper=GDN,
                       summary="the engine's memory layer from the spec's parts (executor picked "
                               "per rule: wy for the gated delta rule)",
-                      requires=("projection", "memory", "objective", "optimizer", "retention",
-                                "retrieval")),
+                      requires=LAYER_PARTS),
         ComponentSpec(kind="retention", name="delta.gated_decay", config_cls=GatedDecayConfig,
                       factory=_gated_decay, paper=GDN,
                       summary="GDN decay gate, log space, gradient at the decayed state"),

@@ -24,6 +24,7 @@ layer in every integration of the ``titans`` plugin, named by registry name only
 from __future__ import annotations
 
 from memforge import BuildContext, ComponentSpec, hookimpl
+from memforge.engine import LAYER_PARTS
 from memforge.registry import ComponentRegistry
 from memforge.spec import ModelSpec, used_kinds
 from memforge_miras import configs as c
@@ -31,8 +32,6 @@ from memforge_miras import configs as c
 MIRAS = ("Behrouz, Razaviyayn, Zhong, Mirrokni 2025, It's All Connected: A Journey Through "
          "Test-Time Memorization, Attentional Bias, Retention, and Online Optimization")
 
-#: The kinds every MIRAS memory layer builds its rule from.
-LAYER_PARTS = ("projection", "memory", "objective", "optimizer", "retention", "retrieval")
 #: The memory layers, by registry name.
 LAYERS = ("miras.moneta", "miras.yaad", "miras.memora")
 
@@ -105,11 +104,7 @@ def _chunk_start(config: c.ChunkStartConfig, ctx: BuildContext):
 def _layer(config: c.LayerConfig, ctx: BuildContext):
     from memforge.engine.layer import FastWeightMemoryLayer
 
-    return FastWeightMemoryLayer(
-        ctx.dim, ctx.heads, projection=ctx.build("projection"), memory=ctx.build("memory"),
-        objective=ctx.build("objective"), optimizer=ctx.build("optimizer"),
-        retention=ctx.build("retention"), retrieval=ctx.build("retrieval"),
-        chunk_size=config.chunk_size)
+    return FastWeightMemoryLayer.from_context(ctx, chunk_size=config.chunk_size)
 
 
 @hookimpl

@@ -23,6 +23,7 @@ inside the factories.
 from __future__ import annotations
 
 from memforge import hookimpl
+from memforge.engine import LAYER_PARTS
 from memforge.interfaces import BuildContext
 from memforge.registry import ComponentRegistry, ComponentSpec
 from memforge.spec import ModelSpec, used_kinds
@@ -108,12 +109,7 @@ def _plain_qkv(config: c.PlainProjectionConfig, ctx: BuildContext):
 def _neural_memory(config: c.NeuralMemoryConfig, ctx: BuildContext):
     from memforge.engine.layer import FastWeightMemoryLayer
 
-    return FastWeightMemoryLayer(
-        ctx.dim, ctx.heads, projection=ctx.build("projection"), memory=ctx.build("memory"),
-        objective=ctx.build("objective"), optimizer=ctx.build("optimizer"),
-        retention=ctx.build("retention"), retrieval=ctx.build("retrieval"),
-        chunk_size=config.chunk_size,
-    )
+    return FastWeightMemoryLayer.from_context(ctx, chunk_size=config.chunk_size)
 
 
 def _lmm(config: LMMIntegrationConfig, ctx: BuildContext):
@@ -183,8 +179,7 @@ def memforge_register_components():
              "q/k/v: linear, SiLU, l2-norm q/k (no convolution)"),
         spec("memory_layer", "titans.neural_memory", c.NeuralMemoryConfig, _neural_memory,
              "Titans neural memory: chunked test-time update of the memory network",
-             requires=("projection", "memory", "objective", "optimizer", "retention",
-                       "retrieval")),
+             requires=LAYER_PARTS),
         spec("integration", "titans.lmm", LMMIntegrationConfig, _lmm,
              "memory as the token mixer, no attention (Titans LMM)",
              requires=("memory_layer", "feedforward")),

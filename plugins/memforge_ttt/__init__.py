@@ -22,6 +22,7 @@ the layer is tested against.
 from __future__ import annotations
 
 from memforge import BuildContext, ComponentSpec, hookimpl
+from memforge.engine import LAYER_PARTS
 from memforge.registry import ComponentRegistry
 from memforge.spec import ModelSpec, used_kinds
 from memforge_ttt import configs as c
@@ -72,18 +73,12 @@ def _qkv(config: c.ProjectionConfig, ctx: BuildContext):
     return TTTProjection(ctx.dim, ctx.heads, ctx.head_dim, conv_kernel=config.conv_kernel)
 
 
-#: The kinds ``ttt.layer`` builds its rule from.
-LAYER_PARTS = ("projection", "memory", "objective", "optimizer", "retention", "retrieval")
 
 
 def _layer(config: c.LayerConfig, ctx: BuildContext):
     from memforge.engine.layer import FastWeightMemoryLayer
 
-    return FastWeightMemoryLayer(
-        ctx.dim, ctx.heads, projection=ctx.build("projection"), memory=ctx.build("memory"),
-        objective=ctx.build("objective"), optimizer=ctx.build("optimizer"),
-        retention=ctx.build("retention"), retrieval=ctx.build("retrieval"),
-        chunk_size=config.chunk_size)
+    return FastWeightMemoryLayer.from_context(ctx, chunk_size=config.chunk_size)
 
 
 @hookimpl
