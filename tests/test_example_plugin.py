@@ -79,8 +79,10 @@ def _code_lines(path: Path) -> int:
 
 #: The memforge modules a plugin may import (docs/plugins.md, "What a plugin may import").
 PUBLIC = {"memforge", "memforge.errors", "memforge.interfaces", "memforge.capabilities",
-          "memforge.nn", "memforge.spec", "memforge.engine.layer", "memforge.engine.executors",
-          "memforge.engine.wy"}
+          "memforge.nn", "memforge.spec", "memforge.linear", "memforge.registry", "memforge.plugins",
+          "memforge.builder", "memforge.engine", "memforge.engine.layer",
+          "memforge.engine.executors", "memforge.engine.rules", "memforge.engine.projection",
+          "memforge.engine.networks", "memforge.engine.static_chunk", "memforge.engine.wy"}
 
 
 def _check_public_imports(package: Path) -> None:
@@ -103,5 +105,6 @@ def test_the_example_is_small_and_imports_only_the_public_api():
     _check_public_imports(PACKAGE / "memforge_example_plugin")
 
 
-def test_the_delta_plugin_imports_only_the_public_api():
-    _check_public_imports(ROOT / "plugins" / "memforge_delta")
+@pytest.mark.parametrize("package", ["delta", "ttt", "miras", "atlas", "lact", "titans", "baselines"])
+def test_every_built_in_plugin_imports_only_the_public_api(package: str):
+    _check_public_imports(ROOT / "plugins" / f"memforge_{package}")
