@@ -22,6 +22,11 @@ import pytest
 from hypothesis import HealthCheck, settings
 
 os.environ["MEMFORGE_DISABLE_PLUGIN_AUTOLOAD"] = "1"
+# The jobs tell glibc to keep freed memory (memforge.training.allocator); a job run in this
+# process would set that for every later test, and one long process that never hands memory back
+# grew past 20 GB (the sequential executor's many mid-sized per-token tensors fragment the heap).
+# tests/test_allocator.py checks the setting in subprocesses of its own.
+os.environ["MEMFORGE_KEEP_FREED_MEMORY"] = "0"
 os.environ.pop("MEMFORGE_BLOCK", None)
 os.environ.pop("MEMFORGE_PLUGINS", None)
 os.environ.pop("MEMFORGE_STRICT_PLUGINS", None)
