@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -98,7 +99,7 @@ def planned_steps(row: dict[str, Any], args: argparse.Namespace) -> int | None:
     """The training steps of ``row``'s family: ``--steps``, else the default unless
     ``--max-train-minutes`` at its measured step time (one job's share of the threads is assumed
     to take ``--threads / share`` times as long, plus a fifth for the validations) cannot fit it."""
-    if args.steps is not None or args.max_train_minutes is None:
+    if args.steps is not None or args.max_train_minutes is None or "error" in row:
         return args.steps
     share = max(1, args.threads // args.jobs)
     step_s = row["step_s"] * args.threads / share * 1.2
@@ -123,33 +124,49 @@ def _worker(preset: str, out: str, steps: int | None, eval_batches: int) -> None
     print(json.dumps(train_and_score(preset, Path(out), steps, eval_batches)))
 
 
-def _train_in_process(preset: str, out: Path, steps: int | None, args: argparse.Namespace
-                      ) -> dict[str, Any]:
-    """Run :func:`_worker` for ``preset`` in a subprocess with its share of the threads."""
-    threads = max(1, args.threads // args.jobs)
+def _in_process(command: list[str], threads: int, memory_bytes: int) -> dict[str, Any]:
+    """Run this script with ``command`` in a subprocess of ``threads`` threads whose address space
+    is capped at ``memory_bytes`` (a family that needs more fails alone, with its error, instead
+    of the machine's OOM killer taking the whole benchmark); its last stdout line is JSON."""
+    def cap() -> None:
+        resource.setrlimit(resource.RLIMIT_AS, (memory_bytes, memory_bytes))
+
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
-    command = [sys.executable, __file__, "--worker", preset, str(out), "--threads", str(threads),
-               "--eval-batches", str(args.eval_batches)]
-    if steps is not None:
-        command += ["--steps", str(steps)]
-    done = subprocess.run(command, capture_output=True, text=True, env=env)
+    done = subprocess.run([sys.executable, __file__, *command, "--threads", str(threads)],
+                          capture_output=True, text=True, env=env, preexec_fn=cap)
     if done.returncode != 0:
         lines = [line for line in done.stderr.splitlines() if line.strip()]
-        return {"error": lines[-1] if lines else f"exit status {done.returncode}"}
+        error = lines[-1] if lines else f"exit status {done.returncode}"
+        return {"error": "out of memory" if "allocate memory" in error else error}
     return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def _memory_share(jobs: int) -> int:
+    """Four fifths of the machine's memory, split among ``jobs`` processes."""
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return int(total * 0.8 / jobs)
+
+
+def _train_in_process(preset: str, out: Path, steps: int | None, args: argparse.Namespace
+                      ) -> dict[str, Any]:
+    """Run :func:`_worker` for ``preset`` in a subprocess with its share of threads and memory."""
+    command = ["--worker", preset, str(out), "--eval-batches", str(args.eval_batches)]
+    if steps is not None:
+        command += ["--steps", str(steps)]
+    return _in_process(command, max(1, args.threads // args.jobs), _memory_share(args.jobs))
 
 
 def _cell(row: dict[str, Any], key: str) -> str:
     value = row.get(key)
     if key == "accuracy":
         return row["error"][:60] if "error" in row else f"{100 * value:.1f}%"
+    if value is None:
+        return "-"
     if key == "tokens_per_s":
         return f"{value:,.0f}"
     if key == "parameters":
         return f"{value / 1e3:.0f}K"
     if key == "steps":
-        if value is None:
-            return "-"
         return f"{value}" if value >= DEFAULT_STEPS else f"{value} of {DEFAULT_STEPS}"
     return str(value)
 
@@ -174,23 +191,31 @@ def main() -> None:
     parser.add_argument("--out", type=Path, help="run directories (default: a temporary one)")
     parser.add_argument("--markdown", action="store_true", help="also print the README table")
     parser.add_argument("--worker", nargs=2, metavar=("PRESET", "OUT"), help=argparse.SUPPRESS)
+    parser.add_argument("--measure", metavar="PRESET", help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if args.worker:
         _worker(args.worker[0], args.worker[1], args.steps, args.eval_batches)
         return
+    if args.measure:
+        print(json.dumps(throughput(args.measure, args.repeats)))
+        return
     families = args.families or list(FAMILIES)
-    rows = [{"family": f, "preset": FAMILIES[f], **throughput(FAMILIES[f], args.repeats)}
+    rows = [{"family": f, "preset": FAMILIES[f],
+             **_in_process(["--measure", FAMILIES[f], "--repeats", str(args.repeats)],
+                           args.threads, _memory_share(1))}
             for f in families]
     out = args.out or Path(tempfile.mkdtemp(prefix="memforge-zoo-"))
     plans = [planned_steps(row, args) for row in rows]
-    # Longest first, so the last job to finish is a short one.
-    order = sorted(range(len(rows)), key=lambda i: -rows[i]["step_s"] * (plans[i] or DEFAULT_STEPS))
+    # Longest first, so the last job to finish is a short one; a family that could not even be
+    # measured is not trained.
+    trained = [i for i, row in enumerate(rows) if "error" not in row]
+    order = sorted(trained, key=lambda i: -rows[i]["step_s"] * (plans[i] or DEFAULT_STEPS))
     with ThreadPoolExecutor(args.jobs) as pool:
         futures = {i: pool.submit(_train_in_process, rows[i]["preset"], out / rows[i]["preset"],
                                   plans[i], args) for i in order}
-    for i, row in enumerate(rows):
-        row.update(futures[i].result())
+    for i in trained:
+        rows[i].update(futures[i].result())
 
     from rich.console import Console
     from rich.table import Table
