@@ -201,8 +201,8 @@ CLI: list[Cli] = [
          "component; add a [memory_layer] table", preset=TRANSFORMER),
     show("integration.persistent_tokens=-1", "integration: 'persistent_tokens' must be >= 0, got -1"),
     show("integration.persistent_tokens=100000", "integration: 'persistent_tokens' must be <= 4096"),
-    show("integration.segment_len=17", "titans.mac's 'segment_len'=17 must be a multiple of the "
-         "memory layer's 'chunk_size'=8; choose memory_layer.chunk_size among [1, 17]", preset=MAC),
+    show("integration.segment_len=17", "titans.mac's 'segment_len'=17 must be a multiple of "
+         "titans.neural_memory's 'chunk_size'=8; choose memory_layer.chunk_size among [1, 17]", preset=MAC),
     show("integration.segment_len=1000000000001", "integration: 'segment_len' must be <= 65536",
          preset=MAC),
     show("integration.segment_len=0", "integration: 'segment_len' must be >= 1, got 0", preset=MAC),
@@ -715,7 +715,7 @@ API: list[Api] = [
         SpecError, "attention 'odd.part' (layer 0): Identity failed on a well-formed input"),
     Api("factory-identity-memory", lambda tmp: _build_with("memory", lambda c, ctx: nn.Identity(), LMM),
         SpecError, "memory 'odd.part' (layer 0): Identity is not a memory component: it has no "
-        "initial_weights(), backward()"),
+        "initial_weights()"),
     Api("factory-identity-objective",
         lambda tmp: _build_with("objective", lambda c, ctx: nn.Identity(), LMM), SpecError,
         "objective 'odd.part' (layer 0): Identity is not an objective component: it has no loss(), "
@@ -755,7 +755,8 @@ API: list[Api] = [
         kind="memory", name=5, config_cls=_NoConfig, factory=lambda c, ctx: None, summary="s"),
         PluginError, "a registered name must be a string '<plugin>.<name>', got 5"),
     Api("registry-component-int", lambda tmp: memforge.default_registry().component("memory", 5),
-        UnknownNameError, "unknown memory component 5; available: titans.linear, titans.mlp"),
+        UnknownNameError, "unknown memory component 5; available: atlas.poly_mlp, miras.mlp, "
+        "titans.linear, titans.mlp, ttt.linear, ttt.mlp"),
     Api("preset-int", lambda tmp: memforge.preset(5), UnknownNameError, "unknown preset 5"),
     Api("configure-plugins-block-str", lambda tmp: memforge.configure_plugins(block="titans"),
         PluginError, "block must be a list, got str 'titans'; e.g. block=['titans']"),

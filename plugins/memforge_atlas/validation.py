@@ -8,8 +8,6 @@ Each problem is one line naming the field, the value it would reach and the fix:
   then costs at most the chunk's own gradients again), and up to ``MIN_REACH`` pairs for small ones
   (so ATLAS' windows ``c <= 16`` run at every chunk size, token-exact at chunk size 1).
 * ``atlas.poly_mlp``'s feature width ``C(head width + degree, degree)`` against ``max_width``.
-* an atlas memory layer in ``titans.mac`` whose chunks would straddle segments (MAC reads the
-  memory at segment starts).
 * ``atlas.muon`` on a memory with a width-1 fast-weight matrix (a bias, or ``d_in == 1``):
   Newton-Schulz of a vector is only its direction, so Muon would take a full-size step on it.
 """
@@ -98,19 +96,4 @@ def spec_problems(spec: ModelSpec, registry: ComponentRegistry) -> list[str]:
             shapes = _memory_shapes(spec, layer, registry)
             if shapes is not None:
                 problems.append(matrix_problem(shapes, memory.impl))
-        problems.append(segment_problem(spec, layer))
     return list(dict.fromkeys(p for p in problems if p is not None))
-
-
-def segment_problem(spec: ModelSpec, layer: int) -> str | None:
-    """Why an atlas memory layer's chunks straddle ``titans.mac``'s segments, or ``None`` (the
-    integration is another plugin's, read by name and field only)."""
-    memory_layer, integration = spec.choice("memory_layer", layer), spec.choice("integration", layer)
-    if memory_layer is None or not memory_layer.impl.startswith("atlas."):
-        return None
-    segment, chunk = getattr(integration.config, "segment_len", None), memory_layer.config.chunk_size
-    if integration.impl != "titans.mac" or not isinstance(segment, int) or segment % chunk == 0:
-        return None
-    divisors = [d for d in range(1, segment + 1) if segment % d == 0]
-    return (f"titans.mac's 'segment_len'={segment} must be a multiple of {memory_layer.impl}'s "
-            f"'chunk_size'={chunk}; choose memory_layer.chunk_size among {divisors}")

@@ -35,14 +35,6 @@ def check_spec(spec: ModelSpec, registry: Any) -> list[str]:
         if memory_layer is None or "memory_layer" not in used:
             continue
         chunk = getattr(memory_layer.config, "chunk_size", None)
-        integration = spec.choice("integration", layer)
-        segment = getattr(integration.config, "segment_len", None)
-        if (memory_layer.impl == "delta.engine" and integration.impl == "titans.mac"
-                and isinstance(segment, int) and segment % chunk):
-            divisors = [d for d in range(1, segment + 1) if segment % d == 0]
-            problems.append(f"titans.mac's 'segment_len'={segment} must be a multiple of "
-                            f"delta.engine's 'chunk_size'={chunk}; choose "
-                            f"memory_layer.chunk_size among {divisors}")
         retention = spec.choice("retention", layer)
         builds_rule = set(RULE_KINDS) <= set(registry.component("memory_layer",
                                                                 memory_layer.impl).requires)

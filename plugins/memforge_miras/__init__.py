@@ -25,15 +25,10 @@ from __future__ import annotations
 
 from memforge import BuildContext, ComponentSpec, hookimpl
 from memforge.engine import LAYER_PARTS
-from memforge.registry import ComponentRegistry
-from memforge.spec import ModelSpec, used_kinds
 from memforge_miras import configs as c
 
 MIRAS = ("Behrouz, Razaviyayn, Zhong, Mirrokni 2025, It's All Connected: A Journey Through "
          "Test-Time Memorization, Attentional Bias, Retention, and Online Optimization")
-
-#: The memory layers, by registry name.
-LAYERS = ("miras.moneta", "miras.yaad", "miras.memora")
 
 
 def _mlp(config: c.MemoryConfig, ctx: BuildContext):
@@ -144,27 +139,6 @@ def memforge_register_components():
              "Memora: l2 loss, KL retention (softmax simplex) at chunk ends, GD (sequential)",
              requires=LAYER_PARTS),
     ]
-
-
-@hookimpl
-def memforge_validate_spec(spec: ModelSpec, registry: ComponentRegistry) -> list[str]:
-    """Combinations the MIRAS layers cannot work with, found before anything is built."""
-    problems: list[str] = []
-    for layer in range(spec.num_layers):
-        memory_layer, integration = spec.choice("memory_layer", layer), spec.choice("integration", layer)
-        if (memory_layer is None or memory_layer.impl not in LAYERS
-                or "memory_layer" not in used_kinds(spec, registry, layer)):
-            continue
-        # MAC reads the memory at segment starts: a chunk must not straddle two segments. The
-        # integration is another plugin's, read by name and field only.
-        segment = getattr(integration.config, "segment_len", None)
-        chunk = memory_layer.config.chunk_size
-        if integration.impl == "titans.mac" and isinstance(segment, int) and segment % chunk:
-            divisors = [d for d in range(1, segment + 1) if segment % d == 0]
-            problems.append(f"titans.mac's 'segment_len'={segment} must be a multiple of "
-                            f"{memory_layer.impl}'s 'chunk_size'={chunk}; choose "
-                            f"memory_layer.chunk_size among {divisors}")
-    return list(dict.fromkeys(problems))
 
 
 @hookimpl

@@ -218,14 +218,16 @@ def memforge_validate_spec(spec: ModelSpec, registry: ComponentRegistry) -> list
             problems.append("titans.mac attends inside each segment (integration.segment_len "
                             "bounds the span), so it takes full attention, not a sliding window: "
                             "set attention=baseline.causal")
-        if (memory_layer is not None and isinstance(memory_layer.config, c.NeuralMemoryConfig)
+        # Chunks must not straddle segments, so a segment starts with no half-written chunk: for
+        # any memory layer (any plugin's) whose config has a chunk size.
+        chunk = getattr(getattr(memory_layer, "config", None), "chunk_size", None)
+        if (isinstance(chunk, int) and chunk >= 1
                 and isinstance(integration.config, MACIntegrationConfig)):
-            # Chunks must not straddle segments, so a segment starts with no half-written chunk.
-            segment, chunk = integration.config.segment_len, memory_layer.config.chunk_size
+            segment = integration.config.segment_len
             if segment % chunk:
                 divisors = [d for d in range(1, segment + 1) if segment % d == 0]
-                problems.append(f"titans.mac's 'segment_len'={segment} must be a multiple of the "
-                                f"memory layer's 'chunk_size'={chunk}; choose "
+                problems.append(f"titans.mac's 'segment_len'={segment} must be a multiple of "
+                                f"{memory_layer.impl}'s 'chunk_size'={chunk}; choose "
                                 f"memory_layer.chunk_size among {divisors}")
     return list(dict.fromkeys(problems))
 

@@ -23,8 +23,6 @@ from __future__ import annotations
 
 from memforge import BuildContext, ComponentSpec, hookimpl
 from memforge.engine import LAYER_PARTS
-from memforge.registry import ComponentRegistry
-from memforge.spec import ModelSpec, used_kinds
 from memforge_ttt import configs as c
 
 TTT = "Sun et al. 2024, Learning to (Learn at Test Time): RNNs with Expressive Hidden States"
@@ -106,27 +104,6 @@ def memforge_register_components():
              "TTT layer: mini-batch test-time training of the memory network",
              requires=LAYER_PARTS),
     ]
-
-
-@hookimpl
-def memforge_validate_spec(spec: ModelSpec, registry: ComponentRegistry) -> list[str]:
-    """Combinations ``ttt.layer`` cannot work with, found before anything is built."""
-    problems: list[str] = []
-    for layer in range(spec.num_layers):
-        memory_layer, integration = spec.choice("memory_layer", layer), spec.choice("integration", layer)
-        if (memory_layer is None or memory_layer.impl != "ttt.layer"
-                or "memory_layer" not in used_kinds(spec, registry, layer)):
-            continue
-        # MAC reads the memory at segment starts: a mini-batch must not straddle two segments.
-        # The integration is another plugin's, read by name and field only.
-        segment = getattr(integration.config, "segment_len", None)
-        chunk = memory_layer.config.chunk_size
-        if integration.impl == "titans.mac" and isinstance(segment, int) and segment % chunk:
-            divisors = [d for d in range(1, segment + 1) if segment % d == 0]
-            problems.append(f"titans.mac's 'segment_len'={segment} must be a multiple of "
-                            f"ttt.layer's 'chunk_size'={chunk}; choose memory_layer.chunk_size "
-                            f"among {divisors}")
-    return list(dict.fromkeys(problems))
 
 
 @hookimpl
