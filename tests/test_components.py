@@ -22,8 +22,18 @@ REGISTRY = load_plugins(autoload=False)
 BASE = {"attention": "baseline.transformer_tiny", "feedforward": "baseline.transformer_tiny"}
 
 
+#: Every tiny preset, by name.
+TINY = {name: memforge.preset(name) for name in memforge.presets() if name.endswith("_tiny")}
+
+
 def _base_for(component) -> memforge.ModelSpec:
-    """A tiny preset in which ``component`` takes part."""
+    """A tiny preset in which ``component`` takes part: the first that already chooses it (its own
+    plugin's, where the default host could not run it: a retention that decays before the
+    gradient needs a single-matrix memory), else the kind's default host."""
+    for spec in TINY.values():
+        if any(getattr(spec.choice(component.kind, layer), "impl", None) == component.name
+               for layer in range(spec.num_layers)):
+            return spec
     if component.kind == "integration" and not component.uses & set(memforge.interfaces.MEMORY_KINDS):
         return memforge.preset("baseline.transformer_tiny")
     return memforge.preset(BASE.get(component.kind, "titans.lmm_tiny"))
