@@ -89,6 +89,13 @@ def memforge_validate_spec(spec: ModelSpec, registry: ComponentRegistry) -> list
             problems.append(f"memory_layer.expansion={config.expansion:g} gives {choice.impl} a hidden "
                             f"width of 0 at head width {head_dim} (dim / heads); use "
                             f"memory_layer.expansion >= {1 / head_dim:.4g}")
+        integration = spec.choice("integration", layer)
+        segment = getattr(integration.config, "segment_len", None)
+        if integration.impl == "titans.mac" and segment is not None and segment % config.chunk_size:
+            divisors = [d for d in range(1, segment + 1) if segment % d == 0]
+            problems.append(f"titans.mac's 'segment_len'={segment} must be a multiple of "
+                            f"{choice.impl}'s 'chunk_size'={config.chunk_size}; choose "
+                            f"memory_layer.chunk_size among {divisors}")
     return list(dict.fromkeys(problems))
 
 

@@ -219,9 +219,14 @@ def memforge_validate_spec(spec: ModelSpec, registry: ComponentRegistry) -> list
                             "bounds the span), so it takes full attention, not a sliding window: "
                             "set attention=baseline.causal")
         # Chunks must not straddle segments, so a segment starts with no half-written chunk: for
-        # any memory layer (any plugin's) whose config has a chunk size.
+        # every memory layer built on the engine (any plugin's), whose cycle is its chunk size. A
+        # layer of its own may report another cycle (a token-exact one reports 1) and checks
+        # itself.
         chunk = getattr(getattr(memory_layer, "config", None), "chunk_size", None)
-        if (isinstance(chunk, int) and chunk >= 1
+        on_engine = (memory_layer is not None and memory_layer.impl in registry.names("memory_layer")
+                     and set(LAYER_PARTS) <= set(registry.component("memory_layer",
+                                                                    memory_layer.impl).requires))
+        if (on_engine and isinstance(chunk, int) and chunk >= 1
                 and isinstance(integration.config, MACIntegrationConfig)):
             segment = integration.config.segment_len
             if segment % chunk:
