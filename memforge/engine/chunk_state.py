@@ -9,6 +9,7 @@ from typing import NamedTuple, Protocol
 import torch
 from torch import Tensor
 
+from memforge.engine.window import WindowHistory
 from memforge.interfaces import ChunkReader, MemoryNetwork
 
 
@@ -25,6 +26,8 @@ class PendingChunk(NamedTuple):
         momentum: ``eta`` ``[N, r]``, or ``None`` when momentum is off.
         log_keep: ``log keep`` ``[N, r]`` (``<= 0``), or ``None`` without retention decay.
         side: the objective's side input ``[N, r]``, or ``None`` when it takes none.
+        window: a windowed objective's weights ``gamma`` ``[N, r]``, or ``None`` (no window, or
+            all 1).
     """
 
     keys: Tensor
@@ -33,6 +36,7 @@ class PendingChunk(NamedTuple):
     momentum: Tensor | None
     log_keep: Tensor | None
     side: Tensor | None = None
+    window: Tensor | None = None
 
 
 class FastWeightState(NamedTuple):
@@ -44,11 +48,15 @@ class FastWeightState(NamedTuple):
         momentum: ``S`` at the start of the current chunk, same shapes; ``()`` when momentum is
             off (``S`` is then always zero).
         pending: the tokens of the current chunk seen so far.
+        history: for an objective with a window ``c > 1``, the last ``min(c - 1, tokens so
+            far)`` pairs before the current chunk (:mod:`memforge.engine.window`); ``None``
+            without a window.
     """
 
     weights: tuple[Tensor, ...]
     momentum: tuple[Tensor, ...]
     pending: PendingChunk
+    history: WindowHistory | None = None
 
 
 class LossGradient(Protocol):
@@ -68,7 +76,8 @@ class Retrieval(Protocol):
 
 def initial_state(
     network: MemoryNetwork, batch: int, *, momentum_enabled: bool, decay_enabled: bool,
-    side_enabled: bool = False, key_width: int | None = None,
+    side_enabled: bool = False, key_width: int | None = None, window: int = 1,
+    window_enabled: bool = False,
 ) -> FastWeightState:
     """The state at the start of ``batch`` sequences: ``M_0`` per sequence, ``S_0 = 0``, no pending.
 
@@ -77,10 +86,14 @@ def initial_state(
     outer gradients reach them. ``momentum_enabled`` / ``decay_enabled`` / ``side_enabled`` fix
     whether later calls pass ``momentum`` / ``log_keep`` / ``side``. ``key_width``: the keys'
     width when the network's input is not its first matrix's (a feature map first, like
-    ``atlas.poly_mlp``); default that matrix's ``d_in``.
+    ``atlas.poly_mlp``); default that matrix's ``d_in``. ``window``: the objective's window
+    ``c`` (a state with ``c > 1`` carries the pairs before each chunk); ``window_enabled``:
+    later calls pass the window weights ``gamma`` (with ``c > 1`` only).
     """
     if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
         raise ValueError(f"batch must be an int >= 1, got {batch!r}")
+    if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+        raise ValueError(f"window must be an int >= 1, got {window!r}")
     initial = tuple(network.initial_weights())
     weights = tuple(w.repeat(batch, 1, 1) for w in initial)
     momentum = tuple(torch.zeros_like(w) for w in weights) if momentum_enabled else ()
@@ -94,8 +107,14 @@ def initial_state(
         momentum=empty if momentum_enabled else None,
         log_keep=empty if decay_enabled else None,
         side=empty if side_enabled else None,
+        window=empty if window_enabled else None,
     )
-    return FastWeightState(weights, momentum, pending)
+    history = None
+    if window > 1:
+        history = WindowHistory(pending.keys, pending.values, pending.side, pending.window)
+    elif window_enabled:
+        raise ValueError("window_enabled needs window > 1 (fold a window of one's weights into lr)")
+    return FastWeightState(weights, momentum, pending, history)
 
 
 __all__ = ["FastWeightState", "LossGradient", "PendingChunk", "Retrieval", "initial_state"]

@@ -44,6 +44,8 @@ from memforge.engine.chunk_state import (
     Retrieval,
     initial_state,
 )
+from memforge.engine.chunk_window import WindowedBank, next_history, pending_pieces, window_pieces
+from memforge.engine.window import WindowHistory
 from memforge.interfaces import MemoryNetwork
 
 
@@ -59,9 +61,11 @@ def memory_scan(
     momentum: Tensor | None,
     log_keep: Tensor | None,
     side: Tensor | None = None,
+    gamma: Tensor | None = None,
     *,
     chunk_size: int,
     compiled: bool = False,
+    window: int = 1,
 ) -> tuple[Tensor, FastWeightState]:
     """Write ``T`` tokens into the memory and read ``T`` queries, chunk-parallel and exact.
 
@@ -83,11 +87,17 @@ def memory_scan(
             for none (exactly ``keep = 1``).
         side: the objective's per-token side input ``[N, T]``, handed to ``loss_grad`` with each
             chunk's rows, or ``None`` for none.
+        gamma: a windowed objective's weights ``[N, T]`` (one per pair), or ``None`` for all 1;
+            only with ``window > 1`` (a window of one's weights are a factor of ``lr``).
         chunk_size: ``b >= 1``; chunk boundaries are multiples of ``b`` from the sequence start.
         compiled: run every chunk that this call reads whole through :func:`compiled_chunk_step`
             (``torch.compile`` of :func:`chunk_step`, one graph per chunk shape, reused by every
             chunk) instead of the eager, vectorised-over-chunks path. Same results up to float
-            rounding; the first call per shape pays the compilation.
+            rounding; the first call per shape pays the compilation. A windowed objective's
+            chunks run eagerly.
+        window: the objective's window ``c`` (token ``t`` steps with the gradients of the last
+            ``c`` pairs at the chunk-start weights, :mod:`memforge.engine.chunk_window`); the
+            state must be made with the same ``window``.
 
     Returns:
         ``(outputs [N, T, d_value], new_state)``. Calls may end mid-chunk: the partial chunk's
@@ -98,7 +108,7 @@ def memory_scan(
     finite gradients (zero below the clamp, where the true one is below ``tiny`` too).
     """
     _check_scan_inputs(network, state, queries, keys, values, lr, momentum, log_keep, side,
-                       chunk_size)
+                       chunk_size, gamma, window)
     n, steps = keys.shape[0], keys.shape[1]
     if steps == 0:
         return queries.new_zeros(n, 0, state.pending.values.shape[2]), state
@@ -113,6 +123,7 @@ def memory_scan(
         momentum=_join_gate(pending.momentum, momentum),
         log_keep=_join_gate(pending.log_keep, log_keep),
         side=_join_gate(pending.side, side),
+        window=_join_gate(pending.window, gamma),
     )
     # Complete chunks share one vectorised bank; an unfinished last chunk gets its own, sized to
     # its tokens. Nothing is padded: a decoding step with r pending tokens costs O(r) surprise
@@ -124,14 +135,18 @@ def memory_scan(
     complete, unfinished = (PendingChunk(*fields) for fields in zip(*map(halves, stream), strict=True))
     pieces: list[tuple[CoefficientBank, int, Tensor, Tensor]] = []
     side_chunks: list[Tensor | None] = []
-    if full:
+    history = state.history
+    if history is not None:  # a window: each chunk's pairs reach back window - 1 (chunk_window)
+        pieces, side_chunks = _window_pieces(history, stream, complete, unfinished, full, partial,
+                                             chunk_size, window)
+    if full and history is None:
         bank = CoefficientBank(complete, chunk_size)
         key_chunks = _split_chunks(complete.keys, chunk_size)
         value_chunks = _split_chunks(complete.values, chunk_size)
         pieces += [(bank, i, key_chunks[i], value_chunks[i]) for i in range(full)]
         side_chunks += ([None] * full if complete.side is None
                         else list(complete.side.unflatten(1, (-1, chunk_size)).unbind(1)))
-    if partial:
+    if partial and history is None:
         pieces.append((CoefficientBank(unfinished, partial), 0, unfinished.keys, unfinished.values))
         side_chunks.append(unfinished.side)
     # This call's queries per chunk, unpadded: the first chunk starts `done` rows in, the last
@@ -142,7 +157,8 @@ def memory_scan(
     query_chunks = queries.split(sizes, dim=1)
     weights, moments = state.weights, state.momentum
     # The chunks the compiled step takes, copied chunk-major once (see _compiled_step_inputs).
-    step_inputs = _compiled_step_inputs(complete, queries, done, chunk_size) if compiled else {}
+    step_inputs = (_compiled_step_inputs(complete, queries, done, chunk_size)
+                   if compiled and history is None else {})
     outputs: list[Tensor] = []
     for index, (bank, local, chunk_keys, chunk_values) in enumerate(pieces):
         if index in step_inputs:
@@ -162,7 +178,9 @@ def memory_scan(
     # A copy, not a view: a carried state must not keep the whole call's inputs alive.
     new_pending = PendingChunk(*(None if x is None else x.clone() for x in unfinished))
     joined = outputs[0] if len(outputs) == 1 else torch.cat(outputs, 1)  # decoding: no copy
-    return joined, FastWeightState(weights, moments, new_pending)
+    if history is not None and full:
+        history = next_history(history, stream, full * chunk_size, window)
+    return joined, FastWeightState(weights, moments, new_pending, history)
 
 
 def chunk_step(
@@ -211,21 +229,26 @@ INDUCTOR_OPTIONS: dict[str, Any] = {"inplace_buffers": False}
 
 
 def current_weights(
-    network: MemoryNetwork, objective: LossGradient, state: FastWeightState
+    network: MemoryNetwork, objective: LossGradient, state: FastWeightState, window: int = 1
 ) -> tuple[Tensor, ...]:
     """Materialise ``M`` at the current position, i.e. after the pending tokens have written.
 
     Equals ``state.weights`` when no token is pending. Useful to read "the memory so far"; costs
-    one surprise computation over the pending tokens.
+    one surprise computation over the pending tokens (and, with a ``window > 1``, the carried
+    pairs before them).
     """
     pending = state.pending
     done = pending.keys.shape[1]
     if done == 0:
         return state.weights
     bank = CoefficientBank(pending, done)  # the pending tokens as one chunk of `done`
-    pairs = surprise_pairs(network, objective, state.weights, pending.keys, pending.values,
-                            pending.side)
-    return advance(state.weights, state.momentum, pairs, bank.end(0))[0]
+    if state.history is None:
+        pairs = surprise_pairs(network, objective, state.weights, pending.keys, pending.values,
+                                pending.side)
+        return advance(state.weights, state.momentum, pairs, bank.end(0))[0]
+    keys, values, side, mix = pending_pieces(state.history, pending, window)
+    pairs = surprise_pairs(network, objective, state.weights, keys, values, side)
+    return advance(state.weights, state.momentum, pairs, WindowedBank(bank, [mix]).end(0))[0]
 
 
 # --------------------------------------------------------------------------------------------
@@ -270,6 +293,25 @@ def _compiled_step_inputs(
     return {first + i: (PendingChunk(*row[:-1]), row[-1]) for i, row in enumerate(rows)}
 
 
+def _window_pieces(
+    history: WindowHistory, stream: PendingChunk, complete: PendingChunk,
+    unfinished: PendingChunk, full: int, partial: int, chunk_size: int, window: int,
+) -> tuple[list[tuple[WindowedBank, int, Tensor, Tensor]], list[Tensor | None]]:
+    """:func:`memory_scan`'s pieces for a windowed objective: each chunk's window pairs (the
+    ``window - 1`` before it, then its own) and its bank spread over them."""
+    pieces: list[tuple[WindowedBank, int, Tensor, Tensor]] = []
+    side_chunks: list[Tensor | None] = []
+    for gates, first, count, size in ((complete, 0, full, chunk_size),
+                                      (unfinished, full * chunk_size, 1, partial)):
+        if count == 0 or size == 0:
+            continue
+        found = window_pieces(history, stream, first, count, size, window)
+        bank = WindowedBank(CoefficientBank(gates, size), found.mixes)
+        pieces += [(bank, i, found.keys[i], found.values[i]) for i in range(count)]
+        side_chunks += found.side
+    return pieces, side_chunks
+
+
 def _join_gate(pending: Tensor | None, gate: Tensor | None) -> Tensor | None:
     """The pending tokens' gate followed by this call's (``None`` stays ``None``)."""
     if gate is None:
@@ -288,10 +330,18 @@ def _check_scan_inputs(
     log_keep: Tensor | None,
     side: Tensor | None,
     chunk_size: int,
+    gamma: Tensor | None,
+    window: int,
 ) -> None:
     """Raise a ValueError naming the first input whose shape or kind is not what is expected."""
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"chunk_size must be an int >= 1, got {chunk_size!r}")
+    if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+        raise ValueError(f"window must be an int >= 1, got {window!r}")
+    if (window > 1) != (state.history is not None):
+        made = "a window > 1" if state.history is not None else "window 1"
+        raise ValueError(f"window={window}, but the state was made with {made}; continue a "
+                         "state with the window that made it")
     for name, x in (("queries", queries), ("keys", keys), ("values", values)):
         if x.dim() != 3:
             raise ValueError(f"{name} must be [N, T, d], got shape {tuple(x.shape)}")
@@ -301,7 +351,8 @@ def _check_scan_inputs(
             raise ValueError(
                 f"{name} must share [N, T] = {(n, steps)} with keys, got {tuple(x.shape[:2])}"
             )
-    for name, x in (("lr", lr), ("momentum", momentum), ("log_keep", log_keep), ("side", side)):
+    for name, x in (("lr", lr), ("momentum", momentum), ("log_keep", log_keep), ("side", side),
+                    ("gamma", gamma)):
         if x is not None and tuple(x.shape) != (n, steps):
             raise ValueError(f"{name} must be [N, T] = {(n, steps)}, got {tuple(x.shape)}")
     pending = state.pending
@@ -326,6 +377,9 @@ def _check_scan_inputs(
                          "decay_enabled=True")
     if (side is None) != (pending.side is None):
         raise ValueError("side must be given exactly when the state was made with side_enabled=True")
+    if (gamma is None) != (pending.window is None):
+        raise ValueError("gamma must be given exactly when the state was made with "
+                         "window_enabled=True")
     if pending.keys.shape[1] >= chunk_size:
         raise ValueError(
             f"the state has {pending.keys.shape[1]} pending tokens, so chunk_size must be larger "

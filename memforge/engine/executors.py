@@ -16,8 +16,9 @@ order; other modules register theirs with :func:`register_executor`.
 The closed-form executor (:class:`ClosedFormExecutor`) wraps the chunk kernel
 (:mod:`memforge.engine.chunked`): the gradient of every token of a chunk at the chunk-start
 weights, momentum and a scalar retention per token, any network whose fast weights are matrices,
-any objective with a window of one token (side input included), any read. It also decodes with
-fixed shapes (:mod:`memforge.engine.static_chunk`) and compiles its chunk step.
+any objective (side input and a window of the last ``c`` pairs with their weights included), any
+read. It also decodes with fixed shapes (:mod:`memforge.engine.static_chunk`) and compiles its
+chunk step (a window's chunks run eagerly).
 """
 
 from __future__ import annotations
@@ -150,8 +151,9 @@ class ClosedFormExecutor:
     """The closed-form chunk kernel (:func:`memforge.engine.chunked.memory_scan`).
 
     Runs every rule whose step is linear in the chunk's gradients: no update transform, no weight
-    projection, the gradient at the undecayed state, a window of one token. Tier ``chunk-start``
-    (``token-exact`` at chunk size 1).
+    projection, the gradient at the undecayed state; an objective's window of ``c`` pairs with
+    weights ``gamma`` is a fixed mix of the gradients (:mod:`memforge.engine.chunk_window`).
+    Tier ``chunk-start`` (``token-exact`` at chunk size 1).
     """
 
     name = "closed_form"
@@ -169,9 +171,9 @@ class ClosedFormExecutor:
             return (f"retention {type(retention).__name__} takes the gradient at the decayed "
                     f"state (decay_before_gradient), the closed form at the chunk-start state")
         window = getattr(rule.objective, "window", 1)
-        if window != 1:
-            return (f"objective {type(rule.objective).__name__} sums a window of {window} "
-                    f"tokens, the closed form one token per step")
+        if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+            return (f"objective {type(rule.objective).__name__} has window {window!r}; the "
+                    "window must be an int >= 1")
         return None
 
     def tier(self, rule: LearningRule) -> str:
@@ -182,31 +184,39 @@ class ClosedFormExecutor:
         """:func:`memforge.engine.chunked.initial_state` with the inputs' optional gates."""
         from memforge.engine.chunked import initial_state
 
+        window = _window(rule)
         return initial_state(rule.network, batch, momentum_enabled=inputs.momentum is not None,
                              decay_enabled=inputs.log_keep is not None,
                              side_enabled=inputs.side is not None,
-                             key_width=inputs.keys.shape[-1])
+                             key_width=inputs.keys.shape[-1], window=window,
+                             window_enabled=window > 1 and inputs.window is not None)
 
     def scan(self, rule: LearningRule, state: Any, inputs: RuleInputs, *,
              compiled: bool = False) -> tuple[Tensor, Any]:
-        """:func:`memforge.engine.chunked.memory_scan` (``window`` is ignored: always ``None``
-        for the rules this executor accepts)."""
+        """:func:`memforge.engine.chunked.memory_scan`; a window of one's weights ``gamma``
+        scale the step sizes (``theta_t gamma_t``: the token's only pair)."""
         from memforge.engine.chunked import memory_scan
 
-        return memory_scan(rule.network, rule.objective, rule.retrieval, state, *inputs[:7],
-                           chunk_size=rule.chunk_size, compiled=compiled)
+        window = _window(rule)
+        if window == 1:
+            return memory_scan(rule.network, rule.objective, rule.retrieval, state,
+                               *_fold_window(inputs)[:7], chunk_size=rule.chunk_size,
+                               compiled=compiled)
+        return memory_scan(rule.network, rule.objective, rule.retrieval, state, *inputs[:8],
+                           chunk_size=rule.chunk_size, compiled=compiled, window=window)
 
     def current_weights(self, rule: LearningRule, state: Any) -> tuple[Tensor, ...]:
         """:func:`memforge.engine.chunked.current_weights`."""
         from memforge.engine.chunked import current_weights
 
-        return current_weights(rule.network, rule.objective, state)
+        return current_weights(rule.network, rule.objective, state, _window(rule))
 
     def static_buffers(self, rule: LearningRule, state: Any) -> Any:
         """:func:`memforge.engine.static_chunk.static_chunk` (a ``StaticChunk``)."""
         from memforge.engine.static_chunk import static_chunk
 
-        return static_chunk(rule.network, rule.objective, state, rule.chunk_size)
+        return static_chunk(rule.network, rule.objective, state, rule.chunk_size,
+                            window=_window(rule))
 
     def static_phase(self, rule: LearningRule, state: Any) -> int:
         """The pending tokens of ``state``'s unfinished chunk."""
@@ -217,8 +227,24 @@ class ClosedFormExecutor:
         """:func:`memforge.engine.static_chunk.static_chunk_step`."""
         from memforge.engine.static_chunk import static_chunk_step
 
+        window = _window(rule)
+        if window == 1:
+            return static_chunk_step(rule.network, rule.objective, rule.retrieval, buffers,
+                                     *_fold_window(inputs)[:7], completes=completes)
         return static_chunk_step(rule.network, rule.objective, rule.retrieval, buffers,
-                                 *inputs[:7], completes=completes)
+                                 *inputs[:8], completes=completes, window=window)
+
+
+def _window(rule: LearningRule) -> int:
+    """The objective's window ``c`` (1 when it declares none)."""
+    return int(getattr(rule.objective, "window", 1))
+
+
+def _fold_window(inputs: RuleInputs) -> RuleInputs:
+    """A window of one's weights folded into the step sizes (``inputs`` as they are without)."""
+    if inputs.window is None:
+        return inputs
+    return inputs._replace(lr=inputs.lr * inputs.window, window=None)
 
 
 #: Every executor by name, in preference order for ``"auto"``: the WY kernel (token-exact where
