@@ -175,15 +175,15 @@ def test_hebbian_matrix_memory_is_polynomial_kernel_attention(chunk_size: int) -
 
 
 @pytest.mark.parametrize(("model", "chunk_size", "executor", "tier"), [
-    ("omeganet", 7, "sequential", "chunk-start"),
-    ("omeganet", 1, "sequential", "token-exact"),
+    ("omeganet", 7, "closed_form", "chunk-start"),
+    ("omeganet", 1, "closed_form", "token-exact"),
     ("deep_transformer", 7, "closed_form", "chunk-start"),
     ("atlas", 7, "sequential", "chunk-start"),
     ("atlas", 1, "sequential", "token-exact"),
 ])
 def test_dispatch_and_tier(model: str, chunk_size: int, executor: str, tier: str) -> None:
-    """Muon or a window > 1 go to the sequential executor, GD with a window of one to the
-    closed form; every rule is chunk-start, token-exact at chunk size 1."""
+    """Muon goes to the sequential executor, GD (with a window of any length) to the closed
+    form; every rule is chunk-start, token-exact at chunk size 1."""
     rule = _layer(model, chunk_size).describe_rule()
     assert (rule.executor, rule.tier) == (executor, tier)
 

@@ -133,22 +133,24 @@ def memory_scan(
         return (None, None) if x is None else x.split((full * chunk_size, partial), dim=1)
 
     complete, unfinished = (PendingChunk(*fields) for fields in zip(*map(halves, stream), strict=True))
-    pieces: list[tuple[CoefficientBank, int, Tensor, Tensor]] = []
+    pieces: list[tuple[CoefficientBank | WindowedBank, int, Tensor, Tensor]] = []
     side_chunks: list[Tensor | None] = []
     history = state.history
     if history is not None:  # a window: each chunk's pairs reach back window - 1 (chunk_window)
         pieces, side_chunks = _window_pieces(history, stream, complete, unfinished, full, partial,
                                              chunk_size, window)
-    if full and history is None:
-        bank = CoefficientBank(complete, chunk_size)
-        key_chunks = _split_chunks(complete.keys, chunk_size)
-        value_chunks = _split_chunks(complete.values, chunk_size)
-        pieces += [(bank, i, key_chunks[i], value_chunks[i]) for i in range(full)]
-        side_chunks += ([None] * full if complete.side is None
-                        else list(complete.side.unflatten(1, (-1, chunk_size)).unbind(1)))
-    if partial and history is None:
-        pieces.append((CoefficientBank(unfinished, partial), 0, unfinished.keys, unfinished.values))
-        side_chunks.append(unfinished.side)
+    else:
+        if full:
+            bank = CoefficientBank(complete, chunk_size)
+            key_chunks = _split_chunks(complete.keys, chunk_size)
+            value_chunks = _split_chunks(complete.values, chunk_size)
+            pieces += [(bank, i, key_chunks[i], value_chunks[i]) for i in range(full)]
+            side_chunks += ([None] * full if complete.side is None
+                            else list(complete.side.unflatten(1, (-1, chunk_size)).unbind(1)))
+        if partial:
+            pieces.append((CoefficientBank(unfinished, partial), 0, unfinished.keys,
+                           unfinished.values))
+            side_chunks.append(unfinished.side)
     # This call's queries per chunk, unpadded: the first chunk starts `done` rows in, the last
     # may end early. Padding them to whole chunks would multiply the read cost of decoding by b.
     first = min(chunk_size - done, steps)
@@ -296,10 +298,11 @@ def _compiled_step_inputs(
 def _window_pieces(
     history: WindowHistory, stream: PendingChunk, complete: PendingChunk,
     unfinished: PendingChunk, full: int, partial: int, chunk_size: int, window: int,
-) -> tuple[list[tuple[WindowedBank, int, Tensor, Tensor]], list[Tensor | None]]:
+) -> tuple[list[tuple[CoefficientBank | WindowedBank, int, Tensor, Tensor]],
+           list[Tensor | None]]:
     """:func:`memory_scan`'s pieces for a windowed objective: each chunk's window pairs (the
     ``window - 1`` before it, then its own) and its bank spread over them."""
-    pieces: list[tuple[WindowedBank, int, Tensor, Tensor]] = []
+    pieces: list[tuple[CoefficientBank | WindowedBank, int, Tensor, Tensor]] = []
     side_chunks: list[Tensor | None] = []
     for gates, first, count, size in ((complete, 0, full, chunk_size),
                                       (unfinished, full * chunk_size, 1, partial)):
