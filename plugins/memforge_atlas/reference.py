@@ -26,6 +26,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from memforge_atlas.newton_schulz import COEFFICIENTS, EPS
+from memforge_atlas.rules import Muon
+
 DT = torch.float64
 
 
@@ -159,6 +162,29 @@ def rule_reference(network: Any, objective: Any, retrieval: Any,
     return out, RuleState(tuple(start), tuple(start_moments), new_pending, new_history)
 
 
+def newton_schulz_iterated(update: Tensor, steps: int) -> Tensor:
+    """Muon's Newton-Schulz as its equations run it: ``X <- a X + (b A + c A^2) X`` with
+    ``A = X X^T`` recomputed from ``X`` at every step, on the wide orientation, from
+    ``X_0 = G / (||G|| + eps)`` (the fast path iterates on ``A`` instead)."""
+    x = update / (update.norm(dim=(-2, -1), keepdim=True) + EPS)
+    tall = x.shape[-2] > x.shape[-1]
+    if tall:
+        x = x.mT
+    a, b, c = COEFFICIENTS
+    for _ in range(steps):
+        gram = x @ x.mT
+        x = a * x + (b * gram + c * gram @ gram) @ x
+    return x.mT if tall else x
+
+
+def _transform(optimizer: Any) -> Callable[[Tensor], Tensor] | None:
+    """The reference's update transform: :class:`Muon`'s from :func:`newton_schulz_iterated`,
+    else the optimiser's own (``None`` without one)."""
+    if isinstance(optimizer, Muon):
+        return lambda s: optimizer.scale * newton_schulz_iterated(s, optimizer.steps)
+    return getattr(optimizer, "transform", None)
+
+
 def _heads_first(gate: Tensor | None) -> Tensor | None:
     """``[B, T, H] -> [B * H, T]`` (sequence-major, head-minor), in float64."""
     return None if gate is None else gate.permute(0, 2, 1).flatten(0, 1).to(DT)
@@ -209,7 +235,7 @@ def layer_reference(layer: nn.Module, x: Tensor, state: Any = None) -> tuple[Ten
     else:
         rule_state = _from_engine(state.fast, tokens)
     read, rule_state = rule_reference(
-        layer.memory, layer.objective, layer.retrieval, getattr(layer.optimizer, "transform", None),
+        layer.memory, layer.objective, layer.retrieval, _transform(layer.optimizer),
         rule_state, q.flatten(0, 1).to(DT), tokens,
         window=int(getattr(layer.objective, "window", 1)), chunk_size=layer.chunk_size)
     o = read.unflatten(0, (batch, layer.heads))                              # [B, H, T, d]
