@@ -30,11 +30,12 @@ everything, so outer gradients reach the initial weights, inputs and gates.
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
-from torch import Tensor
-from torch.utils.checkpoint import checkpoint
+from torch import Tensor, nn
+from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from memforge.engine.derived_backward import with_backward
 from memforge.interfaces import (
@@ -111,6 +112,7 @@ class _Parts(NamedTuple):
     project: Callable[[tuple[Tensor, ...], tuple[Tensor, ...]], tuple[Tensor, ...]] | None
     project_at: str | None
     mirror: bool
+    params: tuple[Tensor, ...] = ()
 
     @property
     def per_token(self) -> bool:
@@ -136,6 +138,9 @@ def _parts(rule: LearningRule) -> _Parts:
         project=retention.project if projects else None,
         project_at=retention.applies_at if projects else None,
         mirror=projects and bool(getattr(retention, "mirror", False)),
+        # What a transform or projection may read besides its arguments (a learned scale).
+        params=tuple(p for part in (optimizer, retention) if isinstance(part, nn.Module)
+                     for p in part.parameters() if p.requires_grad),
     )
 
 
@@ -336,52 +341,23 @@ class _ChunkStep:
         """The per-token weights ``W_t``, the momentum and the linearly moved state (the weights,
         or a mirror map's unprojected state) after the chunk, token by token."""
         if self._loop is None:
-            pairs = self.pairs()  # outside the checkpoint: other parts of the chunk share them
+            pairs = self.pairs()  # outside the recomputation: other parts of the chunk share them
             mix = self.mix() if self.parts.window > 1 else None
+            chunk = self.chunk
+            args = (pairs, mix, chunk.lr, chunk.momentum, chunk.log_keep, chunk.window,
+                    self.base, self.moments, self.initial)
             if torch.is_grad_enabled():
-                # Recomputed in the backward: the loop's per-token tensors (weight-sized, several
-                # per token) would otherwise be kept for the whole sequence.
-                self._loop = checkpoint(self._run_loop, pairs, mix, use_reentrant=False)
+                # Run without a graph, again with one in the backward: the loop's per-token
+                # tensors (weight-sized, several per token) are then never kept for the whole
+                # sequence, nor are its graph's small objects, which would pin the freed
+                # weight-sized blocks in the allocator (docs/memory.md, "The sequential executor").
+                # A partial, not a bound method: the graph must not hold this step (whose
+                # results hold the graph), or the two would wait for the cycle collector.
+                run = partial(_token_loop, self.parts, self.exact_reads, self.length)
+                self._loop = _recomputed(run, args, self.parts.params)
             else:
-                self._loop = self._run_loop(pairs, mix)
+                self._loop = _token_loop(self.parts, self.exact_reads, self.length, *args)
         return self._loop
-
-    def _run_loop(self, pairs: list[tuple[Tensor, Tensor]], mix: Tensor | None
-                  ) -> tuple[list[tuple[Tensor, ...]], tuple[Tensor, ...], tuple[Tensor, ...]]:
-        """See :meth:`loop`; keeps every token's weights only when exact reads need them."""
-        parts, chunk = self.parts, self.chunk
-        if mix is not None:
-            updates = [torch.einsum("ntj,nja,njb->ntab", mix, x, g) for x, g in pairs]
-        else:
-            gamma = 1.0 if chunk.window is None else chunk.window[..., None, None]
-            updates = [gamma * x[..., :, None] * g[..., None, :] for x, g in pairs]
-        # Unbound once (an index per token would fill a zero tensor per token in the backward).
-        updates = [u.unbind(1) for u in updates]
-        theta = chunk.lr[..., None, None].unbind(1)
-        eta = None if chunk.momentum is None else chunk.momentum[..., None, None].unbind(1)
-        keep = None if chunk.log_keep is None else chunk.log_keep.exp()[..., None, None].unbind(1)
-        linear, moments = self.base, self.moments
-        per_token: list[tuple[Tensor, ...]] = []
-        for t in range(self.length):
-            steps = tuple(theta[t] * u[t] for u in updates)
-            if eta is not None:
-                steps = tuple(eta[t] * s + step for s, step in zip(moments, steps, strict=True))
-                moments = steps
-            applied = steps
-            if parts.transform_at == "token":
-                applied = tuple(parts.transform(s) for s in steps)
-            if keep is not None:
-                linear = tuple(keep[t] * w - d for w, d in zip(linear, applied, strict=True))
-            else:
-                linear = tuple(w - d for w, d in zip(linear, applied, strict=True))
-            weights = linear
-            if parts.project_at == "token":
-                weights = tuple(parts.project(linear, self.initial))
-                if not parts.mirror:
-                    linear = weights
-            if self.exact_reads or t == self.length - 1:
-                per_token.append(weights)
-        return per_token, moments, linear
 
     def end(self) -> tuple[tuple[Tensor, ...], tuple[Tensor, ...], tuple[Tensor, ...]]:
         """``(W, S, D)`` after the chunk, with its ``"chunk_end"`` parts applied; ``D`` is a mirror
@@ -575,6 +551,102 @@ def _combine(w0: Tensor, s0: Tensor | None, x: Tensor, g: Tensor, keep: Tensor |
 
 # --------------------------------------------------------------------------------------------
 # Plumbing
+
+
+def _token_loop(parts: _Parts, exact_reads: bool, length: int,
+                pairs: list[tuple[Tensor, Tensor]], mix: Tensor | None, lr: Tensor,
+                momentum: Tensor | None, log_keep: Tensor | None, window: Tensor | None,
+                base: tuple[Tensor, ...], start_moments: tuple[Tensor, ...],
+                initial: tuple[Tensor, ...]
+                ) -> tuple[list[tuple[Tensor, ...]], tuple[Tensor, ...], tuple[Tensor, ...]]:
+    """:meth:`_ChunkStep.loop` over a chunk of ``length`` tokens, from its tensors; keeps every
+    token's weights only when ``exact_reads`` need them."""
+    # Token t's step theta_t u_t is built when the loop reaches it, one matmul per matrix,
+    # never all b weight-sized updates at once. Unbound once (an index per token would fill
+    # a zero tensor per token in the backward).
+    if mix is not None:
+        coefs = (lr[..., None] * mix).unbind(1)                        # [N, lag + b] each
+    else:
+        coefs = (lr if window is None else lr * window).unbind(1)      # [N] each
+        token_pairs = [(x.unbind(1), g.unbind(1)) for x, g in pairs]
+    eta = None if momentum is None else momentum[..., None, None].unbind(1)
+    keep = None if log_keep is None else log_keep.exp()[..., None, None].unbind(1)
+    linear, moments = base, start_moments
+    per_token: list[tuple[Tensor, ...]] = []
+    for t in range(length):
+        if mix is not None:
+            factors = [_weighted(x, g, coefs[t]) for x, g in pairs]
+        else:
+            factors = [((xs[t] * coefs[t][:, None])[..., None], gs[t][:, None, :])
+                       for xs, gs in token_pairs]
+        if eta is None:
+            steps = tuple(torch.bmm(*f) for f in factors)
+        else:
+            steps = tuple(torch.baddbmm(eta[t] * s, *f)
+                          for s, f in zip(moments, factors, strict=True))
+            moments = steps
+        applied = steps
+        if parts.transform_at == "token":
+            applied = tuple(parts.transform(s) for s in steps)
+        if keep is not None:
+            linear = tuple(keep[t] * w - d for w, d in zip(linear, applied, strict=True))
+        else:
+            linear = tuple(w - d for w, d in zip(linear, applied, strict=True))
+        weights = linear
+        if parts.project_at == "token":
+            weights = tuple(parts.project(linear, initial))
+            if not parts.mirror:
+                linear = weights
+        if exact_reads or t == length - 1:
+            per_token.append(weights)
+    return per_token, moments, linear
+
+
+class _Recompute(torch.autograd.Function):
+    """``fn(*tensors[:count])`` computed without a graph; the backward computes it again with one
+    and differentiates that. ``tensors[count:]`` are parameters ``fn`` reads by itself."""
+
+    @staticmethod
+    def forward(ctx: Any, fn: Callable[..., tuple[Tensor, ...]], count: int, *tensors: Tensor
+                ) -> tuple[Tensor, ...]:
+        ctx.fn, ctx.count = fn, count
+        ctx.save_for_backward(*tensors)
+        with torch.no_grad():
+            return fn(*tensors[:count])
+
+    @staticmethod
+    def backward(ctx: Any, *grads: Tensor) -> tuple[Tensor | None, ...]:
+        tensors = ctx.saved_tensors
+        inputs = [t.detach().requires_grad_(t.requires_grad) for t in tensors[:ctx.count]]
+        create_graph = torch.is_grad_enabled()  # set by an outer create_graph=True
+        with torch.enable_grad():
+            outputs = ctx.fn(*inputs)
+        wanted = [t for t in (*inputs, *tensors[ctx.count:]) if t.requires_grad]
+        pairs = [(o, g) for o, g in zip(outputs, grads, strict=True) if o.requires_grad]
+        found = iter(torch.autograd.grad([o for o, _ in pairs], wanted, [g for _, g in pairs],
+                                         allow_unused=True, create_graph=create_graph)
+                     if pairs and wanted else ())
+        return (None, None, *(next(found) if t.requires_grad else None
+                              for t in (*inputs, *tensors[ctx.count:])))
+
+
+def _recomputed(fn: Callable[..., Any], args: tuple[Any, ...], params: tuple[Tensor, ...]) -> Any:
+    """``fn(*args)`` (nested tuples and lists of tensors, ``None``s allowed, in and out) through
+    :class:`_Recompute`, with gradients to every tensor in ``args`` and to ``params``."""
+    leaves, spec = tree_flatten(args)
+    where = [i for i, x in enumerate(leaves) if isinstance(x, Tensor)]
+    out_spec: list[Any] = []
+
+    def flat(*tensors: Tensor) -> tuple[Tensor, ...]:
+        filled = list(leaves)
+        for i, t in zip(where, tensors, strict=True):
+            filled[i] = t
+        out, spec_out = tree_flatten(fn(*tree_unflatten(filled, spec)))
+        out_spec[:] = [spec_out]
+        return tuple(out)
+
+    outputs = _Recompute.apply(flat, len(where), *(leaves[i] for i in where), *params)
+    return tree_unflatten(list(outputs), out_spec[0])
 
 
 def _tokens(inputs: RuleInputs) -> PendingTokens:
