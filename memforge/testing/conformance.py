@@ -149,12 +149,10 @@ def memory_layer(target: str | ModelSpec | nn.Module, registry: ComponentRegistr
                               dim, heads)
     if isinstance(target, str) and target in registry.names("memory_layer"):
         spec = layer_spec(target, registry, chunk_size=chunk_size)
-    elif isinstance(target, str):
-        spec = _preset(target, registry)
+    else:
+        spec = _preset(target, registry) if isinstance(target, str) else target
         if chunk_size is not None:
             spec = override(spec, [f"memory_layer.chunk_size={chunk_size}"], registry)
-    else:
-        spec = target
     choice = spec.choice("memory_layer", layer)
     if choice is None:
         raise ValueError(f"the spec has no memory layer in layer {layer}")
