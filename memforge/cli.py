@@ -145,9 +145,11 @@ def _show(args: argparse.Namespace, console: Console) -> int:
         if parts:
             line += f" built from {parts}"
         if rule is not None:
-            line += (f"; rule: objective {rule.objective}, optimizer {rule.optimizer}, retention "
-                     f"{rule.retention}, {rule.schedule}; tier {rule.tier}; executor "
-                     f"{rule.executor}")
+            # Parts already name the objective, optimizer and retention; a layer without them
+            # (its own rule) describes them here.
+            words = ("" if parts else f"objective {rule.objective}, optimizer {rule.optimizer}, "
+                                      f"retention {rule.retention}, ")
+            line += f"; rule: {words}{rule.schedule}; tier {rule.tier}; executor {rule.executor}"
         console.print(line, markup=False, highlight=False)
     return 0
 

@@ -337,8 +337,9 @@ def test_the_layer_hands_the_objectives_side_input_to_the_kernel() -> None:
                            "gated decay (before the gradient), WY chunks of 8; tier token-exact; "
                            "executor wy"),
     ("titans.lmm_tiny", "; tier chunk-start; executor closed_form"),
-    ("atlas.omeganet_lmm", "objective atlas.omega, optimizer atlas.gd, retention "
-                           "titans.adaptive_decay, chunks of 16; tier chunk-start; executor "
+    ("atlas.omeganet_lmm", "objective 'atlas.omega', optimizer 'atlas.gd', retention "
+                           "'titans.adaptive_decay', retrieval 'titans.chunk_start', projection "
+                           "'titans.conv_qkv'; rule: chunks of 16; tier chunk-start; executor "
                            "closed_form"),
 ])
 def test_show_prints_each_memory_layers_rule_tier_and_executor(capsys, preset: str,
