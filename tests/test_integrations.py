@@ -31,12 +31,14 @@ DT = torch.float64
 EXACT = {"atol": 1e-10, "rtol": 1e-9}
 FEW = settings(deadline=None, max_examples=6)
 
-#: The tiny presets of titans, the baselines and delta (the hybrids included), and two of each
-#: other family's (one memory-only, one MAC, their layers on every executor that family uses):
+#: The tiny presets of titans, the baselines and delta (the hybrids included), and two or three
+#: of each other family's (one memory-only, one MAC, their layers on every executor that family
+#: uses):
 #: those families' own test files run every one of their presets. Plus one tiny preset per
 #: Titans integration.
 FAMILY_TINY = ["ttt.linear_lmm_tiny", "ttt.mlp_mac_tiny", "miras.yaad_lmm_tiny",
-               "miras.memora_mac_tiny", "atlas.omeganet_lmm_tiny", "atlas.deep_transformer_mac_tiny",
+               "miras.memora_mac_tiny", "atlas.omeganet_lmm_tiny", "atlas.atlas_lmm_tiny",
+               "atlas.deep_transformer_mac_tiny",
                "lact.lact_tiny", "lact.mac_tiny"]
 TINY = [name for name in memforge.presets() if name.endswith("_tiny")
         and name.split(".")[0] in ("titans", "baseline", "delta")] + FAMILY_TINY
