@@ -38,6 +38,7 @@ from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from memforge.engine.derived_backward import with_backward
+from memforge.engine.window import WindowHistory, window_mix
 from memforge.interfaces import (
     LinearFn,
     MemoryNetwork,
@@ -66,16 +67,6 @@ class PendingTokens(NamedTuple):
     lr: Tensor
     momentum: Tensor | None
     log_keep: Tensor | None
-    side: Tensor | None
-    window: Tensor | None
-
-
-class WindowHistory(NamedTuple):
-    """The last ``min(c - 1, tokens so far)`` pairs before the current chunk (``c`` = window),
-    which a windowed objective re-evaluates at every chunk's start weights."""
-
-    keys: Tensor
-    values: Tensor
     side: Tensor | None
     window: Tensor | None
 
@@ -314,13 +305,10 @@ class _ChunkStep:
         """``[N, b, lag + b]``: entry ``[t, i]`` is ``gamma_i`` when pair ``i`` is in token
         ``t``'s window, else 0, so ``u_t = sum_i mix[t, i] x_i^T g_i``."""
         if self._mix is None:
-            lag, size, window = self.history.keys.shape[1], self.length, self.parts.window
             like = self.chunk.lr
-            token = torch.arange(size, device=like.device)[:, None] + lag
-            pair = torch.arange(lag + size, device=like.device)[None, :]
-            band = ((pair <= token) & (pair > token - window)).to(like.dtype)
-            gamma = _join(self.history.window, self.chunk.window)
-            self._mix = band.expand(like.shape[0], -1, -1) if gamma is None else band * gamma[:, None, :]
+            mix = window_mix(self.history.keys.shape[1], self.length, self.parts.window,
+                             _join(self.history.window, self.chunk.window), None, like)
+            self._mix = mix.expand(like.shape[0], -1, -1)
         return self._mix
 
     def spread(self, coef: Tensor) -> Tensor:
