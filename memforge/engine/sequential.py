@@ -620,7 +620,9 @@ class _Recompute(torch.autograd.Function):
 
 def _recomputed(fn: Callable[..., Any], args: tuple[Any, ...], params: tuple[Tensor, ...]) -> Any:
     """``fn(*args)`` (nested tuples and lists of tensors, ``None``s allowed, in and out) through
-    :class:`_Recompute`, with gradients to every tensor in ``args`` and to ``params``."""
+    :class:`_Recompute`, with gradients to every tensor in ``args`` and to ``params``. The
+    flattening is torch's own (``torch.utils._pytree``, what torch.func and torch.compile use;
+    torch 2.13 has no public alias)."""
     leaves, spec = tree_flatten(args)
     where = [i for i, x in enumerate(leaves) if isinstance(x, Tensor)]
     out_spec: list[Any] = []
