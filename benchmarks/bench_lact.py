@@ -16,7 +16,11 @@ Measured in one run:
 * the share: achieved FLOP/s over that rate (the issue's target: at least 50%; the LaCT paper
   reports about 70% on a GPU).
 
-Usage: ``python benchmarks/bench_lact.py [--repeats 5] [--threads 2] [--muon] [--profile]``.
+With ``--compile`` the layer runs through ``torch.compile`` (its element-wise work fused; the
+compilation is the warm-up, the FLOPs are counted on the eager layer, which runs the same matmuls).
+
+Usage: ``python benchmarks/bench_lact.py [--repeats 5] [--threads 2] [--muon] [--compile]
+[--profile]``.
 Prints a table and one JSON line.
 """
 
@@ -102,6 +106,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--muon", action="store_true", help="the layer with Muon on")
+    parser.add_argument("--compile", action="store_true",
+                        help="time the layer through torch.compile (element-wise work fused)")
     parser.add_argument("--profile", action="store_true", help="only the op-level profile")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -114,7 +120,7 @@ def main() -> None:
         profile(layer, x, w)
         return
     rate_before = matmul_rate(args.repeats)
-    times = time_step(layer, x, w, args.repeats)
+    times = time_step(torch.compile(layer) if args.compile else layer, x, w, args.repeats)
     rate_after = matmul_rate(args.repeats)
     flops = count_flops(layer, x, w)
     seconds = statistics.median(times)
@@ -132,6 +138,7 @@ def main() -> None:
     versions = {name: importlib.metadata.version(name) for name in ("memforge", "torch")}
     print(json.dumps({"bench": "lact", "versions": versions, "cpu": cpu_name(),
                       "threads": args.threads, "repeats": args.repeats, "muon": args.muon,
+                      "compiled": args.compile,
                       "config": {"dim": DIM, "heads": HEADS, "chunk": CHUNK, "tokens": TOKENS,
                                  "batch": BATCH, "dtype": "float32"},
                       "result": result}))
@@ -143,7 +150,7 @@ def print_table(result: dict, args: argparse.Namespace) -> None:
 
     table = Table(title=f"lact.layer forward+backward on {cpu_name()}, {args.threads} threads: dim "
                         f"{DIM}, {HEADS} heads, chunk {CHUNK}, {TOKENS} tokens, batch {BATCH}, fp32"
-                        + (", Muon" if args.muon else ""))
+                        + (", Muon" if args.muon else "") + (", compiled" if args.compile else ""))
     for column in ("measure", "value"):
         table.add_column(column)
     table.add_row("time (median)", f"{result['seconds'] * 1e3:.1f} ms (spread {result['spread']:.0%})")
