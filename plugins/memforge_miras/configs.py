@@ -44,10 +44,9 @@ class HuberObjectiveConfig:
     on the layer input (``delta_t = sqrt(d) * softplus(x w + b)``, ``d`` the head width)."""
 
     # The paper makes delta_t data-dependent without giving its start. A fresh MIRAS memory's error
-    # norm is about sqrt(d) (its layer-normed output alone has that norm); 3 starts every token on
-    # the l2 branch, whose step passes outer gradients to the value, while the l1 step sign(e)
-    # passes none, and the gate learns where to switch (docs/zoo.md, "MIRAS": training).
-    delta_init: float = option(3.0, gt=0, le=100.0, typical=(0.1, 10.0),
+    # norm is about sqrt(d) (its layer-normed output alone has that norm), so 1 starts the
+    # threshold in the middle of the errors and both branches are taken from the first step.
+    delta_init: float = option(1.0, gt=0, le=100.0, typical=(0.1, 10.0),
                                help="initial threshold delta, in units of sqrt(head width)")
 
 

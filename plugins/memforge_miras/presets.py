@@ -21,12 +21,6 @@ ATTENTION_SIZES = {"tiny": (16, 8, 2), "small": (64, 64, 4)}
 #: Each model's objective and retention (the memory, optimiser, projection and read are shared).
 RULES = {"moneta": ("miras.lp", "miras.lq"), "yaad": ("miras.huber", "miras.l2_decay"),
          "memora": ("miras.l2", "miras.kl")}
-#: Settings the paper leaves open that a model's preset sets (docs/zoo.md, "MIRAS": step sizes):
-#: Yaad's plain GD, which has no momentum to carry a write over the following tokens, at a step
-#: where one write moves a fresh memory's read of the key about halfway to the value, as Titans'
-#: momentum does at its defaults (tests/test_miras.py measures it).
-SETTINGS: dict[str, dict[str, Any]] = {
-    "moneta": {}, "yaad": {"optimizer.max_lr": 0.05, "optimizer.lr_init": 0.025}, "memora": {}}
 #: The spec the presets start from: a plain transformer (its kinds are all replaced below).
 BASE = "baseline.transformer_tiny"
 
@@ -44,7 +38,7 @@ def miras_spec(size: str, model: str, integration: str, attention: str = "baseli
         "memory_layer": f"miras.{model}", "memory_layer.chunk_size": chunk,
         "projection": "miras.conv_qkv", "memory": "miras.mlp", "objective": objective,
         "optimizer": "miras.gd", "retention": retention, "retrieval": "miras.chunk_start",
-        **SETTINGS[model], **settings})
+        **settings})
 
 
 def _lmm(size: str, model: str) -> ModelSpec:
