@@ -21,7 +21,7 @@ from torch import Tensor
 
 from memforge.engine.chunk_coefficients import EndCoefficients, ReadCoefficients
 from memforge.engine.chunk_state import PendingChunk
-from memforge.engine.window import WindowHistory, window_mix
+from memforge.engine.window import WindowHistory, join_time, window_mix
 
 
 class WindowedBank:
@@ -91,10 +91,8 @@ def window_pieces(history: WindowHistory, stream: PendingChunk, first: int, coun
     index = positions.clamp_min(0)
 
     def gather(old: Tensor | None, new: Tensor | None) -> tuple[Tensor | None, ...]:
-        if new is None:
-            return (None,) * count
-        joined = torch.cat((old, new), 1) if lag else new
-        return joined[:, index].unbind(1)
+        joined = join_time(old, new)
+        return (None,) * count if joined is None else joined[:, index].unbind(1)
 
     gamma = gather(history.window, stream.window)
     valid = positions >= 0
@@ -123,15 +121,10 @@ def pending_pieces(history: WindowHistory, pending: PendingChunk, window: int
                    ) -> tuple[Tensor, Tensor, Tensor | None, Tensor]:
     """``(keys, values, side, mix)`` of the pending tokens as one chunk after ``history``, with
     the history's own length as the reach (nothing invalid to mask)."""
-    lag = history.keys.shape[1]
-
-    def joined(old: Tensor | None, new: Tensor | None) -> Tensor | None:
-        return None if new is None else torch.cat((old, new), 1)
-
-    gamma = joined(history.window, pending.window)
-    mix = window_mix(lag, pending.keys.shape[1], window, gamma, None, pending.lr)
-    return (joined(history.keys, pending.keys), joined(history.values, pending.values),
-            joined(history.side, pending.side), mix)
+    mix = window_mix(history.keys.shape[1], pending.keys.shape[1], window,
+                     join_time(history.window, pending.window), None, pending.lr)
+    return (join_time(history.keys, pending.keys), join_time(history.values, pending.values),
+            join_time(history.side, pending.side), mix)
 
 
 __all__ = ["WindowPieces", "WindowedBank", "next_history", "pending_pieces", "window_pieces"]

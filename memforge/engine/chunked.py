@@ -45,7 +45,7 @@ from memforge.engine.chunk_state import (
     initial_state,
 )
 from memforge.engine.chunk_window import WindowedBank, next_history, pending_pieces, window_pieces
-from memforge.engine.window import WindowHistory
+from memforge.engine.window import WindowHistory, join_time
 from memforge.interfaces import MemoryNetwork
 
 
@@ -120,10 +120,10 @@ def memory_scan(
         keys=torch.cat((pending.keys, keys), 1) if done else keys,
         values=torch.cat((pending.values, values), 1) if done else values,
         lr=torch.cat((pending.lr, lr), 1) if done else lr,
-        momentum=_join_gate(pending.momentum, momentum),
-        log_keep=_join_gate(pending.log_keep, log_keep),
-        side=_join_gate(pending.side, side),
-        window=_join_gate(pending.window, gamma),
+        momentum=join_time(pending.momentum, momentum),
+        log_keep=join_time(pending.log_keep, log_keep),
+        side=join_time(pending.side, side),
+        window=join_time(pending.window, gamma),
     )
     # Complete chunks share one vectorised bank; an unfinished last chunk gets its own, sized to
     # its tokens. Nothing is padded: a decoding step with r pending tokens costs O(r) surprise
@@ -313,13 +313,6 @@ def _window_pieces(
         pieces += [(bank, i, found.keys[i], found.values[i]) for i in range(count)]
         side_chunks += found.side
     return pieces, side_chunks
-
-
-def _join_gate(pending: Tensor | None, gate: Tensor | None) -> Tensor | None:
-    """The pending tokens' gate followed by this call's (``None`` stays ``None``)."""
-    if gate is None:
-        return None
-    return torch.cat((pending, gate), 1) if pending.shape[1] else gate
 
 
 def _check_scan_inputs(

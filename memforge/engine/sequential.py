@@ -38,7 +38,7 @@ from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from memforge.engine.derived_backward import with_backward
-from memforge.engine.window import WindowHistory, window_mix
+from memforge.engine.window import WindowHistory, join_time, window_mix
 from memforge.interfaces import (
     LinearFn,
     MemoryNetwork,
@@ -290,7 +290,7 @@ class _ChunkStep:
         if self._pairs is None:
             keys = torch.cat((self.history.keys, self.chunk.keys), 1)
             values = torch.cat((self.history.values, self.chunk.values), 1)
-            side = _join(self.history.side, self.chunk.side)
+            side = join_time(self.history.side, self.chunk.side)
             at = self.weights
             if self.parts.decay_first and self.chunk.log_keep is not None:
                 # Chunk size 1: the gradient at the decayed state keep_t * W_{t-1}.
@@ -307,7 +307,7 @@ class _ChunkStep:
         if self._mix is None:
             like = self.chunk.lr
             mix = window_mix(self.history.keys.shape[1], self.length, self.parts.window,
-                             _join(self.history.window, self.chunk.window), None, like)
+                             join_time(self.history.window, self.chunk.window), None, like)
             self._mix = mix.expand(like.shape[0], -1, -1)
         return self._mix
 
@@ -648,11 +648,6 @@ def _tokens(inputs: RuleInputs) -> PendingTokens:
 def _empty(tokens: PendingTokens) -> PendingTokens:
     """No tokens, with the fields (and their ``None``s) of ``tokens``."""
     return PendingTokens(*(None if x is None else x[:, :0] for x in tokens))
-
-
-def _join(first: Tensor | None, second: Tensor | None) -> Tensor | None:
-    """``first`` then ``second`` along time (``None`` stays ``None``)."""
-    return None if second is None else torch.cat((first, second), 1)
 
 
 def _advance_history(history: WindowHistory, chunk: PendingTokens, window: int) -> WindowHistory:

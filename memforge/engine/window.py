@@ -34,6 +34,14 @@ class WindowHistory(NamedTuple):
     window: Tensor | None
 
 
+def join_time(first: Tensor | None, second: Tensor | None) -> Tensor | None:
+    """``first`` then ``second`` along time (dimension 1); ``None`` when ``second`` is (an
+    optional input stays off), ``second`` itself when ``first`` holds no tokens."""
+    if second is None:
+        return None
+    return torch.cat((first, second), 1) if first.shape[1] else second
+
+
 def window_mix(reach: int, size: int, window: int, gamma: Tensor | None,
                valid: Tensor | None, like: Tensor) -> Tensor:
     """``[..., size, reach + size]``: entry ``[t, p]`` is ``gamma_p`` when pair ``p`` lies in token
@@ -55,4 +63,4 @@ def window_mix(reach: int, size: int, window: int, gamma: Tensor | None,
     return band if weights is None else band * weights[..., None, :]
 
 
-__all__ = ["WindowHistory", "window_mix"]
+__all__ = ["WindowHistory", "join_time", "window_mix"]
