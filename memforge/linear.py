@@ -41,10 +41,10 @@ _ENABLED = (os.environ.get(OPT_OUT, "1") != "0" and torch.backends.mkldnn.is_ava
 
 def uses_onednn(x: Tensor, weight: Tensor) -> bool:
     """Whether :func:`linear` computes ``x @ weight.T`` through oneDNN (see the module docstring)."""
-    return (_ENABLED and x.device.type == "cpu" and x.dtype == torch.float32
-            and weight.dtype == torch.float32 and x.dim() >= 2
-            and not torch.is_autocast_enabled("cpu")
-            and x.numel() >= MIN_ROWS * x.shape[-1]
+    # The row count first: it is the cheapest test and the one a decoding step (a few rows) fails.
+    return (_ENABLED and x.dim() >= 2 and x.numel() >= MIN_ROWS * x.shape[-1]
+            and x.device.type == "cpu" and x.dtype == torch.float32
+            and weight.dtype == torch.float32 and not torch.is_autocast_enabled("cpu")
             and min(weight.shape) >= MIN_WIDTH)
 
 

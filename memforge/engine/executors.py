@@ -27,7 +27,9 @@ from typing import Any, NamedTuple, Protocol, runtime_checkable
 
 from torch import Tensor
 
+from memforge.engine.chunked import current_weights, initial_state, memory_scan
 from memforge.engine.sequential import SequentialExecutor
+from memforge.engine.static_chunk import static_chunk, static_chunk_step
 from memforge.engine.wy_executor import WYExecutor
 from memforge.errors import SpecError
 from memforge.interfaces import (
@@ -182,8 +184,6 @@ class ClosedFormExecutor:
 
     def initial_state(self, rule: LearningRule, batch: int, inputs: RuleInputs) -> Any:
         """:func:`memforge.engine.chunked.initial_state` with the inputs' optional gates."""
-        from memforge.engine.chunked import initial_state
-
         window = _window(rule)
         return initial_state(rule.network, batch, momentum_enabled=inputs.momentum is not None,
                              decay_enabled=inputs.log_keep is not None,
@@ -195,8 +195,6 @@ class ClosedFormExecutor:
              compiled: bool = False) -> tuple[Tensor, Any]:
         """:func:`memforge.engine.chunked.memory_scan`; a window of one's weights ``gamma``
         scale the step sizes (``theta_t gamma_t``: the token's only pair)."""
-        from memforge.engine.chunked import memory_scan
-
         window = _window(rule)
         if window == 1:
             return memory_scan(rule.network, rule.objective, rule.retrieval, state,
@@ -207,14 +205,10 @@ class ClosedFormExecutor:
 
     def current_weights(self, rule: LearningRule, state: Any) -> tuple[Tensor, ...]:
         """:func:`memforge.engine.chunked.current_weights`."""
-        from memforge.engine.chunked import current_weights
-
         return current_weights(rule.network, rule.objective, state, _window(rule))
 
     def static_buffers(self, rule: LearningRule, state: Any) -> Any:
         """:func:`memforge.engine.static_chunk.static_chunk` (a ``StaticChunk``)."""
-        from memforge.engine.static_chunk import static_chunk
-
         return static_chunk(rule.network, rule.objective, state, rule.chunk_size,
                             window=_window(rule))
 
@@ -225,8 +219,6 @@ class ClosedFormExecutor:
     def static_step(self, rule: LearningRule, buffers: Any, inputs: RuleInputs,
                     completes: bool) -> Tensor:
         """:func:`memforge.engine.static_chunk.static_chunk_step`."""
-        from memforge.engine.static_chunk import static_chunk_step
-
         window = _window(rule)
         if window == 1:
             return static_chunk_step(rule.network, rule.objective, rule.retrieval, buffers,

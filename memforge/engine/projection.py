@@ -56,10 +56,11 @@ class QKVProjection(nn.Module):
             else:
                 h = self.conv(window.transpose(1, 2)).transpose(1, 2)
             cache = ProjectionCache(window[:, window.shape[1] - (self.kernel - 1):])
-        h = F.silu(h)
-        q, k, v = (t.unflatten(-1, (self.heads, self.head_dim)).transpose(1, 2)
-                   for t in h.chunk(3, dim=-1))
-        return F.normalize(q, dim=-1), F.normalize(k, dim=-1), v, cache
+        # [B, T, 3 * H * d] -> [B, 3 * H, T, d]: q and k are normalised in one call.
+        h = F.silu(h).unflatten(-1, (3 * self.heads, self.head_dim)).transpose(1, 2)
+        query_key, v = h[:, : 2 * self.heads], h[:, 2 * self.heads:]
+        q, k = F.normalize(query_key, dim=-1).chunk(2, dim=1)
+        return q, k, v, cache
 
 
 __all__ = ["ProjectionCache", "QKVProjection"]
