@@ -10,8 +10,10 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from memforge_miras.configs import HuberObjectiveConfig
 from memforge_miras.reference import final_weights, layer_reference
 from memforge_miras.rules import (
+    L1_STEPS,
     HuberObjective,
     KLRetention,
     LpObjective,
@@ -37,11 +39,15 @@ MODELS = ("moneta", "yaad", "memora")
 PRESETS = [f"miras.{model}_{integration}_tiny" for model in MODELS
            for integration in ("lmm", "mac", "mag", "mal")]
 EXACT = {"rtol": 1e-9, "atol": 1e-10}
+#: Yaad's steps above the threshold other than the default, each held to the reference too.
+OTHER_L1_STEPS = [step for step in L1_STEPS if step != HuberObjectiveConfig().l1_step]
 
 
-def layer(model: str, chunk: int | None = None):
-    """The memory layer of ``miras.<model>_lmm_tiny`` in float64 (``chunk``: its chunk size)."""
-    return memory_layer(f"miras.{model}_lmm_tiny", chunk_size=chunk).module
+def layer(model: str, chunk: int | None = None, *settings: str):
+    """The memory layer of ``miras.<model>_lmm_tiny`` in float64 (``chunk``: its chunk size;
+    ``settings``: further ``key=value`` overrides)."""
+    spec = memforge.override(memforge.preset(f"miras.{model}_lmm_tiny"), list(settings))
+    return memory_layer(spec, chunk_size=chunk).module
 
 
 def inputs(length: int, dim: int = 32, seed: int = 0, batch: int = 2) -> torch.Tensor:
@@ -88,8 +94,8 @@ def test_moneta_at_p_2_is_the_l2_gradient_doubled():
     torch.testing.assert_close(objective.loss_grad(error, torch.zeros_like(error)), 2 * error, **EXACT)
 
 
-def huber(delta: float) -> tuple[HuberObjective, torch.Tensor]:
-    objective = HuberObjective(8, 2, 4, delta_init=delta).to(DT)
+def huber(delta: float, l1_step: str = "sign") -> tuple[HuberObjective, torch.Tensor]:
+    objective = HuberObjective(8, 2, 4, delta_init=delta, l1_step=l1_step).to(DT)
     return objective, objective(torch.zeros(1, 3, 8, dtype=DT)).side
 
 
@@ -101,21 +107,58 @@ def test_huber_threshold_is_a_positive_per_token_per_head_side_input():
     assert bool((objective(x).side > 0).all())
 
 
-def test_huber_switches_between_l2_and_l1_per_token():
-    objective, _ = huber(1.0)
+@pytest.mark.parametrize(("l1_step", "step"), [
+    ("sign", torch.sign), ("tanh", lambda e: torch.tanh(10 * e)), ("normalised", lambda e: e / e.norm())])
+def test_huber_switches_between_l2_and_l1_per_token(l1_step, step):
+    objective, _ = huber(1.0, l1_step)
     target = torch.zeros(1, 2, 3, dtype=DT)
     prediction = torch.tensor([[[0.3, -0.4, 0.1], [2.0, -3.0, 0.5]]], dtype=DT)
     delta = torch.tensor([[1.0, 1.5]], dtype=DT)
     grad = objective.loss_grad(prediction, target, delta)
-    torch.testing.assert_close(grad[0, 0], prediction[0, 0])                      # ||e|| <= delta
-    torch.testing.assert_close(grad[0, 1], 1.5 * torch.sign(prediction[0, 1]))   # above: delta sign(e)
+    torch.testing.assert_close(grad[0, 0], prediction[0, 0])                  # ||e|| <= delta
+    torch.testing.assert_close(grad[0, 1], 1.5 * step(prediction[0, 1]))     # above: delta s(e)
     leaf = prediction.clone().requires_grad_()
     (want,) = torch.autograd.grad(objective.loss(leaf, target, delta).sum(), leaf)
     torch.testing.assert_close(grad, want, **EXACT)
 
 
-def test_huber_with_a_huge_threshold_is_the_l2_objective():
-    objective, _ = huber(1.0)
+@settings(deadline=None, max_examples=30)
+@given(errors, st.floats(0.05, 4.0), st.sampled_from(L1_STEPS))
+def test_huber_loss_back_propagates_exactly_its_gradient_on_both_branches(error, delta, l1_step):
+    objective, _ = huber(1.0, l1_step)
+    prediction = error.clone().requires_grad_()
+    target, side = torch.zeros_like(error), torch.full(error.shape[:-1], delta, dtype=DT)
+    (grad,) = torch.autograd.grad(objective.loss(prediction, target, side).sum(), prediction)
+    torch.testing.assert_close(grad, objective.loss_grad(prediction, target, side), **EXACT)
+
+
+@settings(deadline=None, max_examples=30)
+@given(errors.filter(lambda e: bool(e.norm() > 0.1)), st.floats(0.2, 1.0))
+def test_the_normalised_step_is_the_l2_step_capped_at_delta_and_continuous(error, fraction):
+    """Above the threshold the step has the ℓ2 step's direction and length ``delta``; at the
+    threshold both branches give ``e`` (the sign step jumps there, up to ``sqrt(d)`` times)."""
+    objective, _ = huber(1.0, "normalised")
+    norm, zero = error.norm(), torch.zeros_like(error)
+    capped = objective.loss_grad(error, zero, (fraction * norm)[None, None])
+    torch.testing.assert_close(capped, fraction * error, **EXACT)
+    torch.testing.assert_close(objective.loss_grad(error, zero, norm[None, None] * (1 - 1e-12)),
+                               error, rtol=1e-9, atol=1e-10)
+
+
+@pytest.mark.parametrize(("l1_step", "passes"), [("sign", False), ("tanh", True), ("normalised", True)])
+def test_which_steps_pass_outer_gradient_through_the_l1_branch(l1_step, passes):
+    """Only a step that varies with the error lets the outer loss reach the values through a
+    token above the threshold (docs/zoo.md, "MIRAS": Yaad's switch)."""
+    objective, _ = huber(1.0, l1_step)
+    error = torch.tensor([[[0.05, -0.08, 0.02, 3.0]]], dtype=DT, requires_grad=True)
+    step = objective.loss_grad(error, torch.zeros_like(error), torch.tensor([[1.0]], dtype=DT))
+    (grad,) = torch.autograd.grad(step.square().sum(), error)
+    assert bool(grad.any()) is passes
+
+
+@pytest.mark.parametrize("l1_step", L1_STEPS)
+def test_huber_with_a_huge_threshold_is_the_l2_objective(l1_step):
+    objective, _ = huber(1.0, l1_step)
     prediction, target = torch.randn(2, 7, 4, dtype=DT), torch.randn(2, 7, 4, dtype=DT)
     grad = objective.loss_grad(prediction, target, torch.full((2, 7), 1e6, dtype=DT))
     torch.testing.assert_close(grad, prediction - target, **EXACT)
@@ -188,7 +231,16 @@ def test_each_rule_runs_on_its_executor_at_its_tier(model, executor, tier):
 @pytest.mark.parametrize("model", MODELS)
 @pytest.mark.parametrize("chunk", [1, 7, 16])
 def test_the_layer_equals_the_reference_with_outer_gradients(model, chunk):
-    module = layer(model, chunk)
+    assert_equals_the_reference_with_outer_gradients(layer(model, chunk))
+
+
+@pytest.mark.parametrize("l1_step", OTHER_L1_STEPS)
+@pytest.mark.parametrize("chunk", [1, 7])
+def test_yaad_equals_the_reference_with_outer_gradients_at_each_l1_step(l1_step, chunk):
+    assert_equals_the_reference_with_outer_gradients(layer("yaad", chunk, f"objective.l1_step={l1_step}"))
+
+
+def assert_equals_the_reference_with_outer_gradients(module) -> None:
     x = inputs(23).requires_grad_()
     params = [p for p in module.parameters() if p.requires_grad]
     fast, _ = module(x)
@@ -208,7 +260,17 @@ def test_the_layer_equals_the_reference_with_outer_gradients(model, chunk):
 @pytest.mark.parametrize("model", MODELS)
 @pytest.mark.parametrize("chunk", [1, 7, 16])
 def test_split_anywhere_with_state_equals_the_reference_whole(model, chunk, data):
-    module = layer(model, chunk)
+    assert_split_equals_the_reference_whole(layer(model, chunk), chunk, data)
+
+
+@settings(deadline=None, max_examples=4)
+@given(st.data())
+@pytest.mark.parametrize("l1_step", OTHER_L1_STEPS)
+def test_yaad_split_anywhere_equals_the_reference_whole_at_each_l1_step(l1_step, data):
+    assert_split_equals_the_reference_whole(layer("yaad", 7, f"objective.l1_step={l1_step}"), 7, data)
+
+
+def assert_split_equals_the_reference_whole(module, chunk: int, data) -> None:
     length = data.draw(st.integers(2, 40).filter(lambda n: n % 2), label="length")
     cuts = sorted(set(data.draw(st.lists(st.integers(1, length - 1), max_size=3), label="cuts")))
     x = inputs(length, seed=length)
@@ -235,8 +297,9 @@ def test_the_reference_continues_from_the_layers_state(model):
                                    layer_reference(module, x)[0][:, 9:], **EXACT)
 
 
-def test_yaad_takes_both_branches_of_the_huber_switch():
-    module = layer("yaad", 7)
+@pytest.mark.parametrize("l1_step", L1_STEPS)
+def test_yaad_takes_both_branches_of_the_huber_switch(l1_step):
+    module = layer("yaad", 7, f"objective.l1_step={l1_step}")
     x = inputs(29)
     q, k, v, _ = module.projection(x, None)
     delta = module.objective(x).side.permute(0, 2, 1).flatten(0, 1)
@@ -276,18 +339,26 @@ def test_the_kit_checks_each_objective_against_autograd(name):
     check_objective(build_part("objective", name), name=name, heads=2, head_dim=8)
 
 
+@pytest.mark.parametrize("l1_step", OTHER_L1_STEPS)
+def test_the_kit_checks_each_huber_step_against_autograd(l1_step):
+    objective = build_part("objective", "miras.huber", config=HuberObjectiveConfig(l1_step=l1_step))
+    check_objective(objective, name=f"miras.huber ({l1_step})", heads=2, head_dim=8)
+
+
 def test_the_kit_checks_the_memory_networks_backward():
     network = build_part("memory", "miras.mlp")
     assert check_memory_network(network, name="miras.mlp", heads=2, head_dim=8) is True
 
 
 # -- stability -----------------------------------------------------------------------------------
-@pytest.mark.parametrize("model", MODELS)
-def test_16k_random_tokens_stay_finite_and_bounded_with_default_settings(model):
+@pytest.mark.parametrize(("model", "overrides"), [
+    *[pytest.param(model, [], id=model) for model in MODELS],
+    *[pytest.param("yaad", [f"objective.l1_step={step}"], id=f"yaad-{step}") for step in OTHER_L1_STEPS]])
+def test_16k_random_tokens_stay_finite_and_bounded_with_default_settings(model, overrides):
     """Default components and chunk size on 16K random tokens (width 16, two heads, fed in pieces
     of 1024): finite outputs, and fast weights that stay within a few times their start."""
     spec = memforge.override(memforge.preset(f"miras.{model}_lmm_tiny"),
-                             ["dim=16", "memory_layer.chunk_size=16"])
+                             ["dim=16", "memory_layer.chunk_size=16", *overrides])
     torch.manual_seed(0)
     module = build_layer_component(spec, "memory_layer", 0)
     state, norms = None, []
@@ -348,6 +419,8 @@ def test_small_presets_use_the_papers_parts(model):
     ("miras.moneta_lmm_tiny", "retention.q=9", "'q'"),
     ("miras.moneta_lmm_tiny", "retention.link=cube", "'link'"),
     ("miras.yaad_lmm_tiny", "objective.delta_init=0", "'delta_init'"),
+    ("miras.yaad_lmm_tiny", "objective.l1_step=huber", "'l1_step'.*'sign', 'tanh', 'normalised'"),
+    ("miras.yaad_lmm_tiny", "objective.sharpness=0", "'sharpness'"),
     ("miras.memora_lmm_tiny", "retention.scale=0", "'scale'"),
     ("miras.memora_mac_tiny", "memory_layer.chunk_size=5", "'segment_len'=16 must be a multiple"),
 ])

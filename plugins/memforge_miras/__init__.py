@@ -48,7 +48,8 @@ def _lp(config: c.LpObjectiveConfig, ctx: BuildContext):
 def _huber(config: c.HuberObjectiveConfig, ctx: BuildContext):
     from memforge_miras.rules import HuberObjective
 
-    return HuberObjective(ctx.dim, ctx.heads, ctx.head_dim, delta_init=config.delta_init)
+    return HuberObjective(ctx.dim, ctx.heads, ctx.head_dim, delta_init=config.delta_init,
+                          l1_step=config.l1_step, sharpness=config.sharpness)
 
 
 def _l2(config: c.L2ObjectiveConfig, ctx: BuildContext):

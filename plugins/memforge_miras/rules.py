@@ -105,31 +105,58 @@ class LpObjective(nn.Module):
         return f"p={self.p:g}, surrogate={self.surrogate!r}, sharpness={self.sharpness:g}, eps={self.eps:g}"
 
 
+#: The steps :class:`HuberObjective` offers above its threshold.
+L1_STEPS = ("sign", "tanh", "normalised")
+
+
+def _log_cosh(x: Tensor) -> Tensor:
+    """``log cosh x`` without overflow; its autograd gradient is ``tanh x``."""
+    return x.abs() + F.softplus(-2.0 * x.abs()) - math.log(2.0)
+
+
 class HuberObjective(nn.Module):
     """Yaad's attentional bias: Huber with a threshold ``delta_t`` per token and head.
 
     With ``e = M(k) - v``, token by token: the ℓ2 step ``e`` when ``||e||_2 <= delta_t``, else
-    ``delta_t`` times the ℓ1 step ``sign(e)`` (MIRAS, Yaad: ``W_t = a_t W_{t-1} - eta_t grad l_2``
-    if ``||M(k_t) - v_t|| <= delta_t``, else ``a_t W_{t-1} - eta_t delta_t grad l_1``). The loss
-    is ``0.5 ||e||^2`` below the threshold and ``delta (||e||_1 - delta / 2)`` above it, whose
-    gradients those are. ``delta_t = sqrt(d) * softplus(x w + b)`` comes from the layer input (the
-    side input of :class:`memforge.interfaces.ObjectiveInputs`), in units of ``sqrt(d)``: the
-    error norm of a fresh MIRAS memory, whose layer-normed output alone has norm ``sqrt(d)``.
+    ``delta_t`` times a bounded step ``s(e)`` (MIRAS, Yaad: ``W_t = a_t W_{t-1} - eta_t grad l_2``
+    if ``||M(k_t) - v_t|| <= delta_t``, else ``a_t W_{t-1} - eta_t delta_t grad l_1``). ``s`` is
+    ``l1_step`` (docs/zoo.md, "MIRAS": Yaad's switch), each with the loss whose gradient it is
+    (``0.5 ||e||^2`` below the threshold):
+
+    * ``"sign"``: ``sign(e)``, the paper's ℓ1 step; loss ``delta (||e||_1 - delta / 2)``. Flat in
+      ``e``: no outer gradient reaches the error through it.
+    * ``"tanh"``: ``tanh(a e)``, MIRAS' smooth ``Sign`` (``a`` = ``sharpness``, as ``miras.lp``);
+      loss ``delta (sum_i log cosh(a e_i) / a - delta / 2)``.
+    * ``"normalised"``: ``e / ||e||_2``, the gradient of the Huber loss of the error norm, loss
+      ``delta (||e||_2 - delta / 2)``: the ℓ2 step's direction with its length capped at
+      ``delta``, continuous at the threshold.
+
+    ``delta_t = sqrt(d) * softplus(x w + b)`` comes from the layer input (the side input of
+    :class:`memforge.interfaces.ObjectiveInputs`), in units of ``sqrt(d)``: the error norm of a
+    fresh MIRAS memory, whose layer-normed output alone has norm ``sqrt(d)``.
 
     Args:
         dim: layer input width ``D``.
         heads: memory heads ``H``.
         head_dim: per-head width ``d``.
         delta_init: ``delta / sqrt(d)`` at zero input (``softplus(b)``).
+        l1_step: the step above the threshold, one of :data:`L1_STEPS`.
+        sharpness: ``a`` of the ``"tanh"`` step.
     """
 
     window = 1
     squared_error = False
 
-    def __init__(self, dim: int, heads: int, head_dim: int, *, delta_init: float) -> None:
+    def __init__(self, dim: int, heads: int, head_dim: int, *, delta_init: float,
+                 l1_step: str = "sign", sharpness: float = 10.0) -> None:
         super().__init__()
         if not delta_init > 0:
             raise ValueError(f"delta_init must be > 0, got {delta_init}")
+        if l1_step not in L1_STEPS:
+            raise ValueError(f"l1_step must be one of {L1_STEPS}, got {l1_step!r}")
+        if not sharpness > 0:
+            raise ValueError(f"sharpness must be > 0, got {sharpness}")
+        self.l1_step, self.sharpness = l1_step, float(sharpness)
         self.unit = math.sqrt(head_dim)
         self.delta_gate = Linear(dim, heads)
         nn.init.normal_(self.delta_gate.weight, std=0.02)
@@ -137,25 +164,45 @@ class HuberObjective(nn.Module):
         nn.init.constant_(self.delta_gate.bias, delta_init + math.log(-math.expm1(-delta_init)))
 
     @staticmethod
-    def _quadratic(error: Tensor, delta: Tensor) -> Tensor:
-        """Where the ℓ2 branch applies: ``||e||^2 <= delta^2``, ``[..., t, 1]``."""
-        return (error.square().sum(-1) <= delta.square())[..., None]
+    def _branches(error: Tensor, delta: Tensor) -> tuple[Tensor, Tensor]:
+        """Where the ℓ2 branch applies (``||e||^2 <= delta^2``, ``[..., t]``), and ``||e||``
+        where it does not (``delta`` where it does, so that neither branch divides by a zero
+        norm nor sends a NaN through ``torch.where``'s backward)."""
+        square = error.square().sum(-1)
+        quadratic = square <= delta.square()
+        return quadratic, torch.where(quadratic, delta.square(), square).sqrt()
 
     def loss(self, prediction: Tensor, target: Tensor, side: Tensor | None) -> Tensor:
         """Per-token Huber loss ``[..., t]``; ``side`` is ``delta`` ``[..., t]``."""
         error, delta = prediction - target, _delta(side)
-        quadratic = 0.5 * error.square().sum(-1)
-        linear = delta * (error.abs().sum(-1) - 0.5 * delta)
-        return torch.where(self._quadratic(error, delta)[..., 0], quadratic, linear)
+        quadratic, norm = self._branches(error, delta)
+        if self.l1_step == "sign":
+            above = error.abs().sum(-1)
+        elif self.l1_step == "tanh":
+            above = _log_cosh(self.sharpness * error).sum(-1) / self.sharpness
+        else:
+            above = norm
+        return torch.where(quadratic, 0.5 * error.square().sum(-1), delta * (above - 0.5 * delta))
 
     def loss_grad(self, prediction: Tensor, target: Tensor, side: Tensor | None) -> Tensor:
-        """``e`` or ``delta * sign(e)`` per token (the branch by ``||e||`` against ``delta``)."""
+        """``e`` or ``delta * s(e)`` per token (the branch by ``||e||`` against ``delta``)."""
         error, delta = prediction - target, _delta(side)
-        return torch.where(self._quadratic(error, delta), error, delta[..., None] * torch.sign(error))
+        quadratic, norm = self._branches(error, delta)
+        if self.l1_step == "sign":
+            step = torch.sign(error)
+        elif self.l1_step == "tanh":
+            step = torch.tanh(self.sharpness * error)
+        else:
+            step = error / norm[..., None]
+        return torch.where(quadratic[..., None], error, delta[..., None] * step)
 
     def forward(self, x: Tensor) -> ObjectiveInputs:
         """``delta`` ``[B, T, H]`` for the layer input ``x`` ``[B, T, D]``."""
         return ObjectiveInputs(self.unit * F.softplus(self.delta_gate(x)), None)
+
+    def extra_repr(self) -> str:
+        sharpness = f", sharpness={self.sharpness:g}" if self.l1_step == "tanh" else ""
+        return f"l1_step={self.l1_step!r}{sharpness}"
 
 
 def _delta(side: Tensor | None) -> Tensor:
