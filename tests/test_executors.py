@@ -166,24 +166,6 @@ def test_registering_keeps_the_preference_order(monkeypatch) -> None:
 # The layer with a forced executor
 
 
-def test_a_forced_sequential_executor_gives_the_closed_forms_result() -> None:
-    torch.manual_seed(0)
-    closed = layer().double()
-    forced = layer(executor="sequential").double()
-    forced.load_state_dict(closed.state_dict())
-    assert forced.executor.name == "sequential"
-    x = torch.randn(2, 11, DIM, dtype=torch.float64, requires_grad=True)
-    y_closed, _ = closed(x)
-    first, state = forced(x[:, :6])
-    second, _ = forced(x[:, 6:], state)
-    y_forced = torch.cat((first, second), 1)
-    torch.testing.assert_close(y_forced, y_closed, atol=1e-12, rtol=1e-10)
-    probe = torch.randn_like(y_closed)
-    torch.testing.assert_close(torch.autograd.grad((y_forced * probe).sum(), x)[0],
-                               torch.autograd.grad((y_closed * probe).sum(), x)[0],
-                               atol=1e-12, rtol=1e-10)
-
-
 def test_only_an_executor_that_decodes_statically_gives_the_capability() -> None:
     closed, forced = layer(), layer(executor="sequential")
     assert isinstance(closed, StaticDecodingMemoryLayer)
