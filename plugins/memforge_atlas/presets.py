@@ -1,7 +1,8 @@
 """Presets of the ``atlas`` plugin: OmegaNet, DeepTransformers and Atlas in every integration.
 
-Each comes in a ``_tiny`` size (tests) and a small size that trains on a laptop CPU, the sizes of
-the ``titans`` and ``delta`` presets, so the families compare at equal width and depth. The
+Each comes in a ``_tiny`` size (tests) and a small size that trains on a laptop CPU, each the
+``titans`` preset of its integration and size with the memory swapped, so the families compare
+at equal width and depth with the same attention and feed-forward. The
 integration, attention, feed-forward, projection, retention and retrieval are other plugins'
 components, chosen by registry name through :func:`memforge.apply_overrides` (never imported):
 the q/k/v pipeline ``titans.conv_qkv``, the decay ``titans.adaptive_decay`` (every model here
@@ -10,7 +11,7 @@ forgets, so its fast weights stay bounded on long input), chunk-start reads.
 The three models (docs/zoo.md, "ATLAS"):
 
 * OmegaNet: Omega rule (``c = 4``), ``phi_2`` features, a matrix memory on them, plain gradient
-  descent: the sequential executor's closed-form chunk path (the window rules the closed form out).
+  descent: the closed-form executor (the window's pairs mixed per chunk).
 * DeepTransformers: ``phi_2`` features, a 2-layer MLP memory, the dot-product (Hebbian) objective,
   plain gradient descent: the closed-form executor.
 * Atlas: Omega rule (``c = 4``), ``phi_2`` features, a 2-layer MLP memory, Muon: the sequential
@@ -25,13 +26,8 @@ from typing import Any
 import memforge
 from memforge import ModelSpec, PresetSpec
 
-#: (vocab, dim, layers, heads, chunk) of the two sizes.
-SIZES = {"tiny": (64, 32, 2, 2, 8), "small": (256, 128, 2, 4, 16)}
-#: (MAC segment, sliding window, persistent tokens) of the two sizes, as in the titans presets.
-ATTENTION_SIZES = {"tiny": (16, 8, 2), "small": (64, 64, 4)}
-#: The spec the presets start from: a plain transformer (its kinds are all replaced below).
-BASE = "baseline.transformer_tiny"
-
+#: The chunk in each size.
+CHUNKS = {"tiny": 8, "small": 16}
 #: Each model's memory layer and parts, as dotted overrides.
 MODELS: dict[str, dict[str, Any]] = {
     "omeganet": {"memory_layer": "atlas.omeganet", "memory": "atlas.poly_mlp", "memory.depth": 1,
@@ -48,29 +44,15 @@ SUMMARIES = {"omeganet": "OmegaNet (Omega rule c=4, poly features, GD)",
              "atlas": "Atlas (Omega rule c=4, poly features, deep memory, Muon)"}
 
 
-def atlas_spec(size: str, model: str, integration: str, attention: str = "baseline.causal",
-               **settings: Any) -> ModelSpec:
-    """A spec of ``size`` with ``model`` (a key of :data:`MODELS`) in the registered
-    ``integration``, ``attention`` and ``baseline.swiglu``; ``settings`` are further dotted
-    overrides (``{"attention.window": 8}``)."""
-    vocab, dim, layers, heads, chunk = SIZES[size]
-    return memforge.apply_overrides(memforge.preset(BASE), {
-        "vocab_size": vocab, "dim": dim, "num_layers": layers, "heads": heads,
-        "integration": integration, "attention": attention, "feedforward": "baseline.swiglu",
+def atlas_spec(size: str, model: str, integration: str = "lmm", **settings: Any) -> ModelSpec:
+    """The titans preset of ``integration`` (``lmm``, ``mac``, ``mag``, ``mal``) in ``size``, its
+    widths, attention and feed-forward as they are, with ``model`` (a key of :data:`MODELS`)
+    instead of Titans' memory; ``settings`` are further dotted overrides."""
+    titans = memforge.preset(f"titans.{integration}" + ("_tiny" if size == "tiny" else ""))
+    return memforge.apply_overrides(titans, {
         "projection": "titans.conv_qkv", "retention": "titans.adaptive_decay",
-        "retrieval": "titans.chunk_start", **MODELS[model], "memory_layer.chunk_size": chunk,
+        "retrieval": "titans.chunk_start", **MODELS[model], "memory_layer.chunk_size": CHUNKS[size],
         **settings})
-
-
-def _build(size: str, model: str, integration: str) -> ModelSpec:
-    segment, window, persistent = ATTENTION_SIZES[size]
-    if integration == "lmm":
-        return atlas_spec(size, model, "titans.lmm")
-    if integration == "mac":
-        return atlas_spec(size, model, "titans.mac", **{"integration.segment_len": segment,
-                                                         "attention.persistent_tokens": persistent})
-    return atlas_spec(size, model, f"titans.{integration}", "baseline.sliding_window",
-                      **{"attention.window": window, "attention.persistent_tokens": persistent})
 
 
 INTEGRATIONS = {"lmm": "blocks (layer + SwiGLU), no attention",
@@ -82,9 +64,9 @@ INTEGRATIONS = {"lmm": "blocks (layer + SwiGLU), no attention",
 def _presets(model: str, integration: str) -> list[PresetSpec]:
     name, summary = f"atlas.{model}_{integration}", f"{SUMMARIES[model]} {INTEGRATIONS[integration]}"
     return [PresetSpec(name=name, summary=f"{summary}, small",
-                       build=lambda: _build("small", model, integration)),
+                       build=lambda: atlas_spec("small", model, integration)),
             PresetSpec(name=f"{name}_tiny", summary=f"{summary}, tiny",
-                       build=lambda: _build("tiny", model, integration))]
+                       build=lambda: atlas_spec("tiny", model, integration))]
 
 
 PRESETS = [preset for model in MODELS for integration in INTEGRATIONS

@@ -1,8 +1,9 @@
 """Presets of the ``lact`` plugin: the LaCT block and the LaCT layer in every Titans integration.
 
 Each comes in a ``_tiny`` size (tests) and a small size that trains on MQAR at the
-``memforge train`` defaults (64-token sequences) in minutes, the sizes of the ``titans`` and
-``delta`` presets so the families compare at equal width and depth. The layer's default chunk is
+``memforge train`` defaults (64-token sequences) in minutes, each the ``titans`` preset of its
+integration and size with the memory layer swapped, so the families compare at equal width and
+depth with the same attention and feed-forward. The layer's default chunk is
 the paper's 2048 tokens; a 64-token MQAR sequence would then never read a single update, so the
 presets use chunks of 16 (small) and 8 (tiny) tokens: every chunk's write reaches the later
 chunks' queries. Integrations, attention and feed-forward are other plugins' components, chosen
@@ -15,52 +16,37 @@ from typing import Any
 
 import memforge
 from memforge import ModelSpec, PresetSpec
+from memforge.engine import LAYER_PARTS
 
-#: (vocab, dim, layers, heads, LaCT chunk) of the two sizes.
-SIZES = {"tiny": (64, 32, 2, 2, 8), "small": (256, 128, 2, 4, 16)}
-#: (MAC segment, sliding window, persistent tokens) of the two sizes, as in the titans presets.
-ATTENTION_SIZES = {"tiny": (16, 8, 2), "small": (64, 64, 4)}
-#: The spec the presets start from: a plain transformer (its kinds are all replaced below).
-BASE = "baseline.transformer_tiny"
+#: The LaCT chunk in each size.
+CHUNKS = {"tiny": 8, "small": 16}
 
 
-def lact_spec(size: str, integration: str, attention: str = "baseline.causal",
-              **settings: Any) -> ModelSpec:
-    """A spec of ``size`` with ``lact.layer`` in the registered ``integration``, ``attention`` and
-    ``baseline.swiglu``; ``settings`` are further dotted overrides."""
-    vocab, dim, layers, heads, chunk = SIZES[size]
-    return memforge.apply_overrides(memforge.preset(BASE), {
-        "vocab_size": vocab, "dim": dim, "num_layers": layers, "heads": heads,
-        "integration": integration, "attention": attention, "feedforward": "baseline.swiglu",
-        "memory_layer": "lact.layer", "memory_layer.chunk_size": chunk, **settings})
+def lact_spec(size: str, integration: str = "lmm", **settings: Any) -> ModelSpec:
+    """The titans preset of ``integration`` (``lmm``, ``mac``, ``mag``, ``mal``) in ``size``, its
+    widths, attention and feed-forward as they are, with ``lact.layer`` instead of Titans' memory
+    layer and none of its parts (the LaCT layer uses none); ``settings`` are further dotted
+    overrides."""
+    titans = memforge.preset(f"titans.{integration}" + ("_tiny" if size == "tiny" else ""))
+    return memforge.apply_overrides(titans, {
+        **dict.fromkeys(LAYER_PARTS), "memory_layer": "lact.layer",
+        "memory_layer.chunk_size": CHUNKS[size], **settings})
 
 
 def _block(size: str) -> ModelSpec:
     """The paper's pairing: a window as long as the chunk, so every token sees its own chunk
     through the attention and the chunks before it through the memory."""
-    chunk = SIZES[size][4]
-    return lact_spec(size, "lact.block", "baseline.sliding_window", **{"attention.window": chunk})
-
-
-def _mac(size: str) -> ModelSpec:
-    segment, _, persistent = ATTENTION_SIZES[size]
-    return lact_spec(size, "titans.mac", **{"integration.segment_len": segment,
-                                            "attention.persistent_tokens": persistent})
-
-
-def _sliding(size: str, integration: str) -> ModelSpec:
-    _, window, persistent = ATTENTION_SIZES[size]
-    return lact_spec(size, integration, "baseline.sliding_window",
-                     **{"attention.window": window, "attention.persistent_tokens": persistent})
+    return memforge.apply_overrides(lact_spec(size), {
+        "integration": "lact.block", "attention": "baseline.sliding_window",
+        "attention.window": CHUNKS[size]})
 
 
 def _continuum(size: str) -> ModelSpec:
     """Levels every 8, 16 and 32 tokens (small) or 4 and 8 (tiny): inside a 64-token MQAR
     sequence every level writes before later queries read."""
     chunk, levels = {"small": (8, 3), "tiny": (4, 2)}[size]
-    return lact_spec(size, "titans.lmm", **{"memory_layer": "lact.continuum",
-                                            "memory_layer.chunk_size": chunk,
-                                            "memory_layer.ratio": 2, "memory_layer.levels": levels})
+    return lact_spec(size, **{"memory_layer": "lact.continuum", "memory_layer.chunk_size": chunk,
+                              "memory_layer.ratio": 2, "memory_layer.levels": levels})
 
 
 def _both(name: str, summary: str, build) -> list[PresetSpec]:
@@ -72,12 +58,13 @@ def _both(name: str, summary: str, build) -> list[PresetSpec]:
 PRESETS = [
     *_both("lact.lact", "LaCT blocks: sliding-window attention beside the LaCT memory", _block),
     *_both("lact.lmm", "LaCT memory blocks (layer + SwiGLU), no attention",
-           lambda size: lact_spec(size, "titans.lmm")),
-    *_both("lact.mac", "LaCT memory as context of segment attention (titans.mac)", _mac),
+           lambda size: lact_spec(size)),
+    *_both("lact.mac", "LaCT memory as context of segment attention (titans.mac)",
+           lambda size: lact_spec(size, "mac")),
     *_both("lact.mag", "LaCT memory gating sliding-window attention (titans.mag)",
-           lambda size: _sliding(size, "titans.mag")),
+           lambda size: lact_spec(size, "mag")),
     *_both("lact.mal", "LaCT memory layer, then sliding-window attention (titans.mal)",
-           lambda size: _sliding(size, "titans.mal")),
+           lambda size: lact_spec(size, "mal")),
     *_both("lact.continuum_lmm", "continuum memory blocks (levels at 3 periods), no attention",
            _continuum),
 ]
