@@ -8,7 +8,13 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from memforge_lact.layer import LaCTLayer, LaCTState
-from memforge_lact.ops import MUON_COEFFICIENTS, RENORM_EPS, newton_schulz, renormalize
+from memforge_lact.ops import (
+    MUON_COEFFICIENTS,
+    RENORM_EPS,
+    newton_schulz,
+    normalize_rows,
+    renormalize,
+)
 from memforge_lact.reference import layer_token_loop
 
 import memforge
@@ -161,6 +167,26 @@ def test_newton_schulz_pushes_singular_values_towards_one(rows, cols, seed, sche
     assert float((core - torch.diag_embed(mapped)).abs().max()) < 1e-8
     large = s > 0.05 * torch.linalg.matrix_norm(g)[:, None]
     assert bool((mapped < 1.3).all()) and bool((mapped[large] > 0.3).all())
+
+
+@settings(max_examples=20, deadline=None)
+@given(rows=st.integers(1, 24), width=st.integers(1, 16), seed=st.integers(0, 2**16),
+       zero_row=st.booleans())
+def test_row_normalisation_and_its_backward_equal_autograds(rows, width, seed, zero_row):
+    """The hand-written backward of ``x / (||x|| + eps)`` against autograd of the expression, in
+    float64, a zero row included (its gradient is ``grad / eps``, as autograd's)."""
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(rows, width, dtype=torch.float64, generator=generator)
+    if zero_row:
+        x[0] = 0.0
+    grad = torch.randn(rows, width, dtype=torch.float64, generator=generator)
+    fused_x, plain_x = x.clone().requires_grad_(), x.clone().requires_grad_()
+    fused = normalize_rows(fused_x, 1e-5)
+    plain = plain_x / (torch.linalg.vector_norm(plain_x, dim=-1, keepdim=True) + 1e-5)
+    torch.testing.assert_close(fused, plain, atol=1e-14, rtol=1e-12)
+    fused.backward(grad)
+    plain.backward(grad)
+    torch.testing.assert_close(fused_x.grad, plain_x.grad, atol=1e-10, rtol=1e-10)
 
 
 @settings(max_examples=20, deadline=None)

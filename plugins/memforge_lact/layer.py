@@ -36,6 +36,7 @@ from memforge_lact.ops import (
     apply_pending,
     chunk_update,
     lact_scan,
+    normalize_rows,
 )
 
 #: Added to |q| and |k| before dividing (the public code's value).
@@ -205,8 +206,7 @@ class LaCTLayer(nn.Module):
         """``q, k, v`` ``[B, H, T, d]``, ``lr`` ``[B, H, T, 3]``, ``gate`` ``[B, H, T]`` (or ``None``)."""
         q, k, v = F.silu(self.qkv(x)).unflatten(-1, (3, self.heads, self.head_dim)).permute(
             2, 0, 3, 1, 4).unbind(0)
-        q = q / (torch.linalg.vector_norm(q, dim=-1, keepdim=True) + QK_EPS)
-        k = k / (torch.linalg.vector_norm(k, dim=-1, keepdim=True) + QK_EPS)
+        q, k = normalize_rows(q, QK_EPS), normalize_rows(k, QK_EPS)
         lr = F.softplus(self.lr_proj(x) + self.lr_offset).unflatten(-1, (self.heads, 3)).transpose(1, 2)
         gate = (None if self.momentum_proj is None
                 else torch.sigmoid(self.momentum_proj(x)).transpose(1, 2))

@@ -87,6 +87,32 @@ class ChunkConfig(NamedTuple):
     muon: tuple[tuple[float, float, float], ...] | None
 
 
+class _NormalizeRows(torch.autograd.Function):
+    """``x / (||x|| + eps)`` over the last dimension with a backward of three passes over ``x``
+    (autograd's of the same expression makes six: the division's two gradients, then the norm's)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, eps: float) -> Tensor:
+        norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True)
+        inverse = 1.0 / (norm + eps)
+        ctx.save_for_backward(x, norm, inverse)
+        return x * inverse
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
+        # d/dx_j of x_i / (n + eps) = delta_ij / (n + eps) - x_i x_j / (n (n + eps)^2); a zero
+        # row's second term is 0 (x = 0), as autograd's subgradient of the norm at 0 gives.
+        x, norm, inverse = ctx.saved_tensors
+        dot = torch.linalg.vecdot(grad, x, dim=-1).unsqueeze(-1)
+        coefficient = dot * inverse.square() / norm.clamp_min(torch.finfo(x.dtype).tiny)
+        return torch.addcmul(grad * inverse, x, coefficient, value=-1.0), None
+
+
+def normalize_rows(x: Tensor, eps: float) -> Tensor:
+    """``x / (||x||_2 + eps)`` along the last dimension (LaCT's q and k normalisation)."""
+    return _NormalizeRows.apply(x, eps)
+
+
 def apply(weights: FastWeights, queries: Tensor) -> Tensor:
     """``f_W(q)`` for queries ``[N, t, d]``: ``[N, t, d]``."""
     gate, up = (queries @ weights.w02).chunk(2, dim=-1)
