@@ -412,6 +412,16 @@ def test_small_presets_use_the_papers_parts(model):
     assert spec.choice("memory_layer", 0).config.chunk_size == 16
 
 
+def test_yaad_presets_take_the_normalised_step_and_their_measured_step_bounds():
+    """docs/zoo.md, "MIRAS": Yaad's default step and step size; the other models keep miras.gd's."""
+    for size in ("", "_tiny"):
+        spec = memforge.preset(f"miras.yaad_mag{size}")
+        optimizer = spec.choice("optimizer", 0).config
+        assert spec.choice("objective", 0).config.l1_step == "normalised"
+        assert (optimizer.max_lr, optimizer.lr_init) == (0.1, 0.05)
+    assert memforge.preset("miras.moneta_lmm").choice("optimizer", 0).config.max_lr == 0.01
+
+
 @pytest.mark.parametrize(("preset", "assignment", "field"), [
     ("miras.moneta_lmm_tiny", "objective.p=5", "'p'"),
     ("miras.moneta_lmm_tiny", "objective.p=0.5", "'p'"),

@@ -21,6 +21,10 @@ ATTENTION_SIZES = {"tiny": (16, 8, 2), "small": (64, 64, 4)}
 #: Each model's objective and retention (the memory, optimiser, projection and read are shared).
 RULES = {"moneta": ("miras.lp", "miras.lq"), "yaad": ("miras.huber", "miras.l2_decay"),
          "memora": ("miras.l2", "miras.kl")}
+#: Each model's own settings beyond its parts. Yaad's plain GD takes steps up to 0.1, ten times
+#: miras.gd's Titans bounds: at those it stayed near 12% MQAR accuracy even as plain l2 descent,
+#: and at 0.1 it reached 49% (docs/zoo.md, "MIRAS": Yaad's default step and step size).
+SETTINGS = {"yaad": {"optimizer.max_lr": 0.1, "optimizer.lr_init": 0.05}}
 #: The spec the presets start from: a plain transformer (its kinds are all replaced below).
 BASE = "baseline.transformer_tiny"
 
@@ -28,8 +32,8 @@ BASE = "baseline.transformer_tiny"
 def miras_spec(size: str, model: str, integration: str, attention: str = "baseline.causal",
                **settings: Any) -> ModelSpec:
     """A spec of ``size`` with the memory layer ``miras.<model>`` (a key of :data:`RULES`) and its
-    paper's parts, in the registered ``integration``, ``attention`` and ``baseline.swiglu``;
-    ``settings`` are further dotted overrides (``{"attention.window": 8}``)."""
+    paper's parts (with :data:`SETTINGS`), in the registered ``integration``, ``attention`` and
+    ``baseline.swiglu``; ``settings`` are further dotted overrides (``{"attention.window": 8}``)."""
     vocab, dim, layers, heads, chunk = SIZES[size]
     objective, retention = RULES[model]
     return memforge.apply_overrides(memforge.preset(BASE), {
@@ -38,7 +42,7 @@ def miras_spec(size: str, model: str, integration: str, attention: str = "baseli
         "memory_layer": f"miras.{model}", "memory_layer.chunk_size": chunk,
         "projection": "miras.conv_qkv", "memory": "miras.mlp", "objective": objective,
         "optimizer": "miras.gd", "retention": retention, "retrieval": "miras.chunk_start",
-        **settings})
+        **SETTINGS.get(model, {}), **settings})
 
 
 def _lmm(size: str, model: str) -> ModelSpec:

@@ -127,7 +127,7 @@ class HuberObjective(nn.Module):
       ``e``: no outer gradient reaches the error through it.
     * ``"tanh"``: ``tanh(a e)``, MIRAS' smooth ``Sign`` (``a`` = ``sharpness``, as ``miras.lp``);
       loss ``delta (sum_i log cosh(a e_i) / a - delta / 2)``.
-    * ``"normalised"``: ``e / ||e||_2``, the gradient of the Huber loss of the error norm, loss
+    * ``"normalised"``: ``e / ||e||_2``, MIRAS' third Huber variant ``H(||e||_2)``, loss
       ``delta (||e||_2 - delta / 2)``: the ℓ2 step's direction with its length capped at
       ``delta``, continuous at the threshold.
 
@@ -148,7 +148,7 @@ class HuberObjective(nn.Module):
     squared_error = False
 
     def __init__(self, dim: int, heads: int, head_dim: int, *, delta_init: float,
-                 l1_step: str = "sign", sharpness: float = 10.0) -> None:
+                 l1_step: str = "normalised", sharpness: float = 10.0) -> None:
         super().__init__()
         if not delta_init > 0:
             raise ValueError(f"delta_init must be > 0, got {delta_init}")
