@@ -237,10 +237,14 @@ def test_the_layer_equals_the_reference_with_outer_gradients(model, chunk):
 @pytest.mark.parametrize("l1_step", OTHER_L1_STEPS)
 @pytest.mark.parametrize("chunk", [1, 7])
 def test_yaad_equals_the_reference_with_outer_gradients_at_each_l1_step(l1_step, chunk):
-    assert_equals_the_reference_with_outer_gradients(layer("yaad", chunk, f"objective.l1_step={l1_step}"))
+    assert_equals_the_reference_with_outer_gradients(
+        layer("yaad", chunk, f"objective.l1_step={l1_step}"), sharp=l1_step == "tanh")
 
 
-def assert_equals_the_reference_with_outer_gradients(module) -> None:
+def assert_equals_the_reference_with_outer_gradients(module, *, sharp: bool = False) -> None:
+    """Outputs and every outer gradient equal the reference's. With ``sharp`` (Yaad's ``tanh(a e)``
+    step, whose slope ``a * delta * theta`` per token multiplies rounding differences along the
+    sequence) gradients are held to 1e-10 of their largest value instead of element by element."""
     x = inputs(23).requires_grad_()
     params = [p for p in module.parameters() if p.requires_grad]
     fast, _ = module(x)
@@ -252,7 +256,8 @@ def assert_equals_the_reference_with_outer_gradients(module) -> None:
     for g, r in zip(got, want, strict=True):
         assert (g is None) == (r is None)
         if g is not None:
-            torch.testing.assert_close(g, r, **EXACT)
+            scaled = {"rtol": 0.0, "atol": 1e-10 * float(r.abs().max())}
+            torch.testing.assert_close(g, r, **(scaled if sharp else EXACT))
 
 
 @settings(deadline=None, max_examples=4)
