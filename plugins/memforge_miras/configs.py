@@ -50,8 +50,8 @@ class HuberObjectiveConfig:
                                help="initial threshold delta, in units of sqrt(head width)")
     # docs/zoo.md, "MIRAS": Yaad's switch. The paper's first Huber variant steps sign(e); tanh is
     # MIRAS' own smooth Sign; normalised is its third variant, the Huber loss of the error norm,
-    # the only one of the three with which Yaad learned MQAR (49% at the Yaad presets' steps,
-    # where sign stayed at 3%).
+    # the only one of the three with which Yaad learned MQAR (49% and 53% for two of three seeds
+    # at the Yaad presets' steps, where sign stayed at 3%).
     l1_step: str = option("normalised", choices=("sign", "tanh", "normalised"),
                           help="the step above the threshold: 'sign' delta sign(e), 'tanh' "
                                "delta tanh(a e), 'normalised' delta e / ||e||")

@@ -23,7 +23,8 @@ RULES = {"moneta": ("miras.lp", "miras.lq"), "yaad": ("miras.huber", "miras.l2_d
          "memora": ("miras.l2", "miras.kl")}
 #: Each model's own settings beyond its parts. Yaad's plain GD takes steps up to 0.1, ten times
 #: miras.gd's Titans bounds: at those it stayed near 12% MQAR accuracy even as plain l2 descent,
-#: and at 0.1 it reached 49% (docs/zoo.md, "MIRAS": Yaad's default step and step size).
+#: and at 0.1 two of three seeds reached 49% and 53% (docs/zoo.md, "MIRAS": Yaad's default step
+#: and step size).
 SETTINGS = {"yaad": {"optimizer.max_lr": 0.1, "optimizer.lr_init": 0.05}}
 #: The spec the presets start from: a plain transformer (its kinds are all replaced below).
 BASE = "baseline.transformer_tiny"
