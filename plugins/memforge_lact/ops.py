@@ -35,6 +35,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 #: Added to every row norm before dividing by it (the public code's value).
 RENORM_EPS = 1e-5
@@ -99,6 +100,7 @@ class _NormalizeRows(torch.autograd.Function):
         return x * inverse
 
     @staticmethod
+    @once_differentiable  # the saved norm is a constant here: a second derivative would be wrong
     def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
         # d/dx_j of x_i / (n + eps) = delta_ij / (n + eps) - x_i x_j / (n (n + eps)^2); a zero
         # row's second term is 0 (x = 0), as autograd's subgradient of the norm at 0 gives.

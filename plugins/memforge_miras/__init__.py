@@ -115,7 +115,7 @@ def memforge_register_components():
         spec("objective", "miras.lp", c.LpObjectiveConfig, _lp,
              "Moneta's l_p loss ||M(k) - v||_p^p (p = 3) with smooth surrogates"),
         spec("objective", "miras.huber", c.HuberObjectiveConfig, _huber,
-             "Yaad's Huber loss, threshold delta_t per token and head from x (l2/l1 per token)"),
+             "Yaad's Huber loss, threshold delta_t per token and head from x (a capped step above it)"),
         spec("objective", "miras.l2", c.L2ObjectiveConfig, _l2,
              "Memora's l2 loss 0.5 ||M(k) - v||^2"),
         spec("retention", "miras.lq", c.LqRetentionConfig, _lq,

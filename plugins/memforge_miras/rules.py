@@ -166,11 +166,11 @@ class HuberObjective(nn.Module):
     @staticmethod
     def _branches(error: Tensor, delta: Tensor) -> tuple[Tensor, Tensor]:
         """Where the ℓ2 branch applies (``||e||^2 <= delta^2``, ``[..., t]``), and ``||e||``
-        where it does not (``delta`` where it does, so that neither branch divides by a zero
-        norm nor sends a NaN through ``torch.where``'s backward)."""
+        where it does not (1 where it does, so that neither branch divides by a zero norm nor
+        sends a NaN through ``torch.where``'s backward, even where ``delta^2`` underflows)."""
         square = error.square().sum(-1)
         quadratic = square <= delta.square()
-        return quadratic, torch.where(quadratic, delta.square(), square).sqrt()
+        return quadratic, torch.where(quadratic, torch.ones_like(square), square).sqrt()
 
     def loss(self, prediction: Tensor, target: Tensor, side: Tensor | None) -> Tensor:
         """Per-token Huber loss ``[..., t]``; ``side`` is ``delta`` ``[..., t]``."""
