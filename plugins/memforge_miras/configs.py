@@ -48,11 +48,12 @@ class HuberObjectiveConfig:
     # threshold in the middle of the errors and both branches are taken from the first step.
     delta_init: float = option(1.0, gt=0, le=100.0, typical=(0.1, 10.0),
                                help="initial threshold delta, in units of sqrt(head width)")
-    # docs/zoo.md, "MIRAS": Yaad's switch. The paper's first Huber variant steps sign(e); tanh is
-    # MIRAS' own smooth Sign; normalised is its third variant, the Huber loss of the error norm,
-    # the only one of the three with which Yaad learned MQAR (49% and 53% for two of three seeds
-    # at the Yaad presets' steps, where sign stayed at 3%).
-    l1_step: str = option("normalised", choices=("sign", "tanh", "normalised"),
+    # docs/zoo.md, "MIRAS": Yaad's switch. The paper's first Huber variant steps sign(e) (the
+    # component's default, so specs saved before the option keep their meaning); tanh is MIRAS'
+    # own smooth Sign; normalised is its third variant, the Huber loss of the error norm, the
+    # only one of the three with which Yaad learned MQAR (49% and 53% for two of three seeds at
+    # the Yaad presets' steps, where sign stayed at 3%), which the Yaad presets choose.
+    l1_step: str = option("sign", choices=("sign", "tanh", "normalised"),
                           help="the step above the threshold: 'sign' delta sign(e), 'tanh' "
                                "delta tanh(a e), 'normalised' delta e / ||e||")
     # As miras.lp's sharpness: the paper gives the tanh surrogate's form, not its constant.

@@ -148,7 +148,7 @@ class HuberObjective(nn.Module):
     squared_error = False
 
     def __init__(self, dim: int, heads: int, head_dim: int, *, delta_init: float,
-                 l1_step: str = "normalised", sharpness: float = 10.0) -> None:
+                 l1_step: str = "sign", sharpness: float = 10.0) -> None:
         super().__init__()
         if not delta_init > 0:
             raise ValueError(f"delta_init must be > 0, got {delta_init}")
