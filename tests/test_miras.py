@@ -11,6 +11,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from memforge_miras.configs import HuberObjectiveConfig
+from memforge_miras.presets import SETTINGS
 from memforge_miras.reference import final_weights, layer_reference
 from memforge_miras.rules import (
     L1_STEPS,
@@ -41,8 +42,7 @@ PRESETS = [f"miras.{model}_{integration}_tiny" for model in MODELS
 EXACT = {"rtol": 1e-9, "atol": 1e-10}
 #: Yaad's steps above the threshold other than its presets' (the plain tests run that one), each
 #: held to the reference too.
-OTHER_L1_STEPS = [step for step in L1_STEPS
-                  if step != memforge.preset("miras.yaad_lmm_tiny").objective.config.l1_step]
+OTHER_L1_STEPS = [step for step in L1_STEPS if step != SETTINGS["yaad"]["objective.l1_step"]]
 
 
 def layer(model: str, chunk: int | None = None, *settings: str):

@@ -8,6 +8,9 @@ import attrs
 
 from memforge import option
 
+#: The steps ``miras.huber`` offers above its threshold (docs/zoo.md, "MIRAS": Yaad's switch).
+L1_STEPS = ("sign", "tanh", "normalised")
+
 #: The range of the ℓp exponent: p = 1 is ℓ1 (through the smooth surrogates), p = 2 is ℓ2; above
 #: 4 the paper's ablation already degrades ("p = 4 worst") and the gradient grows as |e|^(p-1).
 P_RANGE = (1.0, 4.0)
@@ -53,7 +56,7 @@ class HuberObjectiveConfig:
     # own smooth Sign; normalised is its third variant, the Huber loss of the error norm, the
     # only one of the three with which Yaad learned MQAR (49% and 53% for two of three seeds at
     # the Yaad presets' steps, where sign stayed at 3%), which the Yaad presets choose.
-    l1_step: str = option("sign", choices=("sign", "tanh", "normalised"),
+    l1_step: str = option("sign", choices=L1_STEPS,
                           help="the step above the threshold: 'sign' delta sign(e), 'tanh' "
                                "delta tanh(a e), 'normalised' delta e / ||e||")
     # As miras.lp's sharpness: the paper gives the tanh surrogate's form, not its constant.

@@ -31,6 +31,7 @@ from torch import Tensor, nn
 from memforge.engine.rules import AdaptiveDecay
 from memforge.interfaces import ObjectiveInputs
 from memforge.linear import Linear
+from memforge_miras.configs import L1_STEPS
 
 
 # -- objectives ----------------------------------------------------------------------------------
@@ -103,10 +104,6 @@ class LpObjective(nn.Module):
 
     def extra_repr(self) -> str:
         return f"p={self.p:g}, surrogate={self.surrogate!r}, sharpness={self.sharpness:g}, eps={self.eps:g}"
-
-
-#: The steps :class:`HuberObjective` offers above its threshold.
-L1_STEPS = ("sign", "tanh", "normalised")
 
 
 def _log_cosh(x: Tensor) -> Tensor:
