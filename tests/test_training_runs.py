@@ -272,9 +272,9 @@ def test_torchrun_processes_stop_after_the_same_step(tmp_path: Path) -> None:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    # Forked, not spawned: the children skip importing torch again (seconds each).
-    mp.start_processes(_ddp_worker, args=(port, str(tmp_path)), nprocs=2, join=True,
-                       start_method="fork")
+    # Spawned, not forked: a child forked from a process whose OpenMP pool has run (any earlier
+    # test's torch work) can deadlock in its first parallel region.
+    mp.spawn(_ddp_worker, args=(port, str(tmp_path)), nprocs=2, join=True)
     outcomes = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     assert outcomes[0] == outcomes[1] == {
         "step": 3, "signal": signal.SIGTERM,
