@@ -245,6 +245,25 @@ class TransformsUpdate(Protocol):
 
 
 @runtime_checkable
+class FactorsThroughGram(Protocol):
+    """Capability of an optimiser with a ``"token"`` :class:`TransformsUpdate`: its transform is a
+    matrix function of the update's Gram matrix applied to the update, ``transform(S) = R(X X^T)
+    X`` with ``X`` the wide orientation of ``S`` (``S`` when ``d_in <= d_out``, else ``S^T``,
+    transposed back), as Newton-Schulz is.
+
+    With chunk-start reads the sequential executor then never builds a weight-sized matrix per
+    token: every token's momentum is the carried momentum plus a weighted sum of the chunk's
+    rank-one gradients, so its Gram matrix, and the chunk's summed transformed update, follow
+    from small products of the gradients' factors (docs/memory.md, "The sequential executor").
+    """
+
+    def gram_factor(self, gram: Tensor) -> Tensor:
+        """``R`` ``[..., m, m]`` for ``gram = X X^T`` ``[..., m, m]``, so that ``transform``'s
+        result is ``R @ X`` (in ``X``'s orientation)."""
+        ...
+
+
+@runtime_checkable
 class Retention(Protocol):
     """Kind ``retention``: how the old state is kept (Titans' forgetting, GDN's decay).
 

@@ -24,6 +24,7 @@ from memforge.testing.conformance import (
     MemoryLayerConformance,
     build_part,
     check_causal,
+    check_gram_factor,
     check_memory_layer,
     check_memory_network,
     check_objective,
@@ -63,6 +64,12 @@ def test_every_registered_memory_network_backward_matches_autograd(name: str):
 def test_every_registered_objective_loss_grad_matches_autograd(name: str):
     check_objective(build_part("objective", name, REGISTRY, dim=16, heads=2), name=name,
                     heads=2, head_dim=8)
+
+
+@pytest.mark.parametrize("name", REGISTRY.names("optimizer"))
+def test_every_registered_gram_factor_matches_its_transform(name: str):
+    if not check_gram_factor(build_part("optimizer", name, REGISTRY, dim=16, heads=2), name=name):
+        pytest.skip(f"{name} does not factor through the Gram matrix")
 
 
 # -- the example plugin, through the pytest base class a plugin author subclasses ---------------
@@ -221,6 +228,28 @@ class _HalfLossGrad(nn.Module):
 
     def forward(self, x: Tensor) -> ObjectiveInputs:
         return ObjectiveInputs(None, None)
+
+
+class _UnscaledGramFactor(nn.Module):
+    """Muon's transform with a factor that forgets the scale of its step."""
+
+    applies_at = "token"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.muon = build_part("optimizer", "atlas.muon", REGISTRY, dim=16, heads=2)
+
+    def transform(self, update: Tensor) -> Tensor:
+        return self.muon.transform(update)
+
+    def gram_factor(self, gram: Tensor) -> Tensor:
+        return self.muon.gram_factor(gram) / self.muon.scale
+
+
+def test_a_wrong_gram_factor_is_found():
+    with pytest.raises(ConformanceError, match=r"^lab.muon: gram_factor against transform \(4 x 4 "
+                                               r"update\): gram_factor\(X X\^T\) @ X differs by"):
+        check_gram_factor(_UnscaledGramFactor(), name="lab.muon")
 
 
 def test_a_wrong_loss_grad_is_found():

@@ -13,6 +13,7 @@ PINNED = [
     "DecodesAttentionStatically",
     "DecodesMemoryStatically",
     "DecodesStatically",
+    "FactorsThroughGram",
     "FeedForward",
     "DescribesRule",
     "Objective",

@@ -66,6 +66,27 @@ class NormalisedStep:
         return update * torch.rsqrt(1.0 + update.square().sum((-2, -1), keepdim=True))
 
 
+class GramStep:
+    """A per-token transform through the update's Gram matrix, ``(I + X X^T)^{-1} X`` on the
+    update's wide orientation ``X``; declaring ``gram_factor`` sends chunk-start reads down the
+    executor's Gram path. Counts the factors it computes."""
+
+    applies_at = "token"
+
+    def __init__(self) -> None:
+        self.factors = 0
+
+    def gram_factor(self, gram: Tensor) -> Tensor:
+        self.factors += 1
+        return torch.linalg.inv(torch.eye(gram.shape[-1], dtype=gram.dtype) + gram)
+
+    def transform(self, update: Tensor) -> Tensor:
+        tall = update.shape[-2] > update.shape[-1]
+        wide = update.mT if tall else update
+        out = torch.linalg.solve(torch.eye(wide.shape[-2], dtype=wide.dtype) + wide @ wide.mT, wide)
+        return out.mT if tall else out
+
+
 class ScalarDecay:
     """A retention whose decay comes with the inputs, applied after the step (Titans' order)."""
 
@@ -253,6 +274,30 @@ def test_transforms_and_projections_match_the_reference(
     inputs = random_inputs(shape["batch"] * shape["heads"], shape["steps"], shape["dim"],
                            shape["seed"], momentum=momentum, decay=decay, side=True, window=gamma)
     check_against_reference(rule, shape["batch"], inputs, shape["splits"])
+
+
+@FAST
+@given(shape=shapes(max_steps=17), window=st.sampled_from([1, 2]), momentum=st.booleans(),
+       decay=st.booleans(), gamma=st.booleans(), read=st.sampled_from(sorted(READERS)),
+       projection=st.sampled_from([None, "chunk_end"]))
+def test_transforms_through_the_gram_matrix_match_the_reference(
+        shape: dict, window: int, momentum: bool, decay: bool, gamma: bool, read: str,
+        projection: str | None) -> None:
+    """A transform that factors through the Gram matrix: chunk-start reads (and every chunk end
+    without exact reads) take the Gram path, with no per-token weights; exact reads the token
+    loop. Both equal the reference."""
+    if projection is not None:
+        read = "at_chunk_start"
+    net = network(shape["heads"], shape["dim"], shape["depth"], shape["seed"])
+    optimizer = GramStep()
+    retention = ScalarDecay() if projection is None else RowRenormalisation(projection)
+    rule = LearningRule(net, WindowedLoss(window, smooth=True), optimizer, retention,
+                        READERS[read](), shape["chunk"])
+    inputs = random_inputs(shape["batch"] * shape["heads"], shape["steps"], shape["dim"],
+                           shape["seed"], momentum=momentum, decay=decay, side=True, window=gamma)
+    check_against_reference(rule, shape["batch"], inputs, shape["splits"])
+    if read == "at_chunk_start":
+        assert optimizer.factors > 0
 
 
 @pytest.mark.parametrize("window", [1, 3])

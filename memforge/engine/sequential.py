@@ -38,8 +38,10 @@ from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from memforge.engine.derived_backward import with_backward
+from memforge.engine.gram_chunk import gram_chunk_end
 from memforge.engine.window import WindowHistory, join_time, window_mix
 from memforge.interfaces import (
+    FactorsThroughGram,
     LinearFn,
     MemoryNetwork,
     ProjectsWeights,
@@ -104,6 +106,7 @@ class _Parts(NamedTuple):
     project_at: str | None
     mirror: bool
     params: tuple[Tensor, ...] = ()
+    gram_factor: Callable[[Tensor], Tensor] | None = None
 
     @property
     def per_token(self) -> bool:
@@ -132,6 +135,8 @@ def _parts(rule: LearningRule) -> _Parts:
         # What a transform or projection may read besides its arguments (a learned scale).
         params=tuple(p for part in (optimizer, retention) if isinstance(part, nn.Module)
                      for p in part.parameters() if p.requires_grad),
+        gram_factor=optimizer.gram_factor if transforms and isinstance(optimizer, FactorsThroughGram)
+        else None,
     )
 
 
@@ -347,11 +352,43 @@ class _ChunkStep:
                 self._loop = _token_loop(self.parts, self.exact_reads, self.length, *args)
         return self._loop
 
+    @property
+    def through_gram(self) -> bool:
+        """Whether the chunk's end comes from the Gram matrices of its per-token momenta
+        (:mod:`memforge.engine.gram_chunk`): a token transform that factors through them, no
+        token projection, and no read of a token's weights."""
+        parts = self.parts
+        return (parts.gram_factor is not None and parts.transform_at == "token"
+                and parts.project_at != "token" and not self.exact_reads)
+
+    def gram_end(self) -> tuple[tuple[Tensor, ...], tuple[Tensor, ...]]:
+        """The linearly moved state and the momentum after the chunk, on the Gram path."""
+        chunk = self.chunk
+        theta, log_keep = chunk.lr, chunk.log_keep
+        if chunk.momentum is None:
+            own, carried = torch.diag_embed(theta), None                # S_t = theta_t u_t
+        else:
+            log_eta = chunk.momentum.clamp_min(torch.finfo(theta.dtype).tiny).log()
+            own = _segment_sums(log_eta).exp() * theta[:, None, :]
+            carried = log_eta.cumsum(1).exp()
+        to_end = None if log_keep is None else _segment_sums(log_keep)[:, -1].exp()
+        keep_end = None if log_keep is None else log_keep.sum(1).exp()
+        run = partial(gram_chunk_end, self.parts.gram_factor)
+        args = (self.pairs(), self.spread(own), carried, to_end, keep_end, self.base, self.moments)
+        if torch.is_grad_enabled():
+            # Each token's Gram matrix and its factor's steps are small, but b of them per
+            # memory, kept for the backward, add up to gigabytes over a sequence: recomputed
+            # per chunk in the backward, as the token loop is.
+            return _recomputed(run, args, self.parts.params)
+        return run(*args)
+
     def end(self) -> tuple[tuple[Tensor, ...], tuple[Tensor, ...], tuple[Tensor, ...]]:
         """``(W, S, D)`` after the chunk, with its ``"chunk_end"`` parts applied; ``D`` is a mirror
         map's unprojected state (``()`` without one)."""
         parts = self.parts
-        if parts.per_token:
+        if self.through_gram:
+            weights, moments = self.gram_end()
+        elif parts.per_token:
             per_token, moments, linear = self.loop()
             weights = linear if parts.mirror else per_token[-1]
         else:

@@ -53,7 +53,7 @@ from torch import Tensor, nn
 from memforge.builder import build_layer_component
 from memforge.conformance import check_component, check_module
 from memforge.engine.derived_backward import DerivedBackward, derivability_problem
-from memforge.interfaces import BuildContext, DecodesMemoryStatically, ReadsMemory
+from memforge.interfaces import BuildContext, DecodesMemoryStatically, FactorsThroughGram, ReadsMemory
 from memforge.plugins import default_registry
 from memforge.registry import ComponentRegistry
 from memforge.spec import ModelSpec, override
@@ -545,6 +545,27 @@ def check_objective(module: nn.Module, *, name: str, heads: int, head_dim: int,
     _close(name, check, "loss_grad", module.loss_grad(prediction.detach(), target, side), want)
 
 
+def check_gram_factor(module: nn.Module, *, name: str, size: int = 4, batch: int = 3,
+                      seed: int = 0) -> bool:
+    """An optimiser's ``gram_factor`` (:class:`memforge.FactorsThroughGram`) agrees with its
+    ``transform`` in float64: ``transform(S)`` equals ``gram_factor(X X^T) @ X`` for the wide
+    orientation ``X`` of ``S``, on random square, wide and tall updates (the sequential executor
+    uses one where the reference uses the other). Returns whether the module declares it."""
+    if not isinstance(module, FactorsThroughGram):
+        return False
+    module = copy.deepcopy(module).double()
+    generator = torch.Generator().manual_seed(seed)
+    for rows, cols in ((size, size), (size, 2 * size + 1), (2 * size + 1, size)):
+        update = torch.randn(batch, rows, cols, generator=generator, dtype=torch.float64)
+        tall = rows > cols
+        wide = update.mT if tall else update
+        factored = module.gram_factor(wide @ wide.mT) @ wide
+        _close(name, f"gram_factor against transform ({rows} x {cols} update)",
+               "gram_factor(X X^T) @ X", factored.mT if tall else factored,
+               module.transform(update))
+    return True
+
+
 # -- the pytest suite ------------------------------------------------------------------------------
 def _examples() -> int:
     return int(os.environ.get("MEMFORGE_CONFORMANCE_EXAMPLES", "3"))
@@ -666,7 +687,8 @@ class MemoryLayerConformance:
 __all__ = [
     "BACKWARD_TOLERANCE", "GRID", "TOLERANCE", "ConformanceError", "LayerUnderTest", "MemoryLayerConformance",
     "Reference", "build_part", "capabilities", "check_batch_independent", "check_causal",
-    "check_finite_gradients", "check_memory_layer", "check_memory_network", "check_objective",
+    "check_finite_gradients", "check_gram_factor", "check_memory_layer", "check_memory_network",
+    "check_objective",
     "check_read_pure", "check_reference", "check_split", "check_static_decode", "chunk_sizes",
     "layer_spec", "memory_layer",
 ]

@@ -30,20 +30,35 @@ EPS = 1e-4
 def newton_schulz(update: Tensor, steps: int = STEPS) -> Tensor:
     """The approximately orthogonalised ``update`` ``[..., m, n]`` (same shape), scale-free.
 
-    Works on the wide orientation (``m <= n``, transposing a tall matrix and back), and runs the
-    iteration on the small ``m x m`` side: every step is ``X_{k+1} = P_k X_k`` with
-    ``P_k = a I + b A_k + c A_k^2`` a polynomial of ``A_k = X_k X_k^T``, so
-    ``A_{k+1} = P_k A_k P_k`` and the result is ``(P_{s-1} ... P_0) X_0``. That is the same
-    iteration in exact arithmetic, with two products touching an ``m x n`` matrix instead of
-    ``2 s``; autograd then keeps no ``m x n`` tensor per step, which is what bounds the memory
-    of a per-token Muon in training (docs/zoo.md, "ATLAS"). Float64 agrees with the plain
-    iteration to about 1e-14; float32 rounds ``A``'s small eigenvalues (squared singular values)
-    coarser, up to about 5e-5 relative on an ill-conditioned square input. Differentiable.
+    Works on the wide orientation (``m <= n``, transposing a tall matrix and back): the result is
+    :func:`newton_schulz_factor` of the wide matrix's Gram matrix times the wide matrix. Float64
+    agrees with the plain iteration to about 1e-14; float32 rounds the Gram matrix's small
+    eigenvalues (squared singular values) coarser, up to about 5e-5 relative on an
+    ill-conditioned square input. Differentiable.
     """
     tall = update.shape[-2] > update.shape[-1]
     wide = update.mT if tall else update
-    scale = 1.0 / (update.norm(dim=(-2, -1), keepdim=True) + EPS)
-    gram = (wide @ wide.mT) * scale.square()                # A_0 = X_0 X_0^T
+    x = newton_schulz_factor(wide @ wide.mT, steps) @ wide
+    return x.mT if tall else x
+
+
+def newton_schulz_factor(gram: Tensor, steps: int = STEPS) -> Tensor:
+    """``R`` ``[..., m, m]`` with ``NS(X) = R X`` for a wide ``X`` ``[..., m, n]`` whose Gram matrix
+    ``X X^T`` is ``gram``.
+
+    Every step is ``X_{k+1} = P_k X_k`` with ``P_k = a I + b A_k + c A_k^2`` a polynomial of
+    ``A_k = X_k X_k^T``, so ``A_{k+1} = P_k A_k P_k`` and ``NS(X) = (P_{s-1} ... P_0) X_0``:
+    the iteration runs on the small ``m x m`` side only. That is what lets a chunk of per-token
+    Muon steps run without building a weight-sized matrix per token (the sequential executor's
+    ``FactorsThroughGram`` path), and what keeps autograd from saving an ``m x n`` tensor per
+    step. ``X``'s Frobenius norm is ``sqrt(trace(gram))``; a trace rounded below zero counts as 0
+    (with a zero gradient there, not sqrt's infinite one).
+    """
+    trace = gram.diagonal(dim1=-2, dim2=-1).sum(-1)[..., None, None]
+    positive = trace > 0
+    norm = torch.where(positive, torch.where(positive, trace, 1.0).sqrt(), 0.0)
+    scale = 1.0 / (norm + EPS)
+    gram = gram * scale.square()                            # A_0 = X_0 X_0^T
     a, b, c = COEFFICIENTS
     eye = torch.eye(gram.shape[-1], dtype=gram.dtype, device=gram.device)
     product = eye
@@ -52,5 +67,4 @@ def newton_schulz(update: Tensor, steps: int = STEPS) -> Tensor:
         product = poly @ product
         if step < steps - 1:
             gram = poly @ gram @ poly
-    x = (product * scale) @ wide
-    return x.mT if tall else x
+    return product * scale

@@ -15,8 +15,9 @@ The three models (docs/zoo.md, "ATLAS"):
 * DeepTransformers: ``phi_2`` features, a 2-layer MLP memory, the dot-product (Hebbian) objective,
   plain gradient descent: the closed-form executor.
 * Atlas: Omega rule (``c = 4``), ``phi_2`` features, a 2-layer MLP memory, Muon: the sequential
-  executor's token loop. Its MLP keeps the head width (expansion 1, not App. E's 4): per-token
-  Newton-Schulz on a ``C(d + 2, 2) x 4d`` matrix would make the small size hours, not minutes.
+  executor, through the Gram matrices of the per-token momenta. Its MLP keeps the head width
+  (expansion 1, not App. E's 4): per-token Newton-Schulz on ``4d x 4d`` Gram matrices would make
+  the small size hours, not minutes.
 """
 
 from __future__ import annotations

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from memforge.engine.rules import GatedStep
 from memforge.interfaces import ObjectiveInputs, StepGates
 from memforge.linear import Linear
-from memforge_atlas.newton_schulz import newton_schulz
+from memforge_atlas.newton_schulz import newton_schulz, newton_schulz_factor
 
 
 class OmegaObjective(nn.Module):
@@ -130,6 +130,12 @@ class Muon(nn.Module):
     def transform(self, update: Tensor) -> Tensor:
         """``scale * NS(update)`` for one fast-weight matrix's momentum ``[N, d_in, d_out]``."""
         return self.scale * newton_schulz(update, self.steps)
+
+    def gram_factor(self, gram: Tensor) -> Tensor:
+        """``scale * R`` with ``NS(X) = R X`` for the wide momentum ``X`` whose Gram matrix is
+        ``gram`` (:class:`memforge.FactorsThroughGram`: a chunk's per-token steps then need no
+        weight-sized matrix per token)."""
+        return self.scale * newton_schulz_factor(gram, self.steps)
 
     def extra_repr(self) -> str:
         """Settings, for ``print(module)``."""
