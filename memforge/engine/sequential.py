@@ -23,7 +23,9 @@ Every per-token gradient is an outer product ``x_i^T g_i`` of a matrix input and
 back-propagated error, computed for a whole chunk (and every memory) in one forward/backward.
 Without per-token transforms or projections the recurrences inside a chunk are linear, and the
 chunk moves in closed form (one weighted ``X^T G`` matmul per matrix, reads in the TTT dual
-form); otherwise a Python loop over the chunk's tokens applies them. Autograd runs through
+form). A per-token transform that factors through the update's Gram matrix (Muon), read at the
+chunk start, moves the chunk through its tokens' Gram matrices (:mod:`memforge.engine.gram_chunk`).
+Otherwise a Python loop over the chunk's tokens applies them. Autograd runs through
 everything, so outer gradients reach the initial weights, inputs and gates.
 """
 
