@@ -179,6 +179,12 @@ def _optimizer(module: nn.Module, ctx: BuildContext, like: Tensor) -> None:
         _flag(module, "applies_at", lambda v: v in _APPLIES_AT, f"one of {list(_APPLIES_AT)}")
         update = like.new_ones(ctx.heads, ctx.head_dim, ctx.head_dim)
         _expect(module.transform(update), tuple(update.shape), "transform(update)")
+    if callable(getattr(module, "gram_factor", None)):  # FactorsThroughGram
+        if getattr(module, "applies_at", None) != "token":
+            raise _Mismatch("it has gram_factor, which stands for a per-token transform, but "
+                            "not transform(update) with applies_at = 'token'")
+        gram = like.new_ones(ctx.heads, 2, ctx.head_dim, ctx.head_dim)
+        _expect(module.gram_factor(gram), tuple(gram.shape), "gram_factor(gram)")
 
 
 def _retention(module: nn.Module, ctx: BuildContext, like: Tensor) -> None:

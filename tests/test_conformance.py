@@ -17,6 +17,8 @@ import torch
 from torch import Tensor, nn
 
 import memforge
+from memforge.conformance import check_module
+from memforge.errors import SpecError
 from memforge.interfaces import ObjectiveInputs
 from memforge.plugins import as_module, load_plugins
 from memforge.testing.conformance import (
@@ -246,10 +248,42 @@ class _UnscaledGramFactor(nn.Module):
         return self.muon.gram_factor(gram) / self.muon.scale
 
 
+class _DetachedGramFactor(_UnscaledGramFactor):
+    """Muon's factor, right in value, with its gradient into the update cut off."""
+
+    def gram_factor(self, gram: Tensor) -> Tensor:
+        return self.muon.gram_factor(gram.detach())
+
+
+class _GramFactorWithoutTransform(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.muon = build_part("optimizer", "atlas.muon", REGISTRY, dim=16, heads=2)
+
+    def forward(self, x: Tensor):  # noqa: ANN201 - StepGates
+        return self.muon(x)
+
+    def gram_factor(self, gram: Tensor) -> Tensor:
+        return self.muon.gram_factor(gram)
+
+
 def test_a_wrong_gram_factor_is_found():
     with pytest.raises(ConformanceError, match=r"^lab.muon: gram_factor against transform \(4 x 4 "
                                                r"update\): gram_factor\(X X\^T\) @ X differs by"):
         check_gram_factor(_UnscaledGramFactor(), name="lab.muon")
+    with pytest.raises(ConformanceError, match=r"^lab.muon: gram_factor against transform \(4 x 4 "
+                                               r"update\): the gradient into the update through "
+                                               r"gram_factor differs by"):
+        check_gram_factor(_DetachedGramFactor(), name="lab.muon")
+    with pytest.raises(ConformanceError, match=r"^lab.muon: gram_factor: a gram_factor stands for "
+                                               r"a per-token transform"):
+        check_gram_factor(_GramFactorWithoutTransform(), name="lab.muon")
+
+
+def test_a_gram_factor_without_a_token_transform_is_refused_at_build_time():
+    with pytest.raises(SpecError, match=r"optimizer 'module' .*it has gram_factor, which stands for "
+                                        r"a per-token transform"):
+        check_module("optimizer", _GramFactorWithoutTransform(), dim=16, heads=2)
 
 
 def test_a_wrong_loss_grad_is_found():

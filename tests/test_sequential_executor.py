@@ -69,18 +69,19 @@ class NormalisedStep:
 class GramStep:
     """A per-token transform through the update's Gram matrix, ``(I + X X^T)^{-1} X`` on the
     update's wide orientation ``X``; declaring ``gram_factor`` sends chunk-start reads down the
-    executor's Gram path. Counts the factors it computes."""
+    executor's Gram path. Counts the calls of each."""
 
     applies_at = "token"
 
     def __init__(self) -> None:
-        self.factors = 0
+        self.calls = {"gram_factor": 0, "transform": 0}
 
     def gram_factor(self, gram: Tensor) -> Tensor:
-        self.factors += 1
+        self.calls["gram_factor"] += 1
         return torch.linalg.inv(torch.eye(gram.shape[-1], dtype=gram.dtype) + gram)
 
     def transform(self, update: Tensor) -> Tensor:
+        self.calls["transform"] += 1
         tall = update.shape[-2] > update.shape[-1]
         wide = update.mT if tall else update
         out = torch.linalg.solve(torch.eye(wide.shape[-2], dtype=wide.dtype) + wide @ wide.mT, wide)
@@ -279,25 +280,34 @@ def test_transforms_and_projections_match_the_reference(
 @FAST
 @given(shape=shapes(max_steps=17), window=st.sampled_from([1, 2]), momentum=st.booleans(),
        decay=st.booleans(), gamma=st.booleans(), read=st.sampled_from(sorted(READERS)),
-       projection=st.sampled_from([None, "chunk_end"]))
+       projection=st.sampled_from([None, "token", "chunk_end"]), mirror=st.booleans())
 def test_transforms_through_the_gram_matrix_match_the_reference(
         shape: dict, window: int, momentum: bool, decay: bool, gamma: bool, read: str,
-        projection: str | None) -> None:
-    """A transform that factors through the Gram matrix: chunk-start reads (and every chunk end
-    without exact reads) take the Gram path, with no per-token weights; exact reads the token
-    loop. Both equal the reference."""
-    if projection is not None:
+        projection: str | None, mirror: bool) -> None:
+    """A transform that factors through the Gram matrix equals the reference on both of the
+    executor's paths: the Gram path (chunk-start reads, no per-token projection; it never calls
+    ``transform``) and the token loop (exact reads or a per-token projection; it never calls
+    ``gram_factor`` for a chunk it reads)."""
+    if projection == "chunk_end":
         read = "at_chunk_start"
     net = network(shape["heads"], shape["dim"], shape["depth"], shape["seed"])
     optimizer = GramStep()
-    retention = ScalarDecay() if projection is None else RowRenormalisation(projection)
+    retention = ScalarDecay() if projection is None else RowRenormalisation(projection, mirror)
     rule = LearningRule(net, WindowedLoss(window, smooth=True), optimizer, retention,
                         READERS[read](), shape["chunk"])
     inputs = random_inputs(shape["batch"] * shape["heads"], shape["steps"], shape["dim"],
                            shape["seed"], momentum=momentum, decay=decay, side=True, window=gamma)
     check_against_reference(rule, shape["batch"], inputs, shape["splits"])
-    if read == "at_chunk_start":
-        assert optimizer.factors > 0
+
+    optimizer.calls = dict.fromkeys(optimizer.calls, 0)
+    with torch.no_grad():
+        state = SEQUENTIAL.initial_state(rule, shape["batch"], inputs)
+        SEQUENTIAL.scan(rule, state, inputs)
+    if read == "at_chunk_start" and projection != "token":
+        ends = shape["steps"] // shape["chunk"]  # a finished chunk's end, once per matrix
+        assert optimizer.calls == {"gram_factor": ends * len(net.initial_weights()), "transform": 0}
+    else:
+        assert optimizer.calls["gram_factor"] == 0
 
 
 @pytest.mark.parametrize("window", [1, 3])

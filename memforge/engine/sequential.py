@@ -375,14 +375,18 @@ class _ChunkStep:
             carried = log_eta.cumsum(1).exp()
         to_end = None if log_keep is None else _segment_sums(log_keep)[:, -1].exp()
         keep_end = None if log_keep is None else log_keep.sum(1).exp()
+        mixes = self.spread(own)
         run = partial(gram_chunk_end, self.parts.gram_factor)
-        args = (self.pairs(), self.spread(own), carried, to_end, keep_end, self.base, self.moments)
-        if torch.is_grad_enabled():
-            # Each token's Gram matrix and its factor's steps are small, but b of them per
-            # memory, kept for the backward, add up to gigabytes over a sequence: recomputed
-            # per chunk in the backward, as the token loop is.
-            return _recomputed(run, args, self.parts.params)
-        return run(*args)
+        args = (self.pairs(), mixes, carried, to_end, keep_end, self.base, self.moments)
+        # Each token's Gram matrix and its factor's steps are small, but b of them per memory,
+        # kept for the backward, add up to gigabytes over a sequence: recomputed per chunk in
+        # the backward, as the token loop is.
+        weights = _recomputed(run, args, self.parts.params) if torch.is_grad_enabled() else run(*args)
+        moments = self.moments
+        if carried is not None:  # S_b = e_b S_0 + X^T diag(q_b) G, linear
+            moments = tuple(torch.baddbmm(s * carried[:, -1, None, None], *_weighted(x, g, mixes[:, -1]))
+                            for s, (x, g) in zip(self.moments, self.pairs(), strict=True))
+        return weights, moments
 
     def end(self) -> tuple[tuple[Tensor, ...], tuple[Tensor, ...], tuple[Tensor, ...]]:
         """``(W, S, D)`` after the chunk, with its ``"chunk_end"`` parts applied; ``D`` is a mirror

@@ -549,20 +549,31 @@ def check_gram_factor(module: nn.Module, *, name: str, size: int = 4, batch: int
                       seed: int = 0) -> bool:
     """An optimiser's ``gram_factor`` (:class:`memforge.FactorsThroughGram`) agrees with its
     ``transform`` in float64: ``transform(S)`` equals ``gram_factor(X X^T) @ X`` for the wide
-    orientation ``X`` of ``S``, on random square, wide and tall updates (the sequential executor
-    uses one where the reference uses the other). Returns whether the module declares it."""
+    orientation ``X`` of ``S``, in value and in the gradient into ``S``, on random square, wide and
+    tall updates with two batch dimensions (the sequential executor runs one where the reference
+    runs the other). Returns whether the module declares it."""
     if not isinstance(module, FactorsThroughGram):
         return False
+    if not callable(getattr(module, "transform", None)) or getattr(module, "applies_at", None) != "token":
+        _fail(name, "gram_factor", "a gram_factor stands for a per-token transform: give the "
+                                   "optimiser transform(update) and applies_at = 'token'")
     module = copy.deepcopy(module).double()
     generator = torch.Generator().manual_seed(seed)
     for rows, cols in ((size, size), (size, 2 * size + 1), (2 * size + 1, size)):
-        update = torch.randn(batch, rows, cols, generator=generator, dtype=torch.float64)
+        check = f"gram_factor against transform ({rows} x {cols} update)"
+        update = torch.randn(batch, 2, rows, cols, generator=generator, dtype=torch.float64)
+        probe = torch.randn(update.shape, generator=generator, dtype=torch.float64)
+        update.requires_grad_(True)
         tall = rows > cols
         wide = update.mT if tall else update
         factored = module.gram_factor(wide @ wide.mT) @ wide
-        _close(name, f"gram_factor against transform ({rows} x {cols} update)",
-               "gram_factor(X X^T) @ X", factored.mT if tall else factored,
-               module.transform(update))
+        factored = factored.mT if tall else factored
+        direct = module.transform(update)
+        _close(name, check, "gram_factor(X X^T) @ X", factored, direct)
+        (mine,) = torch.autograd.grad((factored * probe).sum(), update)
+        (want,) = torch.autograd.grad((direct * probe).sum(), update)
+        _close(name, check, "the gradient into the update through gram_factor", mine, want,
+               BACKWARD_TOLERANCE)
     return True
 
 
@@ -688,7 +699,6 @@ __all__ = [
     "BACKWARD_TOLERANCE", "GRID", "TOLERANCE", "ConformanceError", "LayerUnderTest", "MemoryLayerConformance",
     "Reference", "build_part", "capabilities", "check_batch_independent", "check_causal",
     "check_finite_gradients", "check_gram_factor", "check_memory_layer", "check_memory_network",
-    "check_objective",
-    "check_read_pure", "check_reference", "check_split", "check_static_decode", "chunk_sizes",
-    "layer_spec", "memory_layer",
+    "check_objective", "check_read_pure", "check_reference", "check_split", "check_static_decode",
+    "chunk_sizes", "layer_spec", "memory_layer",
 ]

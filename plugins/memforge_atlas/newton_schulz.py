@@ -48,11 +48,11 @@ def newton_schulz_factor(gram: Tensor, steps: int = STEPS) -> Tensor:
 
     Every step is ``X_{k+1} = P_k X_k`` with ``P_k = a I + b A_k + c A_k^2`` a polynomial of
     ``A_k = X_k X_k^T``, so ``A_{k+1} = P_k A_k P_k`` and ``NS(X) = (P_{s-1} ... P_0) X_0``:
-    the iteration runs on the small ``m x m`` side only. That is what lets a chunk of per-token
-    Muon steps run without building a weight-sized matrix per token (the sequential executor's
-    ``FactorsThroughGram`` path), and what keeps autograd from saving an ``m x n`` tensor per
-    step. ``X``'s Frobenius norm is ``sqrt(trace(gram))``; a trace rounded below zero counts as 0
-    (with a zero gradient there, not sqrt's infinite one).
+    the iteration runs on the small ``m x m`` side only, which keeps autograd from saving an
+    ``m x n`` tensor per step and lets a chunk of per-token Muon steps run from the Gram
+    matrices alone (docs/memory.md, "The sequential executor"). ``X``'s Frobenius norm is
+    ``sqrt(trace(gram))``; a trace rounded below zero counts as 0 (with a zero gradient there,
+    not sqrt's infinite one).
     """
     trace = gram.diagonal(dim1=-2, dim2=-1).sum(-1)[..., None, None]
     positive = trace > 0
