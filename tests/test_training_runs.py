@@ -274,7 +274,16 @@ def test_torchrun_processes_stop_after_the_same_step(tmp_path: Path) -> None:
         port = sock.getsockname()[1]
     # Spawned, not forked: a child forked from a process whose OpenMP pool has run (any earlier
     # test's torch work) can deadlock in its first parallel region.
-    mp.spawn(_ddp_worker, args=(port, str(tmp_path)), nprocs=2, join=True)
+    ranks = mp.start_processes(_ddp_worker, args=(port, str(tmp_path)), nprocs=2, join=False,
+                               start_method="spawn")
+    deadline = time.monotonic() + 300
+    try:
+        while not ranks.join(timeout=5):
+            assert time.monotonic() < deadline, "the two ranks did not finish in 5 minutes"
+    finally:  # a hung rank must not outlive the test (the interpreter would wait for it at exit)
+        for process in ranks.processes:
+            if process.is_alive():
+                process.kill()
     outcomes = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     assert outcomes[0] == outcomes[1] == {
         "step": 3, "signal": signal.SIGTERM,
