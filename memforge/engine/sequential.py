@@ -370,9 +370,8 @@ class _ChunkStep:
         if chunk.momentum is None:
             own, carried = torch.diag_embed(theta), None                # S_t = theta_t u_t
         else:
-            log_eta = chunk.momentum.clamp_min(torch.finfo(theta.dtype).tiny).log()
-            own = _segment_sums(log_eta).exp() * theta[:, None, :]
-            carried = log_eta.cumsum(1).exp()
+            eta, carried = _momentum_products(chunk.momentum)
+            own = eta * theta[:, None, :]
         to_end = None if log_keep is None else _segment_sums(log_keep)[:, -1].exp()
         keep_end = None if log_keep is None else log_keep.sum(1).exp()
         mixes = self.spread(own)
@@ -383,9 +382,8 @@ class _ChunkStep:
         # the backward, as the token loop is.
         weights = _recomputed(run, args, self.parts.params) if torch.is_grad_enabled() else run(*args)
         moments = self.moments
-        if carried is not None:  # S_b = e_b S_0 + X^T diag(q_b) G, linear
-            moments = tuple(torch.baddbmm(s * carried[:, -1, None, None], *_weighted(x, g, mixes[:, -1]))
-                            for s, (x, g) in zip(self.moments, self.pairs(), strict=True))
+        if carried is not None:  # linear: S_b = e_b S_0 + X^T diag(q_b) G
+            moments = _moved_momentum(self.moments, self.pairs(), carried[:, -1], mixes[:, -1])
         return weights, moments
 
     def end(self) -> tuple[tuple[Tensor, ...], tuple[Tensor, ...], tuple[Tensor, ...]]:
@@ -404,9 +402,8 @@ class _ChunkStep:
                                                     self.pairs(), strict=True))
             moments = self.moments
             if coef.momentum_keep is not None:
-                moments = tuple(torch.baddbmm(s * coef.momentum_keep[:, None, None],
-                                              *_weighted(x, g, coef.momentum_gain))
-                                for s, (x, g) in zip(self.moments, self.pairs(), strict=True))
+                moments = _moved_momentum(self.moments, self.pairs(), coef.momentum_keep,
+                                          coef.momentum_gain)
         if parts.transform_at == "chunk_end":
             keep = None if self.chunk.log_keep is None else self.chunk.log_keep.sum(1).exp()[:, None, None]
             starts = self.base if keep is None else tuple(keep * w for w in self.base)
@@ -522,19 +519,16 @@ def _linear_coefficients(chunk: PendingTokens, spread: Callable[[Tensor], Tensor
     coefficients to the pairs' (``u = mix @ pairs``). ``full``: every row (for exact reads),
     else the last only."""
     theta, log_keep = chunk.lr, chunk.log_keep
-    tiny = torch.finfo(theta.dtype).tiny
-    log_eta = None if chunk.momentum is None else chunk.momentum.clamp_min(tiny).log()
     decay = None if log_keep is None else _segment_sums(log_keep).exp()
     rows = slice(None) if full else slice(-1, None)
     keep = None if log_keep is None else log_keep.cumsum(1).exp()[:, rows]
     decay_rows = None if decay is None else decay[:, rows]
-    if log_eta is None:
+    if chunk.momentum is None:
         carry = momentum_keep = momentum_gain = None
         weight = _causal_ones(theta)[rows] if decay_rows is None else decay_rows
         gain = weight * theta[:, None, :]
     else:
-        eta = _segment_sums(log_eta).exp()
-        cumulative = log_eta.cumsum(1).exp()
+        eta, cumulative = _momentum_products(chunk.momentum)
         if decay_rows is None:
             weight, carry = eta.cumsum(1)[:, rows], cumulative.cumsum(1)[:, rows]
         else:
@@ -547,6 +541,21 @@ def _linear_coefficients(chunk: PendingTokens, spread: Callable[[Tensor], Tensor
     return _LinearCoefficients(after, None if keep is None else keep[:, -1],
                                None if carry is None else carry[:, -1], gain[:, -1],
                                momentum_keep, momentum_gain)
+
+
+def _momentum_products(momentum: Tensor) -> tuple[Tensor, Tensor]:
+    """``Q`` ``[N, b, b]`` with ``Q[l, j] = E_l / E_j`` (causal) and ``E`` ``[N, b]``,
+    ``E_l = prod_{m<=l} eta_m``, from the momentum gates ``eta`` ``[N, b]`` (in log space, so a
+    gate of 0 stays finite)."""
+    log_eta = momentum.clamp_min(torch.finfo(momentum.dtype).tiny).log()
+    return _segment_sums(log_eta).exp(), log_eta.cumsum(1).exp()
+
+
+def _moved_momentum(moments: tuple[Tensor, ...], pairs: list[tuple[Tensor, Tensor]], keep: Tensor,
+                    gain: Tensor) -> tuple[Tensor, ...]:
+    """``keep S0 + X^T diag(gain) G`` per matrix: the momentum at a chunk's end."""
+    return tuple(torch.baddbmm(s * keep[:, None, None], *_weighted(x, g, gain))
+                 for s, (x, g) in zip(moments, pairs, strict=True))
 
 
 def _segment_sums(log_gate: Tensor) -> Tensor:
