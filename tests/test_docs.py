@@ -128,8 +128,9 @@ def test_code_cites_existing_docs_sections() -> None:
 
 
 def _beside_the_repository(path: Path, reference: str) -> bool:
-    """Whether ``reference`` (a ``../`` path), read from ``path``'s folder or from the repository
-    root, lands next to the checkout rather than in it: notes a user's copy does not have."""
+    """Whether ``reference`` (a path relative to a parent folder), read from ``path``'s folder or
+    from the repository root, lands next to the checkout rather than in it: notes a user's copy
+    does not have."""
     for start in (path.parent, ROOT):
         target = (start / reference).resolve()
         if target.is_relative_to(ROOT.parent) and not target.is_relative_to(ROOT):
