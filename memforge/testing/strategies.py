@@ -7,7 +7,8 @@ where it declares one: a step size of 1e-300 or an expansion that rounds a width
 field's own bounds but no sensible model has it.
 
 :func:`model_specs` draws only specs that pass every check, core and plugin
-(``memforge_validate_spec``), so every drawn spec builds.
+(``memforge_validate_spec``), and whose blocks build (some executor runs each memory layer's
+rule, which only the built parts can tell), so every drawn spec builds.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import math
 import attrs
 from hypothesis import strategies as st
 
+from memforge.builder import estimate_parameters
 from memforge.errors import SpecError
 from memforge.registry import ComponentRegistry
 from memforge.spec import ComponentChoice, ModelSpec, check_spec
@@ -120,8 +122,10 @@ def model_specs(
     )
     try:
         check_spec(spec, registry)
+        # Built on the meta device, cheaply: a rule no executor runs is refused only there.
+        estimate_parameters(spec, registry)
     except SpecError:
-        # A plugin's cross-component rule refused this combination: draw another.
+        # A cross-component rule refused this combination: draw another.
         from hypothesis import reject
 
         reject()
