@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from memforge.linear import Linear
+from memforge.nn import causal_depthwise_conv
 
 
 class ProjectionCache(NamedTuple):
@@ -40,6 +41,8 @@ class QKVProjection(nn.Module):
         self.heads, self.head_dim, self.kernel = heads, head_dim, conv_kernel
         width = 3 * heads * head_dim
         self.proj = Linear(dim, width, bias=False)
+        # The module holds the taps (its initialisation and state-dict key); the product is
+        # causal_depthwise_conv on the rows as they lie.
         self.conv = nn.Conv1d(width, width, conv_kernel, groups=width, bias=False) if conv_kernel else None
 
     def forward(self, x: Tensor, cache: ProjectionCache | None) -> tuple[Tensor, Tensor, Tensor, Any]:
@@ -50,11 +53,7 @@ class QKVProjection(nn.Module):
             history = (cache.history if cache is not None
                        else h.new_zeros(batch, self.kernel - 1, h.shape[-1]))
             window = torch.cat((history, h), dim=1)
-            if h.shape[1] == 1:
-                # Decoding: one output is a weighted sum of the window, far cheaper than a conv call.
-                h = (window * self.conv.weight[:, 0].t()).sum(1, keepdim=True)
-            else:
-                h = self.conv(window.transpose(1, 2)).transpose(1, 2)
+            h = causal_depthwise_conv(window, self.conv.weight)
             cache = ProjectionCache(window[:, window.shape[1] - (self.kernel - 1):])
         # [B, T, 3 * H * d] -> [B, 3 * H, T, d]: q and k are normalised in one call.
         h = F.silu(h).unflatten(-1, (3 * self.heads, self.head_dim)).transpose(1, 2)

@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from memforge import Linear, checks_values
 from memforge.errors import InputError, NonFiniteError
 from memforge.interfaces import MemoryRecorder, RuleDescription
-from memforge.nn import RMSNorm
+from memforge.nn import RMSNorm, causal_depthwise_conv
 from memforge_delta.ops import delta_rule, gated_delta_rule
 
 #: The eps of the l2 normalisation of q and k (a zero vector stays zero).
@@ -94,6 +94,7 @@ class DeltaLayer(nn.Module):
                                "read_output")
         self.qkv = Linear(dim, 3 * dim, bias=False)
         # Depthwise over the concatenated q, k, v channels: the same as three separate short convs.
+        # The module holds the taps; the product is causal_depthwise_conv on the rows as they lie.
         self.conv = nn.Conv1d(3 * dim, 3 * dim, conv_size, groups=3 * dim, bias=False)
         self.beta_proj = Linear(dim, heads, bias=False)
         if gated:
@@ -164,8 +165,8 @@ class DeltaLayer(nn.Module):
         else:
             state = self._check_state(state, batch)
             conv_cache, memory = state.conv.to(x.dtype), state.memory
-        window = torch.cat([conv_cache, self.qkv(x).transpose(1, 2)], dim=2)   # [B, 3D, K-1+T]
-        mixed = F.conv1d(window, self.conv.weight, groups=3 * self.dim).transpose(1, 2)
+        window = torch.cat([conv_cache.transpose(1, 2), self.qkv(x)], dim=1)   # [B, K-1+T, 3D]
+        mixed = causal_depthwise_conv(window, self.conv.weight)
         q, k, v = (t.transpose(1, 2) for t in self._qkv(mixed))                # [B, H, T, d]
         beta, g = (None if t is None else t.transpose(1, 2) for t in self._gates(x))
         start = memory
@@ -173,7 +174,7 @@ class DeltaLayer(nn.Module):
             o, memory = delta_rule(q, k, v, beta, memory, chunk_size=self.kernel_chunk)
         else:
             o, memory = gated_delta_rule(q, k, v, beta, g, memory, chunk_size=self.kernel_chunk)
-        cache = window[:, :, window.shape[2] - (self.conv_size - 1):]
+        cache = window[:, window.shape[1] - (self.conv_size - 1):].transpose(1, 2)
         y = self._output(o.transpose(1, 2), x)
         if self._memory_recorder is not None:
             self._record(self._memory_recorder, x, start, k, v, beta, g, o)

@@ -13,6 +13,7 @@ from torch import Tensor, nn
 
 from memforge.interfaces import StepGates
 from memforge.linear import Linear
+from memforge.nn import causal_depthwise_conv
 
 
 class LearnedStep(nn.Module):
@@ -78,6 +79,7 @@ class TTTProjection(nn.Module):
         self.heads, self.head_dim, self.kernel = heads, head_dim, conv_kernel
         width = heads * head_dim
         self.proj = Linear(dim, 3 * width, bias=False)
+        # The module holds the taps; the product is causal_depthwise_conv on the rows as they lie.
         self.conv = (nn.Conv1d(2 * width, 2 * width, conv_kernel, groups=2 * width, bias=False)
                      if conv_kernel else None)
 
@@ -90,7 +92,7 @@ class TTTProjection(nn.Module):
             history = (cache.history if cache is not None
                        else qk.new_zeros(x.shape[0], self.kernel - 1, qk.shape[-1]))
             window = torch.cat((history.to(qk.dtype), qk), dim=1)
-            qk = self.conv(window.transpose(1, 2)).transpose(1, 2)
+            qk = causal_depthwise_conv(window, self.conv.weight)
             cache = ProjectionCache(window[:, window.shape[1] - (self.kernel - 1):])
         q, k = qk.chunk(2, dim=-1)
         return (*(t.unflatten(-1, (self.heads, self.head_dim)).transpose(1, 2) for t in (q, k, v)),
