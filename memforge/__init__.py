@@ -76,7 +76,7 @@ from memforge.io import load_spec, save_spec
 from memforge.linear import Linear
 from memforge.model import ModelOutput, ModelState
 from memforge.plugins import configure_plugins, default_registry
-from memforge.registry import ComponentSpec, PresetSpec
+from memforge.registry import ComponentSpec, PresetSpec, sized_presets
 from memforge.saving import load_model, save_model
 from memforge.spec import ComponentChoice, ModelSpec, apply_overrides, override, spec_id
 
@@ -179,5 +179,6 @@ __all__ = [
     "presets",
     "save_model",
     "save_spec",
+    "sized_presets",
     "spec_id",
 ]

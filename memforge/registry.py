@@ -137,6 +137,14 @@ class PresetSpec:
         return self.name.split(".", 1)[0]
 
 
+def sized_presets(name: str, summary: str, build: Callable[[str], ModelSpec]) -> list[PresetSpec]:
+    """A preset in the built-in families' two sizes: ``name`` (``build("small")``: trains on a
+    laptop CPU in minutes) and ``name + "_tiny"`` (``build("tiny")``: builds and runs in
+    milliseconds, for tests), their summaries ``summary`` with the size appended."""
+    return [PresetSpec(name=name, summary=f"{summary}, small", build=lambda: build("small")),
+            PresetSpec(name=f"{name}_tiny", summary=f"{summary}, tiny", build=lambda: build("tiny"))]
+
+
 def _check_names(plugin: str, items: Iterable[ComponentSpec | PresetSpec], what: str) -> None:
     for item in items:
         prefix, dot, rest = item.name.partition(".")

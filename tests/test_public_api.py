@@ -65,6 +65,7 @@ PINNED = [
     "presets",
     "save_model",
     "save_spec",
+    "sized_presets",
     "spec_id",
 ]
 

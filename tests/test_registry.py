@@ -61,6 +61,12 @@ def test_duplicate_preset_is_an_error():
         ComponentRegistry({}, {"p": [preset, preset]})
 
 
+def test_sized_presets_build_each_size_with_its_name_and_summary():
+    small, tiny = memforge.sized_presets("p.model", "a model", lambda size: f"spec {size}")
+    assert (small.name, small.summary, small.build()) == ("p.model", "a model, small", "spec small")
+    assert (tiny.name, tiny.summary, tiny.build()) == ("p.model_tiny", "a model, tiny", "spec tiny")
+
+
 def test_unknown_component_lists_close_matches():
     registry = load_plugins(autoload=False)
     with pytest.raises(UnknownNameError) as info:

@@ -25,7 +25,7 @@ from __future__ import annotations
 from typing import Any
 
 import memforge
-from memforge import ModelSpec, PresetSpec
+from memforge import ModelSpec, sized_presets
 
 #: The chunk in each size.
 CHUNKS = {"tiny": 8, "small": 16}
@@ -62,13 +62,7 @@ INTEGRATIONS = {"lmm": "blocks (layer + SwiGLU), no attention",
                 "mal": "layer, then sliding-window attention (titans.mal)"}
 
 
-def _presets(model: str, integration: str) -> list[PresetSpec]:
-    name, summary = f"atlas.{model}_{integration}", f"{SUMMARIES[model]} {INTEGRATIONS[integration]}"
-    return [PresetSpec(name=name, summary=f"{summary}, small",
-                       build=lambda: atlas_spec("small", model, integration)),
-            PresetSpec(name=f"{name}_tiny", summary=f"{summary}, tiny",
-                       build=lambda: atlas_spec("tiny", model, integration))]
-
-
-PRESETS = [preset for model in MODELS for integration in INTEGRATIONS
-           for preset in _presets(model, integration)]
+PRESETS = [preset for model in MODELS for integration, summary in INTEGRATIONS.items()
+           for preset in sized_presets(
+               f"atlas.{model}_{integration}", f"{SUMMARIES[model]} {summary}",
+               lambda size, m=model, i=integration: atlas_spec(size, m, i))]

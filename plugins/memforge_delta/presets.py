@@ -14,7 +14,7 @@ from __future__ import annotations
 from typing import Any
 
 import memforge
-from memforge import ModelSpec, PresetSpec
+from memforge import ModelSpec, sized_presets
 from memforge.engine import LAYER_PARTS
 
 #: The WY kernel's chunk in each size.
@@ -56,25 +56,19 @@ def _engine_gdn(size: str) -> ModelSpec:
         "retention": "delta.gated_decay", "retrieval": "titans.after_write"})
 
 
-def _both(name: str, summary: str, build) -> list[PresetSpec]:
-    """The small preset ``name`` and its ``_tiny`` size."""
-    return [PresetSpec(name=name, summary=f"{summary}, small", build=lambda: build("small")),
-            PresetSpec(name=f"{name}_tiny", summary=f"{summary}, tiny", build=lambda: build("tiny"))]
-
-
 PRESETS = [
-    *_both("delta.deltanet_lmm", "DeltaNet blocks (layer + SwiGLU), no attention",
-           lambda size: delta_spec(size, "deltanet")),
-    *_both("delta.gdn_lmm", "Gated DeltaNet blocks (the GDN paper's block), no attention",
-           lambda size: delta_spec(size, "gdn")),
-    *_both("delta.gdn_mac", "Gated DeltaNet as context of segment attention (titans.mac)",
-           lambda size: delta_spec(size, "gdn", "mac")),
-    *_both("delta.gdn_mag", "Gated DeltaNet gating sliding-window attention (titans.mag)",
-           lambda size: delta_spec(size, "gdn", "mag")),
-    *_both("delta.gdn_mal", "Gated DeltaNet layer, then sliding-window attention (titans.mal)",
-           lambda size: delta_spec(size, "gdn", "mal")),
-    *_both("delta.gdn_hybrid", "GDN blocks at layers 0, 2; sliding-window attention at 1, 3",
-           _hybrid),
-    *_both("delta.engine_gdn_lmm", "Gated DeltaNet rule on the engine layer (WY executor)",
-           _engine_gdn),
+    *sized_presets("delta.deltanet_lmm", "DeltaNet blocks (layer + SwiGLU), no attention",
+                   lambda size: delta_spec(size, "deltanet")),
+    *sized_presets("delta.gdn_lmm", "Gated DeltaNet blocks (the GDN paper's block), no attention",
+                   lambda size: delta_spec(size, "gdn")),
+    *sized_presets("delta.gdn_mac", "Gated DeltaNet as context of segment attention (titans.mac)",
+                   lambda size: delta_spec(size, "gdn", "mac")),
+    *sized_presets("delta.gdn_mag", "Gated DeltaNet gating sliding-window attention (titans.mag)",
+                   lambda size: delta_spec(size, "gdn", "mag")),
+    *sized_presets("delta.gdn_mal", "Gated DeltaNet layer, then sliding-window attention (titans.mal)",
+                   lambda size: delta_spec(size, "gdn", "mal")),
+    *sized_presets("delta.gdn_hybrid", "GDN blocks at layers 0, 2; sliding-window attention at 1, 3",
+                   _hybrid),
+    *sized_presets("delta.engine_gdn_lmm", "Gated DeltaNet rule on the engine layer (WY executor)",
+                   _engine_gdn),
 ]

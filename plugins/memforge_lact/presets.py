@@ -15,7 +15,7 @@ from __future__ import annotations
 from typing import Any
 
 import memforge
-from memforge import ModelSpec, PresetSpec
+from memforge import ModelSpec, sized_presets
 from memforge.engine import LAYER_PARTS
 
 #: The LaCT chunk in each size.
@@ -49,22 +49,17 @@ def _continuum(size: str) -> ModelSpec:
                               "memory_layer.ratio": 2, "memory_layer.levels": levels})
 
 
-def _both(name: str, summary: str, build) -> list[PresetSpec]:
-    """The small preset ``name`` and its ``_tiny`` size."""
-    return [PresetSpec(name=name, summary=f"{summary}, small", build=lambda: build("small")),
-            PresetSpec(name=f"{name}_tiny", summary=f"{summary}, tiny", build=lambda: build("tiny"))]
-
-
 PRESETS = [
-    *_both("lact.lact", "LaCT blocks: sliding-window attention beside the LaCT memory", _block),
-    *_both("lact.lmm", "LaCT memory blocks (layer + SwiGLU), no attention",
-           lambda size: lact_spec(size)),
-    *_both("lact.mac", "LaCT memory as context of segment attention (titans.mac)",
-           lambda size: lact_spec(size, "mac")),
-    *_both("lact.mag", "LaCT memory gating sliding-window attention (titans.mag)",
-           lambda size: lact_spec(size, "mag")),
-    *_both("lact.mal", "LaCT memory layer, then sliding-window attention (titans.mal)",
-           lambda size: lact_spec(size, "mal")),
-    *_both("lact.continuum_lmm", "continuum memory blocks (levels at 3 periods), no attention",
-           _continuum),
+    *sized_presets("lact.lact", "LaCT blocks: sliding-window attention beside the LaCT memory",
+                   _block),
+    *sized_presets("lact.lmm", "LaCT memory blocks (layer + SwiGLU), no attention",
+                   lambda size: lact_spec(size)),
+    *sized_presets("lact.mac", "LaCT memory as context of segment attention (titans.mac)",
+                   lambda size: lact_spec(size, "mac")),
+    *sized_presets("lact.mag", "LaCT memory gating sliding-window attention (titans.mag)",
+                   lambda size: lact_spec(size, "mag")),
+    *sized_presets("lact.mal", "LaCT memory layer, then sliding-window attention (titans.mal)",
+                   lambda size: lact_spec(size, "mal")),
+    *sized_presets("lact.continuum_lmm", "continuum memory blocks (levels at 3 periods), no attention",
+                   _continuum),
 ]

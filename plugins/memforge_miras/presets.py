@@ -13,7 +13,7 @@ from __future__ import annotations
 from typing import Any
 
 import memforge
-from memforge import ModelSpec, PresetSpec
+from memforge import ModelSpec, PresetSpec, sized_presets
 
 #: The chunk in each size; small uses MIRAS' b = 16.
 CHUNKS = {"tiny": 8, "small": 16}
@@ -47,17 +47,11 @@ def miras_spec(size: str, model: str, integration: str = "lmm", **settings: Any)
         **SETTINGS.get(model, {}), **settings})
 
 
-def _both(name: str, summary: str, build) -> list[PresetSpec]:
-    """The small preset ``name`` and its ``_tiny`` size."""
-    return [PresetSpec(name=name, summary=f"{summary}, small", build=lambda: build("small")),
-            PresetSpec(name=f"{name}_tiny", summary=f"{summary}, tiny", build=lambda: build("tiny"))]
-
-
 def _family(model: str, label: str) -> list[PresetSpec]:
     """The four integrations of one MIRAS model."""
     return [preset for integration, summary in INTEGRATIONS.items()
-            for preset in _both(f"miras.{model}_{integration}", f"{label} {summary}",
-                                lambda size, i=integration: miras_spec(size, model, i))]
+            for preset in sized_presets(f"miras.{model}_{integration}", f"{label} {summary}",
+                                        lambda size, i=integration: miras_spec(size, model, i))]
 
 
 PRESETS = [*_family("moneta", "Moneta"), *_family("yaad", "Yaad"), *_family("memora", "Memora")]

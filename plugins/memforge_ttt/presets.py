@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 import memforge
-from memforge import ModelSpec, PresetSpec
+from memforge import ModelSpec, PresetSpec, sized_presets
 
 #: The mini-batch (chunk) in each size; small uses TTT's mini-batch of 16.
 CHUNKS = {"tiny": 8, "small": 16}
@@ -41,17 +41,11 @@ INTEGRATIONS = {"lmm": "blocks (layer + SwiGLU), no attention",
                 "mal": "layer, then sliding-window attention (titans.mal)"}
 
 
-def _both(name: str, summary: str, build) -> list[PresetSpec]:
-    """The small preset ``name`` and its ``_tiny`` size."""
-    return [PresetSpec(name=name, summary=f"{summary}, small", build=lambda: build("small")),
-            PresetSpec(name=f"{name}_tiny", summary=f"{summary}, tiny", build=lambda: build("tiny"))]
-
-
 def _family(network: str, label: str) -> list[PresetSpec]:
     """The four integrations of one TTT network."""
     return [preset for integration, summary in INTEGRATIONS.items()
-            for preset in _both(f"ttt.{network}_{integration}", f"{label} {summary}",
-                                lambda size, i=integration: ttt_spec(size, network, i))]
+            for preset in sized_presets(f"ttt.{network}_{integration}", f"{label} {summary}",
+                                        lambda size, i=integration: ttt_spec(size, network, i))]
 
 
 PRESETS = [*_family("linear", "TTT-Linear"), *_family("mlp", "TTT-MLP")]
