@@ -1,5 +1,6 @@
 """``memforge.nn.causal_depthwise_conv`` against ``F.conv1d`` (its definition) in float64:
-values, both gradients and second derivatives, any taps, lengths and layouts."""
+values, both gradients and second derivatives, any taps, lengths and layouts; its no-grad path,
+autocast and half precision; and the projection's cache holding only the rows it needs."""
 
 from __future__ import annotations
 
@@ -48,6 +49,42 @@ def test_one_new_row_is_the_weighted_window() -> None:
                                (window * weight[:, 0].t()).sum(1, keepdim=True))
 
 
+@pytest.mark.parametrize("steps", [1, 9])
+def test_without_autograd_it_computes_the_same(steps) -> None:
+    window, weight = torch.randn(2, 3 + steps, 5), torch.randn(5, 1, 4, requires_grad=True)
+    with_graph = causal_depthwise_conv(window, weight)
+    with torch.no_grad():
+        torch.testing.assert_close(causal_depthwise_conv(window, weight), with_graph.detach())
+
+
+def test_autocast_runs_in_its_dtype_as_the_convolution_does() -> None:
+    window, weight = torch.randn(2, 3 + 7, 5), torch.randn(5, 1, 4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got, expected = causal_depthwise_conv(window, weight), _conv1d(window, weight)
+    assert got.dtype == expected.dtype == torch.bfloat16
+    torch.testing.assert_close(got, expected, rtol=2e-2, atol=2e-2)
+
+
+def test_half_precision_gradients_are_summed_in_float32() -> None:
+    generator = torch.Generator().manual_seed(0)
+    window = torch.randn(2, 3 + 7, 5, generator=generator, dtype=torch.float64)
+    weight = torch.randn(5, 1, 4, generator=generator, dtype=torch.float64)
+    grads = []
+    for dtype in (torch.bfloat16, torch.float64):
+        leaves = (window.to(dtype).requires_grad_(), weight.to(dtype).requires_grad_())
+        out = causal_depthwise_conv(*leaves)
+        assert out.dtype == dtype
+        grads.append(torch.autograd.grad(out, leaves, torch.ones_like(out)))
+    for low, exact in zip(*grads, strict=True):
+        assert low.dtype == torch.bfloat16
+        torch.testing.assert_close(low.double(), exact, rtol=1e-2, atol=1e-2)
+
+
+def test_a_dtype_mismatch_is_named() -> None:
+    with pytest.raises(ValueError, match="torch.float64 window and a torch.float32 weight"):
+        causal_depthwise_conv(torch.zeros(1, 5, 3, dtype=torch.float64), torch.zeros(3, 1, 4))
+
+
 @pytest.mark.parametrize(("window", "weight"), [
     ((2, 2, 6), (6, 1, 4)),      # shorter than the taps: no new row
     ((2, 8, 5), (6, 1, 4)),      # channels differ
@@ -57,3 +94,13 @@ def test_one_new_row_is_the_weighted_window() -> None:
 def test_bad_shapes_are_named(window, weight) -> None:
     with pytest.raises(ValueError, match=r"window \[B, K - 1 \+ T, C\]"):
         causal_depthwise_conv(torch.zeros(window), torch.zeros(weight))
+
+
+def test_the_projection_cache_holds_only_its_rows() -> None:
+    from memforge.engine.projection import QKVProjection
+
+    projection = QKVProjection(16, 2, 4, conv_kernel=4)
+    with torch.no_grad():
+        *_, cache = projection(torch.randn(2, 300, 16), None)
+    assert cache.history.shape == (2, 3, 24)
+    assert cache.history.untyped_storage().nbytes() == cache.history.numel() * 4

@@ -52,9 +52,10 @@ class QKVProjection(nn.Module):
             batch = x.shape[0]
             history = (cache.history if cache is not None
                        else h.new_zeros(batch, self.kernel - 1, h.shape[-1]))
-            window = torch.cat((history, h), dim=1)
+            window = torch.cat((history.to(h.dtype), h), dim=1)
             h = causal_depthwise_conv(window, self.conv.weight)
-            cache = ProjectionCache(window[:, window.shape[1] - (self.kernel - 1):])
+            # A copy, so that the cache does not hold the whole window after a long prefill.
+            cache = ProjectionCache(window[:, window.shape[1] - (self.kernel - 1):].clone())
         # [B, T, 3 * H * d] -> [B, 3 * H, T, d]: q and k are normalised in one call.
         h = F.silu(h).unflatten(-1, (3 * self.heads, self.head_dim)).transpose(1, 2)
         query_key, v = h[:, : 2 * self.heads], h[:, 2 * self.heads:]

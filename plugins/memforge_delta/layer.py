@@ -174,7 +174,9 @@ class DeltaLayer(nn.Module):
             o, memory = delta_rule(q, k, v, beta, memory, chunk_size=self.kernel_chunk)
         else:
             o, memory = gated_delta_rule(q, k, v, beta, g, memory, chunk_size=self.kernel_chunk)
-        cache = window[:, window.shape[1] - (self.conv_size - 1):].transpose(1, 2)
+        # A copy in the state's channels-first layout, holding none of the window.
+        cache = window[:, window.shape[1] - (self.conv_size - 1):].transpose(1, 2).clone(
+            memory_format=torch.contiguous_format)
         y = self._output(o.transpose(1, 2), x)
         if self._memory_recorder is not None:
             self._record(self._memory_recorder, x, start, k, v, beta, g, o)

@@ -93,7 +93,8 @@ class TTTProjection(nn.Module):
                        else qk.new_zeros(x.shape[0], self.kernel - 1, qk.shape[-1]))
             window = torch.cat((history.to(qk.dtype), qk), dim=1)
             qk = causal_depthwise_conv(window, self.conv.weight)
-            cache = ProjectionCache(window[:, window.shape[1] - (self.kernel - 1):])
+            # A copy, so that the cache does not hold the whole window after a long prefill.
+            cache = ProjectionCache(window[:, window.shape[1] - (self.kernel - 1):].clone())
         q, k = qk.chunk(2, dim=-1)
         return (*(t.unflatten(-1, (self.heads, self.head_dim)).transpose(1, 2) for t in (q, k, v)),
                 cache)
