@@ -7,8 +7,9 @@ where it declares one: a step size of 1e-300 or an expansion that rounds a width
 field's own bounds but no sensible model has it.
 
 :func:`model_specs` draws only specs that pass every check, core and plugin
-(``memforge_validate_spec``), and whose blocks build (some executor runs each memory layer's
-rule, which only the built parts can tell), so every drawn spec builds.
+(``memforge_validate_spec``). One check needs the built parts: whether some executor runs each
+memory layer's rule; ``buildable=True`` also builds the blocks (on the meta device) and draws
+only specs that pass it, for tests that build what they draw.
 """
 
 from __future__ import annotations
@@ -79,9 +80,11 @@ def configs(draw: st.DrawFn, config_cls: type) -> object:
 
 @st.composite
 def model_specs(
-    draw: st.DrawFn, registry: ComponentRegistry, *, max_dim_per_head: int = 8, max_layers: int = 3
+    draw: st.DrawFn, registry: ComponentRegistry, *, max_dim_per_head: int = 8, max_layers: int = 3,
+    buildable: bool = False,
 ) -> ModelSpec:
-    """Any :class:`ModelSpec` that passes every check of ``registry`` (its plugins' included).
+    """Any :class:`ModelSpec` that passes every check of ``registry`` (its plugins' included),
+    and with ``buildable`` whose blocks build, executors included (about 70 ms a draw).
 
     The integration is drawn first, then a component for each kind it requires and, at random,
     each kind it may use, each with a drawn config, and so on for what those require (a memory
@@ -122,8 +125,8 @@ def model_specs(
     )
     try:
         check_spec(spec, registry)
-        # Built on the meta device, cheaply: a rule no executor runs is refused only there.
-        estimate_parameters(spec, registry)
+        if buildable:  # a rule no executor runs is refused only once its parts are built
+            estimate_parameters(spec, registry)
     except SpecError:
         # A cross-component rule refused this combination: draw another.
         from hypothesis import reject
