@@ -250,7 +250,7 @@ class DeltaLayer(nn.Module):
         the decoder feeds the model's own hidden states.
         """
         window = torch.cat([buffers.conv.to(x.dtype), self.qkv(x).transpose(1, 2)], dim=2)
-        mixed = (window * self.conv.weight[:, 0]).sum(-1)                    # [B, 3D]
+        mixed = causal_depthwise_conv(window.mT, self.conv.weight)[:, 0]       # [B, 3D]
         buffers.conv.copy_(window[:, :, 1:])
         memory = buffers.memory
         q, k, v = (t.to(memory.dtype) for t in self._qkv(mixed))             # [B, H, d]
