@@ -204,6 +204,16 @@ def _retention(module: nn.Module, ctx: BuildContext, like: Tensor) -> None:
             raise _Mismatch(f"project(weights, initial) returned {type(projected).__name__}, "
                             f"expected a tuple of one tensor per weight matrix")
         _expect(projected[0], tuple(weights[0].shape), "project(weights, initial)[0]")
+        initial_dual = getattr(module, "initial_dual", None)
+        if initial_dual is not None:
+            if not (callable(initial_dual) and module.mirror):
+                raise _Mismatch("it has initial_dual but is not a mirror map; initial_dual is a "
+                                "method of projections with mirror = True")
+            dual = initial_dual(weights)
+            if not isinstance(dual, Sequence) or len(dual) != 1:
+                raise _Mismatch(f"initial_dual(weights) returned {type(dual).__name__}, expected "
+                                f"a tuple of one tensor per weight matrix")
+            _expect(dual[0], tuple(weights[0].shape), "initial_dual(weights)[0]")
 
 
 def _retrieval(module: nn.Module, ctx: BuildContext, like: Tensor) -> None:

@@ -286,6 +286,28 @@ def test_a_gram_factor_without_a_token_transform_is_refused_at_build_time():
         check_module("optimizer", _GramFactorWithoutTransform(), dim=16, heads=2)
 
 
+class _NonMirrorWithInitialDual(nn.Module):
+    """A projection of the weights themselves that also claims a dual to start from."""
+
+    applies_at = "chunk_end"
+    mirror = False
+    decay_before_gradient = False
+
+    def forward(self, x: Tensor) -> None:
+        return None
+
+    def project(self, weights, initial):  # noqa: ANN001, ANN201 - ProjectsWeights
+        return weights
+
+    def initial_dual(self, weights):  # noqa: ANN001, ANN201 - ProjectsWeights
+        return weights
+
+
+def test_an_initial_dual_on_a_projection_that_is_not_a_mirror_map_is_refused():
+    with pytest.raises(SpecError, match=r"it has initial_dual but is not a mirror map"):
+        check_module("retention", _NonMirrorWithInitialDual(), dim=16, heads=2)
+
+
 def test_a_wrong_loss_grad_is_found():
     with pytest.raises(ConformanceError, match=r"^lab.l2: loss_grad against autograd of loss "
                                                r"\(5 tokens\): loss_grad differs by"):

@@ -192,6 +192,48 @@ def test_describe_rule_names_the_parts_the_schedule_tier_and_executor() -> None:
 
 
 # ----------------------------------------------------------------------------------------------
+# Where a mirror map's dual starts
+
+
+class HalvingMirror(RowNorm):
+    """A mirror map ``W = D / 2`` that starts its dual at the inverse of the draw, ``2 W``."""
+
+    mirror = True
+
+    def project(self, weights: tuple[Tensor, ...], initial: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+        return tuple(w / 2 for w in weights)
+
+    def initial_dual(self, weights: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+        return tuple(2 * w for w in weights)
+
+
+class ComputedWeights(MLPMemory):
+    """A memory whose initial weights are computed from its parameters, not the parameters."""
+
+    def initial_weights(self) -> tuple[Tensor, ...]:
+        return tuple(1.0 * w for w in self.weights)
+
+
+def test_a_mirror_map_with_an_initial_dual_starts_the_memory_at_the_draw() -> None:
+    torch.manual_seed(0)
+    memory = MLPMemory(HEADS, DIM // HEADS, 2)
+    drawn = tuple(w.detach().clone() for w in memory.initial_weights())
+    built = layer(executor="sequential", memory=memory, retention=HalvingMirror(),
+                  retrieval=rules.ReadAtChunkStart()).double()
+    for stored, start, draw in zip(memory.initial_weights(), built.read_state(None, 1), drawn,
+                                   strict=True):
+        torch.testing.assert_close(stored, 2 * draw.double())
+        torch.testing.assert_close(start, draw.double())
+
+
+def test_an_initial_dual_needs_initial_weights_that_are_parameters() -> None:
+    with pytest.raises(SpecError, match=r"ComputedWeights.initial_weights\(\) does not return "
+                                        r"parameters to replace"):
+        layer(executor="sequential", memory=ComputedWeights(HEADS, DIM // HEADS, 2),
+              retention=HalvingMirror(), retrieval=rules.ReadAtChunkStart())
+
+
+# ----------------------------------------------------------------------------------------------
 # Retention in log space
 
 

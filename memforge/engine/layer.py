@@ -34,7 +34,7 @@ from memforge.engine.executors import (
 )
 from memforge.engine.inspection import SERIES, record_forward
 from memforge.engine.static_chunk import clone_tree, copy_into
-from memforge.errors import InputError, NonFiniteError
+from memforge.errors import InputError, NonFiniteError, SpecError
 from memforge.interfaces import (
     BuildContext,
     MemoryNetwork,
@@ -42,6 +42,7 @@ from memforge.interfaces import (
     Objective,
     Optimizer,
     Projection,
+    ProjectsWeights,
     Retention,
     RetrievalRule,
     RuleDescription,
@@ -74,6 +75,30 @@ def _scan_hidden_from_compile() -> Callable[..., tuple[Tensor, Any]]:
     if _hidden_scan is None:
         _hidden_scan = torch.compiler.disable(_scan_with_compiled_steps)
     return _hidden_scan
+
+
+def _start_memory_at_its_draw(memory: MemoryNetwork, retention: Retention) -> None:
+    """For a mirror retention with ``initial_dual`` (:class:`memforge.interfaces.ProjectsWeights`),
+    replace the network's drawn initial weights by the dual it starts from for them, in place
+    (the projection's inverse starts the memory at the draw); otherwise leave them as drawn.
+
+    Raises:
+        SpecError: the network's ``initial_weights()`` are not its parameters, so there is
+            nothing to replace.
+    """
+    initial_dual = getattr(retention, "initial_dual", None)
+    if not (isinstance(retention, ProjectsWeights) and getattr(retention, "mirror", False)
+            and callable(initial_dual)):
+        return
+    drawn = tuple(memory.initial_weights())
+    if not all(isinstance(w, nn.Parameter) for w in drawn):
+        raise SpecError(f"retention {type(retention).__name__} starts its dual from the memory's "
+                        f"initial weights, but {type(memory).__name__}.initial_weights() does not "
+                        f"return parameters to replace; use a memory whose initial weights are "
+                        f"its parameters, or a retention without initial_dual")
+    with torch.no_grad():
+        for weights, dual in zip(drawn, initial_dual(drawn), strict=True):
+            weights.copy_(dual)
 
 
 class MemoryLayerState(NamedTuple):
@@ -112,6 +137,9 @@ class FastWeightMemoryLayer(nn.Module):
     decode that way must not have them: it is then a plain :class:`FastWeightMemoryLayer`, and
     otherwise a :class:`StaticDecodingMemoryLayer` (chosen at construction, once the executor is
     known).
+
+    A mirror retention with ``initial_dual`` (:class:`memforge.interfaces.ProjectsWeights`) has
+    the memory's drawn initial weights replaced, at construction, by the dual it starts from.
 
     Args:
         dim: model width ``D``.
@@ -168,6 +196,7 @@ class FastWeightMemoryLayer(nn.Module):
         # in one line, rather than deep in the first forward.
         check_derivable(memory, type(memory).__name__)
         self.executor = select_executor(self.rule, executor)
+        _start_memory_at_its_draw(memory, retention)
         self.component_names = dict(names or {})
         self.compiled_steps = False
         self.out_norm = nn.RMSNorm(self.head_dim)
