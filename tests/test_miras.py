@@ -8,7 +8,7 @@ import math
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from memforge_miras.configs import HuberObjectiveConfig
 from memforge_miras.presets import SETTINGS
@@ -20,6 +20,7 @@ from memforge_miras.rules import (
     LpObjective,
     LqRetention,
     lp_gradient,
+    lq_inverse,
     lq_normalise,
 )
 
@@ -198,6 +199,48 @@ def test_the_scale_link_is_homogeneous_of_degree_3_minus_q(a, q, scale):
 def test_q_2_is_no_normalisation(link):
     a = torch.randn(2, 3, 4, dtype=DT)
     assert lq_normalise(a, 2.0, link) is a
+
+
+@settings(deadline=None, max_examples=40)
+@given(matrices, st.floats(2.0, 8.0), st.sampled_from(("p_norm", "scale")), st.floats(0.01, 100.0))
+def test_the_inverse_link_is_a_dual_the_link_maps_back_to_the_weights(w, q, link, scale):
+    if link == "scale" and abs(q - 3.0) < 0.25:
+        q = 2.5
+    w = scale * w
+    dual = lq_inverse(w, q, link)
+    # Both maps floor the norm at 1e-6 (the scale link's dual of a large w is tiny for q > 3).
+    assume(float(dual.abs().pow(q).sum((-2, -1)).pow(1 / q).min()) > 1e-4)
+    torch.testing.assert_close(lq_normalise(dual, q, link), w, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("dual_init", ["inverse", "draw"])
+def test_a_fresh_moneta_memory_starts_at_its_draw_or_at_the_draws_link(dual_init):
+    """``retention.dual_init``: the layer stores the dual it starts from in the network's initial
+    weights; ``inverse`` reads the network's draw, ``draw`` the draw's link."""
+    built = {}
+    for start in ("inverse", "draw"):
+        torch.manual_seed(0)
+        built[start] = layer("moneta", 8, f"retention.dual_init={start}")
+    drawn = tuple(w.detach().clone() for w in built["draw"].memory.initial_weights())
+    module = built[dual_init]
+    want = drawn if dual_init == "inverse" else tuple(lq_normalise(w, 4.0, "p_norm") for w in drawn)
+    # The layer is built in float32 and then cast, so the round trip is float32's.
+    for got, expected in zip(module.read_state(None, 1), want, strict=True):
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-7)
+    # Over the draw's first chunk the memory reads that state.
+    x = inputs(3)
+    read = module(x)[0]
+    assert module.describe_rule().tier == "rule-specific" and torch.isfinite(read).all()
+
+
+def test_the_draws_link_is_far_smaller_than_the_draw():
+    """Why ``dual_init = "inverse"`` is the default: the MIRAS memory's Gaussian draw, read
+    through the ℓq link at q = 4, is more than ten times smaller (docs/zoo.md, "MIRAS")."""
+    torch.manual_seed(0)
+    drawn = layer("moneta", 8, "dim=128", "retention.dual_init=draw")
+    for w in drawn.memory.initial_weights():
+        shrink = w.norm() / lq_normalise(w.detach(), 4.0, "p_norm").norm()
+        assert shrink > 10, float(shrink)
 
 
 @settings(deadline=None, max_examples=25)
@@ -435,6 +478,8 @@ def test_yaad_presets_take_the_normalised_step_and_their_measured_step_bounds():
     ("miras.moneta_lmm_tiny", "retention.q=1.5", "'q'"),
     ("miras.moneta_lmm_tiny", "retention.q=9", "'q'"),
     ("miras.moneta_lmm_tiny", "retention.link=cube", "'link'"),
+    ("miras.moneta_lmm_tiny", "retention.dual_init=zero", "'dual_init'"),
+    ("miras.moneta_lmm_tiny", ["retention.link=scale", "retention.q=3"], "'dual_init'='draw'"),
     ("miras.yaad_lmm_tiny", "objective.delta_init=0", "'delta_init'"),
     ("miras.yaad_lmm_tiny", "objective.l1_step=huber", "'l1_step'.*'sign', 'tanh', 'normalised'"),
     ("miras.yaad_lmm_tiny", "objective.sharpness=0", "'sharpness'"),
@@ -442,8 +487,9 @@ def test_yaad_presets_take_the_normalised_step_and_their_measured_step_bounds():
     ("miras.memora_mac_tiny", "memory_layer.chunk_size=5", "'segment_len'=16 must be a multiple"),
 ])
 def test_bad_settings_are_one_line_spec_errors_naming_the_field(preset, assignment, field):
+    assignments = assignment if isinstance(assignment, list) else [assignment]
     with pytest.raises(SpecError, match=field) as caught:
-        memforge.override(memforge.preset(preset), [assignment])
+        memforge.override(memforge.preset(preset), assignments)
     assert "\n" not in str(caught.value)
 
 

@@ -62,7 +62,7 @@ def _lq(config: c.LqRetentionConfig, ctx: BuildContext):
     from memforge_miras.rules import LqRetention
 
     return LqRetention(ctx.dim, ctx.heads, q=config.q, link=config.link, init=config.init,
-                       max_decay=config.max_decay)
+                       max_decay=config.max_decay, dual_init=config.dual_init)
 
 
 def _l2_decay(config: c.DecayConfig, ctx: BuildContext):

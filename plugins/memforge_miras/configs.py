@@ -14,9 +14,14 @@ L1_STEPS = ("sign", "tanh", "normalised")
 #: The range of the ℓp exponent: p = 1 is ℓ1 (through the smooth surrogates), p = 2 is ℓ2; above
 #: 4 the paper's ablation already degrades ("p = 4 worst") and the gradient grows as |e|^(p-1).
 P_RANGE = (1.0, 4.0)
-#: The range of the ℓq exponent of Moneta's normalisation W = A / ||A||_q^(q-2): q = 2 is no
-#: normalisation (W = A); the paper uses 4.
+#: The range of the ℓq exponent of Moneta's link (``miras.lq``): q = 2 is no normalisation
+#: (W = A); the paper uses 4.
 Q_RANGE = (2.0, 8.0)
+#: Where Moneta's dual starts: the link's inverse of the memory's drawn weights, or the draw.
+DUAL_INITS = ("inverse", "draw")
+#: How far from 3 ``q`` must be for the ``"scale"`` link's inverse, whose factor
+#: ``||W||_q^((q-2)/(3-q))`` overflows as ``q`` nears 3.
+SCALE_INVERSE_GAP = 0.25
 
 
 @attrs.frozen(kw_only=True)
@@ -91,7 +96,7 @@ class DecayConfig(_Decay):
 @attrs.frozen(kw_only=True)
 class LqRetentionConfig(_Decay):
     """``miras.lq``: Moneta's ℓq retention, ``A_t = keep_t A_{t-1} - theta_t grad``,
-    ``W = A / ||A||_q^(q-2)`` at chunk ends (the paper's parallel form)."""
+    ``W = f(A)`` with the ℓq link ``f`` at chunk ends (the paper's parallel form)."""
 
     q: float = option(4.0, ge=Q_RANGE[0], le=Q_RANGE[1], typical=(2.0, 6.0),
                       help="the exponent q of the l_q normalisation (Moneta: 4; q = 2 is none)")
@@ -101,6 +106,20 @@ class LqRetentionConfig(_Decay):
     link: str = option("p_norm", choices=("p_norm", "scale"),
                        help="W from the dual A: 'p_norm' sign(A)|A|^(q-1) / ||A||_q^(q-2), "
                             "'scale' A / ||A||_q^(q-2)")
+    # docs/zoo.md, "MIRAS": the paper does not say where A starts; started at the memory's
+    # Gaussian draw, the p-norm link at q = 4 shrinks it about 30-fold, and writes did not move a
+    # fresh memory's reads toward their values.
+    dual_init: str = option("inverse", choices=DUAL_INITS,
+                            help="where A starts: 'inverse' the link's inverse of the memory's "
+                                 "drawn weights (the memory starts at the draw), 'draw' the draw")
+
+    def __attrs_post_init__(self) -> None:
+        super().__attrs_post_init__()
+        if (self.dual_init == "inverse" and self.link == "scale"
+                and abs(self.q - 3.0) < SCALE_INVERSE_GAP):
+            raise ValueError(f"the 'scale' link has no usable inverse at 'q'={self.q:g} (none at "
+                             f"q = 3); set 'dual_init'='draw', 'link'='p_norm', or 'q' at least "
+                             f"{SCALE_INVERSE_GAP} away from 3")
 
 
 @attrs.frozen(kw_only=True)

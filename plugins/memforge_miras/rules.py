@@ -31,7 +31,7 @@ from torch import Tensor, nn
 from memforge.engine.rules import AdaptiveDecay
 from memforge.interfaces import ObjectiveInputs
 from memforge.linear import Linear
-from memforge_miras.configs import L1_STEPS
+from memforge_miras.configs import DUAL_INITS, L1_STEPS, SCALE_INVERSE_GAP
 
 
 # -- objectives ----------------------------------------------------------------------------------
@@ -215,6 +215,11 @@ class LqRetention(nn.Module):
     dual ``A``, and the ℓq link ``W = f(A)`` (per matrix, sequence and head, :func:`lq_normalise`)
     at chunk ends. ``q = 2`` is no normalisation (``W = A``).
 
+    ``dual_init`` is where the dual starts (``initial_dual``): ``"inverse"``, the link's inverse
+    of the network's drawn weights (:func:`lq_inverse`), so the memory starts at the draw; or
+    ``"draw"``, the draw itself, so the memory starts at its link (about 30 times smaller than the
+    MIRAS memory's Gaussian draw at ``q = 4``).
+
     Args:
         dim: layer input width ``D``.
         heads: memory heads ``H``.
@@ -222,6 +227,7 @@ class LqRetention(nn.Module):
         link: ``"p_norm"`` or ``"scale"`` (:func:`lq_normalise`).
         init: initial ``alpha = 1 - keep``.
         max_decay: upper bound of ``alpha``.
+        dual_init: ``"inverse"`` or ``"draw"``.
     """
 
     applies_at = "chunk_end"
@@ -229,14 +235,27 @@ class LqRetention(nn.Module):
     decay_before_gradient = False
 
     def __init__(self, dim: int, heads: int, *, q: float, link: str, init: float,
-                 max_decay: float) -> None:
+                 max_decay: float, dual_init: str = "inverse") -> None:
         super().__init__()
         if not q >= 2.0:
             raise ValueError(f"q must be >= 2, got {q}")
         if link not in LINKS:
             raise ValueError(f"link must be one of {LINKS}, got {link!r}")
-        self.q, self.link = float(q), link
+        if dual_init not in DUAL_INITS:
+            raise ValueError(f"dual_init must be one of {DUAL_INITS}, got {dual_init!r}")
+        if dual_init == "inverse" and link == "scale" and abs(q - 3.0) < SCALE_INVERSE_GAP:
+            raise ValueError(f"the 'scale' link has no usable inverse at q={q:g} (none at q = 3); "
+                             f"use dual_init='draw', link='p_norm', or q at least "
+                             f"{SCALE_INVERSE_GAP} away from 3")
+        self.q, self.link, self.dual_init = float(q), link, dual_init
         self.decay = AdaptiveDecay(dim, heads, init=init, max_decay=max_decay)
+
+    def initial_dual(self, weights: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+        """The dual to start from for the network's drawn ``weights``: their :func:`lq_inverse`
+        (``"inverse"``) or themselves (``"draw"``)."""
+        if self.dual_init == "draw":
+            return weights
+        return tuple(lq_inverse(w, self.q, self.link) for w in weights)
 
     def forward(self, x: Tensor) -> Tensor:
         """``log_keep`` ``[B, T, H]`` for ``x`` ``[B, T, D]``."""
@@ -247,7 +266,7 @@ class LqRetention(nn.Module):
         return tuple(lq_normalise(a, self.q, self.link) for a in weights)
 
     def extra_repr(self) -> str:
-        return f"q={self.q:g}, link={self.link!r}"
+        return f"q={self.q:g}, link={self.link!r}, dual_init={self.dual_init!r}"
 
 
 #: The ℓq links :func:`lq_normalise` offers.
@@ -271,6 +290,27 @@ def lq_normalise(a: Tensor, q: float, link: str) -> Tensor:
     if link == "scale":
         return a / norm.pow(q - 2.0)
     return torch.sign(a) * a.abs().pow(q - 1.0) / norm.pow(q - 2.0)
+
+
+def lq_inverse(w: Tensor, q: float, link: str) -> Tensor:
+    """The dual ``A`` whose :func:`lq_normalise` is ``w``, over each ``[d_in, d_out]`` matrix:
+
+    * ``"p_norm"``: the p-norm link of the conjugate exponent ``q* = q / (q - 1)``,
+      ``sign(W) |W|^(q*-1) / ||W||_q*^(q*-2)`` (the gradients of ``0.5 ||.||_q^2`` and
+      ``0.5 ||.||_q*^2`` are inverse maps);
+    * ``"scale"``: ``W ||W||_q^((q-2)/(3-q))`` (``A`` and ``W`` are parallel, and
+      ``||W||_q = ||A||_q^(3-q)``); undefined at ``q = 3``.
+
+    The norm is floored at ``1e-6`` as in :func:`lq_normalise`.
+    """
+    if q == 2.0:
+        return w
+    if link == "scale":
+        norm = w.abs().pow(q).sum((-2, -1), keepdim=True).pow(1.0 / q).clamp_min(1e-6)
+        return w * norm.pow((q - 2.0) / (3.0 - q))
+    conjugate = q / (q - 1.0)
+    norm = w.abs().pow(conjugate).sum((-2, -1), keepdim=True).pow(1.0 / conjugate).clamp_min(1e-6)
+    return torch.sign(w) * w.abs().pow(conjugate - 1.0) / norm.pow(conjugate - 2.0)
 
 
 class KLRetention(nn.Module):
