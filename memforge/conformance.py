@@ -206,7 +206,10 @@ def _retention(module: nn.Module, ctx: BuildContext, like: Tensor) -> None:
         _expect(projected[0], tuple(weights[0].shape), "project(weights, initial)[0]")
         initial_dual = getattr(module, "initial_dual", None)
         if initial_dual is not None:
-            if not (callable(initial_dual) and module.mirror):
+            if not callable(initial_dual):
+                raise _Mismatch(f"its initial_dual is {type(initial_dual).__name__}, expected a "
+                                f"method initial_dual(weights)")
+            if not module.mirror:
                 raise _Mismatch("it has initial_dual but is not a mirror map; initial_dual is a "
                                 "method of projections with mirror = True")
             dual = initial_dual(weights)

@@ -295,17 +295,17 @@ class ProjectsWeights(Protocol):
     form does; rule-specific tier when chunks are longer than one token).
 
     ``mirror`` (class attribute, default ``False``): the projection is a mirror map. The executor
-    then carries the unprojected state ``D`` (starting at the network's initial weights, which
-    are then the dual's), applies the decayed steps to ``D`` and uses ``W = project(D)`` for
-    gradients and reads (Moneta's ``W = f(A)``, Memora's ``W = c softmax(L)``); without it the
-    projection maps ``W`` itself.
+    then carries the unprojected state ``D`` (the network's initial-weight parameters hold its
+    start), applies the decayed steps to ``D`` and uses ``W = project(D)`` for gradients and
+    reads (Moneta's ``W = f(A)``, Memora's ``W = c softmax(L)``); without it the projection maps
+    ``W`` itself.
 
     ``initial_dual(weights)`` (optional method, mirror maps only): the dual to start from, given
     the network's freshly drawn initial ``weights``. A layer built with it calls it once at
     construction and stores the result in their place. Returning the projection's inverse
     (``project(initial_dual(W)) = W``) starts the memory at the draw rather than at its
-    projection; a link that rescales (Moneta's ℓq link shrinks a Gaussian draw about
-    thirty-fold) would otherwise start the memory far from the scale the network was drawn for.
+    projection, which for a link that rescales (Moneta's ℓq link shrinks a Gaussian draw) is far
+    from the scale the network was drawn for. Called without gradients, once.
     """
 
     applies_at: str

@@ -303,9 +303,33 @@ class _NonMirrorWithInitialDual(nn.Module):
         return weights
 
 
-def test_an_initial_dual_on_a_projection_that_is_not_a_mirror_map_is_refused():
-    with pytest.raises(SpecError, match=r"it has initial_dual but is not a mirror map"):
-        check_module("retention", _NonMirrorWithInitialDual(), dim=16, heads=2)
+class _MirrorWithInitialDual(_NonMirrorWithInitialDual):
+    mirror = True
+
+
+class _InitialDualOfOneMatrix(_MirrorWithInitialDual):
+    def initial_dual(self, weights):  # noqa: ANN001, ANN201 - ProjectsWeights
+        return weights[0]
+
+
+class _InitialDualOfAnotherShape(_MirrorWithInitialDual):
+    def initial_dual(self, weights):  # noqa: ANN001, ANN201 - ProjectsWeights
+        return tuple(w.mT[..., :1] for w in weights)
+
+
+class _InitialDualNotAMethod(_MirrorWithInitialDual):
+    initial_dual = "inverse"
+
+
+@pytest.mark.parametrize(("module", "message"), [
+    (_NonMirrorWithInitialDual(), r"it has initial_dual but is not a mirror map"),
+    (_InitialDualOfOneMatrix(), r"initial_dual\(weights\) returned Tensor, expected a tuple"),
+    (_InitialDualOfAnotherShape(), r"initial_dual\(weights\)\[0\]"),
+    (_InitialDualNotAMethod(), r"its initial_dual is str, expected a method")])
+def test_a_wrong_initial_dual_is_refused(module, message):
+    with pytest.raises(SpecError, match=message):
+        check_module("retention", module, dim=16, heads=2)
+    check_module("retention", _MirrorWithInitialDual(), dim=16, heads=2)
 
 
 def test_a_wrong_loss_grad_is_found():

@@ -226,11 +226,21 @@ def test_a_mirror_map_with_an_initial_dual_starts_the_memory_at_the_draw() -> No
         torch.testing.assert_close(start, draw.double())
 
 
-def test_an_initial_dual_needs_initial_weights_that_are_parameters() -> None:
+class StartsAtTheDraw(HalvingMirror):
+    """A mirror map whose dual starts at the draw itself."""
+
+    def initial_dual(self, weights: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+        return weights
+
+
+def test_an_initial_dual_away_from_the_draw_needs_initial_weights_it_can_store_in() -> None:
     with pytest.raises(SpecError, match=r"ComputedWeights.initial_weights\(\) does not return "
-                                        r"parameters to replace"):
+                                        r"its parameters or buffers to store the dual in"):
         layer(executor="sequential", memory=ComputedWeights(HEADS, DIM // HEADS, 2),
               retention=HalvingMirror(), retrieval=rules.ReadAtChunkStart())
+    # A dual that starts at the draw needs nothing stored.
+    layer(executor="sequential", memory=ComputedWeights(HEADS, DIM // HEADS, 2),
+          retention=StartsAtTheDraw(), retrieval=rules.ReadAtChunkStart())
 
 
 # ----------------------------------------------------------------------------------------------

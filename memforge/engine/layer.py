@@ -77,27 +77,33 @@ def _scan_hidden_from_compile() -> Callable[..., tuple[Tensor, Any]]:
     return _hidden_scan
 
 
-def _start_memory_at_its_draw(memory: MemoryNetwork, retention: Retention) -> None:
+def _store_initial_dual(memory: MemoryNetwork, retention: Retention) -> None:
     """For a mirror retention with ``initial_dual`` (:class:`memforge.interfaces.ProjectsWeights`),
-    replace the network's drawn initial weights by the dual it starts from for them, in place
+    replace the network's drawn initial weights, in place, by the dual it starts from for them
     (the projection's inverse starts the memory at the draw); otherwise leave them as drawn.
 
     Raises:
-        SpecError: the network's ``initial_weights()`` are not its parameters, so there is
-            nothing to replace.
+        SpecError: the dual differs from the draw, but the network's ``initial_weights()`` are
+            not its own parameters or buffers, so there is nothing to store it in.
     """
     initial_dual = getattr(retention, "initial_dual", None)
     if not (isinstance(retention, ProjectsWeights) and getattr(retention, "mirror", False)
             and callable(initial_dual)):
         return
     drawn = tuple(memory.initial_weights())
-    if not all(isinstance(w, nn.Parameter) for w in drawn):
-        raise SpecError(f"retention {type(retention).__name__} starts its dual from the memory's "
-                        f"initial weights, but {type(memory).__name__}.initial_weights() does not "
-                        f"return parameters to replace; use a memory whose initial weights are "
-                        f"its parameters, or a retention without initial_dual")
     with torch.no_grad():
-        for weights, dual in zip(drawn, initial_dual(drawn), strict=True):
+        duals = tuple(initial_dual(drawn))
+    if all(dual is weights for dual, weights in zip(duals, drawn, strict=True)):
+        return
+    owned = {id(t) for t in (*memory.parameters(), *memory.buffers())}
+    if not all(id(w) in owned for w in drawn):
+        raise SpecError(f"retention {type(retention).__name__} starts its dual away from the "
+                        f"memory's initial weights, but {type(memory).__name__}.initial_weights() "
+                        f"does not return its parameters or buffers to store the dual in; use a "
+                        f"memory whose initial weights are its parameters, or start the dual at "
+                        f"the draw")
+    with torch.no_grad():
+        for weights, dual in zip(drawn, duals, strict=True):
             weights.copy_(dual)
 
 
@@ -139,7 +145,8 @@ class FastWeightMemoryLayer(nn.Module):
     known).
 
     A mirror retention with ``initial_dual`` (:class:`memforge.interfaces.ProjectsWeights`) has
-    the memory's drawn initial weights replaced, at construction, by the dual it starts from.
+    the memory's drawn initial weights replaced, at construction, by the dual it starts from; a
+    memory or retention swapped in later is not re-initialised.
 
     Args:
         dim: model width ``D``.
@@ -196,7 +203,7 @@ class FastWeightMemoryLayer(nn.Module):
         # in one line, rather than deep in the first forward.
         check_derivable(memory, type(memory).__name__)
         self.executor = select_executor(self.rule, executor)
-        _start_memory_at_its_draw(memory, retention)
+        _store_initial_dual(memory, retention)
         self.component_names = dict(names or {})
         self.compiled_steps = False
         self.out_norm = nn.RMSNorm(self.head_dim)

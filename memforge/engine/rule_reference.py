@@ -15,10 +15,11 @@ and, when token ``t`` ends its chunk (or the sequence), with ``K`` the chunk's p
 ``W_{t-1}`` or ``W_t`` through the rule's retrieval (a ``"chunk_end"`` part allows ``W_{t'}``
 only).
 
-A *mirror* projection (``mirror = True``) maps a dual state ``D`` instead: ``D_0 = W_0``, the
-steps and the chunk-end transform above move ``D`` (``D_t = keep_t D_{t-1} - transform(S_t)``),
-and the weights are ``project(D, W_0)``: from the start, after every token (``"token"``) or at
-chunk ends (``"chunk_end"``).
+A *mirror* projection (``mirror = True``) maps a dual state ``D`` instead: ``D_0`` is the start
+passed in (for a layer, the network's initial weights, which hold the dual's start), the steps
+and the chunk-end transform above move ``D`` (``D_t = keep_t D_{t-1} - transform(S_t)``), and
+the weights are ``project(D, D_0)``: from the start, after every token (``"token"``) or at chunk
+ends (``"chunk_end"``).
 
 Every ``u_t`` is ``torch.autograd.grad`` of the summed loss through ``network.forward`` with
 plain matmuls and ``create_graph=True``: nothing is shared with an executor's batched pairs,

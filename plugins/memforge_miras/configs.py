@@ -20,8 +20,16 @@ Q_RANGE = (2.0, 8.0)
 #: Where Moneta's dual starts: the link's inverse of the memory's drawn weights, or the draw.
 DUAL_INITS = ("inverse", "draw")
 #: How far from 3 ``q`` must be for the ``"scale"`` link's inverse, whose factor
-#: ``||W||_q^((q-2)/(3-q))`` overflows as ``q`` nears 3.
+#: ``||W||_q^((q-2)/(3-q))`` under- or overflows as ``q`` nears 3.
 SCALE_INVERSE_GAP = 0.25
+
+
+def scale_inverse_refusal(q: float, link: str, dual_init: str) -> str | None:
+    """Why Moneta's dual cannot start at the link's inverse with these settings, or ``None``."""
+    if dual_init == "inverse" and link == "scale" and abs(q - 3.0) < SCALE_INVERSE_GAP:
+        return (f"the 'scale' link has no usable inverse at q={q:g} (none at q = 3); set "
+                f"dual_init='draw', link='p_norm', or q at least {SCALE_INVERSE_GAP} away from 3")
+    return None
 
 
 @attrs.frozen(kw_only=True)
@@ -115,11 +123,9 @@ class LqRetentionConfig(_Decay):
 
     def __attrs_post_init__(self) -> None:
         super().__attrs_post_init__()
-        if (self.dual_init == "inverse" and self.link == "scale"
-                and abs(self.q - 3.0) < SCALE_INVERSE_GAP):
-            raise ValueError(f"the 'scale' link has no usable inverse at 'q'={self.q:g} (none at "
-                             f"q = 3); set 'dual_init'='draw', 'link'='p_norm', or 'q' at least "
-                             f"{SCALE_INVERSE_GAP} away from 3")
+        refusal = scale_inverse_refusal(self.q, self.link, self.dual_init)
+        if refusal:
+            raise ValueError(refusal)
 
 
 @attrs.frozen(kw_only=True)

@@ -31,7 +31,7 @@ from torch import Tensor, nn
 from memforge.engine.rules import AdaptiveDecay
 from memforge.interfaces import ObjectiveInputs
 from memforge.linear import Linear
-from memforge_miras.configs import DUAL_INITS, L1_STEPS, SCALE_INVERSE_GAP
+from memforge_miras.configs import DUAL_INITS, L1_STEPS, scale_inverse_refusal
 
 
 # -- objectives ----------------------------------------------------------------------------------
@@ -243,10 +243,9 @@ class LqRetention(nn.Module):
             raise ValueError(f"link must be one of {LINKS}, got {link!r}")
         if dual_init not in DUAL_INITS:
             raise ValueError(f"dual_init must be one of {DUAL_INITS}, got {dual_init!r}")
-        if dual_init == "inverse" and link == "scale" and abs(q - 3.0) < SCALE_INVERSE_GAP:
-            raise ValueError(f"the 'scale' link has no usable inverse at q={q:g} (none at q = 3); "
-                             f"use dual_init='draw', link='p_norm', or q at least "
-                             f"{SCALE_INVERSE_GAP} away from 3")
+        refusal = scale_inverse_refusal(q, link, dual_init)
+        if refusal:
+            raise ValueError(refusal)
         self.q, self.link, self.dual_init = float(q), link, dual_init
         self.decay = AdaptiveDecay(dim, heads, init=init, max_decay=max_decay)
 
@@ -301,7 +300,11 @@ def lq_inverse(w: Tensor, q: float, link: str) -> Tensor:
     * ``"scale"``: ``W ||W||_q^((q-2)/(3-q))`` (``A`` and ``W`` are parallel, and
       ``||W||_q = ||A||_q^(3-q)``); undefined at ``q = 3``.
 
-    The norm is floored at ``1e-6`` as in :func:`lq_normalise`.
+    It inverts :func:`lq_normalise` where that map's floor (``||A||_q >= 1e-6``) does not bind:
+    for the p-norm link wherever ``||W||_q* >= 1e-6`` (the two norms are equal, floored alike);
+    for the scale link ``||A||_q = ||W||_q^(1/(3-q))`` under- or overflows as ``q`` nears 3
+    (hence :data:`memforge_miras.configs.SCALE_INVERSE_GAP`) or for extreme ``||W||``. Its
+    gradient is infinite at zero entries: it is meant for initial weights, without gradients.
     """
     if q == 2.0:
         return w
