@@ -115,8 +115,8 @@ class LqRetentionConfig(_Decay):
                        help="W from the dual A: 'p_norm' sign(A)|A|^(q-1) / ||A||_q^(q-2), "
                             "'scale' A / ||A||_q^(q-2)")
     # docs/zoo.md, "MIRAS": the paper does not say where A starts; started at the memory's
-    # Gaussian draw, the p-norm link at q = 4 shrinks it about 30-fold, and writes did not move a
-    # fresh memory's reads toward their values.
+    # Gaussian draw, the p-norm link at q = 4 shrank the small preset's memory 29-fold, and
+    # writes did not move a fresh memory's reads toward their values.
     dual_init: str = option("inverse", choices=DUAL_INITS,
                             help="where A starts: 'inverse' the link's inverse of the memory's "
                                  "drawn weights (the memory starts at the draw), 'draw' the draw")
