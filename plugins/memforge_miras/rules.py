@@ -285,10 +285,15 @@ def lq_normalise(a: Tensor, q: float, link: str) -> Tensor:
     """
     if q == 2.0:
         return a
-    norm = a.abs().pow(q).sum((-2, -1), keepdim=True).pow(1.0 / q).clamp_min(1e-6)
+    norm = _matrix_norm(a, q)
     if link == "scale":
         return a / norm.pow(q - 2.0)
     return torch.sign(a) * a.abs().pow(q - 1.0) / norm.pow(q - 2.0)
+
+
+def _matrix_norm(x: Tensor, r: float) -> Tensor:
+    """``||x||_r`` over each ``[d_in, d_out]`` matrix, floored at ``1e-6``, ``[..., 1, 1]``."""
+    return x.abs().pow(r).sum((-2, -1), keepdim=True).pow(1.0 / r).clamp_min(1e-6)
 
 
 def lq_inverse(w: Tensor, q: float, link: str) -> Tensor:
@@ -309,11 +314,8 @@ def lq_inverse(w: Tensor, q: float, link: str) -> Tensor:
     if q == 2.0:
         return w
     if link == "scale":
-        norm = w.abs().pow(q).sum((-2, -1), keepdim=True).pow(1.0 / q).clamp_min(1e-6)
-        return w * norm.pow((q - 2.0) / (3.0 - q))
-    conjugate = q / (q - 1.0)
-    norm = w.abs().pow(conjugate).sum((-2, -1), keepdim=True).pow(1.0 / conjugate).clamp_min(1e-6)
-    return torch.sign(w) * w.abs().pow(conjugate - 1.0) / norm.pow(conjugate - 2.0)
+        return w * _matrix_norm(w, q).pow((q - 2.0) / (3.0 - q))
+    return lq_normalise(w, q / (q - 1.0), "p_norm")
 
 
 class KLRetention(nn.Module):
