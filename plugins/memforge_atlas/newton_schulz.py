@@ -58,13 +58,16 @@ def newton_schulz_factor(gram: Tensor, steps: int = STEPS) -> Tensor:
     positive = trace > 0
     norm = torch.where(positive, torch.where(positive, trace, 1.0).sqrt(), 0.0)
     scale = 1.0 / (norm + EPS)
-    gram = gram * scale.square()                            # A_0 = X_0 X_0^T
+    shape = gram.shape
+    # Flat batches, so that each polynomial is one fused baddbmm (``c A^2`` added to ``a I + b A``)
+    # rather than a product and three element-wise passes over the batch.
+    gram = (gram * scale.square()).reshape(-1, *shape[-2:])     # A_0 = X_0 X_0^T
     a, b, c = COEFFICIENTS
-    eye = torch.eye(gram.shape[-1], dtype=gram.dtype, device=gram.device)
-    product = eye
+    eye = torch.eye(shape[-1], dtype=gram.dtype, device=gram.device)
+    product = eye.expand_as(gram) if steps == 0 else None    # zero steps: X_0 itself
     for step in range(steps):
-        poly = a * eye + (b * gram + c * gram @ gram)
-        product = poly @ product
+        poly = torch.baddbmm(torch.add(a * eye, gram, alpha=b), gram, gram, alpha=c)
+        product = poly if product is None else torch.bmm(poly, product)
         if step < steps - 1:
-            gram = poly @ gram @ poly
-    return product * scale
+            gram = torch.bmm(torch.bmm(poly, gram), poly)
+    return product.reshape(shape) * scale
