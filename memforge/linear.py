@@ -4,12 +4,22 @@ PyTorch computes a CPU float32 ``F.linear`` with MKL's ``sgemm``, which on AMD p
 its AVX2 kernels even where the processor has AVX-512. Measured here (one AMD EPYC Zen 5 core,
 torch 2.13), a 1024 x 1024 x 1024 product ran at 114 GFLOP/s through ``F.linear`` and at 264
 through oneDNN, the library PyTorch sends CPU convolutions to, which picks its kernels by
-instruction set rather than by vendor. A linear map over ``R`` rows is a 1 x 1 convolution over a
-channels-last ``1 x R`` image (a view of the rows, no copy), so :func:`linear` takes that route
-where it pays and ``F.linear`` everywhere else. On two cores, forward plus backward of the memory
-layer's projections at 8192 rows ran 2.0x faster that way, and a training step of the memory
-layer about 12% faster. Below a few hundred rows the convolution's fixed cost loses, so the
-route needs :data:`MIN_ROWS` rows and both widths of at least :data:`MIN_WIDTH`.
+instruction set rather than by vendor. A linear map over ``R`` rows is a 1 x 1 convolution over
+channels-last images of ``R`` pixels in all (a view of the rows, no copy), so :func:`linear` takes
+that route where it pays and ``F.linear`` everywhere else. On two cores, forward plus backward of
+the memory layer's projections at 8192 rows ran 2.0x faster that way, and a training step of the
+memory layer about 12% faster. For small products the convolution's fixed cost loses, so the
+route needs :data:`MIN_ROWS` rows, both widths of at least :data:`MIN_WIDTH` and
+:data:`MIN_MACS` multiply-adds (rows x in x out): at 2 threads, forward plus backward of
+1024 x 64 -> 64 ran at 130 GFLOP/s through ``F.linear`` and 110 as a convolution, of
+512 x 128 -> 128 (the threshold's size) at 150 and 167, of 4096 x 128 -> 128 at 163 and 332.
+
+The rows are cut into :data:`IMAGES` images where they divide evenly: PyTorch sends a 1 x 1
+convolution of fewer than 16 images on one thread to its own im2col-and-``sgemm`` path rather than
+to oneDNN (a heuristic from before AVX-512 kernels), which would make the route worth nothing in
+single-threaded runs. With 16 images, on one core of an AMD EPYC with AVX-512, forward plus
+backward of 4096 x 512 -> 1536 ran at 173 GFLOP/s against ``F.linear``'s 74-79, and of
+1024 x 128 -> 128 at 142 against 83; at 2 threads 16 images and one run at the same rate.
 
 The choice depends on the device, dtype and shapes alone, so an input always takes the same path
 and runs repeat exactly; the two paths agree to float32 rounding (``tests/test_linear.py``, which
@@ -32,6 +42,10 @@ OPT_OUT = "MEMFORGE_ONEDNN_LINEAR"
 MIN_ROWS = 512
 #: Narrowest input or output width that takes the oneDNN route (a 256 -> 4 gate does not gain).
 MIN_WIDTH = 32
+#: Fewest multiply-adds (rows x input width x output width) that take the oneDNN route.
+MIN_MACS = 2**23
+#: Images the rows are cut into when they divide evenly (see the module docstring).
+IMAGES = 16
 
 # oneDNN's x86 kernels are what the route is for; elsewhere (Arm builds use other backends) the
 # plain product is the one PyTorch tunes.
@@ -45,7 +59,7 @@ def uses_onednn(x: Tensor, weight: Tensor) -> bool:
     return (_ENABLED and x.dim() >= 2 and x.numel() >= MIN_ROWS * x.shape[-1]
             and x.device.type == "cpu" and x.dtype == torch.float32
             and weight.dtype == torch.float32 and not torch.is_autocast_enabled("cpu")
-            and min(weight.shape) >= MIN_WIDTH)
+            and min(weight.shape) >= MIN_WIDTH and x.numel() * weight.shape[0] >= MIN_MACS)
 
 
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
@@ -53,8 +67,10 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     if not uses_onednn(x, weight):
         return F.linear(x, weight, bias)
     width_in, width_out = x.shape[-1], weight.shape[0]
-    # [*lead, in] -> a [1, in, 1, rows] image whose memory is the rows as they are (channels last).
-    image = x.reshape(1, 1, -1, width_in).permute(0, 3, 1, 2)
+    images = IMAGES if (x.numel() // width_in) % IMAGES == 0 else 1
+    # [*lead, in] -> [images, in, 1, rows / images] images whose memory is the rows as they are
+    # (channels last).
+    image = x.reshape(images, 1, -1, width_in).permute(0, 3, 1, 2)
     out = F.conv2d(image, weight[:, :, None, None], bias)
     # oneDNN answers channels-last for a channels-last input, so this is a view again.
     return out.permute(0, 2, 3, 1).reshape(*x.shape[:-1], width_out)

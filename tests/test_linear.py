@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 from memforge import linear as linear_module
-from memforge.linear import MIN_ROWS, MIN_WIDTH, Linear, linear, uses_onednn
+from memforge.linear import IMAGES, MIN_MACS, MIN_ROWS, MIN_WIDTH, Linear, linear, uses_onednn
 
 needs_route = pytest.mark.skipif(not linear_module._ENABLED,
                                  reason="the oneDNN route is off here (not x86-64, or opted out)")
@@ -33,12 +33,18 @@ def _assert_close_to_reference(got: torch.Tensor, expected: torch.Tensor) -> Non
 
 @needs_route
 @settings(max_examples=25, deadline=None)
-@given(seed=st.integers(0, 2**31 - 1),
-       lead=st.sampled_from([(MIN_ROWS,), (1, MIN_ROWS + 3), (3, 257), (2, 5, 111)]),
-       width_in=st.integers(MIN_WIDTH, 300), width_out=st.integers(MIN_WIDTH, 300),
-       with_bias=st.booleans(), transposed_input=st.booleans())
-def test_onednn_route_matches_f_linear_with_gradients(seed, lead, width_in, width_out, with_bias,
-                                                      transposed_input) -> None:
+@given(seed=st.integers(0, 2**31 - 1), shape=st.sampled_from(["flat", "batched", "three"]),
+       whole_images=st.booleans(), width_in=st.integers(MIN_WIDTH, 300),
+       width_out=st.integers(MIN_WIDTH, 300), with_bias=st.booleans(),
+       transposed_input=st.booleans())
+def test_onednn_route_matches_f_linear_with_gradients(seed, shape, whole_images, width_in,
+                                                      width_out, with_bias, transposed_input
+                                                      ) -> None:
+    """Rows that divide into :data:`IMAGES` images and rows that do not, at the fewest rows the
+    route takes for the drawn widths."""
+    rows = max(MIN_ROWS, -(-MIN_MACS // (width_in * width_out)))
+    rows = -(-rows // (10 * IMAGES)) * 10 * IMAGES + (0 if whole_images else 10)
+    lead = {"flat": (rows,), "batched": (1, rows), "three": (2, 5, rows // 10)}[shape]
     x, weight, bias = _tensors(seed, lead, width_in, width_out)
     if transposed_input:  # a non-contiguous input of the same shape
         x = x.transpose(0, -2).contiguous().transpose(0, -2)
@@ -56,10 +62,12 @@ def test_onednn_route_matches_f_linear_with_gradients(seed, lead, width_in, widt
 
 @needs_route
 def test_route_rule() -> None:
-    x, weight, _ = _tensors(0, (2, MIN_ROWS // 2), 64, 64)
+    x, weight, _ = _tensors(0, (2, MIN_ROWS // 2), 128, 128)
+    assert MIN_ROWS * 128 * 128 >= MIN_MACS
     assert uses_onednn(x, weight)
     assert not uses_onednn(x[:, :-1], weight)                      # one row short
     assert not uses_onednn(x, weight[: MIN_WIDTH - 1])             # a narrow output (a gate)
+    assert not uses_onednn(x[..., :64], weight[:64, :64])          # too little work
     assert not uses_onednn(x.double(), weight.double())            # float32 only
     assert not uses_onednn(x[0, 0], weight)                        # a single vector
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -81,7 +89,8 @@ def test_linear_module_is_a_drop_in_for_nn_linear() -> None:
     assert ours.state_dict().keys() == theirs.state_dict().keys()
     assert all(torch.equal(a, b) for a, b in zip(ours.state_dict().values(),
                                                  theirs.state_dict().values(), strict=True))
-    x, _, _ = _tensors(2, (2, MIN_ROWS), 64, 96)
+    x, _, _ = _tensors(2, (4, MIN_ROWS), 64, 96)
+    assert uses_onednn(x, ours.weight)
     _assert_close_to_reference(ours(x), theirs(x))
 
 
@@ -92,3 +101,23 @@ def test_compiled_route_matches_eager() -> None:
     compiled = torch.compile(linear, fullgraph=True)
     _assert_close_to_reference(compiled(x, weight, bias), linear(x, weight, bias))
     torch._dynamo.reset()
+
+
+@needs_route
+def test_one_thread_runs_onednn_not_the_im2col_path() -> None:
+    """Rows that divide into :data:`IMAGES` images reach oneDNN on one thread too, where PyTorch
+    sends a 1 x 1 convolution of fewer images to its own im2col-and-sgemm path."""
+    from torch.profiler import profile
+
+    x, weight, bias = _tensors(4, (IMAGES, MIN_ROWS // IMAGES), 128, 128)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with profile() as prof:
+            linear(x.requires_grad_(), weight.requires_grad_(), bias).sum().backward()
+    finally:
+        torch.set_num_threads(threads)
+    names = {event.name for event in prof.events()}
+    assert "aten::mkldnn_convolution" in names
+    assert not names & {"aten::thnn_conv2d", "aten::_slow_conv2d_forward",
+                        "aten::_slow_conv2d_backward"}
