@@ -14,12 +14,15 @@ route needs :data:`MIN_ROWS` rows, both widths of at least :data:`MIN_WIDTH` and
 1024 x 64 -> 64 ran at 130 GFLOP/s through ``F.linear`` and 110 as a convolution, of
 512 x 128 -> 128 (the threshold's size) at 150 and 167, of 4096 x 128 -> 128 at 163 and 332.
 
-The rows are cut into :data:`IMAGES` images where they divide evenly: PyTorch sends a 1 x 1
-convolution of fewer than 16 images on one thread to its own im2col-and-``sgemm`` path rather than
-to oneDNN (a heuristic from before AVX-512 kernels), which would make the route worth nothing in
-single-threaded runs. With 16 images, on one core of an AMD EPYC with AVX-512, forward plus
-backward of 4096 x 512 -> 1536 ran at 173 GFLOP/s against ``F.linear``'s 74-79, and of
-1024 x 128 -> 128 at 142 against 83; at 2 threads 16 images and one run at the same rate.
+The rows are cut into at least :data:`MIN_IMAGES` images of equal size where they divide so:
+PyTorch sends a 1 x 1 convolution of fewer images on one thread to its own im2col-and-``sgemm``
+path rather than to oneDNN (``use_mkldnn`` in ATen's ``Convolution.cpp``, whose comment finds its
+own path faster single-threaded), which would make the route worth nothing in single-threaded
+runs. With 16 images, on one core of an AMD EPYC with AVX-512, forward plus backward of
+4096 x 512 -> 1536 ran at 173 GFLOP/s against ``F.linear``'s 74-79, and of 1024 x 128 -> 128 at
+142 against 83; at 2 threads 16 images and one ran at the same rate. Rows with no divisor from
+:data:`MIN_IMAGES` to ``4 * MIN_IMAGES`` (1030, say) go as one image, which on one thread runs
+PyTorch's own path at about ``F.linear``'s rate.
 
 The choice depends on the device, dtype and shapes alone, so an input always takes the same path
 and runs repeat exactly; the two paths agree to float32 rounding (``tests/test_linear.py``, which
@@ -44,8 +47,9 @@ MIN_ROWS = 512
 MIN_WIDTH = 32
 #: Fewest multiply-adds (rows x input width x output width) that take the oneDNN route.
 MIN_MACS = 2**23
-#: Images the rows are cut into when they divide evenly (see the module docstring).
-IMAGES = 16
+#: Fewest images the rows are cut into: PyTorch's own threshold (``input.size(0) >= 16``) for
+#: sending a one-thread 1 x 1 convolution to oneDNN; lower, one thread never reaches oneDNN.
+MIN_IMAGES = 16
 
 # oneDNN's x86 kernels are what the route is for; elsewhere (Arm builds use other backends) the
 # plain product is the one PyTorch tunes.
@@ -67,7 +71,8 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     if not uses_onednn(x, weight):
         return F.linear(x, weight, bias)
     width_in, width_out = x.shape[-1], weight.shape[0]
-    images = IMAGES if (x.numel() // width_in) % IMAGES == 0 else 1
+    rows = x.numel() // width_in
+    images = next((n for n in range(MIN_IMAGES, 4 * MIN_IMAGES + 1) if rows % n == 0), 1)
     # [*lead, in] -> [images, in, 1, rows / images] images whose memory is the rows as they are
     # (channels last).
     image = x.reshape(images, 1, -1, width_in).permute(0, 3, 1, 2)

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 from memforge import linear as linear_module
-from memforge.linear import IMAGES, MIN_MACS, MIN_ROWS, MIN_WIDTH, Linear, linear, uses_onednn
+from memforge.linear import MIN_IMAGES, MIN_MACS, MIN_ROWS, MIN_WIDTH, Linear, linear, uses_onednn
 
 needs_route = pytest.mark.skipif(not linear_module._ENABLED,
                                  reason="the oneDNN route is off here (not x86-64, or opted out)")
@@ -31,23 +31,32 @@ def _assert_close_to_reference(got: torch.Tensor, expected: torch.Tensor) -> Non
     torch.testing.assert_close(got / scale, expected / scale, rtol=0, atol=2e-5)
 
 
+def _next_prime(n: int) -> int:
+    while any(n % d == 0 for d in range(2, int(n**0.5) + 1)):
+        n += 1
+    return n
+
+
 @needs_route
 @settings(max_examples=25, deadline=None)
 @given(seed=st.integers(0, 2**31 - 1), shape=st.sampled_from(["flat", "batched", "three"]),
-       whole_images=st.booleans(), width_in=st.integers(MIN_WIDTH, 300),
-       width_out=st.integers(MIN_WIDTH, 300), with_bias=st.booleans(),
-       transposed_input=st.booleans())
-def test_onednn_route_matches_f_linear_with_gradients(seed, shape, whole_images, width_in,
-                                                      width_out, with_bias, transposed_input
-                                                      ) -> None:
-    """Rows that divide into :data:`IMAGES` images and rows that do not, at the fewest rows the
-    route takes for the drawn widths."""
-    rows = max(MIN_ROWS, -(-MIN_MACS // (width_in * width_out)))
-    rows = -(-rows // (10 * IMAGES)) * 10 * IMAGES + (0 if whole_images else 10)
+       images=st.sampled_from(["sixteen", "another count", "one"]),
+       width_in=st.integers(MIN_WIDTH, 300), width_out=st.integers(MIN_WIDTH, 300),
+       with_bias=st.booleans(), layout=st.sampled_from(["contiguous", "transposed", "padded"]))
+def test_onednn_route_matches_f_linear_with_gradients(seed, shape, images, width_in, width_out,
+                                                      with_bias, layout) -> None:
+    """Near the fewest rows the route takes for the drawn widths: rows cut into 16 images, into
+    another count, or left one image (10 times a prime over 64 has no divisor from 16 to 64); rows
+    contiguous, transposed in memory, or padded."""
+    least = max(MIN_ROWS, -(-MIN_MACS // (width_in * width_out)))
+    rows = {"sixteen": 160 * -(-least // 160), "another count": 190 * (2 * -(-least // 380) + 1),
+            "one": 10 * _next_prime(max(67, -(-least // 10)))}[images]
     lead = {"flat": (rows,), "batched": (1, rows), "three": (2, 5, rows // 10)}[shape]
     x, weight, bias = _tensors(seed, lead, width_in, width_out)
-    if transposed_input:  # a non-contiguous input of the same shape
-        x = x.transpose(0, -2).contiguous().transpose(0, -2)
+    if layout == "transposed":
+        x = x.mT.contiguous().mT
+    elif layout == "padded":  # rows that do not follow one another in memory
+        x = torch.cat([x, torch.zeros(*lead, 7)], dim=-1)[..., :width_in]
     bias = bias if with_bias else None
     assert uses_onednn(x, weight)
     leaves = [t.requires_grad_() for t in (x, weight, bias) if t is not None]
@@ -62,12 +71,19 @@ def test_onednn_route_matches_f_linear_with_gradients(seed, shape, whole_images,
 
 @needs_route
 def test_route_rule() -> None:
-    x, weight, _ = _tensors(0, (2, MIN_ROWS // 2), 128, 128)
-    assert MIN_ROWS * 128 * 128 >= MIN_MACS
+    """Each condition on its own: every other one holds where one fails."""
+    x, weight, _ = _tensors(0, (2, MIN_ROWS // 2), 256, 256)
     assert uses_onednn(x, weight)
-    assert not uses_onednn(x[:, :-1], weight)                      # one row short
-    assert not uses_onednn(x, weight[: MIN_WIDTH - 1])             # a narrow output (a gate)
-    assert not uses_onednn(x[..., :64], weight[:64, :64])          # too little work
+    assert not uses_onednn(x.flatten(0, 1)[:-1], weight)           # one row short
+    tall, _, _ = _tensors(1, (4096,), 128, 0)
+    assert uses_onednn(tall, weight[:MIN_WIDTH, :128])
+    assert not uses_onednn(tall, weight[: MIN_WIDTH - 1, :128])    # a narrow output (a gate)
+    assert not uses_onednn(tall[:, : MIN_WIDTH - 1], weight[:, : MIN_WIDTH - 1])  # a narrow input
+    boundary = MIN_MACS // MIN_WIDTH**2                            # rows at exactly MIN_MACS
+    assert boundary * MIN_WIDTH**2 == MIN_MACS
+    square, _, _ = _tensors(2, (boundary,), MIN_WIDTH, 0)
+    assert uses_onednn(square, weight[:MIN_WIDTH, :MIN_WIDTH])
+    assert not uses_onednn(square[1:], weight[:MIN_WIDTH, :MIN_WIDTH])  # too little work
     assert not uses_onednn(x.double(), weight.double())            # float32 only
     assert not uses_onednn(x[0, 0], weight)                        # a single vector
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -90,7 +106,7 @@ def test_linear_module_is_a_drop_in_for_nn_linear() -> None:
     assert all(torch.equal(a, b) for a, b in zip(ours.state_dict().values(),
                                                  theirs.state_dict().values(), strict=True))
     x, _, _ = _tensors(2, (4, MIN_ROWS), 64, 96)
-    assert uses_onednn(x, ours.weight)
+    assert uses_onednn(x, ours.weight) == linear_module._ENABLED
     _assert_close_to_reference(ours(x), theirs(x))
 
 
@@ -104,12 +120,14 @@ def test_compiled_route_matches_eager() -> None:
 
 
 @needs_route
-def test_one_thread_runs_onednn_not_the_im2col_path() -> None:
-    """Rows that divide into :data:`IMAGES` images reach oneDNN on one thread too, where PyTorch
-    sends a 1 x 1 convolution of fewer images to its own im2col-and-sgemm path."""
+@pytest.mark.parametrize("rows", [MIN_IMAGES * 32, 17 * 31])
+def test_one_thread_runs_onednn_not_the_im2col_path(rows: int) -> None:
+    """Rows cut into :data:`MIN_IMAGES` images (512) or more (527 = 17 x 31, into 17) reach
+    oneDNN on one thread too, where PyTorch sends a 1 x 1 convolution of fewer images to its own
+    im2col-and-sgemm path."""
     from torch.profiler import profile
 
-    x, weight, bias = _tensors(4, (IMAGES, MIN_ROWS // IMAGES), 128, 128)
+    x, weight, bias = _tensors(4, (rows,), 128, 128)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
