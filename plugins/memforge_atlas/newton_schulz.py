@@ -13,6 +13,8 @@ a band around 1 (about 0.7 to 1.2) rather than at 1 exactly, which is all Muon n
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -61,10 +63,10 @@ def newton_schulz_factor(gram: Tensor, steps: int = STEPS) -> Tensor:
     shape = gram.shape
     # Flat batches, so that each polynomial is one fused baddbmm (``c A^2`` added to ``a I + b A``)
     # rather than a product and three element-wise passes over the batch.
-    gram = (gram * scale.square()).reshape(-1, *shape[-2:])     # A_0 = X_0 X_0^T
+    gram = (gram * scale.square()).reshape(math.prod(shape[:-2]), *shape[-2:])  # A_0 = X_0 X_0^T
     a, b, c = COEFFICIENTS
     eye = torch.eye(shape[-1], dtype=gram.dtype, device=gram.device)
-    product = eye.expand_as(gram) if steps == 0 else None    # zero steps: X_0 itself
+    product = eye.expand_as(gram) if steps <= 0 else None    # no step: X_0 itself
     for step in range(steps):
         poly = torch.baddbmm(torch.add(a * eye, gram, alpha=b), gram, gram, alpha=c)
         product = poly if product is None else torch.bmm(poly, product)
