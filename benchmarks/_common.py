@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import os
 import platform
+import time
+from collections.abc import Callable, Hashable
 
 
 def cpu_name() -> str:
@@ -19,3 +21,17 @@ def cpu_name() -> str:
     except OSError:
         pass
     return f"{name}, {os.cpu_count()} cores"
+
+
+def timed(cases: dict[Hashable, Callable[[], None]], repeats: int) -> dict[Hashable, list[float]]:
+    """Seconds per call of every case, the cases taking turns within each repeat (a busy machine
+    slows them alike), after one warm-up call each."""
+    for case in cases.values():
+        case()
+    times: dict[Hashable, list[float]] = {name: [] for name in cases}
+    for _ in range(repeats):
+        for name, case in cases.items():
+            start = time.perf_counter()
+            case()
+            times[name].append(time.perf_counter() - start)
+    return times

@@ -25,11 +25,10 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import time
 from collections.abc import Callable
 
 import torch
-from _common import cpu_name
+from _common import cpu_name, timed
 from torch import Tensor
 
 from memforge.engine import rules
@@ -98,19 +97,6 @@ def train_step(executor: Executor, rule: LearningRule, tokens: int) -> Callable[
         torch.autograd.grad(loss, leaves)
 
     return step
-
-
-def timed(cases: dict[str, Callable[[], None]], repeats: int) -> dict[str, list[float]]:
-    """Seconds per call of every case, the cases taking turns within each repeat (one warm-up)."""
-    for case in cases.values():
-        case()
-    times: dict[str, list[float]] = {name: [] for name in cases}
-    for _ in range(repeats):
-        for name, case in cases.items():
-            start = time.perf_counter()
-            case()
-            times[name].append(time.perf_counter() - start)
-    return times
 
 
 def main() -> None:
