@@ -31,12 +31,11 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import time
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
-from _common import cpu_name
+from _common import cpu_name, timed
 from memforge_delta.ops import gated_delta_rule
 from memforge_delta.reference import chunkwise_rowwise, token_loop
 from torch import Tensor
@@ -81,19 +80,6 @@ def train_step(op: Op, inputs: list[Tensor]) -> Callable[[], None]:
             leaf.grad = None
 
     return step
-
-
-def timed(cases: dict[str, Callable[[], None]], repeats: int) -> dict[str, list[float]]:
-    """Seconds per call of every case, the cases taking turns in each repeat (after one warm-up)."""
-    for step in cases.values():
-        step()
-    times: dict[str, list[float]] = {name: [] for name in cases}
-    for _ in range(repeats):
-        for name, step in cases.items():
-            start = time.perf_counter()
-            step()
-            times[name].append(time.perf_counter() - start)
-    return times
 
 
 def solver_times(repeats: int) -> dict[str, list[float]]:
